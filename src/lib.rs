@@ -1,0 +1,6 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod bytes;
+pub mod mmap;
+pub mod torch;
