@@ -2,5 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod bytes;
+pub mod layout;
 pub mod mmap;
+pub mod tokenizer;
 pub mod torch;
