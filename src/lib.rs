@@ -3,6 +3,7 @@
 
 pub mod bytes;
 pub mod layout;
+pub mod members;
 pub mod mmap;
 pub mod tokenizer;
 pub mod torch;
