@@ -1,0 +1,56 @@
+//! The command-line surface: clap definitions, one file per subcommand. Each
+//! subcommand turns its arguments into library options, calls the library and
+//! prints the result (human text or `--json`). The library never sees clap.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod inspect;
+
+/// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
+#[derive(Debug, Parser)]
+#[command(name = "nemo-tool", version, about, long_about = None)]
+#[command(after_help = "Exit codes: 0 success, 1 differences or problems found, 2 error.\n\
+Docs: https://github.com/ (see docs/ in the repository)")]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a checkpoint's layout, architecture, tensors and artifacts (reads metadata only).
+    Inspect(inspect::Args),
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Inspect(args) => inspect::run(args),
+        }
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+}
