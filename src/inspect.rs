@@ -170,7 +170,9 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".to_string())
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".to_string())
 }
 
 impl Report {
@@ -212,7 +214,10 @@ impl Report {
             s,
             "vocab:         true {}{}, padded {} (expected {} for divisible_by {} x TP)",
             opt(&v.true_vocab),
-            v.true_vocab_source.as_ref().map(|x| format!(" from {x}")).unwrap_or_default(),
+            v.true_vocab_source
+                .as_ref()
+                .map(|x| format!(" from {x}"))
+                .unwrap_or_default(),
             opt(&v.padded_vocab),
             opt(&v.expected_padded_vocab),
             v.divisible_by
@@ -226,7 +231,12 @@ impl Report {
             human_bytes(p.bytes_on_disk)
         );
         for (dt, c) in &p.by_dtype {
-            let _ = writeln!(s, "               {dt}: {} params, {}", c.params, human_bytes(c.bytes));
+            let _ = writeln!(
+                s,
+                "               {dt}: {} params, {}",
+                c.params,
+                human_bytes(c.bytes)
+            );
         }
         let _ = writeln!(s, "artifacts:     {}", self.artifacts.len());
         for art in &self.artifacts {
@@ -235,7 +245,14 @@ impl Report {
             } else {
                 format!("  <- {}", art.referenced_by.join(", "))
             };
-            let _ = writeln!(s, "  {}  {}  sha256:{}{}", art.name, human_bytes(art.size), art.sha256, refs);
+            let _ = writeln!(
+                s,
+                "  {}  {}  sha256:{}{}",
+                art.name,
+                human_bytes(art.size),
+                art.sha256,
+                refs
+            );
         }
         let _ = writeln!(s, "tensors:       {}", self.tensors.len());
         if with_tensors {
@@ -245,7 +262,9 @@ impl Report {
                     .iter()
                     .map(|sh| match (&sh.offsets, sh.tp, sh.pp) {
                         (Some(off), _, _) => format!("{}@{}", shape_str(&sh.shape), shape_str(off)),
-                        (None, Some(tp), Some(pp)) => format!("tp{tp}/pp{pp}:{}", shape_str(&sh.shape)),
+                        (None, Some(tp), Some(pp)) => {
+                            format!("tp{tp}/pp{pp}:{}", shape_str(&sh.shape))
+                        }
                         _ => shape_str(&sh.shape),
                     })
                     .collect();

@@ -11,8 +11,10 @@ mod inspect;
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
 #[command(name = "nemo-tool", version, about, long_about = None)]
-#[command(after_help = "Exit codes: 0 success, 1 differences or problems found, 2 error.\n\
-Docs: https://github.com/ (see docs/ in the repository)")]
+#[command(
+    after_help = "Exit codes: 0 success, 1 differences or problems found, 2 error.\n\
+Docs: https://github.com/ (see docs/ in the repository)"
+)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
