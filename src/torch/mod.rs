@@ -6,6 +6,7 @@ pub mod pickle;
 mod pickle_text;
 pub mod tensor;
 pub mod value;
+pub mod zip;
 
 pub use dtype::Dtype;
 pub use pickle::{Policy, Value};
