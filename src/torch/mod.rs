@@ -2,6 +2,7 @@
 //! container torch.save uses, and tensor views over its storages.
 
 pub mod dtype;
+pub mod emit;
 pub mod pickle;
 mod pickle_text;
 pub mod tensor;

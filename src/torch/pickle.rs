@@ -3,7 +3,9 @@
 //!
 //! Calls (`REDUCE`, `NEWOBJ`, `NEWOBJ_EX`, `INST`, `OBJ`) become
 //! [`Value::Object`] nodes naming their class; `BUILD` stores the state on
-//! that node. Every `GLOBAL`/`STACK_GLOBAL` is checked against the caller's
+//! that node. Three calls that are only protocol 2's spelling of plain data
+//! are folded back to data: `_codecs.encode(s, 'latin1')` -> [`Value::Bytes`],
+//! `builtins.bytes()` -> empty bytes, `builtins.set([..])` -> [`Value::Set`]. Every `GLOBAL`/`STACK_GLOBAL` is checked against the caller's
 //! [`Policy`] at the moment it is read, so a file naming `os.system` fails
 //! with [`Error::UnsupportedGlobal`] before anything else happens.
 //!
@@ -427,6 +429,32 @@ fn leaf(v: Value) -> R {
 }
 fn node(n: Node) -> R {
     Rc::new(RefCell::new(n))
+}
+
+/// How protocol 2 spells plain data through calls, folded back to data:
+/// `_codecs.encode(text, 'latin1')` is bytes, `builtins.bytes()` is `b""`,
+/// `builtins.set([..])` is a set. Anything else stays an [`Object`].
+fn fold_reduce(class: &Global, args: &[R]) -> Option<Node> {
+    match (class.module.as_str(), class.name.as_str(), args) {
+        ("_codecs", "encode", [text, enc]) => {
+            let (text, enc) = (text.borrow(), enc.borrow());
+            match (&*text, &*enc) {
+                (Node::Leaf(Value::Str(t)), Node::Leaf(Value::Str(e)))
+                    if e == "latin1" || e == "latin-1" =>
+                {
+                    let b: Option<Vec<u8>> = t.chars().map(|c| u8::try_from(c).ok()).collect();
+                    b.map(|b| Node::Leaf(Value::Bytes(b)))
+                }
+                _ => None,
+            }
+        }
+        ("builtins", "bytes", []) => Some(Node::Leaf(Value::Bytes(Vec::new()))),
+        ("builtins", "set", [items]) => match &*items.borrow() {
+            Node::List(v) | Node::Tuple(v) => Some(Node::Set(v.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 struct Budget {
@@ -980,7 +1008,10 @@ impl<'a> Vm<'a> {
                 let f = self.pop()?;
                 let class = self.class_of(&f)?;
                 let args = self.tuple_items(&args)?;
-                let o = self.object(class, Construct::Reduce, args, None);
+                let o = match fold_reduce(&class, &args) {
+                    Some(n) => node(n),
+                    None => self.object(class, Construct::Reduce, args, None),
+                };
                 self.push(o)?
             }
             0x81 => {

@@ -181,9 +181,20 @@ fn globals_reduce_newobj_build() {
     assert_eq!(v.get("a"), Some(&Value::Int(1)));
     assert_eq!(o.field("_metadata"), Some(&Value::Dict(vec![])));
 
-    // __builtin__ is mapped to builtins; bytes via REDUCE.
-    let v = p(&p2(b"c__builtin__\nset\n]\x85R")).unwrap();
-    assert!(v.as_object().unwrap().class.is("builtins", "set"));
+    // __builtin__ is mapped to builtins; set/bytes spelled as calls fold to data.
+    assert_eq!(
+        p(&p2(b"c__builtin__\nset\n]K\x01a\x85R")),
+        Ok(Value::Set(vec![Value::Int(1)]))
+    );
+    assert_eq!(p(&p2(b"c__builtin__\nbytes\n)R")), Ok(Value::Bytes(vec![])));
+    assert_eq!(
+        p(&p2(
+            b"c_codecs\nencode\nX\x03\x00\x00\x00a\xc3\xbfX\x06\x00\x00\x00latin1\x86R"
+        )),
+        Ok(Value::Bytes(vec![b'a', 0xff]))
+    );
+    let v = p(&p2(b"c__builtin__\nbytearray\n)R")).unwrap();
+    assert!(v.as_object().unwrap().class.is("builtins", "bytearray"));
 
     // STACK_GLOBAL + NEWOBJ_EX
     let v = p(&p2(b"\x8c\x03_io\x8c\x07BytesIO\x93)}\x92")).unwrap();
