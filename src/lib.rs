@@ -2,9 +2,13 @@
 #![warn(missing_docs)]
 
 pub mod bytes;
+pub mod dcp;
+pub mod dcp_write;
+pub mod dist;
 pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
 pub mod tokenizer;
 pub mod torch;
+pub mod zarr;
