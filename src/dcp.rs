@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::bytes::ByteView;
-use crate::dist::{self, Chunk, DistCheckpoint, DistObject, DistTensor, Location};
+use crate::dist::{self, Chunk, DistCheckpoint, DistObject, DistTensor, Location, PathPart};
 use crate::members::Members;
 use crate::torch::dtype::Dtype;
 use crate::torch::pickle::{self, Object, Policy, Value};
@@ -100,6 +100,7 @@ pub(crate) fn read_metadata(
     ck.tensors = tensors;
     ck.objects = objects;
     ck.mcore = mcore;
+    ck.planner_paths = planner_paths(&md);
     Ok(())
 }
 
@@ -142,6 +143,34 @@ fn dtype_of(props: &Value) -> Option<Dtype> {
     };
     let g = d.as_global()?;
     Dtype::from_torch_name(&g.name)
+}
+
+/// `planner_data` when it is the plain-DCP `{fqn: (key|index, ...)}` map
+/// (anything else, e.g. Megatron's None, gives an empty list).
+pub fn planner_paths(md: &Value) -> Vec<(String, Vec<PathPart>)> {
+    let Some(items) = md
+        .as_object()
+        .and_then(|o| o.field("planner_data"))
+        .and_then(Value::dict_items)
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (k, v) in items {
+        let (Some(k), Some(seq)) = (k.as_str(), v.as_seq()) else {
+            return Vec::new();
+        };
+        let mut path = Vec::with_capacity(seq.len());
+        for p in seq {
+            match p {
+                Value::Str(s) => path.push(PathPart::Key(s.clone())),
+                Value::Int(i) => path.push(PathPart::Index(*i)),
+                _ => return Vec::new(),
+            }
+        }
+        out.push((k.to_string(), path));
+    }
+    out
 }
 
 type Model = (Vec<DistTensor>, Vec<DistObject>, bool);
@@ -346,5 +375,191 @@ mod torch_file {
         _pieces: Vec<Piece>,
     ) -> Result<Vec<u8>, String> {
         Err("torch::file not merged yet".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::testutil::dir_members;
+    use crate::members::MemoryMembers;
+
+    const PLAIN: &str = "fixtures/torch-samples/dcp/plain_single_rank";
+    const V13: &str = "fixtures/torch-samples/dcp/megatron_core_v0.13.0_tp2";
+    const V19: &str = "fixtures/torch-samples/dcp/megatron_core_v0.19.0_tp2";
+
+    fn item(c: &Chunk) -> (&str, u64, u64) {
+        match &c.location {
+            Location::Item {
+                member,
+                offset,
+                length,
+            } => (member, *offset, *length),
+            other => panic!("not an item: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_plain_dcp_metadata() {
+        let m = dir_members(PLAIN);
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        assert_eq!(ck.backend, dist::Backend::TorchDist);
+        assert!(ck.metadata_json.is_none());
+        let keys: Vec<_> = ck.tensors.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(keys, ["w", "b", "nested.x"]);
+        let w = ck.tensor("w").unwrap();
+        assert_eq!((w.dtype, w.shape.clone()), (Dtype::F32, vec![2, 3]));
+        assert_eq!(ck.tensor("b").unwrap().dtype, Dtype::BF16);
+        assert_eq!(ck.tensor("nested.x").unwrap().dtype, Dtype::I64);
+        let (member, _, len) = item(&w.chunks[0]);
+        assert_eq!(member, "__0_0.distcp");
+        assert!(len > 0);
+        let objs: Vec<_> = ck.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(objs, ["step", "nested.name"]);
+        assert!(!ck.mcore);
+        let x = ck.planner_paths.iter().find(|p| p.0 == "nested.x").unwrap();
+        assert_eq!(
+            x.clone(),
+            (
+                "nested.x".to_string(),
+                vec![PathPart::Key("nested".into()), PathPart::Key("x".into())]
+            )
+        );
+    }
+
+    #[test]
+    fn reads_megatron_v013_and_v019_metadata() {
+        for (dir, common_pt) in [(V13, true), (V19, false)] {
+            let m = dir_members(dir);
+            let ck = DistCheckpoint::open(&m, "").unwrap();
+            assert_eq!(ck.tensors.len(), 8, "{dir}");
+            let qkv = ck
+                .tensor("decoder.layers.self_attention.linear_qkv.weight")
+                .unwrap();
+            assert_eq!(qkv.dtype, Dtype::BF16);
+            assert_eq!(qkv.shape, vec![2, 12, 4]);
+            let mut boxes: Vec<_> = qkv.chunks.iter().map(|c| c.offsets.clone()).collect();
+            boxes.sort();
+            assert_eq!(boxes, [[0, 0, 0], [0, 6, 0], [1, 0, 0], [1, 6, 0]]);
+            assert!(qkv.chunks.iter().all(|c| c.sizes == [1, 6, 4]));
+            let fc1 = ck.tensor("decoder.layers.mlp.linear_fc1.weight").unwrap();
+            assert_eq!(fc1.chunks.len(), 8);
+            assert_eq!(
+                ck.tensor("decoder.layers.self_attention.linear_qkv.layer_norm_weight")
+                    .unwrap()
+                    .chunks
+                    .len(),
+                2 // one per layer, written once (replicated over TP)
+            );
+            let objs: Vec<_> = ck.objects.iter().map(|o| o.key.as_str()).collect();
+            assert!(
+                objs.contains(&"decoder.layers.self_attention.linear_qkv._extra_state/shard_1_2")
+            );
+            assert_eq!(
+                objs.contains(&"common_state/shard_0_1"),
+                !common_pt,
+                "{dir}"
+            );
+            assert_eq!(ck.common_bytes.is_some(), common_pt, "{dir}");
+            let json = ck.metadata_json.as_deref().unwrap();
+            assert_eq!(json.contains("common_backend"), common_pt);
+        }
+    }
+
+    #[test]
+    fn reads_mcore_llama_dcp_metadata() {
+        let m = dir_members("fixtures/mcore/llama/dcp_tp1");
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let qkv = ck
+            .tensor("model.decoder.layers.self_attention.linear_qkv.weight")
+            .unwrap();
+        assert_eq!(qkv.shape, vec![2, 96, 64]);
+        let fc1 = ck
+            .tensor("model.decoder.layers.mlp.linear_fc1.weight")
+            .unwrap();
+        assert_eq!(fc1.shape, vec![2, 192, 64]);
+        assert_eq!(ck.tensors.len(), 9);
+        assert_eq!(ck.objects.len(), 8);
+        // two data files, both referenced
+        let files: std::collections::BTreeSet<_> = ck
+            .tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|c| c.location.member().to_string()))
+            .collect();
+        assert_eq!(files.len(), 2);
+    }
+
+    #[test]
+    fn refuses_os_system_in_metadata() {
+        let mut m = MemoryMembers::default();
+        m.insert(
+            ".metadata",
+            b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.".to_vec(),
+        );
+        let e = DistCheckpoint::open(&m, "").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                dist::Error::Dcp(Error::Pickle {
+                    source: pickle::Error::UnsupportedGlobal { .. },
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("os.system"), "{e}");
+    }
+
+    /// The plain sample's `.metadata` with one byte string replaced (same length).
+    fn patched(from: &[u8], to: &[u8]) -> MemoryMembers {
+        let mut m = dir_members(PLAIN);
+        let md = m.read_member(".metadata").unwrap().as_slice().to_vec();
+        let at = md.windows(from.len()).position(|w| w == from).unwrap();
+        let mut md2 = md.clone();
+        md2[at..at + to.len()].copy_from_slice(to);
+        m.insert(".metadata", md2);
+        m
+    }
+
+    #[test]
+    fn rejects_unsafe_relative_path() {
+        let m = patched(b"__0_0.distcp", b"../0_0.distc");
+        let e = DistCheckpoint::open(&m, "").unwrap_err();
+        assert!(e.to_string().contains("unsafe relative_path"), "{e}");
+    }
+
+    #[test]
+    fn rejects_wrong_top_object() {
+        let mut m = MemoryMembers::default();
+        m.insert(".metadata", b"\x80\x02}q\x00.".to_vec());
+        let e = DistCheckpoint::open(&m, "").unwrap_err();
+        assert!(e.to_string().contains("not a Metadata"), "{e}");
+    }
+
+    #[test]
+    fn item_past_end_of_file_is_an_error() {
+        let mut m = dir_members(PLAIN);
+        let data = m.read_member("__0_0.distcp").unwrap().as_slice().to_vec();
+        m.insert("__0_0.distcp", data[..data.len() / 2].to_vec());
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let t = ck.tensor("nested.x").unwrap();
+        let e = ck.read_chunk(&m, t, 0).unwrap_err();
+        assert!(e.to_string().contains("outside a view"), "{e}");
+    }
+
+    #[test]
+    fn error_messages_name_the_place() {
+        let e = Error::Unsupported {
+            member: "mw/.metadata".into(),
+            key: "w".into(),
+            why: "transform_descriptors [\"stream.zstd/1\"]".into(),
+        };
+        assert!(e.to_string().starts_with("mw/.metadata: w: unsupported"));
+        let e = Error::NotATensor {
+            found: "Int(7)".into(),
+        };
+        assert_eq!(e.to_string(), "chunk item holds Int(7), not a tensor");
+        let e = Error::TorchSave { why: "zip".into() };
+        assert_eq!(e.to_string(), "torch.save stream: zip");
     }
 }

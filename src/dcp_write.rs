@@ -16,7 +16,7 @@
 
 use std::io;
 
-use crate::dist::{self, DistCheckpoint, DistTensor, Location, OutDir};
+use crate::dist::{self, DistCheckpoint, DistTensor, Location, OutDir, PathPart};
 use crate::members::Members;
 use crate::torch::dtype::Dtype;
 
@@ -164,7 +164,23 @@ fn metadata_pickle(ck: &DistCheckpoint, items: &[Item<'_>]) -> Vec<u8> {
     }
     e.setitems();
     e.str("planner_data");
-    e.none();
+    if ck.planner_paths.is_empty() {
+        e.none();
+    } else {
+        e.empty_dict_mark();
+        for (k, path) in &ck.planner_paths {
+            e.str(k);
+            e.mark();
+            for p in path {
+                match p {
+                    PathPart::Key(s) => e.str(s),
+                    PathPart::Index(i) => e.int(*i),
+                }
+            }
+            e.b.push(b't');
+        }
+        e.setitems();
+    }
     e.str("storage_data");
     e.empty_dict_mark();
     for it in items {
@@ -393,4 +409,227 @@ pub fn write_torch_dist(
         return Err(f);
     }
     r.map_err(|e| io_err(DATA_FILE, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::testutil::{dir_members, TempOut};
+    use crate::dist::{Chunk, DistObject};
+    use crate::members::MemoryMembers;
+
+    const FIXTURES: &[(&str, &str)] = &[
+        ("plain", "fixtures/torch-samples/dcp/plain_single_rank"),
+        (
+            "v013",
+            "fixtures/torch-samples/dcp/megatron_core_v0.13.0_tp2",
+        ),
+        (
+            "v019",
+            "fixtures/torch-samples/dcp/megatron_core_v0.19.0_tp2",
+        ),
+        ("llama", "fixtures/mcore/llama/dcp_tp1"),
+    ];
+
+    fn item_bytes(m: &dyn Members, l: &Location) -> Vec<u8> {
+        match l {
+            Location::Item {
+                member,
+                offset,
+                length,
+            } => m
+                .read_member(member)
+                .unwrap()
+                .slice_len(*offset, *length)
+                .unwrap()
+                .as_slice()
+                .to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Same keys, dtypes, shapes, chunk boxes and item bytes.
+    fn assert_same(a: &DistCheckpoint, am: &dyn Members, b: &DistCheckpoint, bm: &dyn Members) {
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        for (x, y) in a.tensors.iter().zip(&b.tensors) {
+            assert_eq!((&x.key, x.dtype, &x.shape), (&y.key, y.dtype, &y.shape));
+            assert_eq!(x.chunks.len(), y.chunks.len());
+            for (cx, cy) in x.chunks.iter().zip(&y.chunks) {
+                assert_eq!((&cx.offsets, &cx.sizes), (&cy.offsets, &cy.sizes));
+                assert_eq!(item_bytes(am, &cx.location), item_bytes(bm, &cy.location));
+            }
+        }
+        assert_eq!(a.objects.len(), b.objects.len());
+        for (x, y) in a.objects.iter().zip(&b.objects) {
+            assert_eq!(x.key, y.key);
+            assert_eq!(item_bytes(am, &x.location), item_bytes(bm, &y.location));
+        }
+        assert_eq!(a.metadata_json, b.metadata_json);
+        assert_eq!(
+            a.common_bytes.as_ref().map(|c| c.as_slice().to_vec()),
+            b.common_bytes.as_ref().map(|c| c.as_slice().to_vec())
+        );
+        assert_eq!(a.mcore, b.mcore);
+        assert_eq!(a.planner_paths, b.planner_paths);
+    }
+
+    #[test]
+    fn torch_dist_round_trip_is_identical() {
+        for (_, dir) in FIXTURES {
+            let m = dir_members(dir);
+            let ck = DistCheckpoint::open(&m, "").unwrap();
+            let mut out = TempOut::new();
+            write_torch_dist(&ck, &m, &mut out.dir).unwrap();
+            let m2 = out.members("model_weights");
+            let ck2 = DistCheckpoint::open(&m2, "model_weights").unwrap();
+            assert_same(&ck, &m, &ck2, &m2);
+            let data: Vec<_> = m2
+                .member_names()
+                .into_iter()
+                .filter(|n| n.ends_with(".distcp"))
+                .collect();
+            assert_eq!(data, ["model_weights/__0_0.distcp"], "{dir}");
+        }
+    }
+
+    /// Writes each fixture's round trip to `target/interop/dcp_roundtrip/<name>/`
+    /// for `tests/interop/test_dcp.py` (real torch reads them).
+    #[test]
+    fn writes_interop_folders() {
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop/dcp_roundtrip");
+        for (name, dir) in FIXTURES {
+            let m = dir_members(dir);
+            let ck = DistCheckpoint::open(&m, "").unwrap();
+            let target = root.join(name);
+            let _ = std::fs::remove_dir_all(&target);
+            write_torch_dist(&ck, &m, &mut dist::FsDir::new(&target)).unwrap();
+        }
+    }
+
+    fn one_tensor(chunks: Vec<Chunk>) -> DistCheckpoint {
+        DistCheckpoint {
+            dir: String::new(),
+            backend: dist::Backend::TorchDist,
+            metadata_json: None,
+            tensors: vec![DistTensor {
+                key: "w".into(),
+                dtype: Dtype::F32,
+                shape: vec![4],
+                chunks,
+            }],
+            objects: vec![DistObject {
+                key: "o".into(),
+                location: Location::Item {
+                    member: "d".into(),
+                    offset: 0,
+                    length: 1,
+                },
+            }],
+            common_bytes: None,
+            common: None,
+            warnings: vec![],
+            mcore: true,
+            planner_paths: vec![],
+        }
+    }
+
+    fn chunk(off: u64, size: u64) -> Chunk {
+        Chunk {
+            offsets: vec![off],
+            sizes: vec![size],
+            location: Location::Item {
+                member: DATA_FILE.into(),
+                offset: 0,
+                length: 1,
+            },
+        }
+    }
+
+    fn members_with(md: Vec<u8>) -> MemoryMembers {
+        let mut m = MemoryMembers::default();
+        m.insert(".metadata", md);
+        m.insert(DATA_FILE, vec![0; 8]);
+        m
+    }
+
+    #[test]
+    fn emitted_metadata_parses_back() {
+        let ck = one_tensor(vec![chunk(0, 2), chunk(2, 2)]);
+        let items = [
+            Item {
+                fqn: "o",
+                offsets: None,
+                offset: 0,
+                length: 1,
+            },
+            Item {
+                fqn: "w",
+                offsets: Some(&[0]),
+                offset: 1,
+                length: 3,
+            },
+            Item {
+                fqn: "w",
+                offsets: Some(&[2]),
+                offset: 4,
+                length: 1 << 40,
+            },
+        ];
+        let m = members_with(metadata_pickle(&ck, &items));
+        let back = DistCheckpoint::open(&m, "").unwrap();
+        assert_eq!(back.tensors[0].shape, vec![4]);
+        assert_eq!(
+            back.tensors[0].chunks[1].location,
+            Location::Item {
+                member: DATA_FILE.into(),
+                offset: 4,
+                length: 1 << 40,
+            }
+        );
+        assert_eq!(back.objects[0].key, "o");
+        assert!(back.mcore);
+    }
+
+    #[test]
+    fn overlapping_and_missing_chunks_are_refused() {
+        let items = |offs: &'static [[u64; 1]]| -> Vec<Item<'static>> {
+            offs.iter()
+                .map(|o| Item {
+                    fqn: "w",
+                    offsets: Some(&o[..]),
+                    offset: 0,
+                    length: 1,
+                })
+                .chain([Item {
+                    fqn: "o",
+                    offsets: None,
+                    offset: 0,
+                    length: 1,
+                }])
+                .collect()
+        };
+        let ck = one_tensor(vec![chunk(0, 2), chunk(1, 3)]);
+        let e = DistCheckpoint::open(&members_with(metadata_pickle(&ck, &items(&[[0], [1]]))), "")
+            .unwrap_err();
+        assert!(matches!(e, dist::Error::Overlap { .. }), "{e}");
+        assert_eq!(e.to_string(), "w: chunks 0 and 1 overlap");
+
+        let ck = one_tensor(vec![chunk(0, 2)]);
+        let e = DistCheckpoint::open(&members_with(metadata_pickle(&ck, &items(&[[0]]))), "")
+            .unwrap_err();
+        assert!(matches!(e, dist::Error::Coverage { .. }), "{e}");
+        assert_eq!(e.to_string(), "w: chunks cover 2 of 4 elements");
+
+        let ck = one_tensor(vec![chunk(0, 2), chunk(2, 3)]);
+        let e = DistCheckpoint::open(&members_with(metadata_pickle(&ck, &items(&[[0], [2]]))), "")
+            .unwrap_err();
+        assert!(matches!(e, dist::Error::ChunkOutside { .. }), "{e}");
+
+        // a chunk with no storage_data entry
+        let ck = one_tensor(vec![chunk(0, 2), chunk(2, 2)]);
+        let e = DistCheckpoint::open(&members_with(metadata_pickle(&ck, &items(&[[0]]))), "")
+            .unwrap_err();
+        assert!(e.to_string().contains("has no storage_data entry"), "{e}");
+    }
 }

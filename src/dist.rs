@@ -125,6 +125,18 @@ pub struct DistCheckpoint {
     pub warnings: Vec<String>,
     /// torch_dist only: whether `.metadata` carried Megatron's `mcore_data`.
     pub mcore: bool,
+    /// Plain DCP only: `planner_data`, each flattened key's path in the
+    /// original nested state dict (torch uses it to unflatten on load).
+    pub planner_paths: Vec<(String, Vec<PathPart>)>,
+}
+
+/// One step of a `planner_data` path: a dict key or a list index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPart {
+    /// A dict key.
+    Key(String),
+    /// A list index.
+    Index(i64),
 }
 
 /// Why a distributed checkpoint could not be opened or read.
@@ -310,6 +322,7 @@ impl DistCheckpoint {
             common: None,
             warnings: Vec::new(),
             mcore: false,
+            planner_paths: Vec::new(),
         };
         match backend {
             Backend::TorchDist => crate::dcp::read_metadata(members, &mut ck)?,
