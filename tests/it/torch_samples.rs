@@ -497,3 +497,47 @@ fn write_interop_files() {
     )
     .unwrap();
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALL: &[&str] = &[
+        "two_tensors.pt",
+        "dtypes.pt",
+        "views.pt",
+        "nested_values.pt",
+        "module_state_dict.pt",
+        "te_extra_state.pt",
+        "ref_writer_output.pt",
+        "minimal_one_tensor.pt",
+        "legacy_nonzip.pt",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Corrupted files give errors, never panics; whatever loads can be read and saved.
+        #[test]
+        fn corrupted_files_never_panic(
+            which in 0..ALL.len(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            cut in any::<prop::sample::Index>(),
+            do_cut in any::<bool>(),
+        ) {
+            let mut b = read(ALL[which]);
+            for (i, x) in flips {
+                let i = i.index(b.len());
+                b[i] = x;
+            }
+            if do_cut {
+                b.truncate(cut.index(b.len()));
+            }
+            if let Ok(f) = load_bytes(b) {
+                for (_, t) in f.tensors() {
+                    let _ = t.to_vec();
+                }
+                let _ = torch::save(Vec::new(), "archive", &f.root);
+            }
+        }
+    }
+}
