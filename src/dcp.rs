@@ -363,18 +363,24 @@ mod torch_file {
     use crate::bytes::ByteView;
     use crate::torch::dtype::Dtype;
     use crate::torch::pickle::{Policy, Value};
-    use crate::torch::tensor::Piece;
+    use crate::torch::tensor::{Piece, StorageRef, TensorRef};
 
-    pub(super) fn load(_bytes: &ByteView, _policy: &Policy) -> Result<Value, String> {
-        Err("torch::file not merged yet".into())
+    pub(super) fn load(bytes: &ByteView, policy: &Policy) -> Result<Value, String> {
+        crate::torch::file::load(bytes.clone(), policy)
+            .map(|f| f.root)
+            .map_err(|e| e.to_string())
     }
 
+    /// DCP items name their archive folder `archive` (torch-formats.md §4.3).
     pub(super) fn save_tensor(
-        _dtype: Dtype,
-        _shape: &[u64],
-        _pieces: Vec<Piece>,
+        dtype: Dtype,
+        shape: &[u64],
+        pieces: Vec<Piece>,
     ) -> Result<Vec<u8>, String> {
-        Err("torch::file not merged yet".into())
+        let storage = StorageRef::from_pieces("0", pieces);
+        let t = TensorRef::contiguous(dtype, shape.to_vec(), storage).map_err(|e| e.to_string())?;
+        crate::torch::file::save(Vec::new(), "archive", &Value::Tensor(Box::new(t)))
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -414,6 +414,47 @@ impl DistCheckpoint {
         Ok(t)
     }
 
+    /// The raw bytes of an object: a DCP byte item or a zarr shard file.
+    ///
+    /// # Errors
+    /// Unreadable member or an item past the end of its file.
+    pub fn read_object_bytes(
+        &self,
+        members: &dyn Members,
+        object: &DistObject,
+    ) -> Result<ByteView, Error> {
+        let member = object.location.member();
+        let file = read(members, member)?;
+        match &object.location {
+            Location::Item { offset, length, .. } => {
+                file.slice_len(*offset, *length)
+                    .map_err(|e| Error::BadChunk {
+                        key: object.key.clone(),
+                        index: 0,
+                        member: member.to_string(),
+                        why: format!("item: {e}"),
+                    })
+            }
+            _ => Ok(file),
+        }
+    }
+
+    /// An object parsed as a `torch.save` stream (Megatron torch_dist: the
+    /// list `[obj, ...]`; zarr: the bare object) with
+    /// [`crate::dcp::object_policy`].
+    ///
+    /// # Errors
+    /// As [`DistCheckpoint::read_object_bytes`], or an unreadable stream.
+    pub fn read_object(&self, members: &dyn Members, object: &DistObject) -> Result<Value, Error> {
+        let bytes = self.read_object_bytes(members, object)?;
+        crate::dcp::load_torch_save(&bytes).map_err(|e| Error::BadChunk {
+            key: object.key.clone(),
+            index: 0,
+            member: object.location.member().to_string(),
+            why: e.to_string(),
+        })
+    }
+
     /// The whole global tensor's row-major bytes, as pieces borrowed from the
     /// chunk storages.
     ///
@@ -865,6 +906,256 @@ impl OutDir for FsDir {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{dir_members, f32s};
+    use super::*;
+    use crate::torch::pickle::Policy;
+
+    fn expected() -> serde_json::Value {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/torch-samples/expected.json"
+        );
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    fn as_f32(dtype: Dtype, b: &[u8]) -> Vec<f32> {
+        match dtype {
+            Dtype::F32 => f32s(b),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn plain_dcp_values() {
+        let m = dir_members("fixtures/torch-samples/dcp/plain_single_rank");
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let w = pieces_to_vec(&ck.read_global(&m, ck.tensor("w").unwrap()).unwrap());
+        assert_eq!(f32s(&w), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let b = pieces_to_vec(&ck.read_global(&m, ck.tensor("b").unwrap()).unwrap());
+        assert_eq!(b, [0xc0, 0x3f, 0xc0, 0xbf]); // raw_u16 16320, -16448
+        let x = pieces_to_vec(&ck.read_global(&m, ck.tensor("nested.x").unwrap()).unwrap());
+        let xs: Vec<i64> = x
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(xs, [1, 2, 3]);
+        let step = ck.read_object(&m, ck.object("step").unwrap()).unwrap();
+        assert_eq!(step, Value::Int(7));
+        let name = ck
+            .read_object(&m, ck.object("nested.name").unwrap())
+            .unwrap();
+        assert_eq!(name, Value::Str("abc".into()));
+        // one chunk read directly
+        let t = ck.read_chunk(&m, ck.tensor("w").unwrap(), 0).unwrap();
+        assert_eq!(t.shape, vec![2, 3]);
+    }
+
+    #[test]
+    fn megatron_dcp_values_and_objects() {
+        let exp = expected();
+        for (dir, v13) in [
+            ("megatron_core_v0.13.0_tp2", true),
+            ("megatron_core_v0.19.0_tp2", false),
+        ] {
+            let m = dir_members(&format!("fixtures/torch-samples/dcp/{dir}"));
+            let ck = DistCheckpoint::open(&m, "").unwrap();
+            let e = &exp[format!("dcp/{dir}")];
+            for (key, t) in e["tensors"].as_object().unwrap() {
+                let dt = ck.tensor(key).unwrap();
+                let want: Vec<f32> = t["values_as_float"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect();
+                let got = as_f32(dt.dtype, &pieces_to_vec(&ck.read_global(&m, dt).unwrap()));
+                assert_eq!(got, want, "{dir} {key}");
+            }
+            // one TP=2 slice of one layer of fc2 (split on the last dim): 4 rows of 2
+            let fc2 = ck.tensor("decoder.layers.mlp.linear_fc2.weight").unwrap();
+            let p = ck.read_box(&m, fc2, &[1, 0, 2], &[1, 4, 2]).unwrap();
+            assert_eq!(p.len(), 1, "a whole chunk is one piece");
+            let base = 800.0 + 16.0;
+            assert_eq!(
+                f32s(&pieces_to_vec(&p)),
+                vec![
+                    base + 2.0,
+                    base + 3.0,
+                    base + 6.0,
+                    base + 7.0,
+                    base + 10.0,
+                    base + 11.0,
+                    base + 14.0,
+                    base + 15.0
+                ]
+            );
+            // the whole layer crosses both chunks: one piece per row and chunk
+            let p = ck.read_box(&m, fc2, &[1, 0, 0], &[1, 4, 4]).unwrap();
+            assert_eq!(p.len(), 8);
+            assert_eq!(
+                f32s(&pieces_to_vec(&p)),
+                (16..32).map(|i| 800.0 + i as f32).collect::<Vec<_>>()
+            );
+
+            for i in 0..2 {
+                let proj = ck
+                    .object(&format!(
+                        "decoder.layers.self_attention.linear_proj._extra_state/shard_{i}_2"
+                    ))
+                    .unwrap();
+                let v = ck.read_object(&m, proj).unwrap();
+                let t = v.as_seq().unwrap()[0]
+                    .as_tensor()
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
+                let inner = crate::torch::pickle::parse(&t, &Policy::torch()).unwrap();
+                assert_eq!(inner.get("layer"), Some(&Value::Int(i)));
+                let qkv = ck
+                    .object(&format!(
+                        "decoder.layers.self_attention.linear_qkv._extra_state/shard_{i}_2"
+                    ))
+                    .unwrap();
+                let v = ck.read_object(&m, qkv).unwrap();
+                let bio = v.as_seq().unwrap()[0].as_object().unwrap();
+                assert_eq!(bio.class.name, "BytesIO");
+            }
+            let common = if v13 {
+                ck.common.clone().unwrap()
+            } else {
+                let o = ck.object("common_state/shard_0_1").unwrap();
+                ck.read_object(&m, o).unwrap().as_seq().unwrap()[0].clone()
+            };
+            assert_eq!(common.get("iteration"), Some(&Value::Int(10)));
+            assert_eq!(common.get("checkpoint_version"), Some(&Value::Float(3.0)));
+        }
+    }
+
+    /// The mcore llama torch_dist checkpoint equals the TP=1 rank file, layer
+    /// by layer (stacked keys, TE norm names).
+    #[test]
+    fn mcore_llama_dcp_equals_tp1_weights() {
+        let m = dir_members("fixtures/mcore/llama/dcp_tp1");
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let z = dir_members("fixtures/zarr/llama_tp2");
+        let zck = DistCheckpoint::open(&z, "model_weights").unwrap();
+        assert_eq!(zck.backend, Backend::Zarr);
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/mcore/llama/tp1/mp_rank_00/model_weights.ckpt"
+        );
+        let tp1 = crate::torch::file::load(
+            ByteView::from_vec(std::fs::read(p).unwrap()),
+            &Policy::torch(),
+        )
+        .unwrap();
+        let mut n = 0;
+        for (key, t) in tp1.tensors() {
+            let want = t.to_vec().unwrap();
+            let (dkey, layer) = match key.strip_prefix("model.decoder.layers.") {
+                Some(rest) => {
+                    let (i, name) = rest.split_once('.').unwrap();
+                    let name = match name {
+                        "input_layernorm.weight" => "self_attention.linear_qkv.layer_norm_weight",
+                        "pre_mlp_layernorm.weight" => "mlp.linear_fc1.layer_norm_weight",
+                        other => other,
+                    };
+                    (
+                        format!("model.decoder.layers.{name}"),
+                        Some(i.parse::<u64>().unwrap()),
+                    )
+                }
+                None => (key.clone(), None),
+            };
+            for (c, mm) in [(&ck, &m), (&zck, &z)] {
+                let dt = c.tensor(&dkey).unwrap_or_else(|| panic!("{dkey}"));
+                let got = match layer {
+                    Some(l) => {
+                        let mut off = vec![0; dt.shape.len()];
+                        off[0] = l;
+                        let mut sz = dt.shape.clone();
+                        sz[0] = 1;
+                        c.read_box(mm, dt, &off, &sz).unwrap()
+                    }
+                    None => c.read_global(mm, dt).unwrap(),
+                };
+                assert_eq!(pieces_to_vec(&got), want, "{key}");
+            }
+            n += 1;
+        }
+        assert_eq!(n, 15);
+        // _extra_state objects hold torch.save([None]) in DCP, torch.save(None) in zarr
+        let o = ck
+            .object("model.decoder.layers.mlp.linear_fc2._extra_state/shard_1_2")
+            .unwrap();
+        assert_eq!(
+            ck.read_object(&m, o).unwrap(),
+            Value::List(vec![Value::None])
+        );
+        let o = zck
+            .object("model.decoder.layers.mlp.linear_fc2._extra_state/shard_1_2")
+            .unwrap();
+        assert_eq!(zck.read_object(&z, o).unwrap(), Value::None);
+    }
+
+    #[test]
+    fn bad_boxes_are_refused() {
+        let m = dir_members("fixtures/torch-samples/dcp/plain_single_rank");
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let w = ck.tensor("w").unwrap();
+        let e = ck.read_box(&m, w, &[1, 0], &[2, 3]).unwrap_err();
+        assert!(matches!(e, Error::BadBox { .. }), "{e}");
+        let e = ck.read_box(&m, w, &[0], &[2]).unwrap_err();
+        assert!(matches!(e, Error::BadBox { .. }), "{e}");
+        assert!(ck.read_box(&m, w, &[0, 1], &[2, 0]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn metadata_json_errors() {
+        let mut m = crate::members::MemoryMembers::default();
+        m.insert(
+            "mw/metadata.json",
+            b"{\"sharded_backend\": \"tensorstore\"}".to_vec(),
+        );
+        let e = DistCheckpoint::open(&m, "mw").unwrap_err();
+        assert!(matches!(e, Error::MetadataJson { .. }));
+        assert!(e.to_string().contains("tensorstore"), "{e}");
+        m.insert("mw/metadata.json", b"nope".to_vec());
+        assert!(matches!(
+            DistCheckpoint::open(&m, "mw"),
+            Err(Error::MetadataJson { .. })
+        ));
+        let empty = crate::members::MemoryMembers::default();
+        let e = DistCheckpoint::open(&empty, "mw").unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn too_many_dims_and_missing_members() {
+        let t = DistTensor {
+            key: "t".into(),
+            dtype: Dtype::F32,
+            shape: vec![1; MAX_DIMS + 1],
+            chunks: vec![],
+        };
+        assert!(matches!(validate_chunks(&t), Err(Error::TooMany { .. })));
+        let m = crate::members::MemoryMembers::default();
+        let e = read(&m, "x/__0_0.distcp").unwrap_err();
+        assert!(
+            e.to_string().starts_with("x/__0_0.distcp: cannot read"),
+            "{e}"
+        );
+        let e = Error::NoSuchKey { key: "k".into() };
+        assert_eq!(e.to_string(), "no tensor or object `k` in the checkpoint");
     }
 }
 
