@@ -236,6 +236,14 @@ pub enum Error {
         /// The key asked for.
         key: String,
     },
+    /// Writing an output file failed.
+    #[error("{member}: write failed: {source}")]
+    Write {
+        /// Output file name.
+        member: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A torch_dist problem.
     #[error(transparent)]
     Dcp(#[from] crate::dcp::Error),
@@ -453,6 +461,52 @@ impl DistCheckpoint {
             member: object.location.member().to_string(),
             why: e.to_string(),
         })
+    }
+
+    /// An object's bytes re-encoded for the backend `to`: torch_dist items
+    /// hold Megatron's `torch.save([obj])`, zarr shard files `torch.save(obj)`.
+    /// Bytes already in the right form are returned as they are.
+    ///
+    /// # Errors
+    /// As [`DistCheckpoint::read_object`], or a list that is not of one element.
+    pub fn object_bytes_for(
+        &self,
+        members: &dyn Members,
+        object: &DistObject,
+        to: Backend,
+    ) -> Result<ByteView, Error> {
+        let is_item = matches!(object.location, Location::Item { .. });
+        if is_item == (to == Backend::TorchDist) {
+            return self.read_object_bytes(members, object);
+        }
+        let v = self.read_object(members, object)?;
+        let bad = |why: String| Error::BadChunk {
+            key: object.key.clone(),
+            index: 0,
+            member: object.location.member().to_string(),
+            why,
+        };
+        let (value, archive) = match to {
+            Backend::TorchDist => (Value::List(vec![v]), "archive".to_string()),
+            Backend::Zarr => {
+                let mut list = match v {
+                    Value::List(l) if l.len() == 1 => l,
+                    other => {
+                        return Err(bad(format!("expected a one-element list, found {other:?}")))
+                    }
+                };
+                let stem = object
+                    .key
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("archive")
+                    .to_string();
+                (list.remove(0), stem)
+            }
+        };
+        crate::torch::file::save(Vec::new(), &archive, &value)
+            .map(ByteView::from_vec)
+            .map_err(|e| bad(format!("cannot save: {e}")))
     }
 
     /// The whole global tensor's row-major bytes, as pieces borrowed from the

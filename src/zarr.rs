@@ -12,7 +12,6 @@
 //! [`Error`] names the `.zarray` member or the chunk file.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io;
 
 use serde_json::json;
 
@@ -59,14 +58,6 @@ pub enum Error {
         key: String,
         /// Why.
         why: String,
-    },
-    /// Writing failed.
-    #[error("{member}: write failed: {source}")]
-    Io {
-        /// Output file name.
-        member: String,
-        /// The I/O error.
-        source: io::Error,
     },
 }
 
@@ -327,10 +318,9 @@ fn grid_shape(t: &DistTensor) -> Result<Vec<u64>, Error> {
 }
 
 /// Writes `ck` (read from `src`) as an mcore zarr folder into `out`:
-/// `metadata.json` (zarr backend), `common.pt` verbatim, per tensor a
+/// `metadata.json` (verbatim from a zarr source, else the zarr default), `common.pt` verbatim, per tensor a
 /// `.zarray` and one full-size chunk file per chunk, and shard objects
-/// verbatim (only from a zarr source: a DCP byte item wraps the object in a
-/// list, which zarr files do not).
+/// (a DCP byte item `torch.save([obj])` becomes the zarr file `torch.save(obj)`).
 ///
 /// # Errors
 /// Unreadable source chunks, tensors whose chunks are no regular grid, I/O.
@@ -341,9 +331,13 @@ pub fn write_zarr(
 ) -> Result<(), dist::Error> {
     let io = |member: &str| {
         let member = member.to_string();
-        move |source| Error::Io { member, source }
+        move |source| dist::Error::Write { member, source }
     };
     let json = br#"{"sharded_backend": "zarr", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+    let json = match (&ck.metadata_json, ck.backend) {
+        (Some(j), dist::Backend::Zarr) => j.as_bytes(),
+        _ => &json[..],
+    };
     dist::write_bytes(out, "metadata.json", json).map_err(io("metadata.json"))?;
     if let Some(c) = &ck.common_bytes {
         dist::write_bytes(out, "common.pt", c.as_slice()).map_err(io("common.pt"))?;
@@ -380,14 +374,7 @@ pub fn write_zarr(
     }
     for o in &ck.objects {
         let name = format!("{}.pt", o.key);
-        if !matches!(o.location, Location::File { .. }) {
-            return Err(Error::NotAGrid {
-                key: o.key.clone(),
-                why: "a torch_dist byte item cannot be written as a zarr shard file".into(),
-            }
-            .into());
-        }
-        let bytes = dist::read(src, o.location.member())?;
+        let bytes = ck.object_bytes_for(src, o, dist::Backend::Zarr)?;
         dist::write_bytes(out, &name, bytes.as_slice()).map_err(io(&name))?;
     }
     Ok(())
@@ -523,9 +510,6 @@ mod tests {
             assert_same(&ck, &m, &ck2, &m2);
             // chunk files and .zarray texts are byte-identical to what zarr wrote
             for n in m.member_names() {
-                if n.ends_with("metadata.json") {
-                    continue;
-                }
                 assert_eq!(
                     m.read_member(&n).unwrap().as_slice(),
                     m2.read_member(&n).unwrap().as_slice(),
@@ -643,10 +627,13 @@ mod tests {
 
     #[test]
     fn write_errors_name_the_file() {
-        let e = Error::Io {
+        let e = dist::Error::Write {
             member: "w/0".into(),
-            source: io::Error::other("disk full"),
+            source: std::io::Error::other("disk full"),
         };
         assert_eq!(e.to_string(), "w/0: write failed: disk full");
+        let mut fs = dist::FsDir::new(std::env::temp_dir());
+        let e = dist::write_bytes(&mut fs, "../escape", b"x").unwrap_err();
+        assert!(e.to_string().contains("unsafe output name"), "{e}");
     }
 }
