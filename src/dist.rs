@@ -678,8 +678,17 @@ pub fn validate_chunks(t: &DistTensor) -> Result<(), Error> {
             .unwrap_or(u128::MAX);
         covered = covered.saturating_add(vol);
     }
-    for i in 0..t.chunks.len() {
-        for j in i + 1..t.chunks.len() {
+    // Sweep along dim 0: sort by start, compare each chunk only with later
+    // ones starting before it ends there (stacked layers keep this small).
+    let mut order: Vec<usize> = (0..t.chunks.len()).collect();
+    let start = |i: usize| t.chunks[i].offsets.first().copied().unwrap_or(0);
+    let end = |i: usize| start(i) + t.chunks[i].sizes.first().copied().unwrap_or(1);
+    order.sort_by_key(|&i| start(i));
+    for (n, &i) in order.iter().enumerate() {
+        for &j in &order[n + 1..] {
+            if start(j) >= end(i) {
+                break;
+            }
             let (a, b) = (&t.chunks[i], &t.chunks[j]);
             if !a.sizes.contains(&0)
                 && !b.sizes.contains(&0)
@@ -687,8 +696,8 @@ pub fn validate_chunks(t: &DistTensor) -> Result<(), Error> {
             {
                 return Err(Error::Overlap {
                     key: t.key.clone(),
-                    a: i,
-                    b: j,
+                    a: i.min(j),
+                    b: i.max(j),
                 });
             }
         }
@@ -829,24 +838,18 @@ impl Walk<'_> {
         let ch = &self.tensor.chunks[c];
         let t = self.refs[c].as_ref().ok_or_else(|| self.gap(prefix))?;
         let nd = self.tensor.shape.len();
+        // Global index of the run's first element and its length per dim.
+        let first = (0..nd).map(|j| match j.cmp(&dim) {
+            std::cmp::Ordering::Less => (prefix[j], 1),
+            std::cmp::Ordering::Equal => (start, count),
+            std::cmp::Ordering::Greater => (self.lo[j], self.sz[j]),
+        });
         let mut elem = t.storage_offset;
         let mut n = 1u64;
-        for j in 0..nd {
-            let g = if j < dim {
-                prefix[j]
-            } else if j == dim {
-                start
-            } else {
-                self.lo[j]
-            };
-            elem += (g - ch.offsets[j]) * t.stride[j];
-            n *= if j < dim {
-                1
-            } else if j == dim {
-                count
-            } else {
-                self.sz[j]
-            };
+        for ((g, len), (off, st)) in first.zip(ch.offsets.iter().zip(&t.stride)) {
+            // In range: the chunk holds the run and its view was validated.
+            elem += (g - off) * st;
+            n *= len;
         }
         let size = t.dtype.size() as u64;
         let bytes = t
@@ -1162,6 +1165,29 @@ mod tests {
     }
 
     #[test]
+    fn dist_nemo_model_weights_equal_the_dcp_folder() {
+        let nemo =
+            super::testutil::tar_members("fixtures/mcore/llama/nemo/tiny_llama_dist_tp1.nemo");
+        let ck = DistCheckpoint::open(&nemo, "model_weights").unwrap();
+        assert_eq!(ck.backend, Backend::TorchDist);
+        assert_eq!(ck.common, Some(Value::Dict(vec![])));
+        let m = dir_members("fixtures/mcore/llama/dcp_tp1");
+        let want = DistCheckpoint::open(&m, "").unwrap();
+        assert_eq!(ck.tensors.len(), want.tensors.len());
+        for (a, b) in ck.tensors.iter().zip(&want.tensors) {
+            assert_eq!((&a.key, &a.shape), (&b.key, &b.shape));
+            assert_eq!(
+                pieces_to_vec(&ck.read_global(&nemo, a).unwrap()),
+                pieces_to_vec(&want.read_global(&m, b).unwrap())
+            );
+        }
+        assert!(ck.tensors[0].chunks[0]
+            .location
+            .member()
+            .starts_with("model_weights/__0_"));
+    }
+
+    #[test]
     fn bad_boxes_are_refused() {
         let m = dir_members("fixtures/torch-samples/dcp/plain_single_rank");
         let ck = DistCheckpoint::open(&m, "").unwrap();
@@ -1254,6 +1280,38 @@ pub(crate) mod testutil {
     /// Every file under the crate-relative folder `rel`.
     pub fn dir_members(rel: &str) -> MemoryMembers {
         dir_members_abs(&Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+    }
+
+    /// The regular files of an uncompressed ustar file (test-only; the real
+    /// reader is the archive module), names without a leading `./`.
+    pub fn tar_members(rel: &str) -> MemoryMembers {
+        let b = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap();
+        let mut m = MemoryMembers::default();
+        let mut pos = 0;
+        while pos + 512 <= b.len() && b[pos] != 0 {
+            let h = &b[pos..pos + 512];
+            let cstr = |r: std::ops::Range<usize>| {
+                let f = &h[r];
+                let n = f.iter().position(|&c| c == 0).unwrap_or(f.len());
+                String::from_utf8(f[..n].to_vec()).unwrap()
+            };
+            let size = u64::from_str_radix(cstr(124..136).trim(), 8).unwrap() as usize;
+            let prefix = cstr(345..500);
+            let name = cstr(0..100);
+            let full = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if h[156] == b'0' || h[156] == 0 {
+                m.insert(
+                    full.trim_start_matches("./"),
+                    b[pos + 512..pos + 512 + size].to_vec(),
+                );
+            }
+            pos += 512 + size.div_ceil(512) * 512;
+        }
+        m
     }
 
     /// Little-endian f32s.
