@@ -13,6 +13,7 @@
 
 use crate::bytes::ByteView;
 use crate::members::{MemberError, Members};
+pub use crate::outdir::{write_bytes, FsDir, OutDir};
 use crate::torch::dtype::Dtype;
 use crate::torch::pickle::Value;
 use crate::torch::tensor::{Piece, StorageRef, TensorKind, TensorRef};
@@ -870,100 +871,6 @@ impl Walk<'_> {
 /// Concatenates pieces into owned bytes (tests, small tensors).
 pub fn pieces_to_vec(pieces: &[Piece]) -> Vec<u8> {
     crate::torch::tensor::concat(pieces)
-}
-
-/// Where writers put files: a folder, or (later) tar members. Names are
-/// relative (`__0_0.distcp`, `w/.zarray`); sizes are declared up front so
-/// a tar writer can emit its header before the data.
-pub trait OutDir {
-    /// Writes one file of exactly `size` bytes, produced by `fill`.
-    ///
-    /// # Errors
-    /// I/O errors, or `fill` writing a different number of bytes.
-    fn write_file(
-        &mut self,
-        name: &str,
-        size: u64,
-        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> std::io::Result<()>;
-}
-
-/// Writes a whole buffer as one file.
-///
-/// # Errors
-/// As [`OutDir::write_file`].
-pub fn write_bytes(out: &mut dyn OutDir, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    out.write_file(name, bytes.len() as u64, &mut |w| w.write_all(bytes))
-}
-
-/// An [`OutDir`] over a plain directory (created as needed).
-#[derive(Debug, Clone)]
-pub struct FsDir {
-    root: std::path::PathBuf,
-}
-
-impl FsDir {
-    /// Files go under `root`.
-    pub fn new(root: impl Into<std::path::PathBuf>) -> FsDir {
-        FsDir { root: root.into() }
-    }
-}
-
-struct Counting<W> {
-    inner: W,
-    n: u64,
-}
-
-impl<W: std::io::Write> std::io::Write for Counting<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let k = self.inner.write(b)?;
-        self.n += k as u64;
-        Ok(k)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl OutDir for FsDir {
-    fn write_file(
-        &mut self,
-        name: &str,
-        size: u64,
-        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        use std::io::Write;
-        let bad = name.is_empty()
-            || name.starts_with('/')
-            || name
-                .split('/')
-                .any(|p| p.is_empty() || p == ".." || p == ".");
-        // `.metadata`/`.zarray` are fine; only whole `.`/`..` components are refused.
-        if bad {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("unsafe output name {name:?}"),
-            ));
-        }
-        let path = self.root.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let f = std::fs::File::create(&path)?;
-        let mut w = Counting {
-            inner: std::io::BufWriter::new(f),
-            n: 0,
-        };
-        fill(&mut w)?;
-        w.flush()?;
-        if w.n != size {
-            return Err(std::io::Error::other(format!(
-                "{name}: declared {size} bytes, wrote {}",
-                w.n
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
+pub mod outdir;
 pub mod tokenizer;
 pub mod torch;
 pub mod zarr;
