@@ -555,6 +555,8 @@ impl DistCheckpoint {
                 shape: tensor.shape.clone(),
             });
         }
+        // The fields are public: re-check what the walk relies on.
+        validate_chunks(tensor)?;
         let mut out = Vec::new();
         if sizes.contains(&0) {
             return Ok(out);

@@ -348,7 +348,13 @@ pub fn write_zarr(
         let zname = format!("{}/.zarray", t.key);
         dist::write_bytes(out, &zname, text.as_bytes()).map_err(io(&zname))?;
         let esize = t.dtype.size() as u64;
-        let full: u64 = cs.iter().product::<u64>() * esize;
+        let full = cs
+            .iter()
+            .try_fold(esize, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| Error::NotAGrid {
+                key: t.key.clone(),
+                why: format!("chunk shape {cs:?} overflows"),
+            })?;
         for c in &t.chunks {
             let idx: Vec<String> = c
                 .offsets
@@ -368,7 +374,17 @@ pub fn write_zarr(
             } else {
                 pad_chunk(&bytes, &c.sizes, &cs, esize)
             };
-            debug_assert_eq!(padded.len() as u64, full);
+            if padded.len() as u64 != full {
+                return Err(Error::NotAGrid {
+                    key: t.key.clone(),
+                    why: format!(
+                        "chunk at {:?} gave {} bytes, not {full}",
+                        c.offsets,
+                        padded.len()
+                    ),
+                }
+                .into());
+            }
             dist::write_bytes(out, &name, &padded).map_err(io(&name))?;
         }
     }
