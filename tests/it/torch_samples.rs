@@ -541,3 +541,16 @@ mod no_panic {
         }
     }
 }
+
+#[test]
+fn load_file_maps_and_bad_archive_names_are_refused() {
+    let f = torch::load_file(&samples().join("pt/views.pt"), &Policy::torch()).unwrap();
+    assert!(f.tensors()[0].1.storage.bytes.is_mapped());
+    assert_eq!(f.archive_name, "views");
+    let e = torch::load_file(&samples().join("pt/nope.pt"), &Policy::torch()).unwrap_err();
+    assert!(matches!(e, file::Error::Io { .. }), "{e}");
+    for bad in ["", "a/b"] {
+        let e = torch::save(Vec::new(), bad, &Value::None).unwrap_err();
+        assert!(matches!(e, file::Error::BadArchiveName { .. }), "{e}");
+    }
+}
