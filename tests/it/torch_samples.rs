@@ -541,3 +541,57 @@ mod no_panic {
         }
     }
 }
+
+#[test]
+fn load_file_maps_and_bad_archive_names_are_refused() {
+    let f = torch::load_file(&samples().join("pt/views.pt"), &Policy::torch()).unwrap();
+    assert!(f.tensors()[0].1.storage.bytes.is_mapped());
+    assert_eq!(f.archive_name, "views");
+    let e = torch::load_file(&samples().join("pt/nope.pt"), &Policy::torch()).unwrap_err();
+    assert!(matches!(e, file::Error::Io { .. }), "{e}");
+    for bad in ["", "a/b"] {
+        let e = torch::save(Vec::new(), bad, &Value::None).unwrap_err();
+        assert!(matches!(e, file::Error::BadArchiveName { .. }), "{e}");
+    }
+}
+
+/// Every item of the plain DCP sample is a torch.save stream at an arbitrary
+/// offset of `__0_0.distcp`; each loads in place.
+#[test]
+fn dcp_items_load_in_place() {
+    let dir = samples().join("dcp/plain_single_rank");
+    let pol = Policy::torch()
+        .allow_module_prefix("torch.distributed.checkpoint.")
+        .allow_module_prefix("pathlib.");
+    let md = pickle::parse(&std::fs::read(dir.join(".metadata")).unwrap(), &pol).unwrap();
+    let md = md.as_object().unwrap();
+    let data = ByteView::from_vec(std::fs::read(dir.join("__0_0.distcp")).unwrap());
+    let mut seen = Vec::new();
+    for (idx, info) in md.field("storage_data").unwrap().dict_items().unwrap() {
+        let fqn = idx
+            .as_object()
+            .unwrap()
+            .field("fqn")
+            .unwrap()
+            .as_str()
+            .unwrap();
+        let info = info.as_object().unwrap();
+        let off = info.field("offset").unwrap().as_int().unwrap() as u64;
+        let len = info.field("length").unwrap().as_int().unwrap() as u64;
+        let f = torch::load(data.slice_len(off, len).unwrap(), &Policy::torch()).unwrap();
+        match fqn {
+            "w" => assert_eq!(
+                values(f.root.as_tensor().unwrap()),
+                [0., 1., 2., 3., 4., 5.]
+            ),
+            "b" => assert_eq!(values(f.root.as_tensor().unwrap()), [1.5, -1.5]),
+            "nested.x" => assert_eq!(values(f.root.as_tensor().unwrap()), [1., 2., 3.]),
+            "step" => assert_eq!(f.root, Value::Int(7)),
+            "nested.name" => assert_eq!(f.root, Value::Str("abc".into())),
+            other => panic!("unexpected item {other}"),
+        }
+        seen.push(fqn.to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["b", "nested.name", "nested.x", "step", "w"]);
+}
