@@ -1096,6 +1096,50 @@ mod tests {
             .starts_with("model_weights/__0_"));
     }
 
+    /// Members over memory-mapped files, to check pieces stay in the map.
+    struct Mapped(Vec<(String, ByteView)>);
+
+    impl Members for Mapped {
+        fn read_member(&self, name: &str) -> Result<ByteView, MemberError> {
+            self.0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| format!("no member {name}").into())
+        }
+        fn member_names(&self) -> Vec<String> {
+            self.0.iter().map(|(n, _)| n.clone()).collect()
+        }
+    }
+
+    #[test]
+    fn global_read_is_zero_copy_and_coalesced() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/torch-samples/dcp/megatron_core_v0.19.0_tp2");
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(&root).unwrap() {
+            let p = e.unwrap().path();
+            let f = std::fs::File::open(&p).unwrap();
+            let map = crate::mmap::map_file(&f).unwrap();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            files.push((name, ByteView::from_mmap(map)));
+        }
+        let m = Mapped(files);
+        let ck = DistCheckpoint::open(&m, "").unwrap();
+        let qkv = ck
+            .tensor("decoder.layers.self_attention.linear_qkv.weight")
+            .unwrap();
+        let p = ck.read_global(&m, qkv).unwrap();
+        // per layer: rows 0..6 from TP rank 0's chunk, rows 6..12 from rank 1's
+        assert_eq!(p.len(), 4);
+        assert!(p
+            .iter()
+            .all(|x| matches!(x, Piece::Bytes(b) if b.is_mapped() && b.len() == 48)));
+        // the embedding's two TP chunks cover whole rows: two pieces
+        let emb = ck.tensor("embedding.word_embeddings.weight").unwrap();
+        assert_eq!(ck.read_global(&m, emb).unwrap().len(), 2);
+    }
+
     #[test]
     fn bad_boxes_are_refused() {
         let m = dir_members("fixtures/torch-samples/dcp/plain_single_rank");
