@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod bytes;
+pub mod checkpoint;
 pub mod inspect;
 pub mod layout;
 pub mod members;
