@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod bytes;
 pub mod mmap;
+pub mod output;
+pub mod tar_write;
 pub mod torch;
