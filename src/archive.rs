@@ -561,3 +561,239 @@ fn read_folder_file(root: &Path, member: &Member) -> Result<ByteView, Error> {
     let file = File::open(&path).map_err(io_err)?;
     Ok(ByteView::from_mmap(map_file(&file).map_err(io_err)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tar_write::{entry_header, EntryKind, TarWriter};
+    use std::io::{Seek, SeekFrom};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/mcore/llama/nemo")
+            .join(name)
+    }
+
+    fn names(a: &Archive) -> Vec<(String, MemberKind, u64)> {
+        a.members()
+            .iter()
+            .map(|m| (m.name.clone(), m.kind, m.size))
+            .collect()
+    }
+
+    const TOKENIZER: &str = "79b7d2d99291075a58045d29d6b0b3cc_tokenizer.model";
+
+    #[test]
+    fn reads_fixture_member_lists() {
+        use MemberKind::{Dir, File};
+        let tp2 = Archive::open(fixture("tiny_llama_tp2.nemo")).unwrap();
+        assert_eq!(tp2.kind(), ArchiveKind::Tar);
+        assert_eq!(
+            names(&tp2),
+            [
+                (TOKENIZER.to_string(), File, 1189),
+                ("model_config.yaml".to_string(), File, 1963),
+                ("mp_rank_00".to_string(), Dir, 0),
+                ("mp_rank_00/model_weights.ckpt".to_string(), File, 155188),
+                ("mp_rank_01".to_string(), Dir, 0),
+                ("mp_rank_01/model_weights.ckpt".to_string(), File, 155188),
+            ]
+        );
+        let cfg = tp2.read("./model_config.yaml").unwrap();
+        assert!(cfg.is_mapped());
+        assert!(cfg.as_slice().starts_with(b"mcore_gpt: true\n"));
+        // A torch zip starts with a local file header.
+        let w = tp2.read("mp_rank_01/model_weights.ckpt").unwrap();
+        assert_eq!(&w.as_slice()[..4], b"PK\x03\x04");
+
+        let dist = Archive::open(fixture("tiny_llama_dist_tp1.nemo")).unwrap();
+        let children: Vec<_> = dist
+            .list_dir("./model_weights/")
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(
+            children,
+            [
+                "model_weights/.metadata",
+                "model_weights/__0_0.distcp",
+                "model_weights/__0_1.distcp",
+                "model_weights/common.pt",
+                "model_weights/metadata.json"
+            ]
+        );
+        assert_eq!(dist.list_dir(".").len(), 3);
+        assert_eq!(dist.get("model_weights/__0_1.distcp").unwrap().size, 165628);
+
+        let tp1 = Archive::open(fixture("tiny_llama_tp1.nemo")).unwrap();
+        assert_eq!(tp1.get("./model_weights.ckpt").unwrap().size, 302644);
+        assert_eq!(tp1.path(), fixture("tiny_llama_tp1.nemo"));
+    }
+
+    /// Every file member of `a` and `b`: same names, same bytes.
+    fn assert_same_contents(a: &Archive, b: &Archive) {
+        assert_eq!(names(a), names(b));
+        for m in a.members().iter().filter(|m| m.kind == MemberKind::File) {
+            assert_eq!(
+                a.read(&m.name).unwrap().as_slice(),
+                b.read(&m.name).unwrap().as_slice(),
+                "{}",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn gzip_and_folder_copies_match_the_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        for fx in [
+            "tiny_llama_tp1.nemo",
+            "tiny_llama_tp2.nemo",
+            "tiny_llama_dist_tp1.nemo",
+        ] {
+            let tar = Archive::open(fixture(fx)).unwrap();
+            let gz_path = dir.path().join(format!("{fx}.gz"));
+            let mut enc = flate2::write::GzEncoder::new(
+                File::create(&gz_path).unwrap(),
+                flate2::Compression::fast(),
+            );
+            enc.write_all(&fs::read(fixture(fx)).unwrap()).unwrap();
+            enc.finish().unwrap();
+            let gz = Archive::open(&gz_path).unwrap();
+            assert_eq!(gz.kind(), ArchiveKind::GzipTar);
+            assert_same_contents(&tar, &gz);
+
+            let root = dir.path().join(format!("{fx}.d"));
+            for m in tar.members() {
+                let p = root.join(&m.name);
+                match m.kind {
+                    MemberKind::Dir => fs::create_dir_all(&p).unwrap(),
+                    MemberKind::File => {
+                        fs::create_dir_all(p.parent().unwrap()).unwrap();
+                        fs::write(&p, tar.read(&m.name).unwrap().as_slice()).unwrap();
+                    }
+                }
+            }
+            let folder = Archive::open(&root).unwrap();
+            assert_eq!(folder.kind(), ArchiveKind::Folder);
+            assert_same_contents(&tar, &folder);
+        }
+    }
+
+    #[test]
+    fn gzip_cut_short_is_a_gzip_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&fs::read(fixture("tiny_llama_tp1.nemo")).unwrap())
+            .unwrap();
+        let gz = enc.finish().unwrap();
+        let path = dir.path().join("cut.nemo");
+        fs::write(&path, &gz[..gz.len() / 2]).unwrap();
+        match Archive::open(&path) {
+            Err(e @ Error::Gzip { .. }) => {
+                assert!(e.to_string().contains("cut short"), "{e}");
+                assert!(e.to_string().contains("cut.nemo"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn folder_mode_refuses_symlinks_and_maps_empty_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/empty"), b"").unwrap();
+        fs::write(dir.path().join("a.yaml"), b"x: 1\n").unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        assert_eq!(
+            names(&a),
+            [
+                ("a.yaml".to_string(), MemberKind::File, 5),
+                ("sub".to_string(), MemberKind::Dir, 0),
+                ("sub/empty".to_string(), MemberKind::File, 0),
+            ]
+        );
+        assert!(a.read("sub/empty").unwrap().is_empty());
+        assert!(a.read("a.yaml").unwrap().is_mapped());
+        assert!(matches!(a.read("sub"), Err(Error::NotAFile { .. })));
+
+        // The file grew after indexing.
+        fs::write(dir.path().join("a.yaml"), b"x: 12\n").unwrap();
+        match a.read("a.yaml") {
+            Err(Error::Changed {
+                member, expected, ..
+            }) => assert_eq!((member.as_str(), expected), ("a.yaml", 5)),
+            other => panic!("{other:?}"),
+        }
+
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("sub/link")).unwrap();
+        match Archive::open(dir.path()) {
+            Err(Error::Link { member }) => assert_eq!(member, "sub/link"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn implied_directories_duplicates_and_lookups() {
+        let mut w = TarWriter::new(Vec::new());
+        w.append_file("a/b/c.bin", 2, &b"hi"[..]).unwrap();
+        w.append_dir("a").unwrap(); // listed after its child: not a duplicate
+        let a =
+            Archive::from_tar_bytes("mem.tar", ByteView::from_vec(w.finish().unwrap())).unwrap();
+        assert_eq!(
+            names(&a),
+            [
+                ("a".to_string(), MemberKind::Dir, 0),
+                ("a/b".to_string(), MemberKind::Dir, 0),
+                ("a/b/c.bin".to_string(), MemberKind::File, 2),
+            ]
+        );
+        assert_eq!(a.get("./a/b/").unwrap().kind, MemberKind::Dir);
+        assert!(a.get("../a").is_none());
+        assert_eq!(a.list_dir("a/b")[0].name, "a/b/c.bin");
+        assert_eq!(a.read("a/b/c.bin").unwrap().as_slice(), b"hi");
+        match a.read("a/b/missing") {
+            Err(e @ Error::NotFound { .. }) => assert!(e.to_string().contains("a/b/missing")),
+            other => panic!("{other:?}"),
+        }
+
+        let mut w = TarWriter::new(Vec::new());
+        w.append_file("x", 1, &b"1"[..]).unwrap();
+        w.append_file("./x", 1, &b"2"[..]).unwrap();
+        match Archive::from_tar_bytes("dup.tar", ByteView::from_vec(w.finish().unwrap())) {
+            Err(Error::Duplicate { member }) => assert_eq!(member, "x"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_naming_it() {
+        match Archive::open("/nonexistent/x.nemo") {
+            Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("/nonexistent/x.nemo")),
+            other => panic!("{other:?}"),
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(Archive::open(f.path()), Err(Error::NotTar { .. })));
+    }
+
+    #[test]
+    fn huge_sparse_tar_opens_reading_only_headers() {
+        // 100 GiB of holes: indexing must not read (or allocate) the payload.
+        let big: u64 = 100 << 30;
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        let f = tmp.as_file_mut();
+        f.write_all(&entry_header("weights.bin", EntryKind::File, big, 0).unwrap())
+            .unwrap();
+        let data_at = f.stream_position().unwrap();
+        f.seek(SeekFrom::Current(big as i64)).unwrap();
+        let mut w = TarWriter::new(f);
+        w.append_file("model_config.yaml", 3, &b"a: "[..]).unwrap();
+        w.finish().unwrap();
+        let a = Archive::open(tmp.path()).unwrap();
+        assert_eq!(a.kind(), ArchiveKind::Tar);
+        let m = a.get("weights.bin").unwrap();
+        assert_eq!((m.size, m.data_offset), (big, Some(data_at)));
+        assert_eq!(a.read("model_config.yaml").unwrap().as_slice(), b"a: ");
+        assert_eq!(a.read("weights.bin").unwrap().len() as u64, big);
+    }
+}

@@ -169,7 +169,7 @@ fn pax_record(key: &str, value: &str) -> Vec<u8> {
 }
 
 /// A ustar header as Python's `TarInfo._create_header` lays it out.
-fn ustar_header(name: &str, mode: u32, size: u64, mtime: u64, flag: u8) -> [u8; BLOCK] {
+pub(crate) fn ustar_header(name: &str, mode: u32, size: u64, mtime: u64, flag: u8) -> [u8; BLOCK] {
     let mut h = [0u8; BLOCK];
     // Python encodes the ustar name as ASCII with `?` for other characters,
     // truncated to 100 bytes; the PAX `path` record carries the real name.
