@@ -266,3 +266,132 @@ fn sync_tree(dir: &Path) -> Result<(), Error> {
     sync_dir(dir);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names in `dir`, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn file_appears_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.nemo");
+        let mut out = OutputFile::create(&target, false).unwrap();
+        out.write_all(b"tar bytes").unwrap();
+        assert!(!target.exists());
+        assert_eq!(out.temp_path().parent(), Some(dir.path()));
+        assert_eq!(out.commit().unwrap(), target);
+        assert_eq!(fs::read(&target).unwrap(), b"tar bytes");
+        assert_eq!(listing(dir.path()), ["out.nemo"]);
+    }
+
+    #[test]
+    fn file_refuses_existing_target_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.nemo");
+        fs::write(&target, b"old").unwrap();
+        match OutputFile::create(&target, false) {
+            Err(e @ Error::Exists { .. }) => {
+                assert!(e.to_string().contains("out.nemo: already exists"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut out = OutputFile::create(&target, true).unwrap();
+        out.write_all(b"new").unwrap();
+        out.commit().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert_eq!(listing(dir.path()), ["out.nemo"]);
+    }
+
+    #[test]
+    fn file_target_appearing_meanwhile_is_not_clobbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.nemo");
+        let mut out = OutputFile::create(&target, false).unwrap();
+        out.write_all(b"ours").unwrap();
+        fs::write(&target, b"theirs").unwrap();
+        assert!(matches!(out.commit(), Err(Error::Exists { .. })));
+        assert_eq!(fs::read(&target).unwrap(), b"theirs");
+        assert_eq!(listing(dir.path()), ["out.nemo"]);
+    }
+
+    #[test]
+    fn dropped_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.nemo");
+        {
+            let mut out = OutputFile::create(&target, false).unwrap();
+            out.write_all(b"half").unwrap();
+        }
+        assert!(listing(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn missing_parent_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("no/such/dir/out.nemo");
+        match OutputFile::create(&target, false) {
+            Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("no/such/dir"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dir_commit_creates_and_force_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("extracted");
+        let out = OutputDir::create(&target, false).unwrap();
+        fs::create_dir(out.path().join("mp_rank_00")).unwrap();
+        fs::write(out.path().join("mp_rank_00/w.ckpt"), b"1").unwrap();
+        assert!(!target.exists());
+        out.commit().unwrap();
+        assert_eq!(fs::read(target.join("mp_rank_00/w.ckpt")).unwrap(), b"1");
+
+        assert!(matches!(
+            OutputDir::create(&target, false),
+            Err(Error::Exists { .. })
+        ));
+        let out = OutputDir::create(&target, true).unwrap();
+        fs::write(out.path().join("model_config.yaml"), b"2").unwrap();
+        out.commit().unwrap();
+        assert_eq!(listing(&target), ["model_config.yaml"]);
+        assert_eq!(listing(dir.path()), ["extracted"]);
+    }
+
+    #[test]
+    fn dir_force_replaces_a_file_and_drop_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        fs::write(&target, b"a file").unwrap();
+        {
+            let out = OutputDir::create(&target, true).unwrap();
+            fs::write(out.path().join("x"), b"1").unwrap();
+        }
+        assert_eq!(fs::read(&target).unwrap(), b"a file");
+        assert_eq!(listing(dir.path()), ["out"]);
+        let out = OutputDir::create(&target, true).unwrap();
+        fs::write(out.path().join("x"), b"1").unwrap();
+        out.commit().unwrap();
+        assert_eq!(listing(&target), ["x"]);
+        assert_eq!(listing(dir.path()), ["out"]);
+    }
+
+    #[test]
+    fn dir_target_appearing_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        let out = OutputDir::create(&target, false).unwrap();
+        fs::create_dir(&target).unwrap();
+        assert!(matches!(out.commit(), Err(Error::Exists { .. })));
+        assert_eq!(listing(dir.path()), ["out"]);
+    }
+}

@@ -364,3 +364,188 @@ impl<W: Write> TarWriter<W> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{Archive, MemberKind};
+    use std::path::Path;
+
+    /// Rewrites an archive member by member through the writer.
+    fn rewrite(a: &Archive) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        w.append_dir("").unwrap();
+        for m in a.members() {
+            match m.kind {
+                MemberKind::Dir => w.append_dir(&m.name).unwrap(),
+                MemberKind::File => {
+                    let bytes = a.read(&m.name).unwrap();
+                    w.append_pieces(&m.name, m.size, [bytes]).unwrap()
+                }
+            }
+        }
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn rewrites_fixtures_byte_for_byte() {
+        // The fixtures were written by Python's tarfile (mtime reset to 0).
+        for fx in [
+            "tiny_llama_tp1.nemo",
+            "tiny_llama_tp2.nemo",
+            "tiny_llama_dist_tp1.nemo",
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/mcore/llama/nemo")
+                .join(fx);
+            let original = std::fs::read(&path).unwrap();
+            let a = Archive::open(&path).unwrap();
+            let ours = rewrite(&a);
+            assert_eq!(ours.len(), original.len(), "{fx}");
+            assert!(ours == original, "{fx}: bytes differ");
+        }
+    }
+
+    #[test]
+    fn long_names_get_a_pax_path_record() {
+        let name = format!("model_weights/{}", "x".repeat(120));
+        let h = entry_header(&name, EntryKind::File, 10, 0).unwrap();
+        assert_eq!(h.len(), 3 * BLOCK);
+        assert_eq!(&h[..14], b"././@PaxHeader");
+        assert_eq!(h[156], b'x');
+        let full = format!("./{name}");
+        assert_eq!(full.len(), 136);
+        let record = format!("146 path={full}\n");
+        assert_eq!(&h[512..512 + record.len()], record.as_bytes());
+        // The ustar header keeps the first 100 bytes and the real size.
+        assert_eq!(&h[1024..1124], &full.as_bytes()[..100]);
+        assert_eq!(&h[1024 + 124..1024 + 136], b"00000000012\0");
+        // Exactly 100 bytes still fits ustar.
+        let fits = "y".repeat(98);
+        assert_eq!(
+            entry_header(&fits, EntryKind::File, 0, 0).unwrap().len(),
+            BLOCK
+        );
+    }
+
+    #[test]
+    fn sizes_over_8_gib_get_a_pax_size_record() {
+        let nine: u64 = 9 << 30;
+        let h = entry_header("model_weights.ckpt", EntryKind::File, nine, 0).unwrap();
+        assert_eq!(h.len(), 3 * BLOCK);
+        assert_eq!(&h[512..512 + 19], b"19 size=9663676416\n");
+        assert_eq!(&h[1024 + 124..1024 + 136], b"00000000000\0");
+        // 8 GiB - 1 is the largest octal size.
+        let max = entry_header("m", EntryKind::File, (8 << 30) - 1, 0).unwrap();
+        assert_eq!((max.len(), &max[124..136]), (BLOCK, &b"77777777777\0"[..]));
+        // Our reader takes the size from the record.
+        let mut tar = h.clone();
+        tar.extend_from_slice(&[0u8; 100]);
+        match crate::archive::Archive::from_tar_bytes("t", crate::bytes::ByteView::from_vec(tar)) {
+            Err(crate::archive::Error::TruncatedData { member, end, .. }) => {
+                assert_eq!(
+                    (member.as_str(), end),
+                    ("./model_weights.ckpt", 1536 + nine)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        for n in 0..300 {
+            let rec = pax_record("path", &"v".repeat(n));
+            let text = String::from_utf8(rec.clone()).unwrap();
+            let len: usize = text.split(' ').next().unwrap().parse().unwrap();
+            assert_eq!(len, rec.len(), "value length {n}");
+        }
+    }
+
+    #[test]
+    fn mtime_and_modes() {
+        let mut w = TarWriter::new(Vec::new()).with_mtime(1_700_000_000);
+        w.append_dir("d").unwrap();
+        w.append_file("d/f", 0, std::io::empty()).unwrap();
+        let v = w.finish().unwrap();
+        assert_eq!(v.len(), 10240);
+        assert_eq!(&v[..4], b"./d/");
+        assert_eq!(&v[100..108], b"0000755\0");
+        assert_eq!(&v[136..148], format!("{:011o}\0", 1_700_000_000).as_bytes());
+        assert_eq!(&v[512..517], b"./d/f");
+        assert_eq!(&v[612..620], b"0000644\0");
+        assert!(v[1024..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn size_mismatch_is_caught_and_poisons() {
+        let mut w = TarWriter::new(Vec::new());
+        match w.append_file("short", 10, &b"12345"[..]) {
+            Err(Error::SizeMismatch {
+                name,
+                declared,
+                written,
+            }) => assert_eq!((name.as_str(), declared, written), ("short", 10, 5)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(w.append_dir("d"), Err(Error::Poisoned)));
+        assert!(matches!(w.finish(), Err(Error::Poisoned)));
+
+        let mut w = TarWriter::new(Vec::new());
+        match w.append_file("long", 3, &b"12345"[..]) {
+            Err(Error::SizeMismatch { written, .. }) => assert_eq!(written, 4),
+            other => panic!("{other:?}"),
+        }
+        let mut w = TarWriter::new(Vec::new());
+        match w.append_pieces("p", 4, [&b"12"[..], b"345"]) {
+            Err(Error::SizeMismatch { written, .. }) => assert_eq!(written, 5),
+            other => panic!("{other:?}"),
+        }
+        let mut w = TarWriter::new(Vec::new());
+        assert!(matches!(
+            w.append_pieces("p", 4, [&b"12"[..]]),
+            Err(Error::SizeMismatch { written: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn io_errors_name_the_entry() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let mut w = TarWriter::new(Vec::new());
+        match w.append_file("w.bin", 4, Failing) {
+            Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("w.bin: disk on fire")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for (name, kind) in [
+            ("/etc/passwd", EntryKind::File),
+            ("a/../../b", EntryKind::File),
+            ("", EntryKind::File),
+            ("./", EntryKind::File),
+            ("a\0b", EntryKind::Dir),
+        ] {
+            assert!(
+                matches!(tar_path(name, kind), Err(Error::BadName { .. })),
+                "{name:?}"
+            );
+        }
+        assert_eq!(tar_path("", EntryKind::Dir).unwrap(), "./");
+        assert_eq!(tar_path("./a//b", EntryKind::File).unwrap(), "./a/b");
+        assert_eq!(tar_path("a/b/", EntryKind::Dir).unwrap(), "./a/b/");
+    }
+
+    #[test]
+    fn python_add_order_puts_children_after_their_directory() {
+        let mut v = vec!["a.txt", "b", "a/z", "a", "a/b/c", "a-b"];
+        v.sort_by(|a, b| python_add_order(a, b));
+        assert_eq!(v, ["a", "a/b/c", "a/z", "a-b", "a.txt", "b"]);
+    }
+}
