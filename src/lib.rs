@@ -1,11 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod bytes;
 pub mod checkpoint;
 pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
+pub mod output;
+pub mod tar_write;
 pub mod tokenizer;
 pub mod torch;
