@@ -2,5 +2,6 @@
 #![warn(missing_docs)]
 
 pub mod bytes;
+pub mod config;
 pub mod mmap;
 pub mod torch;
