@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod bytes;
 pub mod checkpoint;
+pub mod config;
 pub mod inspect;
 pub mod layout;
 pub mod members;
