@@ -156,7 +156,6 @@ fn member_over_8_gib_is_read_by_python() {
     let mut f = fs::File::create(&path).unwrap();
     let mut w = TarWriter::new(&mut f);
     w.append_dir("").unwrap();
-    drop(w);
     f.write_all(&entry_header("model_weights.ckpt", EntryKind::File, nine, 0).unwrap())
         .unwrap();
     f.seek(SeekFrom::Current(nine as i64)).unwrap();
