@@ -734,6 +734,18 @@ mod tests {
     }
 
     #[test]
+    fn folder_mode_refuses_non_utf8_names() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join(std::ffi::OsStr::from_bytes(b"w\xff.bin"));
+        fs::write(&bad, b"1").unwrap();
+        match Archive::open(dir.path()) {
+            Err(Error::NonUtf8Name { path }) => assert_eq!(path, bad),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn implied_directories_duplicates_and_lookups() {
         let mut w = TarWriter::new(Vec::new());
         w.append_file("a/b/c.bin", 2, &b"hi"[..]).unwrap();

@@ -156,7 +156,12 @@ pub(crate) fn read_index(data: &[u8]) -> Result<Vec<Entry>, Error> {
                     return Err(Error::Link { member: name });
                 }
                 last = name.clone();
-                if let Some(norm) = normalise_name(&name)? {
+                let normalised = normalise_name(&name)?;
+                if normalised.is_none() && kind != MemberKind::Dir {
+                    // Only a directory may stand for the root (`./`).
+                    return Err(Error::UnsafePath { member: name });
+                }
+                if let Some(norm) = normalised {
                     entries.push(Entry {
                         name: norm,
                         kind,
@@ -506,7 +511,7 @@ mod tests {
 
     #[test]
     fn refuses_parent_and_absolute_paths() {
-        for name in ["../x", "./a/../../x", "/etc/passwd"] {
+        for name in ["../x", "./a/../../x", "/etc/passwd", "."] {
             match read_index(&end(file(name, b"x"))) {
                 Err(Error::UnsafePath { member }) => assert_eq!(member, name),
                 other => panic!("{name}: {other:?}"),
