@@ -11,7 +11,7 @@
 //! header can be written before the data streams through.
 
 use std::cmp::Ordering;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 /// Tar block size.
 const BLOCK: usize = 512;
@@ -365,6 +365,95 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
+/// Counts what passes through to the inner writer.
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write + Seek> TarWriter<W> {
+    /// Writes a file entry whose size is only known once `fill` has written
+    /// it: the header goes out with size 0, the data streams through, then the
+    /// header is patched in place. This lets a serializer stream straight
+    /// into the archive without a measuring pass or a temporary file. Sizes
+    /// beyond ustar's octal limit (8 GiB) use GNU base-256, which Python's
+    /// `tarfile` (and so NeMo) reads. Returns the entry's size.
+    ///
+    /// # Errors
+    /// A bad name, or a write/seek error from `fill` or the output.
+    pub fn append_streamed<F>(&mut self, name: &str, fill: F) -> Result<u64, Error>
+    where
+        F: FnOnce(&mut dyn Write) -> io::Result<()>,
+    {
+        let header = entry_header(name, EntryKind::File, 0, self.mtime)?;
+        self.write(name, &header)?;
+        let data_start = self.position;
+        let io = |source| Error::Io {
+            name: name.to_string(),
+            source,
+        };
+        let mut counting = Counting {
+            inner: &mut self.out,
+            count: 0,
+        };
+        let filled = fill(&mut counting);
+        let size = counting.count;
+        self.position += size;
+        if let Err(e) = filled {
+            self.poisoned = true;
+            return Err(io(e));
+        }
+        let path = tar_path(name, EntryKind::File)?;
+        let mtime = if self.mtime > MAX_OCTAL_12 {
+            0
+        } else {
+            self.mtime
+        };
+        let mut ustar = ustar_header(&path, 0o644, 0, mtime, b'0');
+        set_size(&mut ustar, size);
+        let patch = (|| {
+            self.out.seek(SeekFrom::Start(data_start - BLOCK as u64))?;
+            self.out.write_all(&ustar)?;
+            self.out.seek(SeekFrom::Start(data_start + size))?;
+            Ok(())
+        })();
+        if let Err(e) = patch {
+            self.poisoned = true;
+            return Err(io(e));
+        }
+        self.finish_entry(name, size, size)?;
+        Ok(size)
+    }
+}
+
+/// Writes `size` into a ustar header (octal, or GNU base-256 past 8 GiB) and
+/// recomputes its checksum.
+fn set_size(h: &mut [u8; BLOCK], size: u64) {
+    if size <= MAX_OCTAL_12 {
+        put_octal(&mut h[124..136], size);
+    } else {
+        h[124] = 0x80;
+        h[125..128].fill(0);
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    let chk = format!("{sum:06o}\0");
+    h[148..155].copy_from_slice(chk.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,6 +493,48 @@ mod tests {
             assert_eq!(ours.len(), original.len(), "{fx}");
             assert!(ours == original, "{fx}: bytes differ");
         }
+    }
+
+    #[test]
+    fn streamed_entries_equal_declared_ones() {
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut a = TarWriter::new(Vec::new());
+        a.append_dir("").unwrap();
+        a.append_pieces(&format!("dir/{}", "n".repeat(150)), 1000, [&data])
+            .unwrap();
+        a.append_pieces("b.txt", 3, [b"abc"]).unwrap();
+        let a = a.finish().unwrap();
+        let mut b = TarWriter::new(std::io::Cursor::new(Vec::new()));
+        b.append_dir("").unwrap();
+        let n = b
+            .append_streamed(&format!("dir/{}", "n".repeat(150)), |w| {
+                w.write_all(&data[..10])?;
+                w.write_all(&data[10..])
+            })
+            .unwrap();
+        assert_eq!(n, 1000);
+        b.append_streamed("b.txt", |w| w.write_all(b"abc")).unwrap();
+        let b = b.finish().unwrap().into_inner();
+        assert!(
+            a == b,
+            "streamed entries must be byte-identical to declared ones"
+        );
+    }
+
+    #[test]
+    fn huge_sizes_use_base256() {
+        let mut h = ustar_header("./x", 0o644, 0, 0, b'0');
+        set_size(&mut h, 9 << 30);
+        assert_eq!(h[124], 0x80);
+        assert_eq!(u64::from_be_bytes(h[128..136].try_into().unwrap()), 9 << 30);
+        let idx = crate::archive::Archive::from_tar_bytes("x", {
+            let mut v = h.to_vec();
+            v.resize(512 * 3, 0);
+            crate::bytes::ByteView::from_vec(v)
+        });
+        // The reader sees the 9 GiB size (and then refuses the truncated data).
+        let err = idx.unwrap_err().to_string();
+        assert!(err.contains("512..9663676928"), "{err}");
     }
 
     #[test]
