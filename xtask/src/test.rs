@@ -107,7 +107,7 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
                 .arg(venv)
                 .current_dir(root),
         )
-        .with_context(|| format!("creating the venv with {sys_python} (is python3 installed?)"))?;
+        .with_context(|| format!("creating the venv with {sys_python} (is python3 with its venv module installed? on Debian/Ubuntu: python3-venv)"))?;
     } else if have.is_none() {
         println!(
             "{} has no stamp: installing the pinned requirements",
