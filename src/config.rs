@@ -384,13 +384,23 @@ impl ModelConfig {
     /// `tokenizer.model`; the value is the YAML text of a scalar (`2`, `null`, `bf16-mixed`,
     /// `'quoted'`). An existing key has only its value span rewritten (a trailing comment stays);
     /// a missing key is appended at the end of its mapping, missing parents included. The result
-    /// is re-parsed and must equal the original document with exactly these values changed.
+    /// is re-parsed and must equal the original document with exactly these values changed, and
+    /// must still pass [`ModelConfig::parse`]'s type checks (so `tensor_model_parallel_size: two`
+    /// is refused).
     ///
     /// # Errors
     /// [`Error::InvalidValue`] for a value that is not a one-line scalar,
     /// [`Error::EditUnsupported`] where a one-line edit is impossible (block scalars, flow
-    /// collections, anchors, a non-mapping parent), [`Error::EditVerify`] if re-parsing disagrees.
+    /// collections, anchors, a non-mapping parent), [`Error::EditVerify`] if re-parsing disagrees,
+    /// [`Error::WrongType`] / [`Error::InvalidValue`] if a known key gets an unusable value.
     pub fn with_updates(&self, updates: &[(&str, &str)]) -> Result<String, Error> {
+        let text = self.edit_text(updates)?;
+        ModelConfig::parse(&text)?;
+        Ok(text)
+    }
+
+    /// [`ModelConfig::with_updates`] without the final type check.
+    fn edit_text(&self, updates: &[(&str, &str)]) -> Result<String, Error> {
         let mut text = self.text.clone();
         let mut expected = self.doc.clone();
         for &(dotted, new_value) in updates {
@@ -877,6 +887,44 @@ mod tests {
     }
 
     #[test]
+    fn edit_every_scalar_key_of_fixture_touches_one_line() {
+        let c = tiny();
+        let Some(Value::Mapping(root)) = Some(c.section().clone()) else {
+            panic!("fixture root is a mapping");
+        };
+        let mut keys: Vec<String> = Vec::new();
+        for (k, v) in &root {
+            let k = k.as_str().expect("string keys").to_string();
+            match v {
+                Value::Mapping(m) => keys.extend(
+                    m.keys()
+                        .map(|sub| format!("{k}.{}", sub.as_str().expect("string keys"))),
+                ),
+                _ => keys.push(k),
+            }
+        }
+        assert_eq!(keys.len(), 74);
+        for key in &keys {
+            for new in ["7", "null", "'x y'"] {
+                let before = c.get(key).expect("key exists").clone();
+                let out = c
+                    .edit_text(&[(key.as_str(), new)])
+                    .unwrap_or_else(|e| panic!("{key}: {e}"));
+                let changed = changed_lines(TINY, &out);
+                let same = serde_yaml_ng::from_str::<Value>(new).unwrap() == before;
+                assert_eq!(changed.len(), usize::from(!same), "{key} = {new}");
+                if let Some((_, line)) = changed.first() {
+                    let leaf = key.rsplit('.').next().unwrap();
+                    assert!(
+                        line.trim_start() == format!("{leaf}: {new}"),
+                        "{key}: {line}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn edit_keeps_comments_quotes_and_appends_missing() {
         let text = "# header\nmodel:\n  tensor_model_parallel_size: 1  # was 8\n  name: 'x'\n  precision: \"bf16\"\n  tokenizer:\n    library: sentencepiece\n\n# trailing comment\nother: 1\n";
         let c = ModelConfig::parse(text).unwrap();
@@ -911,6 +959,21 @@ mod tests {
         let c = ModelConfig::parse("a: 1\r\nprecision:\r\nb: 2\r\n").unwrap();
         let out = c.with_updates(&[("precision", "bf16")]).unwrap();
         assert_eq!(out, "a: 1\r\nprecision: bf16\r\nb: 2\r\n");
+    }
+
+    #[test]
+    fn edit_refuses_wrong_type_for_known_key() {
+        let err = tiny()
+            .with_updates(&[("tensor_model_parallel_size", "two")])
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::WrongType { ref key, .. } if key == "tensor_model_parallel_size"),
+            "{err}"
+        );
+        let err = tiny()
+            .with_updates(&[("pipeline_model_parallel_size", "0")])
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidValue { .. }), "{err}");
     }
 
     #[test]

@@ -262,3 +262,41 @@ pub(super) fn set(text: &str, path: &[&str], value: &str) -> Result<String, &'st
 fn block_start_offset(ls: &[Line<'_>], b: &Block, text_len: usize) -> usize {
     ls.get(b.from).map(|l| l.start).unwrap_or(text_len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{set, value_span};
+
+    #[test]
+    fn value_spans() {
+        let span = |s: &str| value_span(s, s.find(':').unwrap() + 1);
+        assert_eq!(span("a: 12  # c"), Ok(Some((3, 5))));
+        assert_eq!(span("a: x#y"), Ok(Some((3, 6))));
+        assert_eq!(span(r##"a: "q\"#" # c"##), Ok(Some((3, 9))));
+        assert_eq!(span("a: 'it''s' "), Ok(Some((3, 10))));
+        assert_eq!(span("a:"), Ok(None));
+        assert_eq!(span("a:   # only a comment"), Ok(None));
+        assert!(span("a: 'open").is_err());
+        assert!(span("a: \"x\" y").is_err());
+        assert!(span("a: >-").is_err());
+        assert!(span("a: !!str 5").is_err());
+    }
+
+    #[test]
+    fn sets_nested_and_quoted_keys() {
+        let text = "---\n\"a\": 1\nb:\n    c: 2   # keep\n    d: 3\n";
+        assert_eq!(
+            set(text, &["b", "c"], "9").unwrap(),
+            "---\n\"a\": 1\nb:\n    c: 9   # keep\n    d: 3\n"
+        );
+        assert_eq!(
+            set(text, &["a"], "x").unwrap(),
+            "---\n\"a\": x\nb:\n    c: 2   # keep\n    d: 3\n"
+        );
+        assert_eq!(
+            set(text, &["b", "e"], "5").unwrap(),
+            "---\n\"a\": 1\nb:\n    c: 2   # keep\n    d: 3\n    e: 5\n"
+        );
+        assert!(set(text, &["a", "x"], "1").is_err());
+    }
+}
