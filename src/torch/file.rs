@@ -92,6 +92,20 @@ pub enum Error {
     /// The value could not be pickled.
     #[error(transparent)]
     Emit(#[from] emit::Error),
+    /// An archive name that cannot be a single folder.
+    #[error("torch file: archive name `{name}` must be non-empty and contain no `/`")]
+    BadArchiveName {
+        /// The name given.
+        name: String,
+    },
+    /// A file could not be opened or mapped.
+    #[error("torch file: {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// A loaded file.
@@ -201,6 +215,20 @@ pub fn load(view: ByteView, policy: &Policy) -> Result<TorchFile, Error> {
         archive_name: archive,
         root,
     })
+}
+
+/// Memory-maps `path` and [`load`]s it; tensors borrow the mapping (no copies).
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be opened or mapped, else as [`load`].
+pub fn load_file(path: &std::path::Path, policy: &Policy) -> Result<TorchFile, Error> {
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let map = crate::mmap::map_file(&f).map_err(io)?;
+    load(ByteView::from_mmap(map), policy)
 }
 
 /// Fetches a storage record by key: (record name for errors, bytes).
@@ -445,8 +473,14 @@ impl Resolver<'_, '_> {
 /// (used by torch only for logging) is 40 zeros.
 ///
 /// # Errors
-/// [`Error::Emit`] for unpicklable values, [`Error::Zip`] for I/O errors.
+/// [`Error::BadArchiveName`], [`Error::Emit`] for unpicklable values,
+/// [`Error::Zip`] for I/O errors.
 pub fn save<W: Write>(out: W, archive_name: &str, root: &Value) -> Result<W, Error> {
+    if archive_name.is_empty() || archive_name.contains('/') {
+        return Err(Error::BadArchiveName {
+            name: archive_name.to_string(),
+        });
+    }
     let e = emit::emit(root)?;
     let mut z = zip::ZipWriter::new(out, archive_name);
     z.add("data.pkl", &e.pickle)?;
@@ -466,4 +500,104 @@ pub fn save<W: Write>(out: W, archive_name: &str, root: &Value) -> Result<W, Err
     z.add("version", b"3\n")?;
     z.add(".data/serialization_id", &[b'0'; 40])?;
     Ok(z.finish()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torch-formats.md §5.2: `{'w': tensor([1., 2.])}` without memo.
+    const MINIMAL: &str = concat!(
+        "80027d58010000007763746f7263682e5f7574696c730a5f72656275696c645f74656e736f725f76320a2828580700000073",
+        "746f7261676563746f7263680a466c6f617453746f726167650a58010000003058030000006370754b0274514b004b02854b",
+        "01858963636f6c6c656374696f6e730a4f726465726564446963740a29527452732e"
+    );
+
+    fn archive(name: &str, pkl: &[u8], storage: Option<&[u8]>) -> ByteView {
+        let mut w = zip::ZipWriter::new(Vec::new(), name);
+        w.add("data.pkl", pkl).unwrap();
+        if let Some(s) = storage {
+            w.add("data/0", s).unwrap();
+        }
+        w.add("version", b"3\n").unwrap();
+        ByteView::from_vec(w.finish().unwrap())
+    }
+
+    fn minimal() -> Vec<u8> {
+        hex::decode(MINIMAL).unwrap()
+    }
+
+    const DATA: [u8; 8] = [0, 0, 0x80, 0x3f, 0, 0, 0, 0x40];
+
+    #[test]
+    fn minimal_archive_loads() {
+        let f = load(
+            archive("archive", &minimal(), Some(&DATA)),
+            &Policy::torch(),
+        )
+        .unwrap();
+        let t = f.root.get("w").and_then(Value::as_tensor).unwrap();
+        assert_eq!((t.dtype, t.shape.clone()), (Dtype::F32, vec![2]));
+        assert_eq!(t.to_vec().unwrap(), DATA);
+    }
+
+    #[test]
+    fn record_outside_an_archive_folder() {
+        let e = load(archive("", &minimal(), Some(&DATA)), &Policy::torch()).unwrap_err();
+        assert!(
+            matches!(e, Error::NoArchiveFolder { ref name } if name == "/data.pkl"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_storage_record_is_named() {
+        let e = load(archive("archive", &minimal(), None), &Policy::torch()).unwrap_err();
+        assert_eq!(e.to_string(), "torch file: no record `archive/data/0`");
+        let mut w = zip::ZipWriter::new(Vec::new(), "archive");
+        w.add("version", b"3\n").unwrap();
+        let e = load(ByteView::from_vec(w.finish().unwrap()), &Policy::torch()).unwrap_err();
+        assert_eq!(e.to_string(), "torch file: no record `archive/data.pkl`");
+    }
+
+    #[test]
+    fn malformed_persistent_id_is_a_bad_tensor() {
+        let pkl = hex::encode(minimal()).replace(
+            hex::encode("storage").as_str(),
+            hex::encode("storagX").as_str(),
+        );
+        let e = load(
+            archive("archive", &hex::decode(pkl).unwrap(), Some(&DATA)),
+            &Policy::torch(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::BadTensor { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with(
+                "torch file: `archive/data.pkl`: malformed torch._utils._rebuild_tensor_v2"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn view_outside_its_storage_is_refused() {
+        // size (2,) -> (3,) over a 2-element storage
+        let pkl = hex::encode(minimal()).replace("4b004b02854b0185", "4b004b03854b0185");
+        let e = load(
+            archive("archive", &hex::decode(pkl).unwrap(), Some(&DATA)),
+            &Policy::torch(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::View(tensor::Error::OutOfStorage { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unpicklable_value_is_an_emit_error() {
+        let e = save(Vec::new(), "a", &Value::BigInt(vec![1; 300])).unwrap_err();
+        assert!(matches!(e, Error::Emit(_)), "{e}");
+    }
 }

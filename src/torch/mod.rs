@@ -7,20 +7,22 @@
 //! * [`zip`]: stored-record zip reader over a [`ByteView`](crate::bytes::ByteView) and a
 //!   miniz-identical writer.
 //! * [`tensor`]: strided tensor views over storages ([`TensorRef`], [`Piece`]).
-//! * [`file`]: whole `torch.save` files: [`load`] and [`save`].
+//! * [`file`](mod@file): whole `torch.save` files: [`load`] and [`save`].
 
 pub mod dtype;
 pub mod emit;
 pub mod file;
 mod legacy;
 pub mod pickle;
+mod pickle_graph;
 mod pickle_text;
+pub mod policy;
 pub mod tensor;
 pub mod value;
 pub mod zip;
 
 pub use dtype::Dtype;
-pub use file::{load, save, TorchFile};
+pub use file::{load, load_file, save, TorchFile};
 pub use pickle::Policy;
 pub use tensor::{Piece, StorageRef, TensorKind, TensorRef};
 pub use value::{Construct, Global, Object, Value};

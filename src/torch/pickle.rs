@@ -24,10 +24,11 @@
 //! * [`Policy::torch`], [`Policy::allow_module_prefix`], [`Policy::allow_global`], [`Policy::allows`]
 //! * [`Value`], [`Global`], [`Object`], [`Construct`], [`Error`]
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
 
+use crate::torch::pickle_graph::{convert, fold_reduce, leaf, node, Budget, Node, R};
+use crate::torch::policy::map_module;
+pub use crate::torch::policy::Policy;
 pub use crate::torch::value::{Construct, Global, Object, Value};
 
 /// Most entries the memo may hold.
@@ -41,8 +42,8 @@ pub const MAX_DEPTH: usize = 256;
 /// inside the pickle; `opcode` its byte.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
-    /// The input ended inside an opcode or before `STOP`.
-    #[error("pickle: truncated: opcode 0x{opcode:02x} at byte {offset} needs {need} more bytes")]
+    /// The input ended inside an opcode (`opcode` != 0) or before `STOP` (`opcode` == 0).
+    #[error("pickle: truncated at byte {offset}: {}", truncated_why(*.opcode, *.need))]
     Truncated {
         /// Offset of the opcode.
         offset: u64,
@@ -131,202 +132,11 @@ pub enum Error {
     },
 }
 
-/// Which globals a pickle may name. Nothing is ever imported or called; the
-/// policy only decides which class/function *names* are acceptable in data.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    torch: bool,
-    prefixes: Vec<String>,
-    exact: Vec<(String, String)>,
-}
-
-/// Modules never allowed, whatever the caller adds (torch blocks the same).
-const BLOCKED_MODULES: &[&str] = &["os", "sys", "posix", "nt", "subprocess", "shutil", "socket"];
-/// `builtins` names never allowed.
-const BLOCKED_BUILTINS: &[&str] = &[
-    "eval",
-    "exec",
-    "compile",
-    "open",
-    "getattr",
-    "setattr",
-    "delattr",
-    "__import__",
-    "globals",
-    "locals",
-    "vars",
-    "input",
-    "breakpoint",
-];
-
-/// `torch.<dtype>` globals torch 2.x allows (`_get_allowed_globals`).
-const TORCH_DTYPES: &[&str] = &[
-    "float32",
-    "float",
-    "float64",
-    "double",
-    "float16",
-    "half",
-    "bfloat16",
-    "complex32",
-    "chalf",
-    "complex64",
-    "cfloat",
-    "complex128",
-    "cdouble",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "int8",
-    "int16",
-    "short",
-    "int32",
-    "int",
-    "int64",
-    "long",
-    "bool",
-    "qint8",
-    "quint8",
-    "qint32",
-    "quint4x2",
-    "quint2x4",
-    "bits1x8",
-    "bits2x4",
-    "bits4x2",
-    "bits8",
-    "bits16",
-    "float8_e4m3fn",
-    "float8_e5m2",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
-    "float4_e2m1fn_x2",
-    "uint1",
-    "uint2",
-    "uint3",
-    "uint4",
-    "uint5",
-    "uint6",
-    "uint7",
-    "int1",
-    "int2",
-    "int3",
-    "int4",
-    "int5",
-    "int6",
-    "int7",
-];
-
-const TORCH_REBUILDS: &[&str] = &[
-    "_rebuild_tensor",
-    "_rebuild_tensor_v2",
-    "_rebuild_tensor_v3",
-    "_rebuild_parameter",
-    "_rebuild_parameter_with_state",
-    "_rebuild_qtensor",
-    "_rebuild_sparse_tensor",
-    "_rebuild_nested_tensor",
-    "_rebuild_meta_tensor_no_storage",
-    "_rebuild_wrapper_subclass",
-    "_rebuild_device_tensor_from_cpu_tensor",
-    "_rebuild_device_tensor_from_numpy",
-];
-
-const QSCHEMES: &[&str] = &[
-    "per_tensor_affine",
-    "per_channel_affine",
-    "per_tensor_symmetric",
-    "per_channel_symmetric",
-    "per_channel_affine_float_qparams",
-];
-
-impl Policy {
-    /// Allows nothing; extend with [`Policy::allow_module_prefix`] / [`Policy::allow_global`].
-    pub fn empty() -> Policy {
-        Policy::default()
-    }
-
-    /// torch's `weights_only=True` allowlist (torch-formats.md §2.1), plus
-    /// `_io.BytesIO` (TE < 2 `_extra_state`, kept as data) and `builtins.bytes`
-    /// (how protocol 2 spells `b""`).
-    pub fn torch() -> Policy {
-        Policy {
-            torch: true,
-            ..Policy::default()
-        }
-    }
-
-    /// Also allow every global whose module is `prefix` without its trailing
-    /// dot, or starts with `prefix` (e.g. `"torch.distributed.checkpoint."`).
-    pub fn allow_module_prefix(mut self, prefix: impl Into<String>) -> Policy {
-        self.prefixes.push(prefix.into());
-        self
-    }
-
-    /// Also allow one exact global.
-    pub fn allow_global(mut self, module: impl Into<String>, name: impl Into<String>) -> Policy {
-        self.exact.push((module.into(), name.into()));
-        self
-    }
-
-    /// Whether `module.name` is acceptable (module already mapped from Python 2 spelling).
-    pub fn allows(&self, module: &str, name: &str) -> bool {
-        let top = module.split('.').next().unwrap_or(module);
-        if BLOCKED_MODULES.contains(&top) {
-            return false;
-        }
-        if module == "builtins" && BLOCKED_BUILTINS.contains(&name) {
-            return false;
-        }
-        if self.exact.iter().any(|(m, n)| m == module && n == name) {
-            return true;
-        }
-        let dotted = format!("{module}.");
-        if self
-            .prefixes
-            .iter()
-            .any(|p| dotted.starts_with(p.as_str()) || module == p.as_str())
-        {
-            return true;
-        }
-        self.torch && torch_allows(module, name)
-    }
-}
-
-fn torch_allows(module: &str, name: &str) -> bool {
-    let storage_or_tensor = |n: &str| {
-        (n.ends_with("Storage") || n.ends_with("Tensor"))
-            && n.chars().all(|c| c.is_ascii_alphanumeric())
-    };
-    match module {
-        "collections" => matches!(name, "OrderedDict" | "Counter"),
-        "torch" => {
-            TORCH_DTYPES.contains(&name)
-                || QSCHEMES.contains(&name)
-                || matches!(name, "Size" | "device" | "Tensor")
-                || storage_or_tensor(name)
-        }
-        "torch.cuda" | "torch.sparse" => storage_or_tensor(name),
-        "torch.storage" => matches!(name, "TypedStorage" | "UntypedStorage"),
-        "torch._utils" => TORCH_REBUILDS.contains(&name),
-        "torch._tensor" => name == "_rebuild_from_type_v2",
-        "torch.nn.parameter" => name == "Parameter",
-        "torch.serialization" => name == "_get_layout",
-        "_codecs" => name == "encode",
-        "builtins" => matches!(name, "set" | "bytearray" | "complex" | "bytes"),
-        "_io" => name == "BytesIO",
-        _ => false,
-    }
-}
-
-/// Python 2 module spellings that protocol <= 2 pickles use.
-fn map_module(module: &str) -> &str {
-    match module {
-        "__builtin__" => "builtins",
-        "copy_reg" => "copyreg",
-        "cStringIO" | "StringIO" => "io",
-        other => other,
+fn truncated_why(opcode: u8, need: u64) -> String {
+    if opcode == 0 {
+        "input ends before STOP".to_string()
+    } else {
+        format!("opcode 0x{opcode:02x} needs {need} more bytes")
     }
 }
 
@@ -355,180 +165,9 @@ pub fn parse_prefix(bytes: &[u8], policy: &Policy) -> Result<(Value, usize), Err
         policy,
     };
     let root = vm.run()?;
-    let mut budget = Budget {
-        nodes: 1_000_000u64.saturating_add((bytes.len() as u64).saturating_mul(16)),
-        bytes: (64u64 << 20).saturating_add((bytes.len() as u64).saturating_mul(16)),
-        at: vm.pos as u64,
-    };
+    let mut budget = Budget::for_input(bytes.len(), vm.pos);
     let v = convert(&root, 0, &mut budget)?;
     Ok((v, vm.pos))
-}
-
-type R = Rc<RefCell<Node>>;
-
-/// The VM's mutable object graph; converted to [`Value`] at STOP.
-enum Node {
-    Leaf(Value),
-    Tuple(Vec<R>),
-    List(Vec<R>),
-    Dict(Vec<(R, R)>),
-    Set(Vec<R>),
-    Object {
-        class: Global,
-        how: Construct,
-        args: Vec<R>,
-        kwargs: Option<R>,
-        state: Option<R>,
-        items: Vec<(R, R)>,
-        appended: Vec<R>,
-    },
-    PersId(R),
-}
-
-impl Node {
-    /// Moves out the child references, leaving this node childless.
-    fn take_children(&mut self, out: &mut Vec<R>) {
-        match self {
-            Node::Leaf(_) => {}
-            Node::Tuple(v) | Node::List(v) | Node::Set(v) => out.append(v),
-            Node::Dict(d) => out.extend(std::mem::take(d).into_iter().flat_map(|(k, v)| [k, v])),
-            Node::PersId(r) => out.push(std::mem::replace(r, leaf(Value::None))),
-            Node::Object {
-                args,
-                kwargs,
-                state,
-                items,
-                appended,
-                ..
-            } => {
-                out.append(args);
-                out.extend(kwargs.take());
-                out.extend(state.take());
-                out.extend(std::mem::take(items).into_iter().flat_map(|(k, v)| [k, v]));
-                out.append(appended);
-            }
-        }
-    }
-}
-
-impl Drop for Node {
-    /// Iterative, so a deeply nested graph from hostile input cannot overflow the stack.
-    fn drop(&mut self) {
-        let mut pending = Vec::new();
-        self.take_children(&mut pending);
-        while let Some(r) = pending.pop() {
-            if let Ok(cell) = Rc::try_unwrap(r) {
-                cell.into_inner().take_children(&mut pending);
-            }
-        }
-    }
-}
-
-fn leaf(v: Value) -> R {
-    Rc::new(RefCell::new(Node::Leaf(v)))
-}
-fn node(n: Node) -> R {
-    Rc::new(RefCell::new(n))
-}
-
-/// How protocol 2 spells plain data through calls, folded back to data:
-/// `_codecs.encode(text, 'latin1')` is bytes, `builtins.bytes()` is `b""`,
-/// `builtins.set([..])` is a set. Anything else stays an [`Object`].
-fn fold_reduce(class: &Global, args: &[R]) -> Option<Node> {
-    match (class.module.as_str(), class.name.as_str(), args) {
-        ("_codecs", "encode", [text, enc]) => {
-            let (text, enc) = (text.borrow(), enc.borrow());
-            match (&*text, &*enc) {
-                (Node::Leaf(Value::Str(t)), Node::Leaf(Value::Str(e)))
-                    if e == "latin1" || e == "latin-1" =>
-                {
-                    let b: Option<Vec<u8>> = t.chars().map(|c| u8::try_from(c).ok()).collect();
-                    b.map(|b| Node::Leaf(Value::Bytes(b)))
-                }
-                _ => None,
-            }
-        }
-        ("builtins", "bytes", []) => Some(Node::Leaf(Value::Bytes(Vec::new()))),
-        ("builtins", "set", [items]) => match &*items.borrow() {
-            Node::List(v) | Node::Tuple(v) => Some(Node::Set(v.clone())),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-struct Budget {
-    nodes: u64,
-    bytes: u64,
-    at: u64,
-}
-
-fn convert(r: &R, depth: usize, b: &mut Budget) -> Result<Value, Error> {
-    let limit = |what, limit| Error::Limit {
-        offset: b.at,
-        what,
-        limit,
-    };
-    if depth > MAX_DEPTH {
-        return Err(limit("nesting depth", MAX_DEPTH as u64));
-    }
-    b.nodes = b
-        .nodes
-        .checked_sub(1)
-        .ok_or_else(|| limit("output nodes", 0))?;
-    let n = r
-        .try_borrow()
-        .map_err(|_| limit("nesting depth", MAX_DEPTH as u64))?;
-    let all = |v: &[R], b: &mut Budget| -> Result<Vec<Value>, Error> {
-        v.iter().map(|x| convert(x, depth + 1, b)).collect()
-    };
-    let pairs = |v: &[(R, R)], b: &mut Budget| -> Result<Vec<(Value, Value)>, Error> {
-        v.iter()
-            .map(|(k, x)| Ok((convert(k, depth + 1, b)?, convert(x, depth + 1, b)?)))
-            .collect()
-    };
-    Ok(match &*n {
-        Node::Leaf(v) => {
-            let len = match v {
-                Value::Str(s) => s.len(),
-                Value::Bytes(s) | Value::BigInt(s) => s.len(),
-                _ => 0,
-            } as u64;
-            b.bytes = b
-                .bytes
-                .checked_sub(len)
-                .ok_or_else(|| limit("output bytes", 0))?;
-            v.clone()
-        }
-        Node::Tuple(v) => Value::Tuple(all(v, b)?),
-        Node::List(v) => Value::List(all(v, b)?),
-        Node::Set(v) => Value::Set(all(v, b)?),
-        Node::Dict(v) => Value::Dict(pairs(v, b)?),
-        Node::PersId(x) => Value::PersId(Box::new(convert(x, depth + 1, b)?)),
-        Node::Object {
-            class,
-            how,
-            args,
-            kwargs,
-            state,
-            items,
-            appended,
-        } => Value::Object(Box::new(Object {
-            class: class.clone(),
-            how: *how,
-            args: all(args, b)?,
-            kwargs: kwargs
-                .as_ref()
-                .map(|k| convert(k, depth + 1, b))
-                .transpose()?,
-            state: state
-                .as_ref()
-                .map(|s| convert(s, depth + 1, b))
-                .transpose()?,
-            items: pairs(items, b)?,
-            appended: all(appended, b)?,
-        })),
-    })
 }
 
 struct Vm<'a> {

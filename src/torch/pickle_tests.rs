@@ -515,3 +515,42 @@ fn bad_operands() {
     ));
     assert!(matches!(p(b"\x80\x09."), Err(Error::BadOperand { .. })));
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Arbitrary bytes (biased towards real opcodes) give a value or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            body in prop::collection::vec(
+                prop_oneof![
+                    any::<u8>(),
+                    prop::sample::select(b"()]}tlde.asuqhjrpgKMJNXRbQ\x85\x86\x87\x88\x89\x8a\x8c\x93\x94\x95\x8f\x90\x91\x810122".to_vec()),
+                ],
+                0..96,
+            )
+        ) {
+            let _ = parse(&body, &Policy::torch());
+        }
+
+        /// Mutated DCP metadata: never a panic.
+        #[test]
+        fn mutated_metadata_never_panics(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let path = format!(
+                "{}/fixtures/torch-samples/dcp/plain_single_rank/.metadata",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let mut b = std::fs::read(path).unwrap();
+            for (i, x) in flips {
+                let i = i.index(b.len());
+                b[i] = x;
+            }
+            let _ = parse(&b, &Policy::torch().allow_module_prefix("torch.").allow_module_prefix("pathlib."));
+        }
+    }
+}

@@ -490,9 +490,11 @@ impl<W: Write> ZipWriter<W> {
             });
         }
         o.written = written;
-        let mut pow = crc32fast::Hasher::new();
-        pow.update(&ZEROS);
         let mut blocks = n / BLOCK as u64;
+        let mut pow = crc32fast::Hasher::new();
+        if blocks > 0 {
+            pow.update(&ZEROS);
+        }
         while blocks > 0 {
             if blocks & 1 == 1 {
                 o.crc.combine(&pow);

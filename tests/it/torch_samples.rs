@@ -497,3 +497,101 @@ fn write_interop_files() {
     )
     .unwrap();
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALL: &[&str] = &[
+        "two_tensors.pt",
+        "dtypes.pt",
+        "views.pt",
+        "nested_values.pt",
+        "module_state_dict.pt",
+        "te_extra_state.pt",
+        "ref_writer_output.pt",
+        "minimal_one_tensor.pt",
+        "legacy_nonzip.pt",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Corrupted files give errors, never panics; whatever loads can be read and saved.
+        #[test]
+        fn corrupted_files_never_panic(
+            which in 0..ALL.len(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            cut in any::<prop::sample::Index>(),
+            do_cut in any::<bool>(),
+        ) {
+            let mut b = read(ALL[which]);
+            for (i, x) in flips {
+                let i = i.index(b.len());
+                b[i] = x;
+            }
+            if do_cut {
+                b.truncate(cut.index(b.len()));
+            }
+            if let Ok(f) = load_bytes(b) {
+                for (_, t) in f.tensors() {
+                    let _ = t.to_vec();
+                }
+                let _ = torch::save(Vec::new(), "archive", &f.root);
+            }
+        }
+    }
+}
+
+#[test]
+fn load_file_maps_and_bad_archive_names_are_refused() {
+    let f = torch::load_file(&samples().join("pt/views.pt"), &Policy::torch()).unwrap();
+    assert!(f.tensors()[0].1.storage.bytes.is_mapped());
+    assert_eq!(f.archive_name, "views");
+    let e = torch::load_file(&samples().join("pt/nope.pt"), &Policy::torch()).unwrap_err();
+    assert!(matches!(e, file::Error::Io { .. }), "{e}");
+    for bad in ["", "a/b"] {
+        let e = torch::save(Vec::new(), bad, &Value::None).unwrap_err();
+        assert!(matches!(e, file::Error::BadArchiveName { .. }), "{e}");
+    }
+}
+
+/// Every item of the plain DCP sample is a torch.save stream at an arbitrary
+/// offset of `__0_0.distcp`; each loads in place.
+#[test]
+fn dcp_items_load_in_place() {
+    let dir = samples().join("dcp/plain_single_rank");
+    let pol = Policy::torch()
+        .allow_module_prefix("torch.distributed.checkpoint.")
+        .allow_module_prefix("pathlib.");
+    let md = pickle::parse(&std::fs::read(dir.join(".metadata")).unwrap(), &pol).unwrap();
+    let md = md.as_object().unwrap();
+    let data = ByteView::from_vec(std::fs::read(dir.join("__0_0.distcp")).unwrap());
+    let mut seen = Vec::new();
+    for (idx, info) in md.field("storage_data").unwrap().dict_items().unwrap() {
+        let fqn = idx
+            .as_object()
+            .unwrap()
+            .field("fqn")
+            .unwrap()
+            .as_str()
+            .unwrap();
+        let info = info.as_object().unwrap();
+        let off = info.field("offset").unwrap().as_int().unwrap() as u64;
+        let len = info.field("length").unwrap().as_int().unwrap() as u64;
+        let f = torch::load(data.slice_len(off, len).unwrap(), &Policy::torch()).unwrap();
+        match fqn {
+            "w" => assert_eq!(
+                values(f.root.as_tensor().unwrap()),
+                [0., 1., 2., 3., 4., 5.]
+            ),
+            "b" => assert_eq!(values(f.root.as_tensor().unwrap()), [1.5, -1.5]),
+            "nested.x" => assert_eq!(values(f.root.as_tensor().unwrap()), [1., 2., 3.]),
+            "step" => assert_eq!(f.root, Value::Int(7)),
+            "nested.name" => assert_eq!(f.root, Value::Str("abc".into())),
+            other => panic!("unexpected item {other}"),
+        }
+        seen.push(fqn.to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["b", "nested.name", "nested.x", "step", "w"]);
+}
