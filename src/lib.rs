@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod bytes;
+pub mod checkpoint;
+pub mod config;
 pub mod dcp;
 pub mod dcp_write;
 pub mod dist;
@@ -10,6 +13,8 @@ pub mod layout;
 pub mod members;
 pub mod mmap;
 pub mod outdir;
+pub mod output;
+pub mod tar_write;
 pub mod tokenizer;
 pub mod torch;
 pub mod zarr;

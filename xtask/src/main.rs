@@ -1,5 +1,47 @@
-//! `cargo xtask <demo|test|bench>`: project automation (see README).
-fn main() -> anyhow::Result<()> {
+//! `cargo xtask <test|demo|bench>`: project automation, std + anyhow only (see README).
+//!
+//! * `test`: the whole suite: Rust unit/integration tests, then the Python interop tests in a
+//!   pinned `.venv` (created or refreshed from `tests/interop/requirements.txt` as needed).
+//! * `demo`: runs the main commands on the built-in tiny fixtures.
+//! * `bench <name>`: benchmarks (see `bench.rs`).
+
+mod bench;
+mod demo;
+mod sha256;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  test [--no-python | --python-only] [-- <pytest args>]
+        build, run `cargo test --workspace`, then the Python interop tests in .venv
+  demo  run nemo-tool on the built-in tiny fixtures
+  bench <name> [args]
+        run a benchmark (`cargo xtask bench list` shows them)
+";
+
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::bail!("unknown xtask {:?}", args)
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test::run(args.get(1..).unwrap_or_default()),
+        Some("demo") => demo::run(args.get(1..).unwrap_or_default()),
+        Some("bench") => bench::run(args.get(1..).unwrap_or_default()),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown xtask {other:?}\n\n{USAGE}")),
+        None => Err(anyhow::anyhow!("no xtask given\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,221 @@
+//! `cargo xtask test`: Rust tests, then the Python interop tests against the built binary.
+//!
+//! The Python side runs in `<root>/.venv`, built from `tests/interop/requirements.txt`. A stamp
+//! file holding that file's sha256 says whether the venv matches the pins; any change rebuilds it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::sha256;
+use crate::util::{self, root, step};
+
+const REQUIREMENTS: &str = "tests/interop/requirements.txt";
+const INTEROP_DIR: &str = "tests/interop";
+const STAMP: &str = ".requirements.sha256";
+/// pytest's exit code for "no tests were collected".
+const PYTEST_NO_TESTS: i32 = 5;
+
+#[derive(Debug, Default, PartialEq)]
+struct Options {
+    no_python: bool,
+    python_only: bool,
+    pytest_args: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--no-python" => o.no_python = true,
+            "--python-only" => o.python_only = true,
+            "--" => o.pytest_args.extend(it.by_ref().cloned()),
+            other => bail!("test: unknown option {other:?} (see `cargo xtask --help`)"),
+        }
+    }
+    if o.no_python && o.python_only {
+        bail!("test: --no-python and --python-only exclude each other");
+    }
+    if o.no_python && !o.pytest_args.is_empty() {
+        bail!("test: pytest arguments given with --no-python");
+    }
+    Ok(o)
+}
+
+/// Entry point for `cargo xtask test`.
+pub fn run(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let root = root();
+    let venv = root.join(".venv");
+    if !o.no_python {
+        step("python venv");
+        ensure_venv(&root, &venv)?;
+    }
+
+    step("cargo build --workspace --bins");
+    util::run(util::cargo().args(["build", "--workspace", "--bins"]))?;
+
+    if !o.python_only {
+        step("cargo test --workspace");
+        util::run(util::cargo().args(["test", "--workspace"]))?;
+    }
+
+    if !o.no_python {
+        step("python interop tests");
+        run_pytest(&root, &venv, &o.pytest_args)?;
+    }
+    println!("\nxtask test: all passed");
+    Ok(())
+}
+
+fn venv_python(venv: &Path) -> PathBuf {
+    if cfg!(windows) {
+        venv.join("Scripts").join("python.exe")
+    } else {
+        venv.join("bin").join("python")
+    }
+}
+
+/// Creates or refreshes `.venv` unless its stamp matches the requirements file.
+fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
+    let req = root.join(REQUIREMENTS);
+    let bytes = fs::read(&req).with_context(|| format!("reading {}", req.display()))?;
+    let want = sha256::hex_digest(&bytes);
+    let python = venv_python(venv);
+    let stamp = venv.join(STAMP);
+    let have = fs::read_to_string(&stamp).ok();
+    if python.exists() && have.as_deref().map(str::trim) == Some(want.as_str()) {
+        println!(
+            "{} is up to date with {REQUIREMENTS} (sha256 {})",
+            venv.display(),
+            &want[..12]
+        );
+        return Ok(());
+    }
+    if !python.exists() {
+        println!(
+            "creating {} (first run: downloads torch etc., several GB)",
+            venv.display()
+        );
+        let sys_python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        util::run(
+            Command::new(&sys_python)
+                .args(["-m", "venv", "--clear"])
+                .arg(venv)
+                .current_dir(root),
+        )
+        .with_context(|| format!("creating the venv with {sys_python} (is python3 with its venv module installed? on Debian/Ubuntu: python3-venv)"))?;
+    } else if have.is_none() {
+        println!(
+            "{} has no stamp: installing the pinned requirements",
+            venv.display()
+        );
+    } else {
+        println!(
+            "{REQUIREMENTS} changed since {} was built: updating it",
+            venv.display()
+        );
+    }
+    // Drop the stamp first, so an interrupted install is redone next time.
+    let _ = fs::remove_file(&stamp);
+    util::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-r"])
+            .arg(&req)
+            .current_dir(root),
+    )
+    .context("installing the interop requirements (needs network access to PyPI)")?;
+    fs::write(&stamp, format!("{want}\n"))
+        .with_context(|| format!("writing {}", stamp.display()))?;
+    println!("wrote {}", stamp.display());
+    Ok(())
+}
+
+fn run_pytest(root: &Path, venv: &Path, extra: &[String]) -> Result<()> {
+    let bin = util::debug_bin("nemo-tool");
+    if !bin.exists() {
+        bail!("{} was not built", bin.display());
+    }
+    let mut cmd = Command::new(venv_python(venv));
+    cmd.args(["-m", "pytest", INTEROP_DIR, "-q", "-ra"])
+        .args(extra)
+        .env("NEMO_TOOL_BIN", &bin)
+        .env("NEMO_TOOL_ROOT", root)
+        .current_dir(root);
+    println!("NEMO_TOOL_BIN={}", bin.display());
+    println!("NEMO_TOOL_ROOT={}", root.display());
+    match util::status(&mut cmd)? {
+        0 => Ok(()),
+        PYTEST_NO_TESTS if extra.is_empty() && count_test_files(&root.join(INTEROP_DIR))? == 0 => {
+            println!("no interop test files in {INTEROP_DIR}: nothing to run");
+            Ok(())
+        }
+        PYTEST_NO_TESTS => bail!(
+            "pytest collected no tests, but {INTEROP_DIR} has test files (or a filter matched none)"
+        ),
+        code => bail!("interop tests failed (pytest exit code {code})"),
+    }
+}
+
+/// Files pytest would collect by its default patterns (`test_*.py`, `*_test.py`), recursively.
+fn count_test_files(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            n += count_test_files(&path)?;
+        } else {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".py") && (name.starts_with("test_") || name.ends_with("_test.py")) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(parse(&[]).unwrap(), Options::default());
+        let o = parse(&s(&["--python-only", "--", "-k", "env"])).unwrap();
+        assert!(o.python_only && !o.no_python);
+        assert_eq!(o.pytest_args, s(&["-k", "env"]));
+        assert!(parse(&s(&["--no-python", "--python-only"])).is_err());
+        assert!(parse(&s(&["--bogus"])).is_err());
+        assert!(parse(&s(&["--no-python", "--", "-x"])).is_err());
+    }
+
+    #[test]
+    fn counts_test_files() {
+        let dir = std::env::temp_dir().join(format!("xtask-count-{}", std::process::id()));
+        let sub = dir.join("sub");
+        fs::create_dir_all(&sub).unwrap();
+        for f in ["conftest.py", "requirements.txt", "helpers.py"] {
+            fs::write(dir.join(f), "").unwrap();
+        }
+        assert_eq!(count_test_files(&dir).unwrap(), 0);
+        fs::write(dir.join("test_a.py"), "").unwrap();
+        fs::write(sub.join("b_test.py"), "").unwrap();
+        assert_eq!(count_test_files(&dir).unwrap(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(count_test_files(&dir).unwrap(), 0);
+    }
+}
