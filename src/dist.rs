@@ -1140,6 +1140,42 @@ mod tests {
         assert_eq!(ck.read_global(&m, emb).unwrap().len(), 2);
     }
 
+    /// Row-major slice of a whole tensor's bytes (the naive reference).
+    fn naive_box(all: &[u8], shape: &[u64], esize: usize, lo: &[u64], sz: &[u64]) -> Vec<u8> {
+        let st = c_strides(shape);
+        let n: u64 = sz.iter().product();
+        let mut out = Vec::new();
+        for flat in 0..n {
+            let mut rem = flat;
+            let mut at = 0u64;
+            for d in (0..shape.len()).rev() {
+                let i = rem % sz[d];
+                rem /= sz[d];
+                at += (lo[d] + i) * st[d];
+            }
+            let a = at as usize * esize;
+            out.extend_from_slice(&all[a..a + esize]);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Any box of any tensor equals the same slice of the whole tensor.
+        #[test]
+        fn any_box_matches_the_global_slice(t in 0usize..8, seed in proptest::collection::vec(0u64..1000, 6)) {
+            let m = dir_members("fixtures/torch-samples/dcp/megatron_core_v0.13.0_tp2");
+            let ck = DistCheckpoint::open(&m, "").unwrap();
+            let dt = &ck.tensors[t];
+            let all = pieces_to_vec(&ck.read_global(&m, dt).unwrap());
+            let nd = dt.shape.len();
+            let lo: Vec<u64> = (0..nd).map(|d| seed[d] % dt.shape[d]).collect();
+            let sz: Vec<u64> = (0..nd).map(|d| 1 + seed[d + 3] % (dt.shape[d] - lo[d])).collect();
+            let got = pieces_to_vec(&ck.read_box(&m, dt, &lo, &sz).unwrap());
+            proptest::prop_assert_eq!(got, naive_box(&all, &dt.shape, dt.dtype.size(), &lo, &sz));
+        }
+    }
+
     #[test]
     fn bad_boxes_are_refused() {
         let m = dir_members("fixtures/torch-samples/dcp/plain_single_rank");
