@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{is_weights_member, Checkpoint, Weights};
 
 /// Everything `inspect` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +150,170 @@ pub struct ShardReport {
     pub offsets: Option<Vec<u64>>,
     /// Local shape.
     pub shape: Vec<u64>,
+}
+
+/// Builds the report for an opened checkpoint. Reads artifact bytes (to hash
+/// them) but no tensor payloads.
+pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::archive::Error> {
+    let cfg = &ckpt.config;
+    let tensors = ckpt.tensors();
+    let mut warnings = ckpt.warnings.clone();
+
+    let tied = cfg.share_embeddings_and_output_weights();
+    let mut params = ParamReport::default();
+    for t in &tensors {
+        let Some(dt) = t.dtype else { continue };
+        // With tied embeddings a later PP stage may hold a copy of the embedding
+        // as `output_layer.weight`: one parameter set, not two.
+        if tied && t.name.ends_with("output_layer.weight") {
+            continue;
+        }
+        let n = t.numel();
+        let b = n.saturating_mul(dt.size() as u64);
+        params.total += n;
+        params.total_bytes += b;
+        let e = params
+            .by_dtype
+            .entry(dt.torch_name().to_string())
+            .or_default();
+        e.params += n;
+        e.bytes += b;
+    }
+    params.bytes_on_disk = ckpt
+        .archive()
+        .members()
+        .iter()
+        .filter(|m| is_weights_member(&m.name))
+        .map(|m| m.size)
+        .sum();
+
+    let mut artifacts = Vec::new();
+    let refs = cfg.artifact_refs();
+    let mut true_vocab = None;
+    let mut true_vocab_source = None;
+    for name in &ckpt.artifacts {
+        let bytes = ckpt.read_member(name)?;
+        let sha = hex::encode(Sha256::digest(bytes.as_slice()));
+        let referenced_by: Vec<String> = refs
+            .iter()
+            .filter(|r| &r.name == name)
+            .map(|r| r.key.to_string())
+            .collect();
+        if true_vocab.is_none() && !referenced_by.is_empty() {
+            match crate::tokenizer::vocab_size(name, bytes.as_slice()) {
+                Ok(Some(v)) => {
+                    true_vocab = Some(v);
+                    true_vocab_source = Some(name.clone());
+                }
+                Ok(None) => {}
+                Err(e) => warnings.push(e.to_string()),
+            }
+        }
+        artifacts.push(ArtifactReport {
+            name: name.clone(),
+            size: bytes.len() as u64,
+            sha256: sha,
+            referenced_by,
+        });
+    }
+    for r in &refs {
+        if !ckpt.artifacts.iter().any(|a| a == &r.name) {
+            warnings.push(format!(
+                "config {} refers to nemo:{}, which is not in the archive",
+                r.key, r.name
+            ));
+        }
+    }
+
+    let padded_vocab = tensors
+        .iter()
+        .find(|t| t.name.ends_with("embedding.word_embeddings.weight"))
+        .and_then(|t| t.global_shape.first().copied());
+    let divisible_by = cfg.make_vocab_size_divisible_by();
+    let tp_cfg = cfg.tensor_model_parallel_size();
+    let expected_padded_vocab = match cfg.override_vocab_size() {
+        Some(v) => Some(v),
+        None => true_vocab.and_then(|v| cfg.padded_vocab(v, tp_cfg).ok()),
+    };
+    if let (Some(p), Some(e)) = (padded_vocab, expected_padded_vocab) {
+        if p != e {
+            warnings.push(format!(
+                "embedding has {p} rows but the padding rule gives {e} (vocab {}, divisible_by {divisible_by}, TP {tp_cfg})",
+                true_vocab.map(|v| v.to_string()).unwrap_or_default()
+            ));
+        }
+    }
+
+    let l = &ckpt.layout;
+    let layout = LayoutReport {
+        variant: match (&ckpt.weights, l.variant) {
+            (Weights::Dist(d), _) => match d.backend {
+                crate::dist::Backend::TorchDist => "torch_dist".to_string(),
+                crate::dist::Backend::Zarr => "zarr".to_string(),
+            },
+            (_, v) => v.name().to_string(),
+        },
+        tp_on_disk: l.tp,
+        pp_on_disk: l.pp,
+        tp_in_config: tp_cfg,
+        pp_in_config: cfg.pipeline_model_parallel_size(),
+        family: ckpt.family.family.clone(),
+    };
+    let architecture = Architecture {
+        mcore_gpt: cfg.mcore_gpt(),
+        num_layers: cfg.num_layers().ok(),
+        hidden_size: cfg.hidden_size().ok(),
+        ffn_hidden_size: cfg.ffn_hidden_size().ok(),
+        num_attention_heads: cfg.num_attention_heads().ok(),
+        num_query_groups: cfg.num_query_groups().ok(),
+        kv_channels: cfg.kv_channels().ok(),
+        normalization: Some(cfg.normalization().to_string()),
+        activation: Some(cfg.activation().to_string()),
+        gated_mlp: cfg.is_gated(),
+        position_embedding_type: Some(cfg.position_embedding_type().to_string()),
+        tied_embeddings: tied,
+        bias: Some(cfg.bias()),
+        precision: cfg.precision().map(str::to_string),
+    };
+    let tensors = tensors
+        .iter()
+        .map(|t| TensorReport {
+            name: t.name.clone(),
+            dtype: t
+                .dtype
+                .map(|d| d.torch_name().to_string())
+                .unwrap_or_else(|| "object".to_string()),
+            global_shape: t.global_shape.clone(),
+            rule: t.rule.map(|r| r.name().to_string()),
+            shards: t
+                .shards
+                .iter()
+                .map(|s| ShardReport {
+                    tp: s.tp,
+                    pp: s.pp,
+                    offsets: s.offsets.clone(),
+                    shape: s.shape.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Report {
+        path: ckpt.path().display().to_string(),
+        container: ckpt.container().to_string(),
+        layout,
+        architecture,
+        vocab: VocabReport {
+            true_vocab,
+            true_vocab_source,
+            padded_vocab,
+            expected_padded_vocab,
+            divisible_by,
+        },
+        params,
+        artifacts,
+        tensors,
+        warnings,
+    })
 }
 
 fn shape_str(s: &[u64]) -> String {

@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod bytes;
 pub mod checkpoint;
+pub mod checksum;
 pub mod config;
 pub mod dcp;
 pub mod dcp_write;
@@ -14,6 +15,7 @@ pub mod members;
 pub mod mmap;
 pub mod outdir;
 pub mod output;
+pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;
 pub mod torch;

@@ -17,5 +17,14 @@ pub use memmap2::Mmap;
 pub fn map_file(file: &File) -> io::Result<Mmap> {
     // SAFETY: see the contract above; the map is read-only and we never create
     // mutable aliases of it.
-    unsafe { Mmap::map(file) }
+    let map = unsafe { Mmap::map(file) }?;
+    // Checkpoint access hops between headers, directories and pickles spread
+    // over many GB; the kernel's default read-around would pull megabytes of
+    // tensor payload in with each of those small reads. Code that streams a
+    // range can re-advise it.
+    #[cfg(unix)]
+    if !map.is_empty() {
+        let _ = map.advise(memmap2::Advice::Random);
+    }
+    Ok(map)
 }

@@ -70,6 +70,9 @@ pub struct Detected {
     pub pp: u64,
     /// `(tp, pp, member)` for each rank file, sorted by (pp, tp); empty for `Distributed`.
     pub ranks: Vec<(u64, u64, String)>,
+    /// The distributed checkpoint folder (`model_weights`, or `""` when the
+    /// path opened is itself such a folder); empty for per-rank layouts.
+    pub dist_dir: String,
 }
 
 /// Layout detection errors.
@@ -105,6 +108,17 @@ pub fn detect(names: &[String]) -> Result<Detected, Error> {
             tp: 1,
             pp: 1,
             ranks: vec![],
+            dist_dir: DIST_DIR.into(),
+        });
+    }
+    // A bare distributed checkpoint folder (what `model_weights/` holds).
+    if has("metadata.json") && (has(".metadata") || names.iter().any(|n| n.ends_with("/.zarray"))) {
+        return Ok(Detected {
+            variant: Variant::Distributed,
+            tp: 1,
+            pp: 1,
+            ranks: vec![],
+            dist_dir: String::new(),
         });
     }
     let mut tp_pp = BTreeSet::new();
@@ -133,6 +147,7 @@ pub fn detect(names: &[String]) -> Result<Detected, Error> {
             tp: 1,
             pp: 1,
             ranks: vec![(0, 0, WEIGHTS_FILE.to_string())],
+            dist_dir: String::new(),
         });
     } else {
         return Err(Error::NoWeights);
@@ -158,6 +173,7 @@ pub fn detect(names: &[String]) -> Result<Detected, Error> {
         tp,
         pp,
         ranks,
+        dist_dir: String::new(),
     })
 }
 
@@ -196,7 +212,12 @@ mod tests {
             "model_weights/.metadata",
         ]))
         .unwrap();
-        assert_eq!(d.variant, Variant::Distributed);
+        assert_eq!(
+            (d.variant, d.dist_dir.as_str()),
+            (Variant::Distributed, "model_weights")
+        );
+        let d = detect(&names(&["metadata.json", ".metadata", "__0_0.distcp"])).unwrap();
+        assert_eq!((d.variant, d.dist_dir.as_str()), (Variant::Distributed, ""));
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! `nemo-tool inspect`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::inspect;
 
 /// Show a checkpoint's layout, architecture, tensors and artifacts. Reads
 /// metadata only: tensor payloads are never touched.
@@ -22,5 +27,39 @@ pub struct Args {
 
 /// Runs `inspect`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("inspect {}: not wired yet", args.path.display())
+    let ckpt = Checkpoint::open_metadata(&args.path)
+        .with_context(|| format!("opening {}", args.path.display()))?;
+    let report =
+        inspect::report(&ckpt).with_context(|| format!("inspecting {}", args.path.display()))?;
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(report.render(args.tensors).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_flags() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "nemo-tool",
+            "inspect",
+            "a.nemo",
+            "--json",
+            "--tensors",
+        ])
+        .unwrap();
+        let crate::cli::Command::Inspect(a) = cli.command else {
+            panic!("not inspect")
+        };
+        assert!(a.json && a.tensors);
+        assert_eq!(a.path, PathBuf::from("a.nemo"));
+        assert!(crate::cli::Cli::try_parse_from(["nemo-tool", "inspect"]).is_err());
+    }
 }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod checksum;
 mod inspect;
+mod pack;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -26,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Show a checkpoint's layout, architecture, tensors and artifacts (reads metadata only).
     Inspect(inspect::Args),
+    /// Re-write a checkpoint as a .nemo tar in the same layout (pack a folder, un-gzip, re-serialize).
+    Pack(pack::Args),
+    /// Print the sha256 of every stored tensor.
+    Checksum(checksum::Args),
 }
 
 impl Cli {
@@ -33,6 +39,8 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Inspect(args) => inspect::run(args),
+            Command::Pack(args) => pack::run(args),
+            Command::Checksum(args) => checksum::run(args),
         }
     }
 }

@@ -164,6 +164,21 @@ fn collect<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a TensorRef)
 /// # Errors
 /// Any [`Error`]; never panics on malformed input.
 pub fn load(view: ByteView, policy: &Policy) -> Result<TorchFile, Error> {
+    load_with(view, policy, true)
+}
+
+/// Like [`load`], but maps no storage bytes: tensors carry dtype, shape,
+/// strides and their storage's declared size (`StorageRef::unmapped_len`),
+/// and only the zip directory and `data.pkl` are read. For `inspect` on
+/// multi-GB files. Legacy (non-zip) files are read in full.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_metadata(view: ByteView, policy: &Policy) -> Result<TorchFile, Error> {
+    load_with(view, policy, false)
+}
+
+fn load_with(view: ByteView, policy: &Policy, with_data: bool) -> Result<TorchFile, Error> {
     if !view.as_slice().starts_with(b"PK\x03\x04") {
         return crate::torch::legacy::load(view, policy);
     }
@@ -197,11 +212,26 @@ pub fn load(view: ByteView, policy: &Policy) -> Result<TorchFile, Error> {
         record: pkl_name.clone(),
         source,
     })?;
-    let mut fetch = |key: &str| -> Result<(String, ByteView), Error> {
+    let mut fetch = |key: &str| -> Result<Fetched, Error> {
         let name = rec(&format!("data/{key}"));
-        match z.read(&name) {
-            Ok(b) => Ok((name, b)),
-            Err(zip::Error::Missing { name }) => Err(Error::Missing { record: name }),
+        let entry = z.entry(&name).ok_or_else(|| Error::Missing {
+            record: name.clone(),
+        })?;
+        if !with_data {
+            // Size from the central directory; the payload pages stay untouched.
+            let len = Some(entry.size);
+            return Ok(Fetched {
+                record: name,
+                bytes: ByteView::from_vec(Vec::new()),
+                unmapped_len: len,
+            });
+        }
+        match z.payload(entry) {
+            Ok(b) => Ok(Fetched {
+                record: name,
+                bytes: b,
+                unmapped_len: None,
+            }),
             Err(e) => Err(Error::Zip(e)),
         }
     };
@@ -231,14 +261,25 @@ pub fn load_file(path: &std::path::Path, policy: &Policy) -> Result<TorchFile, E
     load(ByteView::from_mmap(map), policy)
 }
 
-/// Fetches a storage record by key: (record name for errors, bytes).
-pub(crate) type Fetch<'a> = dyn FnMut(&str) -> Result<(String, ByteView), Error> + 'a;
+/// A storage record fetched by key.
+#[derive(Debug, Clone)]
+pub(crate) struct Fetched {
+    /// Record name, for errors.
+    pub(crate) record: String,
+    /// Its bytes (empty when not mapped).
+    pub(crate) bytes: ByteView,
+    /// Declared size when the bytes were deliberately not mapped.
+    pub(crate) unmapped_len: Option<u64>,
+}
+
+/// Fetches a storage record by key.
+pub(crate) type Fetch<'a> = dyn FnMut(&str) -> Result<Fetched, Error> + 'a;
 
 /// Replaces `_rebuild_*` calls by tensors, bottom-up.
 pub(crate) struct Resolver<'a, 'f> {
     pub(crate) record: String,
     pub(crate) fetch: &'a mut Fetch<'f>,
-    pub(crate) cache: HashMap<String, (String, ByteView)>,
+    pub(crate) cache: HashMap<String, Fetched>,
 }
 
 impl Resolver<'_, '_> {
@@ -393,21 +434,32 @@ impl Resolver<'_, '_> {
         let declared = numel
             .checked_mul(elem)
             .ok_or_else(|| self.bad(f, "storage size overflows"))?;
-        let (record, whole) = self.storage(key)?;
-        if (whole.len() as u64) < declared {
+        let Fetched {
+            record,
+            bytes: whole,
+            unmapped_len,
+        } = self.storage(key)?;
+        let actual = unmapped_len.unwrap_or(whole.len() as u64);
+        if actual < declared {
             return Err(Error::StorageTooSmall {
                 record,
                 declared,
-                actual: whole.len() as u64,
+                actual,
             });
         }
-        let mut bytes = whole
-            .slice(0..declared)
-            .map_err(|_| Error::StorageTooSmall {
-                record: record.clone(),
-                declared,
-                actual: whole.len() as u64,
-            })?;
+        // Metadata-only loads keep the declared size and map nothing.
+        let unmapped_len = unmapped_len.map(|_| declared);
+        let mut bytes = if unmapped_len.is_some() {
+            whole
+        } else {
+            whole
+                .slice(0..declared)
+                .map_err(|_| Error::StorageTooSmall {
+                    record: record.clone(),
+                    declared,
+                    actual,
+                })?
+        };
         // Legacy files may name a view of the root storage: (view_key, offset, size).
         if let Some(Value::Tuple(vm)) = pid.get(5) {
             let ints: Option<Vec<u64>> = vm.get(1..3).map(|s| {
@@ -448,6 +500,7 @@ impl Resolver<'_, '_> {
                 bytes,
                 location: location.to_string(),
                 composed: Vec::new(),
+                unmapped_len,
             },
             requires_grad,
             kind: TensorKind::Plain,
@@ -456,7 +509,7 @@ impl Resolver<'_, '_> {
         Ok(t)
     }
 
-    fn storage(&mut self, key: &str) -> Result<(String, ByteView), Error> {
+    fn storage(&mut self, key: &str) -> Result<Fetched, Error> {
         if let Some(s) = self.cache.get(key) {
             return Ok(s.clone());
         }

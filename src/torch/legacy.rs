@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crate::bytes::ByteView;
 use crate::torch::dtype::Dtype;
-use crate::torch::file::{Error, Resolver, TorchFile};
+use crate::torch::file::{Error, Fetched, Resolver, TorchFile};
 use crate::torch::pickle::{self, Policy};
 use crate::torch::value::Value;
 
@@ -82,12 +82,16 @@ pub(crate) fn load(view: ByteView, policy: &Policy) -> Result<TorchFile, Error> 
         pos += 8 + nbytes as usize;
         storages.insert(key.clone(), data);
     }
-    let mut fetch = |key: &str| -> Result<(String, ByteView), Error> {
+    let mut fetch = |key: &str| -> Result<Fetched, Error> {
         let name = format!("legacy storage `{key}`");
         storages
             .get(key)
             .cloned()
-            .map(|b| (name.clone(), b))
+            .map(|bytes| Fetched {
+                record: name.clone(),
+                bytes,
+                unmapped_len: None,
+            })
             .ok_or(Error::Missing { record: name })
     };
     let mut r = Resolver {

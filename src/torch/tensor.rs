@@ -24,6 +24,10 @@ pub struct StorageRef {
     /// slices of other files plus zero fill without materialising it.
     /// Readers never set it.
     pub composed: Vec<Piece>,
+    /// Set by metadata-only loads ([`crate::torch::file::load_metadata`]):
+    /// the storage's size from the zip directory. Its bytes were never mapped,
+    /// so `bytes` is empty and [`TensorRef::pieces`] refuses.
+    pub unmapped_len: Option<u64>,
 }
 
 impl StorageRef {
@@ -34,6 +38,7 @@ impl StorageRef {
             bytes,
             location: "cpu".to_string(),
             composed: Vec::new(),
+            unmapped_len: None,
         }
     }
 
@@ -44,12 +49,15 @@ impl StorageRef {
             bytes: ByteView::from_vec(Vec::new()),
             location: "cpu".to_string(),
             composed: pieces,
+            unmapped_len: None,
         }
     }
 
     /// Size in bytes.
     pub fn nbytes(&self) -> u64 {
-        if self.composed.is_empty() {
+        if let Some(n) = self.unmapped_len {
+            n
+        } else if self.composed.is_empty() {
             self.bytes.len() as u64
         } else {
             self.composed.iter().map(Piece::len).sum()
@@ -198,6 +206,12 @@ pub enum Error {
         /// Elements in the storage.
         numel: u64,
     },
+    /// The storage was loaded metadata-only; its bytes are not available.
+    #[error("tensor over storage `{key}`: loaded without its data (metadata only)")]
+    Unmapped {
+        /// Storage key.
+        key: String,
+    },
 }
 
 impl fmt::Display for TensorRef {
@@ -312,6 +326,11 @@ impl TensorRef {
     /// As [`TensorRef::validate`].
     pub fn pieces(&self) -> Result<Vec<Piece>, Error> {
         self.validate()?;
+        if self.storage.unmapped_len.is_some() {
+            return Err(Error::Unmapped {
+                key: self.storage.key.clone(),
+            });
+        }
         let es = self.dtype.size() as u64;
         let storage = self.storage.pieces();
         let index = PieceIndex::new(&storage);

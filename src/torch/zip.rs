@@ -116,8 +116,6 @@ pub struct Entry {
     pub size: u64,
     /// Offset of the local header in the stream.
     pub header_offset: u64,
-    /// Offset of the payload in the stream.
-    pub data_offset: u64,
 }
 
 /// A parsed zip stream over shared bytes.
@@ -162,8 +160,10 @@ fn signed(b: &[u8], sig: u32, offset: u64, what: &'static str) -> Result<(), Err
 }
 
 impl ZipArchive {
-    /// Parses the central directory and every local header; checks that
-    /// every payload lies inside the stream.
+    /// Parses the central directory. Local headers are read only when a
+    /// record's payload is asked for, so listing a multi-GB file touches only
+    /// its directory (inspect reads no payload pages); each record's declared
+    /// extent is still checked against the stream length here.
     ///
     /// # Errors
     /// [`Error::NoEndRecord`], [`Error::Truncated`], [`Error::BadSignature`],
@@ -201,7 +201,7 @@ impl ZipArchive {
         for _ in 0..count {
             let (entry, next) = central_entry(cd, at, cd_offset)?;
             at = next;
-            entries.push(resolve_local(b, entry)?);
+            entries.push(check_extent(len, entry)?);
         }
         Ok(ZipArchive { view, entries })
     }
@@ -227,12 +227,13 @@ impl ZipArchive {
                 method: entry.method,
             });
         }
+        let data_offset = self.data_offset(entry)?;
         self.view
-            .slice_len(entry.data_offset, entry.size)
+            .slice_len(data_offset, entry.size)
             .map_err(|_| Error::RecordOutOfBounds {
                 name: entry.name.clone(),
                 size: entry.size,
-                offset: entry.data_offset,
+                offset: data_offset,
                 len: self.view.len() as u64,
             })
     }
@@ -306,22 +307,14 @@ fn central_entry(cd: &[u8], at: u64, cd_offset: u64) -> Result<(Entry, u64), Err
         compressed_size: csize,
         size,
         header_offset,
-        data_offset: 0,
     };
     Ok((entry, at + 46 + nlen + xlen + clen))
 }
 
-fn resolve_local(b: &[u8], mut e: Entry) -> Result<Entry, Error> {
-    let len = b.len() as u64;
-    let h =
-        fixed(b, e.header_offset, 30, "local header").map_err(|_| Error::RecordOutOfBounds {
-            name: e.name.clone(),
-            size: 30,
-            offset: e.header_offset,
-            len,
-        })?;
-    signed(h, SIG_LOCAL, e.header_offset, "local header")?;
-    let data = e.header_offset + 30 + u16_at(h, 26) as u64 + u16_at(h, 28) as u64;
+/// Cheap bounds check from the central directory alone: the local header and
+/// the payload must fit the stream (the payload starts at least 30 bytes past
+/// the header).
+fn check_extent(len: u64, e: Entry) -> Result<Entry, Error> {
     let stored = if e.method == 0 {
         e.size
     } else {
@@ -335,16 +328,54 @@ fn resolve_local(b: &[u8], mut e: Entry) -> Result<Entry, Error> {
             ),
         });
     }
-    if data.checked_add(stored).is_none_or(|end| end > len) {
+    let end = e
+        .header_offset
+        .checked_add(30)
+        .and_then(|x| x.checked_add(stored));
+    if end.is_none_or(|end| end > len) {
         return Err(Error::RecordOutOfBounds {
             name: e.name.clone(),
             size: stored,
-            offset: data,
+            offset: e.header_offset.saturating_add(30),
             len,
         });
     }
-    e.data_offset = data;
     Ok(e)
+}
+
+impl ZipArchive {
+    /// Where record `e`'s payload starts, from its local header (read now).
+    ///
+    /// # Errors
+    /// [`Error::RecordOutOfBounds`], [`Error::BadSignature`].
+    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
+        let b = self.view.as_slice();
+        let len = b.len() as u64;
+        let h = fixed(b, e.header_offset, 30, "local header").map_err(|_| {
+            Error::RecordOutOfBounds {
+                name: e.name.clone(),
+                size: 30,
+                offset: e.header_offset,
+                len,
+            }
+        })?;
+        signed(h, SIG_LOCAL, e.header_offset, "local header")?;
+        let data = e.header_offset + 30 + u16_at(h, 26) as u64 + u16_at(h, 28) as u64;
+        let stored = if e.method == 0 {
+            e.size
+        } else {
+            e.compressed_size
+        };
+        if data.checked_add(stored).is_none_or(|end| end > len) {
+            return Err(Error::RecordOutOfBounds {
+                name: e.name.clone(),
+                size: stored,
+                offset: data,
+                len,
+            });
+        }
+        Ok(data)
+    }
 }
 
 struct CdEntry {

@@ -34,7 +34,7 @@ fn reads_torch_written_archive() {
     );
     let d0 = z.entry("two_tensors/data/0").unwrap();
     assert_eq!((d0.header_offset, d0.size, d0.crc32), (726, 12, 0xb20e96b1));
-    assert_eq!(d0.data_offset, 832);
+    assert_eq!(z.data_offset(d0).unwrap(), 832);
     let b = z.read("two_tensors/data/0").unwrap();
     let f: Vec<f32> = b
         .as_slice()
@@ -43,7 +43,10 @@ fn reads_torch_written_archive() {
         .collect();
     assert_eq!(f, [1.0, 2.0, 3.0]);
     assert_eq!(z.read("two_tensors/version").unwrap().as_slice(), b"3\n");
-    assert!(z.entries().iter().all(|e| e.data_offset % 64 == 0));
+    assert!(z
+        .entries()
+        .iter()
+        .all(|e| z.data_offset(e).unwrap() % 64 == 0));
 }
 
 #[test]
@@ -251,7 +254,10 @@ fn reader_honours_zip64_extras() {
     b.extend_from_slice(&0u16.to_le_bytes());
     let z = open(b).unwrap();
     let e = &z.entries()[0];
-    assert_eq!((e.size, e.header_offset, e.data_offset), (3, 0, 33));
+    assert_eq!(
+        (e.size, e.header_offset, z.data_offset(e).unwrap()),
+        (3, 0, 33)
+    );
     assert_eq!(z.read("a/x").unwrap().as_slice(), b"hey");
 }
 
@@ -290,7 +296,7 @@ fn record_past_the_end_is_named() {
     let e = open(b).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "zip record `archive/data/0` declares 4096 bytes at offset 704 but the stream has only 1577"
+        "zip record `archive/data/0` declares 4096 bytes at offset 628 but the stream has only 1577"
     );
 }
 

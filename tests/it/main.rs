@@ -1,3 +1,6 @@
-//! Integration tests (one binary; a module per area).
+//! Integration tests: one binary, a module per concern.
 
+mod bad_input;
+mod roundtrip;
+mod tar_interop;
 mod torch_samples;
