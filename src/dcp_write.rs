@@ -346,16 +346,6 @@ pub fn write_torch_dist(
         }
     }
 
-    if let (Some(json), dist::Backend::TorchDist) = (&ck.metadata_json, ck.backend) {
-        dist::write_bytes(out, "metadata.json", json.as_bytes())
-            .map_err(|e| io_err("metadata.json", e))?;
-    } else if ck.backend == dist::Backend::Zarr {
-        let json = br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
-        dist::write_bytes(out, "metadata.json", json).map_err(|e| io_err("metadata.json", e))?;
-    }
-    if let Some(c) = &ck.common_bytes {
-        dist::write_bytes(out, "common.pt", c.as_slice()).map_err(|e| io_err("common.pt", e))?;
-    }
     let items: Vec<Item<'_>> = plan
         .iter()
         .map(|(it, _)| Item {
@@ -413,7 +403,21 @@ pub fn write_torch_dist(
     if let Some(f) = failure {
         return Err(f);
     }
-    r.map_err(|e| io_err(DATA_FILE, e))
+    r.map_err(|e| io_err(DATA_FILE, e))?;
+    // Files go out in the order Python's `tar.add` lists a folder (`.metadata`,
+    // `__0_0.distcp`, `common.pt`, `metadata.json`), so a packed archive keeps
+    // NeMo's member order.
+    if let Some(c) = &ck.common_bytes {
+        dist::write_bytes(out, "common.pt", c.as_slice()).map_err(|e| io_err("common.pt", e))?;
+    }
+    if let (Some(json), dist::Backend::TorchDist) = (&ck.metadata_json, ck.backend) {
+        dist::write_bytes(out, "metadata.json", json.as_bytes())
+            .map_err(|e| io_err("metadata.json", e))?;
+    } else if ck.backend == dist::Backend::Zarr {
+        let json = br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+        dist::write_bytes(out, "metadata.json", json).map_err(|e| io_err("metadata.json", e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -501,8 +505,12 @@ mod tests {
     /// for `tests/interop/test_dcp.py` (real torch reads them).
     #[test]
     fn writes_interop_folders() {
-        let root =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop/dcp_roundtrip");
+        let root = std::env::var_os("NEMO_TOOL_DCP_ROUNDTRIP")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/interop/dcp_roundtrip")
+            });
         for (name, dir) in FIXTURES {
             let m = dir_members(dir);
             let ck = DistCheckpoint::open(&m, "").unwrap();

@@ -49,6 +49,7 @@ def dcp_state_dict(folder: Path, tmp: Path) -> dict:
 
 def torch_view(path: Path, tmp: Path) -> dict[tuple[str, str], torch.Tensor]:
     """(member, key) -> tensor, the way torch sees a checkpoint (tar, gzip tar or folder)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         path = extract(path, tmp / ("x_" + path.name))
     out = {}

@@ -58,14 +58,29 @@ pub fn run(args: &[String]) -> Result<()> {
     step("cargo build --workspace --bins");
     util::run(util::cargo().args(["build", "--workspace", "--bins"]))?;
 
+    // Files the Rust tests write for the Python checks; strict mode turns the
+    // tests' "nothing to check" skips into failures, so a broken hand-off
+    // cannot pass silently.
+    let interop = util::target_dir().join("interop");
+    let env = [
+        ("NEMO_TOOL_INTEROP_OUT", interop.join("torch_files")),
+        ("NEMO_TOOL_DCP_ROUNDTRIP", interop.join("dcp_roundtrip")),
+    ];
     if !o.python_only {
         step("cargo test --workspace");
-        util::run(util::cargo().args(["test", "--workspace"]))?;
+        let mut cmd = util::cargo();
+        cmd.args(["test", "--workspace"])
+            .envs(env.iter().map(|(k, v)| (*k, v)));
+        if !o.no_python {
+            cmd.env("NEMO_TOOL_STRICT", "1")
+                .env("NEMO_TOOL_PYTHON", venv_python(&venv));
+        }
+        util::run(&mut cmd)?;
     }
 
     if !o.no_python {
         step("python interop tests");
-        run_pytest(&root, &venv, &o.pytest_args)?;
+        run_pytest(&root, &venv, &o.pytest_args, &env)?;
     }
     println!("\nxtask test: all passed");
     Ok(())
@@ -134,7 +149,7 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run_pytest(root: &Path, venv: &Path, extra: &[String]) -> Result<()> {
+fn run_pytest(root: &Path, venv: &Path, extra: &[String], env: &[(&str, PathBuf)]) -> Result<()> {
     let bin = util::debug_bin("nemo-tool");
     if !bin.exists() {
         bail!("{} was not built", bin.display());
@@ -144,6 +159,8 @@ fn run_pytest(root: &Path, venv: &Path, extra: &[String]) -> Result<()> {
         .args(extra)
         .env("NEMO_TOOL_BIN", &bin)
         .env("NEMO_TOOL_ROOT", root)
+        .env("NEMO_TOOL_STRICT", "1")
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .current_dir(root);
     println!("NEMO_TOOL_BIN={}", bin.display());
     println!("NEMO_TOOL_ROOT={}", root.display());
