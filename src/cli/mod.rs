@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod data;
 mod inspect;
 mod pack;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Pack(pack::Args),
     /// Print the sha256 of every stored tensor.
     Checksum(checksum::Args),
+    /// Write or describe Megatron indexed datasets (.bin/.idx).
+    Data(data::Args),
 }
 
 impl Cli {
@@ -41,6 +44,7 @@ impl Cli {
             Command::Inspect(args) => inspect::run(args),
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
+            Command::Data(args) => data::run(args),
         }
     }
 }
