@@ -235,8 +235,7 @@ impl GptSamples {
                 docs.push(d);
                 stream_len += u64::from(lengths[d as usize]);
             }
-            while next_start + seq_length as u64 + 1 <= stream_len
-                && starts.len() < num_samples.max(1)
+            while next_start + (seq_length as u64) < stream_len && starts.len() < num_samples.max(1)
             {
                 let pos = doc_starts.partition_point(|&s| s <= next_start) - 1;
                 starts.push((pos, (next_start - doc_starts[pos]) as usize));
