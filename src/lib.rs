@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
+pub mod obs;
 pub mod outdir;
 pub mod output;
 pub mod runconfig;
