@@ -18,6 +18,7 @@ pub mod obs;
 pub mod outdir;
 pub mod output;
 pub mod runconfig;
+pub mod schedule;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;
