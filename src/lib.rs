@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod bytes;
+pub mod canonical;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
