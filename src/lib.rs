@@ -16,6 +16,7 @@ pub mod members;
 pub mod mmap;
 pub mod outdir;
 pub mod output;
+pub mod plan;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;
