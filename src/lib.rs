@@ -17,6 +17,7 @@ pub mod mmap;
 pub mod outdir;
 pub mod output;
 pub mod plan;
+pub mod reshard;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;
