@@ -373,11 +373,22 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
             let idx: Vec<usize> = (0..canon.entries.len())
                 .filter(|&i| canon.entries[i].layer == Some(l))
                 .collect();
-            let names = match style {
-                NormStyle::Local => &template.layer_local,
-                NormStyle::Te => &template.layer_te,
+            let canon_names: Vec<String> = match &ckpt.weights {
+                // Per-rank sources keep their own per-layer order (layer 0's).
+                Weights::PerRank(_) => canon
+                    .entries
+                    .iter()
+                    .filter(|e| e.layer == Some(0))
+                    .map(|e| e.name.clone())
+                    .collect(),
+                Weights::Dist(_) => match style {
+                    NormStyle::Local => &template.layer_local,
+                    NormStyle::Te => &template.layer_te,
+                }
+                .iter()
+                .map(|n| te_name(canon, n))
+                .collect(),
             };
-            let canon_names: Vec<String> = names.iter().map(|n| te_name(canon, n)).collect();
             push_ordered(canon, &canon_names, &idx, &mut order, |n| {
                 format!(
                     "{}{local}.{}",
