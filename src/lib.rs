@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod bytes;
+pub mod canonical;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
@@ -17,6 +18,8 @@ pub mod mmap;
 pub mod obs;
 pub mod outdir;
 pub mod output;
+pub mod plan;
+pub mod reshard;
 pub mod runconfig;
 pub mod schedule;
 pub mod synth;

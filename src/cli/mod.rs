@@ -10,6 +10,7 @@ mod checksum;
 mod data;
 mod inspect;
 mod pack;
+mod reshard;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -35,6 +36,8 @@ pub enum Command {
     Checksum(checksum::Args),
     /// Write or describe Megatron indexed datasets (.bin/.idx).
     Data(data::Args),
+    /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
+    Reshard(reshard::Args),
 }
 
 impl Cli {
@@ -45,6 +48,7 @@ impl Cli {
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
+            Command::Reshard(args) => reshard::run(args),
         }
     }
 }
