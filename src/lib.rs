@@ -9,6 +9,8 @@ pub mod config;
 pub mod dcp;
 pub mod dcp_write;
 pub mod dist;
+#[cfg(feature = "distill")]
+pub mod distill;
 pub mod inspect;
 pub mod layout;
 pub mod members;
