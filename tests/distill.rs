@@ -135,7 +135,11 @@ fn write_f32(path: &Path, t: &Tensor) {
     let mut v = vec![0f32; n];
     t.copy_data(&mut v, n);
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // the in-process TP1 test and the TP2 workers write the same inputs concurrently:
+    // write aside and rename, so a reader never sees a torn file
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// Every check, at the group's TP size (1 in process, 2 in the workers). Returns a report.
