@@ -151,6 +151,14 @@ fn tp_checks(pg: &ProcessGroup) -> String {
     let tp = pg.world();
     let rank = pg.rank() as i64;
     let mut report = String::new();
+    if rank == 0 && tp == 1 {
+        // the worker binary for tests/interop/test_distill_mcore.py
+        let dir = interop_dir();
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let p = dir.join("worker_exe.txt");
+        std::fs::write(&p, exe().display().to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
     let tokens = load_pt(&fixture("logits/tokens.pt"));
     let want = load_pt(&fixture("logits/logits_tp1.pt"));
     let (b, s) = (tokens.size()[0], tokens.size()[1]);
@@ -265,6 +273,29 @@ fn tp_checks(pg: &ProcessGroup) -> String {
         );
     }
     report
+}
+
+/// For tests/interop/test_distill_mcore.py: the gathered logits of the checkpoint folder
+/// NEMO_DISTILL_CKPT for its `tokens.i64` (`[2, NEMO_DISTILL_SEQ]`), written by rank 0 to
+/// `ours_tp<world>.f32` in that folder.
+fn logits_worker() {
+    let dir = PathBuf::from(
+        std::env::var_os("NEMO_DISTILL_CKPT").unwrap_or_else(|| panic!("NEMO_DISTILL_CKPT unset")),
+    );
+    let seq: i64 = std::env::var("NEMO_DISTILL_SEQ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let launch = Launch::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let pg = ProcessGroup::init(&launch, Backend::Gloo).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = std::fs::read(dir.join("tokens.i64")).unwrap_or_else(|e| panic!("tokens.i64: {e}"));
+    let tokens = Tensor::from_data_size(&bytes, &[2, seq], Kind::Int64);
+    let m = model(&dir, &pg, false);
+    let logits = tch::no_grad(|| m.forward_gathered(&tokens)).unwrap_or_else(|e| panic!("{e}"));
+    if pg.rank() == 0 {
+        write_f32(&dir.join(format!("ours_tp{}.f32", pg.world())), &logits);
+    }
+    pg.barrier().unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Peak-memory probe: builds a wide-vocab student/teacher pair and runs the chunked loss with
@@ -407,6 +438,7 @@ fn worker_entry() {
             pg.barrier().unwrap_or_else(|e| panic!("{e}"));
         }
         "mem" => mem_probe(),
+        "logits" => logits_worker(),
         #[cfg(feature = "cuda")]
         "gpu" => gpu_checks(),
         other => panic!("unknown NEMO_DISTILL_WORKER={other}"),
