@@ -437,6 +437,62 @@ mod tests {
         assert!((pg.sum_f64(2.5).unwrap_or(0.0) - 2.5).abs() < 1e-12);
     }
 
+    /// A real Gloo group of one process (the shim's code paths, unlike `single`).
+    fn gloo_of_one() -> ProcessGroup {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = RawStore::tcp("127.0.0.1", port, 1, true, 10_000, "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pg = RawPg::gloo(&store, 0, 1, 10_000).unwrap_or_else(|e| panic!("{e}"));
+        ProcessGroup {
+            inner: Arc::new(Inner {
+                pg: Some(pg),
+                _store: Some(store),
+                rank: 0,
+                world: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn shim_mappings_run_forward_and_backward() {
+        let pg = gloo_of_one();
+        assert_eq!(pg.backend_name().ok().as_deref(), Some("gloo"));
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+        let ok = |r: Result<Tensor, Error>| r.unwrap_or_else(|e| panic!("{e}"));
+        let y = ok(pg.copy_to_tp(&x));
+        let y = ok(pg.reduce_from_tp(&y));
+        let y = ok(pg.gather_from_tp(&y.view([1, 3])));
+        let y = ok(pg.all_reduce_autograd(&y));
+        assert_eq!(
+            Vec::<f32>::try_from(y.view([3]).copy()).unwrap_or_default(),
+            vec![1.0, -2.0, 3.0]
+        );
+        (y * 2.0).sum(Kind::Float).backward();
+        assert_eq!(
+            Vec::<f32>::try_from(x.grad()).unwrap_or_default(),
+            vec![2.0; 3]
+        );
+        let mut t = Tensor::from_slice(&[4.0f32]);
+        pg.all_reduce(&mut t, ReduceOp::Max)
+            .unwrap_or_else(|e| panic!("{e}"));
+        pg.broadcast(&mut t, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.all_gather(&t).map(|v| v.len()).ok(), Some(1));
+        pg.barrier().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn backward_after_the_group_is_gone_is_an_error() {
+        let pg = gloo_of_one();
+        let x = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let y = pg.copy_to_tp(&x).unwrap_or_else(|e| panic!("{e}"));
+        drop(pg);
+        let e = y.sum(Kind::Float).f_backward().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("destroyed before the backward")));
+    }
+
     #[test]
     fn store_connect_failure_is_an_error() {
         // a client whose server never comes: TCPStore fails after the timeout
