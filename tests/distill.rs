@@ -311,7 +311,7 @@ fn mem_probe() {
          share_embeddings_and_output_weights: false\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let (b, s, v) = (2i64, 256i64, 16384i64);
+    let (b, s, v) = (2i64, 256i64, 32768i64);
     let spec = GptSpec::from_config(&cfg, 1, v as u64).unwrap_or_else(|e| panic!("{e}"));
     let pg = ProcessGroup::single();
     let mk = |seed, train| {
@@ -583,9 +583,9 @@ fn chunked_loss_peak_memory() {
         )
     };
     let (full, both, l_full) = run("256");
-    let (chunked, _, l_chunk) = run("16");
+    let (chunked, _, l_chunk) = run("4");
     let msg = format!(
-        "peak memory rise: unchunked {full} KiB, chunked(16) {chunked} KiB; both fp32 logit tensors alone {both} KiB"
+        "peak memory rise: unchunked {full} KiB, chunked(4) {chunked} KiB; both fp32 logit tensors alone {both} KiB"
     );
     println!("{msg}");
     let _ = std::io::stdout().flush();
