@@ -75,6 +75,12 @@ fn cstring(s: &str) -> Result<CString, String> {
 #[derive(Debug)]
 pub(crate) struct RawStore(*mut c_void);
 
+// SAFETY: a c10d store (TCPStore/PrefixStore) is a thread-safe object; the handle is only a
+// pointer to it, freed once in Drop.
+unsafe impl Send for RawStore {}
+// SAFETY: as above.
+unsafe impl Sync for RawStore {}
+
 impl RawStore {
     pub(crate) fn tcp(
         host: &str,

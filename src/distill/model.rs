@@ -536,7 +536,7 @@ impl Gpt {
         }
         let mut pos = Tensor::arange(seq, opts);
         if let Some(f) = interpolation {
-            pos = pos * (1.0 / f);
+            pos *= 1.0 / f;
         }
         let freqs = pos.outer(&inv_freq); // [s, rot/2]
         let emb = if *interleaved {
@@ -627,7 +627,7 @@ impl Gpt {
                     why: format!("sequence {s} exceeds max_position_embeddings {max}"),
                 });
             }
-            x = x + pos.narrow(0, 0, s).unsqueeze(0);
+            x += pos.narrow(0, 0, s).unsqueeze(0);
         }
         let rope = self.rope_tables(s);
         let hpg = spec.heads_per_group();
