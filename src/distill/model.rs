@@ -812,6 +812,39 @@ mod tests {
     }
 
     #[test]
+    fn bf16_model_trains_through_the_chunked_loss() {
+        let spec = tiny("normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n", 1);
+        let pg = ProcessGroup::single();
+        let mk = |seed, train| {
+            Gpt::new(
+                spec.clone(),
+                &InitFrom::Random { seed },
+                &pg,
+                Kind::BFloat16,
+                Device::Cpu,
+                train,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (student, teacher) = (mk(1, true), mk(2, false));
+        let tokens = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]).view([2, 4]);
+        let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let k = crate::distill::loss::KdLoss::new(crate::distill::loss::LossKind::ForwardKl, 1.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let l = k
+            .chunked_backward(&student, &teacher, &tokens, &mask, 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(l.is_finite() && l > 0.0, "{l}");
+        for p in student.params() {
+            let g = p.tensor.grad();
+            assert_eq!(g.kind(), Kind::BFloat16, "{}", p.name);
+            assert!(f64::try_from(g.to_kind(Kind::Float).abs().sum(Kind::Float))
+                .unwrap_or(f64::NAN)
+                .is_finite());
+        }
+    }
+
+    #[test]
     fn tp_mismatch_is_refused() {
         let pg = ProcessGroup::single();
         let r = Gpt::new(
