@@ -6,5 +6,6 @@ mod ffi;
 pub mod loss;
 pub mod model;
 pub mod parallel;
+pub mod rope;
 pub mod spec;
 pub mod weights;

@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::layout::Rule;
 
 use super::parallel::{self, ProcessGroup};
+use super::rope;
 use super::spec::{Activation, GptSpec, Norm, Positions};
 use super::weights::{self, Param, Source};
 
@@ -501,77 +502,6 @@ impl Gpt {
         }
     }
 
-    /// RoPE cos/sin tables `[seq, 1, rot_dim]` (mcore `RotaryEmbedding`, fp32).
-    fn rope_tables(&self, seq: i64) -> Option<(Tensor, Tensor, i64, bool)> {
-        let Positions::Rope {
-            rot_dim,
-            base,
-            interleaved,
-            interpolation,
-            scaling,
-        } = &self.spec.positions
-        else {
-            return None;
-        };
-        let rot = *rot_dim as i64;
-        let opts = (Kind::Float, self.device);
-        let exps = Tensor::arange_start_step(0, rot, 2, opts) / (rot as f64);
-        let mut inv_freq = Tensor::pow_scalar(*base, &exps).reciprocal();
-        if let Some(sc) = scaling {
-            // mcore RotaryEmbedding._apply_scaling (the HF Llama-3 rule)
-            let old = sc.original_max_position_embeddings;
-            let low_wl = old / sc.low_freq_factor;
-            let high_wl = old / sc.high_freq_factor;
-            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
-            let scaled = &inv_freq / sc.factor;
-            let llama = scaled.where_self(&wavelen.gt(low_wl), &inv_freq);
-            let smooth = ((wavelen.reciprocal() * old) - sc.low_freq_factor)
-                / (sc.high_freq_factor - sc.low_freq_factor);
-            let smoothed = (smooth.ones_like() - &smooth) * &llama / sc.factor + &smooth * &llama;
-            let medium = wavelen
-                .lt(high_wl)
-                .logical_not()
-                .logical_and(&wavelen.gt(low_wl).logical_not());
-            inv_freq = smoothed.where_self(&medium, &llama);
-        }
-        let mut pos = Tensor::arange(seq, opts);
-        if let Some(f) = interpolation {
-            pos *= 1.0 / f;
-        }
-        let freqs = pos.outer(&inv_freq); // [s, rot/2]
-        let emb = if *interleaved {
-            Tensor::stack(&[freqs.unsqueeze(-1), freqs.unsqueeze(-1)], -1).view([seq, rot])
-        } else {
-            Tensor::cat(&[&freqs, &freqs], -1)
-        };
-        let emb = emb.unsqueeze(1); // [s, 1, rot] against [b, s, heads, d]
-        Some((
-            emb.cos().to_kind(self.kind),
-            emb.sin().to_kind(self.kind),
-            rot,
-            *interleaved,
-        ))
-    }
-
-    fn apply_rope(t: &Tensor, cos: &Tensor, sin: &Tensor, rot: i64, interleaved: bool) -> Tensor {
-        let d = t.size()[3];
-        let (x, pass) = (t.narrow(-1, 0, rot), t.narrow(-1, rot, d - rot));
-        let rotated = if interleaved {
-            let x1 = x.slice(-1, 0, rot, 2);
-            let x2 = x.slice(-1, 1, rot, 2);
-            Tensor::stack(&[-x2, x1], -1).flatten(-2, -1)
-        } else {
-            let halves = x.chunk(2, -1);
-            Tensor::cat(&[-&halves[1], halves[0].shallow_clone()], -1)
-        };
-        let y = &x * cos + rotated * sin;
-        if rot == d {
-            y
-        } else {
-            Tensor::cat(&[y, pass], -1)
-        }
-    }
-
     /// Final hidden states `[b, s, H]` (after the final norm) for token ids `[b, s]`.
     ///
     /// # Errors
@@ -629,7 +559,7 @@ impl Gpt {
             }
             x += pos.narrow(0, 0, s).unsqueeze(0);
         }
-        let rope = self.rope_tables(s);
+        let rope = rope::Rope::new(&self.spec.positions, s, self.device, self.kind);
         let hpg = spec.heads_per_group();
         let gl = spec.groups / tp;
         let d = spec.head_dim;
@@ -640,9 +570,9 @@ impl Gpt {
             let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
             let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
             let v = qkv.narrow(3, hpg + 1, 1).reshape([b, s, gl, d]);
-            if let Some((cos, sin, rot, il)) = &rope {
-                q = Self::apply_rope(&q, cos, sin, *rot, *il);
-                k = Self::apply_rope(&k, cos, sin, *rot, *il);
+            if let Some(r) = &rope {
+                q = r.apply(&q);
+                k = r.apply(&k);
             }
             // [b, heads, s, d]; each group's k/v serves its hpg consecutive query heads
             let q = q.transpose(1, 2);
