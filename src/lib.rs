@@ -11,6 +11,8 @@ pub mod data;
 pub mod dcp;
 pub mod dcp_write;
 pub mod dist;
+#[cfg(feature = "distill")]
+pub mod distill;
 pub mod inspect;
 pub mod layout;
 pub mod members;

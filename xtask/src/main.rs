@@ -17,8 +17,9 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  test [--no-python | --python-only] [-- <pytest args>]
-        build, run `cargo test --workspace`, then the Python interop tests in .venv
+  test [--no-python | --python-only] [--no-distill] [-- <pytest args>]
+        build, run `cargo test --workspace`, then `cargo test --features distill` against
+        the venv's libtorch (skip with --no-distill), then the Python interop tests in .venv
   demo  run nemo-tool on the built-in tiny fixtures
   bench <name> [args]
         run a benchmark (`cargo xtask bench list` shows them)

@@ -1,0 +1,3 @@
+// See rendezvous/store.h: declaration-only gloo stub.
+#pragma once
+#include <gloo/rendezvous/store.h>

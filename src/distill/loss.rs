@@ -1,0 +1,346 @@
+//! Vocab-parallel knowledge-distillation losses over logits sharded on the vocab dim across
+//! TP ranks, and the sequence-chunked driver that keeps fp32 logits small.
+//!
+//! Every loss is a per-token sum over the (padded) vocabulary, then a masked mean over valid
+//! tokens: `Σ_tokens loss·mask / Σ mask`. Under TP each rank sums its vocab slice; the scalar
+//! is summed across ranks with [`ProcessGroup::reduce_from_tp`] (identity backward: the total
+//! loss is the sum of the ranks' terms), and the softmax normaliser is all-reduced with
+//! [`ProcessGroup::all_reduce_autograd`] so each rank's gradient sees every rank's terms.
+//! This is NeMo's `LogitsKLLoss` (nemo-format.md §5.2): fp32, logits / temperature, no T²
+//! factor, KL(teacher ‖ student) by default.
+
+use tch::{Kind, Tensor};
+
+use super::model::{self, Gpt};
+use super::parallel::{self, ProcessGroup};
+
+/// Errors of the losses.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A collective failed.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] model::Error),
+    /// Inputs or options that do not fit.
+    #[error("kd loss: {0}")]
+    Input(String),
+    /// libtorch failed during a backward pass (e.g. a collective inside it).
+    #[error("kd loss: backward: {0}")]
+    Backward(String),
+}
+
+/// Which divergence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossKind {
+    /// KL(teacher ‖ student): NeMo's `LogitsKLLoss` (`reverse=False`).
+    ForwardKl,
+    /// KL(student ‖ teacher): `LogitsKLLoss(reverse=True)`.
+    ReverseKl,
+    /// Generalised Jensen-Shannon with mixture `m = β·p_t + (1-β)·p_s`:
+    /// `β·KL(p_t ‖ m) + (1-β)·KL(p_s ‖ m)`, `0 < β < 1` (β = 0.5 is the symmetric JSD).
+    Jsd {
+        /// Mixture weight of the teacher.
+        beta: f64,
+    },
+    /// KL(teacher_k ‖ student): the teacher distribution restricted to its `k` largest logits
+    /// (every logit ≥ the k-th largest, so ties may add a few) and renormalised there; the
+    /// student keeps its full-vocabulary log-probabilities.
+    TopK {
+        /// Teacher tokens kept per position.
+        k: i64,
+    },
+}
+
+/// A configured distillation loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdLoss {
+    /// The divergence.
+    pub kind: LossKind,
+    /// Logits are divided by it (no T² factor).
+    pub temperature: f64,
+}
+
+impl KdLoss {
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`Error::Input`] for a non-positive temperature, β outside (0, 1) or k < 1.
+    pub fn new(kind: LossKind, temperature: f64) -> Result<KdLoss, Error> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::Input(format!(
+                "temperature {temperature} must be positive"
+            )));
+        }
+        match kind {
+            LossKind::Jsd { beta } if !(beta > 0.0 && beta < 1.0) => {
+                return Err(Error::Input(format!("jsd beta {beta} must be in (0, 1)")));
+            }
+            LossKind::TopK { k } if k < 1 => {
+                return Err(Error::Input(format!("top-k k={k} must be at least 1")));
+            }
+            _ => {}
+        }
+        Ok(KdLoss { kind, temperature })
+    }
+
+    /// Per-token partial loss `[..]` of this rank's vocab slice (fp32): summed over ranks it
+    /// is the per-token divergence. `student` carries the graph; `teacher` is detached.
+    ///
+    /// # Errors
+    /// Shape mismatch; collective errors.
+    pub fn token_partials(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        teacher: &Tensor,
+    ) -> Result<Tensor, Error> {
+        if student.size() != teacher.size() {
+            return Err(Error::Input(format!(
+                "student logits {:?} and teacher logits {:?} differ (same padded vocab and TP needed)",
+                student.size(),
+                teacher.size()
+            )));
+        }
+        let s = student.to_kind(Kind::Float) / self.temperature;
+        let t = teacher.detach().to_kind(Kind::Float) / self.temperature;
+        let ls = log_softmax_tp(pg, &s)?;
+        Ok(match self.kind {
+            LossKind::ForwardKl => {
+                let lt = log_softmax_tp(pg, &t)?;
+                (lt.exp() * (&lt - &ls)).sum_dim_intlist(-1, false, Kind::Float)
+            }
+            LossKind::ReverseKl => {
+                let lt = log_softmax_tp(pg, &t)?;
+                (ls.exp() * (&ls - &lt)).sum_dim_intlist(-1, false, Kind::Float)
+            }
+            LossKind::Jsd { beta } => {
+                let lt = log_softmax_tp(pg, &t)?;
+                let lm = Tensor::stack(&[&ls + (1.0 - beta).ln(), &lt + beta.ln()], 0)
+                    .logsumexp([0], false);
+                let kl_t = (lt.exp() * (&lt - &lm)).sum_dim_intlist(-1, false, Kind::Float);
+                let kl_s = (ls.exp() * (&ls - &lm)).sum_dim_intlist(-1, false, Kind::Float);
+                kl_t * beta + kl_s * (1.0 - beta)
+            }
+            LossKind::TopK { k } => {
+                let keep = topk_mask(pg, &t, k)?;
+                let masked = t.masked_fill(&keep.logical_not(), f64::NEG_INFINITY);
+                let lt = log_softmax_tp(pg, &masked)?;
+                // outside the top-k p_t = 0: those terms are 0 (not 0·(-inf))
+                let term = (lt.exp() * (&lt - &ls)).masked_fill(&keep.logical_not(), 0.0);
+                term.sum_dim_intlist(-1, false, Kind::Float)
+            }
+        })
+    }
+
+    /// The masked mean over tokens, summed over TP ranks: a differentiable scalar equal on
+    /// every rank. `mask` is `[..]` like the logits without the vocab dim (1 = valid).
+    ///
+    /// # Errors
+    /// No valid token; shape mismatch; collective errors.
+    pub fn masked_mean(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        teacher: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor, Error> {
+        let n = valid_tokens(mask)?;
+        let part = self.masked_sum(pg, student, teacher, mask)? / n;
+        Ok(pg.reduce_from_tp(&part)?)
+    }
+
+    /// This rank's `Σ partial·mask` (not yet divided nor TP-summed).
+    fn masked_sum(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        teacher: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor, Error> {
+        let per_tok = self.token_partials(pg, student, teacher)?;
+        if per_tok.size() != mask.size() {
+            return Err(Error::Input(format!(
+                "mask {:?} does not match tokens {:?}",
+                mask.size(),
+                per_tok.size()
+            )));
+        }
+        Ok((per_tok * mask.to_kind(Kind::Float)).sum(Kind::Float))
+    }
+
+    /// Forward + backward of the loss over a student and a teacher, `chunk` sequence
+    /// positions at a time, so only `[b, chunk, V/TP]` fp32 logits of each model exist at
+    /// once (instead of `[b, s, V/TP]`).
+    ///
+    /// The student's final hidden states are computed once with the graph; a detached leaf
+    /// copy feeds the output layer per chunk, each chunk's loss (already divided by the
+    /// global valid-token count, so the chunks add up to the exact masked mean) is
+    /// back-propagated at once into the output layer and the leaf, and at the end the
+    /// accumulated leaf gradient is pushed through the rest of the student. The teacher runs
+    /// under no_grad. Gradients accumulate into the student's parameters; returns the loss.
+    ///
+    /// # Errors
+    /// Model, collective or input errors.
+    pub fn chunked_backward(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        tokens: &Tensor,
+        mask: &Tensor,
+        chunk: i64,
+    ) -> Result<f64, Error> {
+        if chunk < 1 {
+            return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
+        }
+        let pg = student.group();
+        let n = valid_tokens(mask)?;
+        let th = tch::no_grad(|| teacher.hidden(tokens))?;
+        let sh = student.hidden(tokens)?;
+        let leaf = sh.detach().set_requires_grad(true);
+        let seq = *tokens
+            .size()
+            .get(1)
+            .ok_or_else(|| Error::Input("tokens must be [batch, seq]".to_string()))?;
+        let mask = mask.to_device(student.device());
+        let mut total = 0.0;
+        let mut start = 0;
+        while start < seq {
+            let len = chunk.min(seq - start);
+            let tl = tch::no_grad(|| teacher.logits_from_hidden(&th.narrow(1, start, len)))?;
+            let sl = student.logits_from_hidden(&leaf.narrow(1, start, len))?;
+            let part = self.masked_sum(pg, &sl, &tl, &mask.narrow(1, start, len))? / n;
+            let part = pg.reduce_from_tp(&part)?;
+            total += part.double_value(&[]);
+            part.f_backward()
+                .map_err(|e| Error::Backward(e.to_string()))?;
+            start += len;
+        }
+        let g = leaf.grad();
+        if g.defined() {
+            (sh * g.detach())
+                .sum(Kind::Float)
+                .f_backward()
+                .map_err(|e| Error::Backward(e.to_string()))?;
+        }
+        Ok(total)
+    }
+}
+
+fn valid_tokens(mask: &Tensor) -> Result<f64, Error> {
+    let n = mask
+        .to_kind(Kind::Double)
+        .sum(Kind::Double)
+        .double_value(&[]);
+    if n > 0.0 {
+        Ok(n)
+    } else {
+        Err(Error::Input("loss mask has no valid token".to_string()))
+    }
+}
+
+/// `log_softmax` over the full vocabulary of logits sharded on the last dim: per token
+/// `x - M - log Z` with `M` the (detached) all-reduced max and `Z = Σ_ranks Σ exp(x - M)`
+/// all-reduced with gradient (NeMo `LogitsKLLoss` TP path).
+pub fn log_softmax_tp(pg: &ProcessGroup, x: &Tensor) -> Result<Tensor, Error> {
+    if pg.world() == 1 {
+        return Ok(x.log_softmax(-1, Kind::Float));
+    }
+    let m = pg.max_no_grad(&x.amax([-1], true))?;
+    let z = pg.all_reduce_autograd(&(x - &m).exp().sum_dim_intlist(-1, true, Kind::Float))?;
+    Ok(x - m - z.log())
+}
+
+/// Where the teacher logit is among the `k` largest of the full vocabulary (≥ the k-th
+/// largest), for logits sharded on the last dim.
+fn topk_mask(pg: &ProcessGroup, t: &Tensor, k: i64) -> Result<Tensor, Error> {
+    let v_local = *t.size().last().unwrap_or(&0);
+    let total = v_local * i64::from(pg.world());
+    if k > total {
+        return Err(Error::Input(format!(
+            "top-k k={k} exceeds the vocabulary {total}"
+        )));
+    }
+    let (local_top, _) = t.topk(k.min(v_local), -1, true, false);
+    let all = Tensor::cat(&pg.all_gather(&local_top)?, -1);
+    let (top, _) = all.topk(k, -1, true, true);
+    let thr = top.narrow(-1, k - 1, 1);
+    Ok(t.ge_tensor(&thr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(seed: i64, shape: &[i64]) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, tch::Device::Cpu)) * 3.0
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-5 * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn forward_kl_matches_the_definition() {
+        let pg = ProcessGroup::single();
+        let (s, t) = (logits(1, &[2, 3, 11]), logits(2, &[2, 3, 11]));
+        let mask = Tensor::ones([2, 3], (Kind::Float, tch::Device::Cpu));
+        let l =
+            KdLoss::new(LossKind::ForwardKl, 1.0).and_then(|k| k.masked_mean(&pg, &s, &t, &mask));
+        let got = l.map(|l| l.double_value(&[])).unwrap_or(f64::NAN);
+        let (ps, pt) = (
+            s.log_softmax(-1, Kind::Float),
+            t.log_softmax(-1, Kind::Float),
+        );
+        let want = (pt.exp() * (&pt - &ps)).sum(Kind::Float).double_value(&[]) / 6.0;
+        assert!(close(got, want), "{got} vs {want}");
+    }
+
+    #[test]
+    fn jsd_is_symmetric_at_half() {
+        let pg = ProcessGroup::single();
+        let (s, t) = (logits(3, &[1, 4, 9]), logits(4, &[1, 4, 9]));
+        let mask = Tensor::ones([1, 4], (Kind::Float, tch::Device::Cpu));
+        let k = KdLoss::new(LossKind::Jsd { beta: 0.5 }, 2.0).unwrap_or_else(|e| panic!("{e}"));
+        let a = k
+            .masked_mean(&pg, &s, &t, &mask)
+            .map(|x| x.double_value(&[]))
+            .unwrap_or(f64::NAN);
+        let b = k
+            .masked_mean(&pg, &t, &s, &mask)
+            .map(|x| x.double_value(&[]))
+            .unwrap_or(f64::NAN);
+        assert!(close(a, b), "{a} vs {b}");
+    }
+
+    #[test]
+    fn topk_with_full_vocab_is_forward_kl() {
+        let pg = ProcessGroup::single();
+        let (s, t) = (logits(5, &[1, 2, 7]), logits(6, &[1, 2, 7]));
+        let mask = Tensor::ones([1, 2], (Kind::Float, tch::Device::Cpu));
+        let v = |kind| {
+            KdLoss::new(kind, 1.0)
+                .and_then(|k| k.masked_mean(&pg, &s, &t, &mask))
+                .map(|x| x.double_value(&[]))
+                .unwrap_or(f64::NAN)
+        };
+        assert!(close(v(LossKind::TopK { k: 7 }), v(LossKind::ForwardKl)));
+    }
+
+    #[test]
+    fn refuses_bad_options_and_empty_masks() {
+        assert!(KdLoss::new(LossKind::ForwardKl, 0.0).is_err());
+        assert!(KdLoss::new(LossKind::Jsd { beta: 1.0 }, 1.0).is_err());
+        assert!(KdLoss::new(LossKind::TopK { k: 0 }, 1.0).is_err());
+        let pg = ProcessGroup::single();
+        let s = logits(7, &[1, 2, 5]);
+        let zero = Tensor::zeros([1, 2], (Kind::Float, tch::Device::Cpu));
+        let k = KdLoss::new(LossKind::ForwardKl, 1.0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(k.masked_mean(&pg, &s, &s, &zero).is_err());
+        assert!(k
+            .masked_mean(&pg, &s, &logits(8, &[1, 2, 6]), &zero)
+            .is_err());
+    }
+}

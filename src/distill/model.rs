@@ -1,0 +1,811 @@
+//! Megatron-Core GPT (decoder-only transformer) on tch, tensor-parallel over a
+//! [`ProcessGroup`]: vocab-parallel embedding, learned or rotary positions, RMSNorm/LayerNorm,
+//! fused column-parallel QKV with grouped-query attention (mcore's per-group interleaved rows),
+//! causal SDPA, row-parallel projection, gated or plain MLP, final norm, vocab-parallel output
+//! layer (tied or untied). Activations are `[batch, seq, hidden]` (mcore uses `[seq, batch]`;
+//! the math is the same). Weights come from a checkpoint through [`weights::Source`] or are
+//! initialised as Megatron does.
+//!
+//! Shapes are validated when the model is built; the tensor ops afterwards use tch's
+//! panicking forms, because a failure there is a bug in this module, not bad input.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::layout::Rule;
+
+use super::parallel::{self, ProcessGroup};
+use super::rope;
+use super::spec::{Activation, GptSpec, Norm, Positions};
+use super::weights::{self, Param, Source};
+
+/// Errors building or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading weights.
+    #[error(transparent)]
+    Weights(#[from] weights::Error),
+    /// A collective.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+    /// Inputs that do not fit.
+    #[error("{what}: {why}")]
+    Input {
+        /// Which input.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+/// One named parameter shard.
+#[derive(Debug)]
+pub struct NamedParam {
+    /// Canonical name (no `model.` prefix; local-spec norm names).
+    pub name: String,
+    /// How it is split over TP ranks.
+    pub rule: Rule,
+    /// This rank's shard.
+    pub tensor: Tensor,
+}
+
+#[derive(Debug)]
+struct NormW {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+#[derive(Debug)]
+struct Layer {
+    ln1: NormW,
+    qkv_w: Tensor,
+    qkv_b: Option<Tensor>,
+    proj_w: Tensor,
+    proj_b: Option<Tensor>,
+    ln2: NormW,
+    fc1_w: Tensor,
+    fc1_b: Option<Tensor>,
+    fc2_w: Tensor,
+    fc2_b: Option<Tensor>,
+}
+
+/// How a parameter is initialised when there is no checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// A GPT shard on this rank.
+#[derive(Debug)]
+pub struct Gpt {
+    /// The architecture.
+    pub spec: GptSpec,
+    pg: ProcessGroup,
+    device: Device,
+    kind: Kind,
+    params: Vec<NamedParam>,
+    emb: Tensor,
+    pos: Option<Tensor>,
+    layers: Vec<Layer>,
+    final_norm: NormW,
+    output: Tensor,
+}
+
+/// Where weights come from.
+#[derive(Debug)]
+pub enum InitFrom<'a> {
+    /// A checkpoint.
+    Checkpoint(&'a Source<'a>),
+    /// Megatron-style random init from `init_method_std`, seeded (the same full tensors on
+    /// every rank, then sliced, so any TP size starts from the same model).
+    Random {
+        /// Seed.
+        seed: i64,
+    },
+}
+
+struct Builder<'a> {
+    spec: &'a GptSpec,
+    from: &'a InitFrom<'a>,
+    rank: i64,
+    kind: Kind,
+    device: Device,
+    params: Vec<NamedParam>,
+    counter: i64,
+}
+
+/// A `[shape]` fp32 tensor of N(0, std²) samples from a seeded splitmix64 + Box-Muller
+/// stream: deterministic across processes and threads.
+fn normal(shape: &[i64], std: f64, seed: u64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // (0, 1]: never 0, so ln is finite
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut v = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    while (v.len() as i64) < n {
+        let (u1, u2) = (next(), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = 2.0 * std::f64::consts::PI * u2;
+        v.push((r * th.cos() * std) as f32);
+        v.push((r * th.sin() * std) as f32);
+    }
+    v.truncate(usize::try_from(n).unwrap_or(0));
+    Tensor::from_slice(&v).view(shape)
+}
+
+/// Slices a canonical (TP=1) tensor to rank `rank` of `tp` per `rule`.
+fn slice_canonical(full: &Tensor, rule: Rule, rank: i64, tp: i64) -> Tensor {
+    let nd = full.dim();
+    match rule.split_dim(nd) {
+        None => full.shallow_clone(),
+        Some(d) => {
+            let n = full.size()[d];
+            if rule == Rule::GatedFc1 {
+                let f = n / 2;
+                let h = f / tp;
+                Tensor::cat(
+                    &[
+                        full.narrow(d as i64, rank * h, h),
+                        full.narrow(d as i64, f + rank * h, h),
+                    ],
+                    d as i64,
+                )
+            } else {
+                let k = n / tp;
+                full.narrow(d as i64, rank * k, k)
+            }
+        }
+    }
+}
+
+impl Builder<'_> {
+    /// One parameter: `names[0]` is canonical, the rest are alternative stored names.
+    fn param(
+        &mut self,
+        names: &[String],
+        layer: Option<usize>,
+        rule: Rule,
+        global: &[i64],
+        init: Init,
+    ) -> Result<Tensor, Error> {
+        let tp = self.spec.tp;
+        let mut local: Vec<i64> = global.to_vec();
+        if let Some(d) = rule.split_dim(local.len()) {
+            local[d] /= tp;
+        }
+        self.counter += 1;
+        let t = match self.from {
+            InitFrom::Checkpoint(src) => {
+                let p = Param {
+                    names: names.to_vec(),
+                    layer,
+                    rule,
+                    local_shape: &local,
+                    padded_rows: (rule == Rule::Vocab).then_some(self.spec.padded_vocab),
+                };
+                src.read(&p, self.rank, tp, self.kind)?
+                    .to_device(self.device)
+            }
+            InitFrom::Random { seed } => tch::no_grad(|| {
+                let opts = (Kind::Float, Device::Cpu);
+                let full = match init {
+                    Init::Zeros => Tensor::zeros(global, opts),
+                    Init::Ones => Tensor::ones(global, opts),
+                    Init::Normal(std) => {
+                        // per-parameter seed: independent of TP, of the rank that asks, and of
+                        // libtorch's global RNG (which other threads may reseed)
+                        normal(
+                            global,
+                            std,
+                            (*seed as u64)
+                                .wrapping_mul(1_000_003)
+                                .wrapping_add(self.counter as u64),
+                        )
+                    }
+                };
+                slice_canonical(&full, rule, self.rank, tp)
+                    .contiguous()
+                    .to_kind(self.kind)
+                    .to_device(self.device)
+            }),
+        };
+        let name = names.first().cloned().unwrap_or_default();
+        self.params.push(NamedParam {
+            name,
+            rule,
+            tensor: t.shallow_clone(),
+        });
+        Ok(t)
+    }
+
+    fn norm(&mut self, names: &[(&str, &str)], layer: Option<usize>) -> Result<NormW, Error> {
+        let h = self.spec.hidden;
+        let one = if self.spec.norm == Norm::LayerNorm1p {
+            Init::Zeros
+        } else {
+            Init::Ones
+        };
+        let wn: Vec<String> = names.iter().map(|(w, _)| w.to_string()).collect();
+        let w = self.param(&wn, layer, Rule::Replicated, &[h], one)?;
+        let b = if self.spec.norm == Norm::Rms {
+            None
+        } else {
+            let bn: Vec<String> = names.iter().map(|(_, b)| b.to_string()).collect();
+            Some(self.param(&bn, layer, Rule::Replicated, &[h], Init::Zeros)?)
+        };
+        Ok(NormW { w, b })
+    }
+}
+
+impl Gpt {
+    /// Builds this rank's shard of the model described by `spec` (whose `tp` must equal the
+    /// group's world size), with parameters of `kind` on `device`.
+    /// `trainable` sets `requires_grad` on every parameter (the teacher passes false).
+    ///
+    /// # Errors
+    /// A TP size different from the group's, or weight-reading errors.
+    pub fn new(
+        spec: GptSpec,
+        from: &InitFrom,
+        pg: &ProcessGroup,
+        kind: Kind,
+        device: Device,
+        trainable: bool,
+    ) -> Result<Gpt, Error> {
+        if spec.tp != i64::from(pg.world()) {
+            return Err(Error::Input {
+                what: "tensor parallel size",
+                why: format!(
+                    "spec TP {} but the process group has {} ranks",
+                    spec.tp,
+                    pg.world()
+                ),
+            });
+        }
+        let s = spec.clone();
+        let std = s.init_std;
+        let out_std = if s.scaled_init {
+            std / (2.0 * s.num_layers as f64).sqrt()
+        } else {
+            std
+        };
+        let mut b = Builder {
+            spec: &s,
+            from,
+            rank: i64::from(pg.rank()),
+            kind,
+            device,
+            params: Vec::new(),
+            counter: 0,
+        };
+        let n = |x: &str| vec![x.to_string()];
+        let emb = b.param(
+            &n("embedding.word_embeddings.weight"),
+            None,
+            Rule::Vocab,
+            &[s.padded_vocab, s.hidden],
+            Init::Normal(std),
+        )?;
+        let pos = match s.positions {
+            Positions::Learned { max } => Some(b.param(
+                &n("embedding.position_embeddings.weight"),
+                None,
+                Rule::Replicated,
+                &[max as i64, s.hidden],
+                Init::Normal(std),
+            )?),
+            _ => None,
+        };
+        let fc1_rows = if s.gated { 2 * s.ffn } else { s.ffn };
+        let fc1_rule = if s.gated {
+            Rule::GatedFc1
+        } else {
+            Rule::Column
+        };
+        let mut layers = Vec::with_capacity(s.num_layers);
+        for i in 0..s.num_layers {
+            let p = |x: &str| format!("decoder.layers.{i}.{x}");
+            let l = Some(i);
+            let ln1 = b.norm(
+                &[
+                    (&p("input_layernorm.weight"), &p("input_layernorm.bias")),
+                    (
+                        &p("self_attention.linear_qkv.layer_norm_weight"),
+                        &p("self_attention.linear_qkv.layer_norm_bias"),
+                    ),
+                ],
+                l,
+            )?;
+            let qkv_w = b.param(
+                &[p("self_attention.linear_qkv.weight")],
+                l,
+                Rule::Qkv,
+                &[s.qkv_rows(), s.hidden],
+                Init::Normal(std),
+            )?;
+            let qkv_b = match s.bias {
+                true => Some(b.param(
+                    &[p("self_attention.linear_qkv.bias")],
+                    l,
+                    Rule::Qkv,
+                    &[s.qkv_rows()],
+                    Init::Zeros,
+                )?),
+                false => None,
+            };
+            let proj_w = b.param(
+                &[p("self_attention.linear_proj.weight")],
+                l,
+                Rule::Row,
+                &[s.hidden, s.heads * s.head_dim],
+                Init::Normal(out_std),
+            )?;
+            let proj_b = match s.bias {
+                true => Some(b.param(
+                    &[p("self_attention.linear_proj.bias")],
+                    l,
+                    Rule::Replicated,
+                    &[s.hidden],
+                    Init::Zeros,
+                )?),
+                false => None,
+            };
+            let ln2 = b.norm(
+                &[
+                    (&p("pre_mlp_layernorm.weight"), &p("pre_mlp_layernorm.bias")),
+                    (
+                        &p("mlp.linear_fc1.layer_norm_weight"),
+                        &p("mlp.linear_fc1.layer_norm_bias"),
+                    ),
+                ],
+                l,
+            )?;
+            let fc1_w = b.param(
+                &[p("mlp.linear_fc1.weight")],
+                l,
+                fc1_rule,
+                &[fc1_rows, s.hidden],
+                Init::Normal(std),
+            )?;
+            let fc1_b = match s.bias {
+                true => Some(b.param(
+                    &[p("mlp.linear_fc1.bias")],
+                    l,
+                    fc1_rule,
+                    &[fc1_rows],
+                    Init::Zeros,
+                )?),
+                false => None,
+            };
+            let fc2_w = b.param(
+                &[p("mlp.linear_fc2.weight")],
+                l,
+                Rule::Row,
+                &[s.hidden, s.ffn],
+                Init::Normal(out_std),
+            )?;
+            let fc2_b = match s.bias {
+                true => Some(b.param(
+                    &[p("mlp.linear_fc2.bias")],
+                    l,
+                    Rule::Replicated,
+                    &[s.hidden],
+                    Init::Zeros,
+                )?),
+                false => None,
+            };
+            layers.push(Layer {
+                ln1,
+                qkv_w,
+                qkv_b,
+                proj_w,
+                proj_b,
+                ln2,
+                fc1_w,
+                fc1_b,
+                fc2_w,
+                fc2_b,
+            });
+        }
+        let final_norm = b.norm(
+            &[(
+                "decoder.final_layernorm.weight",
+                "decoder.final_layernorm.bias",
+            )],
+            None,
+        )?;
+        let output = if s.tied {
+            emb.shallow_clone()
+        } else {
+            b.param(
+                &n("output_layer.weight"),
+                None,
+                Rule::Vocab,
+                &[s.padded_vocab, s.hidden],
+                Init::Normal(std),
+            )?
+        };
+        let params = b.params;
+        for p in &params {
+            // a fresh leaf either way: loaded and initialised tensors carry no history
+            let _ = p.tensor.set_requires_grad(trainable);
+        }
+        Ok(Gpt {
+            spec,
+            pg: pg.clone(),
+            device,
+            kind,
+            params,
+            emb,
+            pos,
+            layers,
+            final_norm,
+            output,
+        })
+    }
+
+    /// The parameter shards, in construction order (the tied output layer is not repeated).
+    pub fn params(&self) -> &[NamedParam] {
+        &self.params
+    }
+
+    /// The process group.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.pg
+    }
+
+    /// Parameter dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn norm(&self, x: &Tensor, n: &NormW) -> Tensor {
+        let h = self.spec.hidden;
+        match self.spec.norm {
+            Norm::Rms => x.rms_norm([h], Some(&n.w), self.spec.eps),
+            Norm::LayerNorm => x.layer_norm([h], Some(&n.w), n.b.as_ref(), self.spec.eps, false),
+            Norm::LayerNorm1p => {
+                let w = &n.w + 1.0;
+                x.layer_norm([h], Some(&w), n.b.as_ref(), self.spec.eps, false)
+            }
+        }
+    }
+
+    fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let y = x.matmul(&w.tr());
+        match b {
+            Some(b) => y + b,
+            None => y,
+        }
+    }
+
+    fn act(&self, x: &Tensor) -> Tensor {
+        match self.spec.activation {
+            Activation::Silu => x.silu(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
+            Activation::Relu => x.relu(),
+            Activation::SquaredRelu => x.relu().square(),
+        }
+    }
+
+    /// Final hidden states `[b, s, H]` (after the final norm) for token ids `[b, s]`.
+    ///
+    /// # Errors
+    /// [`Error::Input`] for a non-2-D or non-integer token tensor or a sequence longer than
+    /// the learned position table; collective errors.
+    pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor, Error> {
+        let size = tokens.size();
+        let [b, s] = size[..] else {
+            return Err(Error::Input {
+                what: "tokens",
+                why: format!("expected [batch, seq], got {size:?}"),
+            });
+        };
+        if !matches!(tokens.kind(), Kind::Int64 | Kind::Int) {
+            return Err(Error::Input {
+                what: "tokens",
+                why: format!("expected integer ids, got {:?}", tokens.kind()),
+            });
+        }
+        let spec = &self.spec;
+        if tokens.numel() > 0 {
+            // out-of-range ids would make the embedding lookup fail inside libtorch
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= spec.padded_vocab {
+                return Err(Error::Input {
+                    what: "tokens",
+                    why: format!(
+                        "ids span [{lo}, {hi}] but the vocabulary has {} rows",
+                        spec.padded_vocab
+                    ),
+                });
+            }
+        }
+        let tokens = tokens.to_device(self.device).to_kind(Kind::Int64);
+        let tp = spec.tp;
+        // vocab-parallel embedding: each rank looks up its rows, zeros elsewhere, then sum
+        let vp = spec.padded_vocab / tp;
+        let start = i64::from(self.pg.rank()) * vp;
+        let mut x = if tp == 1 {
+            Tensor::embedding(&self.emb, &tokens, -1, false, false)
+        } else {
+            let outside = tokens.lt(start).logical_or(&tokens.ge(start + vp));
+            let idx = (&tokens - start).masked_fill(&outside, 0);
+            let part = Tensor::embedding(&self.emb, &idx, -1, false, false)
+                .masked_fill(&outside.unsqueeze(-1), 0.0);
+            self.pg.reduce_from_tp(&part)?
+        };
+        if let Some(pos) = &self.pos {
+            let max = pos.size()[0];
+            if s > max {
+                return Err(Error::Input {
+                    what: "tokens",
+                    why: format!("sequence {s} exceeds max_position_embeddings {max}"),
+                });
+            }
+            x += pos.narrow(0, 0, s).unsqueeze(0);
+        }
+        let rope = rope::Rope::new(&self.spec.positions, s, self.device, self.kind);
+        let hpg = spec.heads_per_group();
+        let gl = spec.groups / tp;
+        let d = spec.head_dim;
+        for l in &self.layers {
+            // attention
+            let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln1))?;
+            let qkv = Self::linear(&h, &l.qkv_w, l.qkv_b.as_ref()).view([b, s, gl, hpg + 2, d]);
+            let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
+            let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
+            let v = qkv.narrow(3, hpg + 1, 1).reshape([b, s, gl, d]);
+            if let Some(r) = &rope {
+                q = r.apply(&q);
+                k = r.apply(&k);
+            }
+            // [b, heads, s, d]; each group's k/v serves its hpg consecutive query heads
+            let q = q.transpose(1, 2);
+            let k = k.transpose(1, 2).repeat_interleave_self_int(hpg, 1, None);
+            let v = v.transpose(1, 2).repeat_interleave_self_int(hpg, 1, None);
+            let ctx = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                false,
+            );
+            let ctx = ctx.transpose(1, 2).reshape([b, s, gl * hpg * d]);
+            let o = self
+                .pg
+                .reduce_from_tp(&Self::linear(&ctx, &l.proj_w, None))?;
+            x = match &l.proj_b {
+                Some(bias) => x + o + bias,
+                None => x + o,
+            };
+            // MLP
+            let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln2))?;
+            let f = Self::linear(&h, &l.fc1_w, l.fc1_b.as_ref());
+            let a = if spec.gated {
+                let gu = f.chunk(2, -1);
+                self.act(&gu[0]) * &gu[1]
+            } else {
+                self.act(&f)
+            };
+            let o = self.pg.reduce_from_tp(&Self::linear(&a, &l.fc2_w, None))?;
+            x = match &l.fc2_b {
+                Some(bias) => x + o + bias,
+                None => x + o,
+            };
+        }
+        Ok(self.norm(&x, &self.final_norm))
+    }
+
+    /// This rank's vocab slice of the logits, `[.., V/TP]`, for hidden states `[.., H]`.
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor, Error> {
+        Ok(self.pg.copy_to_tp(h)?.matmul(&self.output.tr()))
+    }
+
+    /// Local logits `[b, s, V/TP]` (mcore `parallel_output=True`).
+    ///
+    /// # Errors
+    /// As [`Gpt::hidden`].
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, Error> {
+        let h = self.hidden(tokens)?;
+        self.logits_from_hidden(&h)
+    }
+
+    /// Full logits `[b, s, V]` gathered over TP (differentiable).
+    ///
+    /// # Errors
+    /// As [`Gpt::hidden`].
+    pub fn forward_gathered(&self, tokens: &Tensor) -> Result<Tensor, Error> {
+        let local = self.forward(tokens)?;
+        Ok(self.pg.gather_from_tp(&local)?)
+    }
+
+    /// The canonical (TP=1) form of a per-rank tensor shaped like parameter `p` (its value
+    /// or its gradient), gathered from every rank: the inverse of the TP split.
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn gather_canonical(&self, p: &NamedParam, t: &Tensor) -> Result<Tensor, Error> {
+        let parts = self.pg.all_gather(t)?;
+        let nd = t.dim();
+        Ok(match p.rule.split_dim(nd) {
+            None => parts
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| t.shallow_clone()),
+            Some(d) if p.rule == Rule::GatedFc1 => {
+                let halves: Vec<Vec<Tensor>> = parts.iter().map(|x| x.chunk(2, d as i64)).collect();
+                let gates: Vec<&Tensor> = halves.iter().filter_map(|h| h.first()).collect();
+                let ups: Vec<&Tensor> = halves.iter().filter_map(|h| h.get(1)).collect();
+                Tensor::cat(
+                    &[Tensor::cat(&gates, d as i64), Tensor::cat(&ups, d as i64)],
+                    d as i64,
+                )
+            }
+            Some(d) => Tensor::cat(&parts, d as i64),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn tiny(cfg: &str, tp: u64) -> GptSpec {
+        let base = "num_layers: 1\nhidden_size: 16\nffn_hidden_size: 24\nnum_attention_heads: 4\n\
+                    max_position_embeddings: 8\n";
+        let c = ModelConfig::parse(&format!("{base}{cfg}")).unwrap_or_else(|e| panic!("{e}"));
+        GptSpec::from_config(&c, tp, 32).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn build(spec: GptSpec) -> Gpt {
+        let pg = ProcessGroup::single();
+        Gpt::new(
+            spec,
+            &InitFrom::Random { seed: 3 },
+            &pg,
+            Kind::Float,
+            Device::Cpu,
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn gpt_variant_runs_and_ties_embeddings() {
+        let m = build(tiny(
+            "normalization: layernorm\nactivation: gelu\nbias: true\n",
+            1,
+        ));
+        // tied: no separate output layer parameter; learned positions present
+        let names: Vec<&str> = m.params().iter().map(|p| p.name.as_str()).collect();
+        assert!(!names.contains(&"output_layer.weight"));
+        assert!(names.contains(&"embedding.position_embeddings.weight"));
+        let tokens = Tensor::from_slice(&[1i64, 5, 7, 31]).view([1, 4]);
+        let logits = m.forward(&tokens).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(logits.size(), vec![1, 4, 32]);
+        logits.sum(Kind::Float).backward();
+        assert!(m.params().iter().all(|p| p.tensor.grad().defined()));
+    }
+
+    #[test]
+    fn causal_logits_ignore_the_future() {
+        let m = build(tiny("normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n", 1));
+        let a = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let b = Tensor::from_slice(&[1i64, 2, 3, 9]).view([1, 4]);
+        let (la, lb) = tch::no_grad(|| (m.forward(&a), m.forward(&b)));
+        let (la, lb) = (
+            la.unwrap_or_else(|e| panic!("{e}")),
+            lb.unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert!(la
+            .narrow(1, 0, 3)
+            .allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false));
+        assert!(!la
+            .narrow(1, 3, 1)
+            .allclose(&lb.narrow(1, 3, 1), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn bad_tokens_are_input_errors() {
+        let m = build(tiny("position_embedding_type: learned_absolute\n", 1));
+        let too_big = Tensor::from_slice(&[0i64, 32]).view([1, 2]);
+        assert!(matches!(
+            m.forward(&too_big),
+            Err(Error::Input { what: "tokens", .. })
+        ));
+        let too_long = Tensor::zeros([1, 9], (Kind::Int64, Device::Cpu));
+        assert!(matches!(m.forward(&too_long), Err(Error::Input { .. })));
+        let flat = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
+        assert!(matches!(m.forward(&flat), Err(Error::Input { .. })));
+    }
+
+    #[test]
+    fn bf16_model_trains_through_the_chunked_loss() {
+        let spec = tiny("normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n", 1);
+        let pg = ProcessGroup::single();
+        let mk = |seed, train| {
+            Gpt::new(
+                spec.clone(),
+                &InitFrom::Random { seed },
+                &pg,
+                Kind::BFloat16,
+                Device::Cpu,
+                train,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (student, teacher) = (mk(1, true), mk(2, false));
+        let tokens = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]).view([2, 4]);
+        let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let k = crate::distill::loss::KdLoss::new(crate::distill::loss::LossKind::ForwardKl, 1.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let l = k
+            .chunked_backward(&student, &teacher, &tokens, &mask, 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(l.is_finite() && l > 0.0, "{l}");
+        for p in student.params() {
+            let g = p.tensor.grad();
+            assert_eq!(g.kind(), Kind::BFloat16, "{}", p.name);
+            assert!(f64::try_from(g.to_kind(Kind::Float).abs().sum(Kind::Float))
+                .unwrap_or(f64::NAN)
+                .is_finite());
+        }
+    }
+
+    #[test]
+    fn tp_mismatch_is_refused() {
+        let pg = ProcessGroup::single();
+        let r = Gpt::new(
+            tiny("", 2),
+            &InitFrom::Random { seed: 1 },
+            &pg,
+            Kind::Float,
+            Device::Cpu,
+            false,
+        );
+        assert!(matches!(
+            r,
+            Err(Error::Input {
+                what: "tensor parallel size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn random_init_is_the_same_at_any_tp() {
+        // TP2 rank shards sliced from the same seeded canonical tensors as TP1
+        let full = normal(&[6, 2], 1.0, 9);
+        let again = normal(&[6, 2], 1.0, 9);
+        assert!(full.equal(&again));
+        let g = slice_canonical(&full, Rule::GatedFc1, 1, 2);
+        assert!(g.equal(&Tensor::cat(
+            &[full.narrow(0, 1, 1), full.narrow(0, 4, 1)],
+            0
+        )));
+        let std = f64::try_from(normal(&[4096], 0.5, 1).std(true)).unwrap_or(0.0);
+        assert!((std - 0.5).abs() < 0.03, "{std}");
+    }
+}

@@ -1,0 +1,510 @@
+//! Tensor-parallel process groups over libtorch's c10d (through the C++ shim in `csrc/`):
+//! rendezvous from torchrun's environment, Gloo (CPU) or NCCL (GPU, `cuda` feature), plain
+//! collectives, and Megatron's autograd mappings (copy-to / reduce-from / gather-from the TP
+//! region, and an all-reduce whose backward all-reduces too).
+//!
+//! One group spans the whole world: the engine runs pure tensor parallelism (TP = world size).
+
+use std::sync::Arc;
+
+use tch::{Kind, Tensor};
+
+use super::ffi::{RawPg, RawStore};
+
+/// Errors of process-group setup and collectives.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A launcher variable is missing or malformed.
+    #[error("environment variable {name}={value:?}: {why}")]
+    Env {
+        /// Variable name.
+        name: &'static str,
+        /// Its value (empty when unset).
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The TCPStore rendezvous failed.
+    #[error("rendezvous at {addr}:{port} (rank {rank} of {world}): {msg}")]
+    Rendezvous {
+        /// MASTER_ADDR.
+        addr: String,
+        /// MASTER_PORT.
+        port: u16,
+        /// This rank.
+        rank: i32,
+        /// World size.
+        world: i32,
+        /// libtorch's message.
+        msg: String,
+    },
+    /// Creating the backend failed.
+    #[error("process group {backend} (rank {rank} of {world}): {msg}")]
+    Backend {
+        /// `gloo` or `nccl`.
+        backend: &'static str,
+        /// This rank.
+        rank: i32,
+        /// World size.
+        world: i32,
+        /// libtorch's message.
+        msg: String,
+    },
+    /// A collective failed.
+    #[error("collective {op}: {msg}")]
+    Collective {
+        /// Which collective.
+        op: &'static str,
+        /// libtorch's message.
+        msg: String,
+    },
+}
+
+/// Reduction for [`ProcessGroup::all_reduce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Sum.
+    Sum = 0,
+    /// Mean (accepted by Gloo in torch 2.11 and by NCCL).
+    Avg = 1,
+    /// Product.
+    Product = 2,
+    /// Minimum.
+    Min = 3,
+    /// Maximum.
+    Max = 4,
+}
+
+/// Which backend to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors.
+    Gloo,
+    /// CUDA tensors (requires the `cuda` feature).
+    Nccl,
+}
+
+/// Where this process sits, as torchrun (or a hand launch) describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// `RANK` (default 0).
+    pub rank: i32,
+    /// `WORLD_SIZE` (default 1).
+    pub world: i32,
+    /// `LOCAL_RANK` (default: `RANK`), the CUDA device index.
+    pub local_rank: i32,
+    /// `MASTER_ADDR` (default 127.0.0.1).
+    pub addr: String,
+    /// `MASTER_PORT` (default 29500, torchrun's).
+    pub port: u16,
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`: the torchrun agent already serves the store, so
+    /// every rank connects as a client (mirrors Python's `_create_c10d_store`).
+    pub agent_store: bool,
+}
+
+fn num<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, Error> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| Error::Env {
+            name,
+            value: v,
+            why: "not a number in range",
+        }),
+    }
+}
+
+impl Launch {
+    /// Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
+    /// TORCHELASTIC_USE_AGENT_STORE; unset variables mean a single process.
+    ///
+    /// # Errors
+    /// [`Error::Env`] for unparsable values or a rank outside the world.
+    pub fn from_env() -> Result<Launch, Error> {
+        Launch::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// As [`Launch::from_env`], with the variables looked up through `get`.
+    ///
+    /// # Errors
+    /// As [`Launch::from_env`].
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Launch, Error> {
+        let rank = num(get, "RANK", 0i32)?;
+        let world = num(get, "WORLD_SIZE", 1i32)?;
+        let local_rank = num(get, "LOCAL_RANK", rank)?;
+        if world < 1 {
+            return Err(Error::Env {
+                name: "WORLD_SIZE",
+                value: world.to_string(),
+                why: "must be at least 1",
+            });
+        }
+        if rank < 0 || rank >= world {
+            return Err(Error::Env {
+                name: "RANK",
+                value: rank.to_string(),
+                why: "must be in 0..WORLD_SIZE",
+            });
+        }
+        Ok(Launch {
+            rank,
+            world,
+            local_rank,
+            addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_string()),
+            port: num(get, "MASTER_PORT", 29500u16)?,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
+        })
+    }
+}
+
+/// A process group over all ranks. Cheap to clone; the underlying c10d backend lives until
+/// the last clone (and every autograd graph built with it) is gone.
+#[derive(Debug, Clone)]
+pub struct ProcessGroup {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    // Declared before the store: dropped first.
+    pg: Option<RawPg>,
+    _store: Option<RawStore>,
+    rank: i32,
+    world: i32,
+}
+
+/// Store and collective timeout: long enough for a slow rank to load a checkpoint.
+const TIMEOUT_MS: i64 = 30 * 60 * 1000;
+
+impl ProcessGroup {
+    /// A world of one: every collective and mapping is the identity, no store is created.
+    pub fn single() -> ProcessGroup {
+        ProcessGroup {
+            inner: Arc::new(Inner {
+                pg: None,
+                _store: None,
+                rank: 0,
+                world: 1,
+            }),
+        }
+    }
+
+    /// Rendezvous and create the backend. World size 1 with Gloo needs no store (see
+    /// [`ProcessGroup::single`]); NCCL always creates a real group so it is exercised at
+    /// world size 1 too.
+    ///
+    /// # Errors
+    /// [`Error::Rendezvous`] / [`Error::Backend`] with libtorch's message.
+    pub fn init(launch: &Launch, backend: Backend) -> Result<ProcessGroup, Error> {
+        if launch.world == 1 && backend == Backend::Gloo {
+            return Ok(ProcessGroup::single());
+        }
+        let is_server = launch.rank == 0 && !launch.agent_store;
+        let store = RawStore::tcp(
+            &launch.addr,
+            launch.port,
+            launch.world,
+            is_server,
+            TIMEOUT_MS,
+            "nemo_tool_tp",
+        )
+        .map_err(|msg| Error::Rendezvous {
+            addr: launch.addr.clone(),
+            port: launch.port,
+            rank: launch.rank,
+            world: launch.world,
+            msg,
+        })?;
+        let backend_err = |backend, msg| Error::Backend {
+            backend,
+            rank: launch.rank,
+            world: launch.world,
+            msg,
+        };
+        let pg = match backend {
+            Backend::Gloo => RawPg::gloo(&store, launch.rank, launch.world, TIMEOUT_MS)
+                .map_err(|m| backend_err("gloo", m))?,
+            Backend::Nccl => Self::nccl(&store, launch).map_err(|m| backend_err("nccl", m))?,
+        };
+        Ok(ProcessGroup {
+            inner: Arc::new(Inner {
+                pg: Some(pg),
+                _store: Some(store),
+                rank: launch.rank,
+                world: launch.world,
+            }),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn nccl(store: &RawStore, launch: &Launch) -> Result<RawPg, String> {
+        super::ffi::cuda_set_device(launch.local_rank)?;
+        RawPg::nccl(store, launch.rank, launch.world, TIMEOUT_MS)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn nccl(_store: &RawStore, _launch: &Launch) -> Result<RawPg, String> {
+        Err("built without the `cuda` feature".to_string())
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> i32 {
+        self.inner.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> i32 {
+        self.inner.world
+    }
+
+    /// `gloo`, `nccl`, or `single` for a world of one without a backend.
+    pub fn backend_name(&self) -> Result<String, Error> {
+        match &self.inner.pg {
+            None => Ok("single".to_string()),
+            Some(pg) => pg.backend_name().map_err(|msg| Error::Collective {
+                op: "backend_name",
+                msg,
+            }),
+        }
+    }
+
+    fn pg(&self) -> Option<&RawPg> {
+        self.inner.pg.as_ref()
+    }
+
+    /// In-place all-reduce (no autograd).
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), Error> {
+        match self.pg() {
+            None => Ok(()),
+            Some(pg) => pg
+                .all_reduce(t, op as i32)
+                .map_err(|msg| Error::Collective {
+                    op: "all_reduce",
+                    msg,
+                }),
+        }
+    }
+
+    /// In-place broadcast from `root` (no autograd).
+    pub fn broadcast(&self, t: &mut Tensor, root: i32) -> Result<(), Error> {
+        match self.pg() {
+            None => Ok(()),
+            Some(pg) => pg.broadcast(t, root).map_err(|msg| Error::Collective {
+                op: "broadcast",
+                msg,
+            }),
+        }
+    }
+
+    /// Every rank's `t`, in rank order (no autograd).
+    pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>, Error> {
+        let mut input = t.contiguous();
+        match self.pg() {
+            None => Ok(vec![input]),
+            Some(pg) => {
+                let mut outs: Vec<Tensor> = (0..self.world()).map(|_| input.empty_like()).collect();
+                pg.all_gather(&mut outs, &mut input)
+                    .map_err(|msg| Error::Collective {
+                        op: "all_gather",
+                        msg,
+                    })?;
+                Ok(outs)
+            }
+        }
+    }
+
+    /// Blocks until every rank arrives.
+    pub fn barrier(&self) -> Result<(), Error> {
+        match self.pg() {
+            None => Ok(()),
+            Some(pg) => pg
+                .barrier()
+                .map_err(|msg| Error::Collective { op: "barrier", msg }),
+        }
+    }
+
+    fn mapping(&self, which: u8, op: &'static str, x: &Tensor) -> Result<Tensor, Error> {
+        match self.pg() {
+            None => Ok(x.shallow_clone()),
+            Some(pg) => pg
+                .mapping(which, x)
+                .map_err(|msg| Error::Collective { op, msg }),
+        }
+    }
+
+    /// Megatron `copy_to_tensor_model_parallel_region`: identity forward, all-reduce backward.
+    pub fn copy_to_tp(&self, x: &Tensor) -> Result<Tensor, Error> {
+        self.mapping(0, "copy_to_tp", x)
+    }
+
+    /// Megatron `reduce_from_tensor_model_parallel_region`: all-reduce (sum) forward,
+    /// identity backward.
+    pub fn reduce_from_tp(&self, x: &Tensor) -> Result<Tensor, Error> {
+        self.mapping(1, "reduce_from_tp", x)
+    }
+
+    /// Megatron `gather_from_tensor_model_parallel_region`: all-gather along the last dim
+    /// forward, this rank's slice backward.
+    pub fn gather_from_tp(&self, x: &Tensor) -> Result<Tensor, Error> {
+        self.mapping(2, "gather_from_tp", x)
+    }
+
+    /// All-reduce (sum) in both directions: for a value every rank's loss term uses, when
+    /// the total loss is the sum of the ranks' terms.
+    pub fn all_reduce_autograd(&self, x: &Tensor) -> Result<Tensor, Error> {
+        self.mapping(3, "all_reduce_autograd", x)
+    }
+
+    /// All-reduce max of a tensor with no gradient (returns a new tensor).
+    pub fn max_no_grad(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let mut m = x.detach().contiguous().copy();
+        self.all_reduce(&mut m, ReduceOp::Max)?;
+        Ok(m)
+    }
+
+    /// Sum of a float scalar over ranks.
+    pub fn sum_f64(&self, v: f64) -> Result<f64, Error> {
+        let mut t = Tensor::from_slice(&[v]).to_kind(Kind::Double);
+        self.all_reduce(&mut t, ReduceOp::Sum)?;
+        t.f_double_value(&[0]).map_err(|e| Error::Collective {
+            op: "sum_f64",
+            msg: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> Result<Launch, Error> {
+        let map: std::collections::HashMap<String, String> = kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Launch::from_vars(&|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn reads_torchrun_variables() {
+        let l = vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29513"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.rank, l.world, l.local_rank, l.port), (1, 2, 1, 29513));
+        assert_eq!(l.addr, "10.0.0.1");
+        assert!(l.agent_store);
+        let d = vars(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (d.rank, d.world, d.port, d.agent_store),
+            (0, 1, 29500, false)
+        );
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = vars(&[("RANK", "2"), ("WORLD_SIZE", "2")])
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("RANK=\"2\"")));
+        let e = vars(&[("MASTER_PORT", "http")])
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("MASTER_PORT")));
+        assert!(vars(&[("WORLD_SIZE", "0")]).is_err());
+    }
+
+    #[test]
+    fn single_group_is_the_identity() {
+        let pg = ProcessGroup::single();
+        let x = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let y = pg.reduce_from_tp(&pg.copy_to_tp(&x).unwrap_or_else(|e| panic!("{e}")));
+        let y = y.unwrap_or_else(|e| panic!("{e}"));
+        (y * 3.0).sum(Kind::Float).backward();
+        assert_eq!(
+            Vec::<f32>::try_from(x.grad()).unwrap_or_default(),
+            vec![3.0, 3.0]
+        );
+        assert_eq!(pg.backend_name().ok().as_deref(), Some("single"));
+        assert!((pg.sum_f64(2.5).unwrap_or(0.0) - 2.5).abs() < 1e-12);
+    }
+
+    /// A real Gloo group of one process (the shim's code paths, unlike `single`).
+    fn gloo_of_one() -> ProcessGroup {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = RawStore::tcp("127.0.0.1", port, 1, true, 10_000, "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pg = RawPg::gloo(&store, 0, 1, 10_000).unwrap_or_else(|e| panic!("{e}"));
+        ProcessGroup {
+            inner: Arc::new(Inner {
+                pg: Some(pg),
+                _store: Some(store),
+                rank: 0,
+                world: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn shim_mappings_run_forward_and_backward() {
+        let pg = gloo_of_one();
+        assert_eq!(pg.backend_name().ok().as_deref(), Some("gloo"));
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+        let ok = |r: Result<Tensor, Error>| r.unwrap_or_else(|e| panic!("{e}"));
+        let y = ok(pg.copy_to_tp(&x));
+        let y = ok(pg.reduce_from_tp(&y));
+        let y = ok(pg.gather_from_tp(&y.view([1, 3])));
+        let y = ok(pg.all_reduce_autograd(&y));
+        assert_eq!(
+            Vec::<f32>::try_from(y.view([3]).copy()).unwrap_or_default(),
+            vec![1.0, -2.0, 3.0]
+        );
+        (y * 2.0).sum(Kind::Float).backward();
+        assert_eq!(
+            Vec::<f32>::try_from(x.grad()).unwrap_or_default(),
+            vec![2.0; 3]
+        );
+        let mut t = Tensor::from_slice(&[4.0f32]);
+        pg.all_reduce(&mut t, ReduceOp::Max)
+            .unwrap_or_else(|e| panic!("{e}"));
+        pg.broadcast(&mut t, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.all_gather(&t).map(|v| v.len()).ok(), Some(1));
+        pg.barrier().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn backward_after_the_group_is_gone_is_an_error() {
+        let pg = gloo_of_one();
+        let x = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let y = pg.copy_to_tp(&x).unwrap_or_else(|e| panic!("{e}"));
+        drop(pg);
+        let e = y.sum(Kind::Float).f_backward().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("destroyed before the backward")));
+    }
+
+    #[test]
+    fn store_connect_failure_is_an_error() {
+        // a client whose server never comes: TCPStore fails after the timeout
+        let l = Launch {
+            rank: 1,
+            world: 2,
+            local_rank: 1,
+            addr: "127.0.0.1".to_string(),
+            port: 1,
+            agent_store: false,
+        };
+        let store = RawStore::tcp(&l.addr, l.port, 2, false, 200, "t");
+        assert!(store.is_err());
+    }
+}

@@ -1,0 +1,427 @@
+//! The architecture of a Megatron-Core GPT as the engine needs it, read from a NeMo
+//! `model_config.yaml` ([`ModelConfig`]) plus the launch TP size, checked once so the model
+//! code never has to re-validate.
+
+use serde_yaml_ng::Value;
+
+use crate::config::{self, ModelConfig};
+
+/// Errors reading an architecture.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A typed config accessor failed.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// A key the engine reads has an unusable value.
+    #[error("model_config.yaml: {key}: {value}: {why}")]
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// The value, as text.
+        value: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Normalisation layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Norm {
+    /// `torch.nn.RMSNorm`.
+    Rms,
+    /// `torch.nn.LayerNorm`.
+    LayerNorm,
+    /// LayerNorm with a zero-centred weight (applied as `1 + w`).
+    LayerNorm1p,
+}
+
+/// MLP activation (of the gate, for gated MLPs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (swiglu).
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU (`openai_gelu`).
+    GeluTanh,
+    /// ReLU (reglu / relu).
+    Relu,
+    /// ReLU squared.
+    SquaredRelu,
+}
+
+/// Llama-3 style RoPE frequency scaling (mcore `RotaryEmbedding._apply_scaling`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeScaling {
+    /// `factor` (mcore `rope_scaling_factor`, default 8).
+    pub factor: f64,
+    /// `low_freq_factor` (1).
+    pub low_freq_factor: f64,
+    /// `high_freq_factor` (4).
+    pub high_freq_factor: f64,
+    /// `original_max_position_embeddings` (8192).
+    pub original_max_position_embeddings: f64,
+}
+
+/// Position encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Positions {
+    /// Learned absolute embeddings with this many rows.
+    Learned {
+        /// `max_position_embeddings`.
+        max: u64,
+    },
+    /// Rotary embeddings.
+    Rope {
+        /// Rotated channels per head (`kv_channels * rotary_percentage`, even).
+        rot_dim: u64,
+        /// `rotary_base`.
+        base: f64,
+        /// `rotary_interleaved` (false = rotate-half).
+        interleaved: bool,
+        /// `seq_len_interpolation_factor`: positions are divided by it.
+        interpolation: Option<f64>,
+        /// Llama-3 scaling.
+        scaling: Option<RopeScaling>,
+    },
+    /// No position encoding.
+    None,
+}
+
+/// A GPT architecture at one launch TP size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptSpec {
+    /// Layers.
+    pub num_layers: usize,
+    /// Hidden size H.
+    pub hidden: i64,
+    /// MLP hidden size F (per half when gated).
+    pub ffn: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Query groups (= heads for MHA).
+    pub groups: i64,
+    /// Per-head dim.
+    pub head_dim: i64,
+    /// Norm kind.
+    pub norm: Norm,
+    /// Norm epsilon.
+    pub eps: f64,
+    /// Gated MLP (`[gate; up]` fc1).
+    pub gated: bool,
+    /// Activation.
+    pub activation: Activation,
+    /// Linear-layer biases.
+    pub bias: bool,
+    /// Position encoding.
+    pub positions: Positions,
+    /// Tied input/output embeddings.
+    pub tied: bool,
+    /// Padded vocabulary (global rows of the embedding/output layer).
+    pub padded_vocab: i64,
+    /// `init_method_std`.
+    pub init_std: f64,
+    /// `use_scaled_init_method`: output projections use `std / sqrt(2 * num_layers)`.
+    pub scaled_init: bool,
+    /// Launch TP size.
+    pub tp: i64,
+}
+
+fn invalid(key: &'static str, value: impl ToString, why: impl Into<String>) -> Error {
+    Error::Invalid {
+        key,
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+fn as_f64(cfg: &ModelConfig, key: &'static str) -> Result<Option<f64>, Error> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| invalid(key, n, "not a finite number")),
+        Some(v) => Err(invalid(key, format!("{v:?}"), "expected a number")),
+    }
+}
+
+fn as_bool(cfg: &ModelConfig, key: &'static str) -> Result<Option<bool>, Error> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(invalid(key, format!("{v:?}"), "expected a boolean")),
+    }
+}
+
+fn to_i64(key: &'static str, v: u64) -> Result<i64, Error> {
+    i64::try_from(v).map_err(|_| invalid(key, v, "too large"))
+}
+
+impl GptSpec {
+    /// Reads the architecture for launch TP size `tp` with `padded_vocab` embedding rows.
+    ///
+    /// # Errors
+    /// Missing required keys, unsupported values (pipeline parallelism, a TP size that does
+    /// not divide heads / query groups / ffn / vocab, unknown normalisation or activation).
+    pub fn from_config(cfg: &ModelConfig, tp: u64, padded_vocab: u64) -> Result<GptSpec, Error> {
+        let tp_i = to_i64("tensor_model_parallel_size", tp)?;
+        if tp_i < 1 {
+            return Err(invalid(
+                "tensor_model_parallel_size",
+                tp,
+                "launch TP must be at least 1",
+            ));
+        }
+        let num_layers = usize::try_from(cfg.num_layers()?)
+            .map_err(|_| invalid("num_layers", "?", "too large"))?;
+        let hidden = to_i64("hidden_size", cfg.hidden_size()?)?;
+        let ffn = to_i64("ffn_hidden_size", cfg.ffn_hidden_size()?)?;
+        let heads = to_i64("num_attention_heads", cfg.num_attention_heads()?)?;
+        let groups = to_i64("num_query_groups", cfg.num_query_groups()?)?;
+        let head_dim = to_i64("kv_channels", cfg.kv_channels()?)?;
+        let padded_vocab = to_i64("padded vocab", padded_vocab)?;
+        if groups < 1 || heads % groups != 0 {
+            return Err(invalid(
+                "num_query_groups",
+                groups,
+                format!("must divide num_attention_heads={heads}"),
+            ));
+        }
+        // A rank must own whole query groups: mcore's groups < TP path all-gathers QKV and
+        // re-selects heads, which the engine does not implement.
+        if groups % tp_i != 0 {
+            return Err(invalid(
+                "num_query_groups",
+                groups,
+                format!("must be a multiple of the launch TP size {tp}"),
+            ));
+        }
+        if ffn % tp_i != 0 {
+            return Err(invalid(
+                "ffn_hidden_size",
+                ffn,
+                format!("must be a multiple of the launch TP size {tp}"),
+            ));
+        }
+        if padded_vocab % tp_i != 0 || padded_vocab < 1 {
+            return Err(invalid(
+                "make_vocab_size_divisible_by",
+                padded_vocab,
+                format!("padded vocab must be a positive multiple of TP={tp}"),
+            ));
+        }
+        let norm = match cfg.normalization() {
+            "rmsnorm" => Norm::Rms,
+            "layernorm" => Norm::LayerNorm,
+            "layernorm1p" => Norm::LayerNorm1p,
+            other => {
+                return Err(invalid(
+                    "normalization",
+                    other,
+                    "expected rmsnorm, layernorm or layernorm1p",
+                ))
+            }
+        };
+        let eps = as_f64(cfg, "layernorm_epsilon")?.unwrap_or(1e-5);
+        let openai_gelu = as_bool(cfg, "openai_gelu")?.unwrap_or(false);
+        let act_name = cfg.activation().trim_start_matches("fast-");
+        let activation = match act_name {
+            "swiglu" | "silu" => Activation::Silu,
+            "gelu" | "geglu" => {
+                if openai_gelu {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Gelu
+                }
+            }
+            "approx-gelu" => Activation::GeluTanh,
+            "reglu" | "relu" => Activation::Relu,
+            "squared-relu" => Activation::SquaredRelu,
+            other => return Err(invalid("activation", other, "unsupported activation")),
+        };
+        let positions = match cfg.position_embedding_type() {
+            "learned_absolute" => Positions::Learned {
+                max: cfg
+                    .get("max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| {
+                        invalid(
+                            "max_position_embeddings",
+                            "null",
+                            "required for learned_absolute",
+                        )
+                    })?,
+            },
+            "rope" => {
+                let pct = as_f64(cfg, "rotary_percentage")?.unwrap_or(1.0);
+                if !(pct > 0.0 && pct <= 1.0) {
+                    return Err(invalid("rotary_percentage", pct, "must be in (0, 1]"));
+                }
+                // mcore: dim = int(kv_channels * rotary_percent)
+                let rot_dim = ((head_dim as f64) * pct) as u64;
+                if rot_dim == 0 || rot_dim % 2 != 0 {
+                    return Err(invalid(
+                        "rotary_percentage",
+                        pct,
+                        format!("rotated dim {rot_dim} must be even and non-zero"),
+                    ));
+                }
+                Positions::Rope {
+                    rot_dim,
+                    base: as_f64(cfg, "rotary_base")?.unwrap_or(10000.0),
+                    interleaved: as_bool(cfg, "rotary_interleaved")?.unwrap_or(false),
+                    interpolation: as_f64(cfg, "seq_len_interpolation_factor")?,
+                    scaling: rope_scaling(cfg)?,
+                }
+            }
+            "none" => Positions::None,
+            other => {
+                return Err(invalid(
+                    "position_embedding_type",
+                    other,
+                    "expected rope, learned_absolute or none",
+                ))
+            }
+        };
+        Ok(GptSpec {
+            num_layers,
+            hidden,
+            ffn,
+            heads,
+            groups,
+            head_dim,
+            norm,
+            eps,
+            gated: cfg.is_gated(),
+            activation,
+            bias: cfg.bias(),
+            positions,
+            tied: cfg.share_embeddings_and_output_weights(),
+            padded_vocab,
+            init_std: as_f64(cfg, "init_method_std")?.unwrap_or(0.02),
+            scaled_init: as_bool(cfg, "use_scaled_init_method")?.unwrap_or(true),
+            tp: tp_i,
+        })
+    }
+
+    /// Heads per query group.
+    pub fn heads_per_group(&self) -> i64 {
+        self.heads / self.groups
+    }
+
+    /// Rows of the fused QKV weight (global).
+    pub fn qkv_rows(&self) -> i64 {
+        (self.heads + 2 * self.groups) * self.head_dim
+    }
+}
+
+/// Llama-3 scaling: mcore's `rope_scaling: true` (+ `rope_scaling_factor`), NeMo's
+/// `scale_positional_embedding: true`, or an HF-style `rope_scaling:` mapping with
+/// `rope_type: llama3`.
+fn rope_scaling(cfg: &ModelConfig) -> Result<Option<RopeScaling>, Error> {
+    let mut s = RopeScaling {
+        factor: as_f64(cfg, "rope_scaling_factor")?.unwrap_or(8.0),
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    match cfg.get("rope_scaling") {
+        Some(Value::Bool(true)) => return Ok(Some(s)),
+        Some(Value::Mapping(m)) => {
+            let num = |k: &str| m.get(k).and_then(Value::as_f64);
+            if let Some(v) = num("factor") {
+                s.factor = v;
+            }
+            if let Some(v) = num("low_freq_factor") {
+                s.low_freq_factor = v;
+            }
+            if let Some(v) = num("high_freq_factor") {
+                s.high_freq_factor = v;
+            }
+            if let Some(v) = num("original_max_position_embeddings") {
+                s.original_max_position_embeddings = v;
+            }
+            if s.high_freq_factor == s.low_freq_factor || s.factor == 0.0 {
+                return Err(invalid(
+                    "rope_scaling",
+                    format!("{m:?}"),
+                    "factor must be non-zero and high_freq_factor != low_freq_factor",
+                ));
+            }
+            return Ok(Some(s));
+        }
+        _ => {}
+    }
+    if as_bool(cfg, "scale_positional_embedding")?.unwrap_or(false) {
+        return Ok(Some(s));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama() -> ModelConfig {
+        ModelConfig::parse(
+            "num_layers: 2\nhidden_size: 64\nffn_hidden_size: 96\nnum_attention_heads: 8\n\
+             num_query_groups: 2\nkv_channels: 8\nnormalization: rmsnorm\nactivation: fast-swiglu\n\
+             bias: false\nposition_embedding_type: rope\nshare_embeddings_and_output_weights: false\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn reads_the_tiny_llama() {
+        let s = GptSpec::from_config(&llama(), 2, 128).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (s.hidden, s.ffn, s.heads, s.groups, s.head_dim),
+            (64, 96, 8, 2, 8)
+        );
+        assert_eq!(s.norm, Norm::Rms);
+        assert!(s.gated && !s.bias && !s.tied);
+        assert_eq!(s.activation, Activation::Silu);
+        assert_eq!(s.qkv_rows(), 96);
+        assert!(matches!(
+            s.positions,
+            Positions::Rope {
+                rot_dim: 8,
+                scaling: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_groups_not_divisible_by_tp() {
+        let e = GptSpec::from_config(&llama(), 4, 128)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("num_query_groups")));
+    }
+
+    #[test]
+    fn reads_llama3_scaling() {
+        let c = ModelConfig::parse(&format!(
+            "{}rope_scaling:\n  factor: 32.0\n  rope_type: llama3\n",
+            llama().text()
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = GptSpec::from_config(&c, 1, 128).unwrap_or_else(|e| panic!("{e}"));
+        let Positions::Rope {
+            scaling: Some(sc), ..
+        } = s.positions
+        else {
+            panic!("no scaling")
+        };
+        assert_eq!(sc.factor, 32.0);
+    }
+
+    #[test]
+    fn refuses_unknown_activation() {
+        let c = ModelConfig::parse(&llama().text().replace("fast-swiglu", "mish"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(GptSpec::from_config(&c, 1, 128).is_err());
+    }
+}
