@@ -908,6 +908,81 @@ mod tests {
         assert!(matches!(err, Error::BadSlice { end: 200, .. }), "{err}");
     }
 
+    /// A TP=2 `.nemo` whose two rank files hold the given (key, shape) f32 tensors.
+    fn two_ranks(
+        dir: &std::path::Path,
+        r0: &[(&str, Vec<u64>)],
+        r1: &[(&str, Vec<u64>)],
+    ) -> Checkpoint {
+        use crate::torch::tensor::{StorageRef, TensorRef};
+        use crate::torch::value::{Construct, Global, Object};
+        let path = dir.join("x.nemo");
+        let mut tar = crate::tar_write::TarWriter::new(std::fs::File::create(&path).unwrap());
+        let cfg = crate::synth::Spec::tiny().config_yaml(2, 1);
+        tar.append_pieces("model_config.yaml", cfg.len() as u64, [cfg.as_bytes()])
+            .unwrap();
+        for (r, keys) in [r0, r1].iter().enumerate() {
+            let mut od = Object::new(
+                Global::new("collections", "OrderedDict"),
+                Construct::Reduce,
+                vec![],
+            );
+            for (k, shape) in keys.iter() {
+                let n: u64 = shape.iter().product::<u64>() * 4;
+                let st = StorageRef::from_view(*k, ByteView::from_vec(vec![1u8; n as usize]));
+                let t = TensorRef::contiguous(Dtype::F32, shape.clone(), st).unwrap();
+                od.items
+                    .push((Value::Str(k.to_string()), Value::Tensor(Box::new(t))));
+            }
+            let root = Value::Object(Box::new(od));
+            tar.append_streamed(&format!("mp_rank_0{r}/model_weights.ckpt"), |w| {
+                crate::torch::file::save(w, "model_weights", &root)
+                    .map(|_| ())
+                    .map_err(std::io::Error::other)
+            })
+            .unwrap();
+        }
+        tar.finish().unwrap();
+        Checkpoint::open(&path).unwrap()
+    }
+
+    #[test]
+    fn missing_shard_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.embedding.word_embeddings.weight";
+        let c = two_ranks(
+            tmp.path(),
+            &[(k, vec![4, 2])],
+            &[("model.other", vec![4, 2])],
+        );
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(
+            matches!(e, Error::MissingShard { ref key, ref member } if key == k && member.starts_with("mp_rank_01")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shard_mismatch_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.layers.0.self_attention.linear_qkv.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![4, 2])], &[(k, vec![4, 3])]);
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(
+            matches!(e, Error::ShardMismatch { ref found, .. } if found == "float32[4, 3]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn odd_gated_shard_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.layers.0.mlp.linear_fc1.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![3, 2])], &[(k, vec![3, 2])]);
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(matches!(e, Error::OddGatedShard { rows: 3, .. }), "{e}");
+    }
+
     #[test]
     fn sub_pieces_cross_boundaries() {
         let p = vec![
