@@ -166,7 +166,6 @@ fn torch_dist_to_tp2_equals_tp2() {
         &opts(2, 1, None),
     );
     assert_same_ranks(&out, &fixture("nemo/tiny_llama_tp2.nemo"));
-    // and the bare torch_dist folder (no config: TP/PP from the request)
     let out1 = tmp.path().join("tp1.nemo");
     reshard(
         &fixture("nemo/tiny_llama_dist_tp1.nemo"),
@@ -174,6 +173,37 @@ fn torch_dist_to_tp2_equals_tp2() {
         &opts(1, 1, None),
     );
     assert_same_ranks(&out1, &fixture("nemo/tiny_llama_tp1.nemo"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn zarr_folder_to_tp2_equals_tp2() {
+    // an extracted .nemo folder: the llama config and tokenizer, zarr weights
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("llama_zarr");
+    let zarr = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/zarr/llama_tp2/model_weights");
+    copy_dir(&zarr, &folder.join("model_weights"));
+    let src = Archive::open(fixture("nemo/tiny_llama_dist_tp1.nemo")).unwrap();
+    for m in src.members() {
+        if m.kind == MemberKind::File && !m.name.starts_with("model_weights") {
+            std::fs::write(folder.join(&m.name), src.read(&m.name).unwrap().as_slice()).unwrap();
+        }
+    }
+    let out = tmp.path().join("tp2.nemo");
+    reshard(&folder, &out, &opts(2, 1, None));
+    assert_same_ranks(&out, &fixture("nemo/tiny_llama_tp2.nemo"));
 }
 
 #[test]
