@@ -100,6 +100,14 @@ pub enum Error {
         /// Global shape.
         shape: Vec<u64>,
     },
+    /// A replicated tensor differs between TP ranks.
+    #[error("{key}: replicated tensor differs between TP rank 0 and {member}")]
+    ReplicaMismatch {
+        /// The key (canonical name).
+        key: String,
+        /// The rank file whose copy differs.
+        member: String,
+    },
     /// A stacked distributed tensor whose layer axis disagrees with the model.
     #[error("{key}: stacked layer axis is {found}, other tensors say {expected} layers")]
     LayerCount {
@@ -166,6 +174,9 @@ pub struct Tensor {
     pub rule: Rule,
     /// Where the bytes are.
     pub source: Source,
+    /// Replicated tensors of per-rank sources: the copies of TP ranks 1..
+    /// as (rank file, bytes), for [`Canonical::verify_replicas`].
+    pub replicas: Vec<(String, Part)>,
 }
 
 /// Where a canonical tensor's bytes are.
@@ -444,10 +455,14 @@ impl<'c> Canonical<'c> {
                     pieces,
                 },
             ));
-            if matches!(rule, Rule::Replicated) {
-                break; // rank 0 only
-            }
         }
+        // Replicated: rank 0 is the tensor; the other ranks' copies are kept
+        // aside for `verify_replicas`.
+        let replicas = if rule == Rule::Replicated && locals.len() > 1 {
+            locals.split_off(1)
+        } else {
+            Vec::new()
+        };
         let dtype = t0.dtype;
         let (axis, parts) = match rule {
             Rule::Replicated | Rule::ExtraState => {
@@ -493,6 +508,7 @@ impl<'c> Canonical<'c> {
             shape,
             rule,
             source: Source::Parts { axis, parts },
+            replicas,
         }))
     }
 
@@ -535,6 +551,7 @@ impl<'c> Canonical<'c> {
                                 tensor: i,
                                 layer: Some(l),
                             },
+                            replicas: Vec::new(),
                         }),
                     });
                 }
@@ -551,6 +568,7 @@ impl<'c> Canonical<'c> {
                             tensor: i,
                             layer: None,
                         },
+                        replicas: Vec::new(),
                     }),
                 };
                 if layer.is_some() {
@@ -623,6 +641,36 @@ impl<'c> Canonical<'c> {
         a.iter()
             .chain(b)
             .find(|e| e.layer == layer && e.name == name)
+    }
+
+    /// Checks that every replicated tensor is identical on all TP ranks of
+    /// its stage (reads those tensors' bytes; per-rank sources only).
+    ///
+    /// # Errors
+    /// [`Error::ReplicaMismatch`] for the first copy that differs.
+    pub fn verify_replicas(&self) -> Result<(), Error> {
+        for e in &self.entries {
+            let EntryValue::Tensor(t) = &e.value else {
+                continue;
+            };
+            let Source::Parts { parts, .. } = &t.source else {
+                continue;
+            };
+            let Some(first) = parts.first() else { continue };
+            let a = crate::torch::tensor::concat(&first.pieces);
+            for (member, p) in &t.replicas {
+                if crate::torch::tensor::concat(&p.pieces) != a {
+                    return Err(Error::ReplicaMismatch {
+                        key: match e.layer {
+                            Some(l) => format!("{}{l}.{}", self.layer_stem, e.name),
+                            None => e.name.clone(),
+                        },
+                        member: member.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Row-major bytes of the slice `range` along `axis` of a canonical
@@ -970,6 +1018,27 @@ mod tests {
         let e = Canonical::new(&c).unwrap_err();
         assert!(
             matches!(e, Error::ShardMismatch { ref found, .. } if found == "float32[4, 3]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replicas_are_verified() {
+        let tp2 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo")).unwrap();
+        Canonical::new(&tp2).unwrap().verify_replicas().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.final_layernorm.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![4])], &[(k, vec![4])]);
+        let mut canon = Canonical::new(&c).unwrap();
+        canon.verify_replicas().unwrap();
+        // make rank 1's copy differ
+        if let EntryValue::Tensor(t) = &mut canon.entries[0].value {
+            t.replicas[0].1.pieces = vec![Piece::Zeros(16)];
+        }
+        let e = canon.verify_replicas().unwrap_err();
+        assert!(
+            matches!(e, Error::ReplicaMismatch { ref member, .. } if member.starts_with("mp_rank_01")),
             "{e}"
         );
     }
