@@ -431,8 +431,9 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
                     },
                     EntryValue::Tensor(x) => {
                         let out_dtype = match opts.dtype {
-                            Some(d) if d != x.dtype => {
-                                if !castable(x.dtype) || !castable(d) {
+                            // only floating-point tensors are cast; others keep their type
+                            Some(d) if d != x.dtype && castable(x.dtype) => {
+                                if !castable(d) {
                                     return Err(Error::Cast {
                                         key: full_key,
                                         from: x.dtype,
