@@ -512,3 +512,59 @@ fn dry_run_writes_nothing_and_json_describes_the_plan() {
     assert_eq!(v["rank_files"], 2);
     assert_eq!(v["tensors"], 30);
 }
+
+/// TransformerEngine keeps `_extra_state` as a uint8 tensor (or BytesIO): it is
+/// an opaque object, copied verbatim to every rank, never split.
+#[test]
+fn tensor_extra_state_is_kept_verbatim() {
+    use nemo_tool::bytes::ByteView;
+    use nemo_tool::tar_write::TarWriter;
+    use nemo_tool::torch::tensor::{StorageRef, TensorRef};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(fixture("nemo/tiny_llama_tp1.nemo")).unwrap();
+    let key = "model.decoder.layers.1.mlp.linear_fc2._extra_state";
+    let blob: Vec<u8> = (0u8..37).collect();
+    let mut root = src.rank_files()[0].file.root.clone();
+    let Value::Object(od) = &mut root else {
+        panic!("not an OrderedDict")
+    };
+    let slot = od
+        .items
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap();
+    let st = StorageRef::from_view("blob", ByteView::from_vec(blob.clone()));
+    slot.1 = Value::Tensor(Box::new(
+        TensorRef::contiguous(Dtype::U8, vec![37], st).unwrap(),
+    ));
+    let path = tmp.path().join("te.nemo");
+    let mut tar = TarWriter::new(std::fs::File::create(&path).unwrap());
+    tar.append_dir("").unwrap();
+    for m in src.archive().members() {
+        if m.kind == MemberKind::File && m.name != "model_weights.ckpt" {
+            let b = src.read_member(&m.name).unwrap();
+            tar.append_pieces(&m.name, b.len() as u64, [b]).unwrap();
+        }
+    }
+    tar.append_streamed("model_weights.ckpt", |w| {
+        nemo_tool::torch::file::save(w, "model_weights", &root)
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    tar.finish().unwrap();
+
+    let tp2 = tmp.path().join("tp2.nemo");
+    reshard(&path, &tp2, &opts(2, 1, None));
+    let c = Checkpoint::open(&tp2).unwrap();
+    for r in c.rank_files() {
+        let (_, v) = r.entries().find(|(k, _)| *k == key).unwrap();
+        let Value::Tensor(t) = v else {
+            panic!("{}: {key} is not a tensor", r.member)
+        };
+        assert_eq!((t.dtype, t.to_vec().unwrap()), (Dtype::U8, blob.clone()));
+    }
+    let back = tmp.path().join("back.nemo");
+    reshard(&tp2, &back, &opts(1, 1, None));
+    assert_same_ranks(&back, &path);
+}
