@@ -25,11 +25,6 @@ pub fn map_file(file: &File) -> io::Result<Mmap> {
     #[cfg(unix)]
     if !map.is_empty() {
         let _ = map.advise(memmap2::Advice::Random);
-        // A page-cache folio of 2 MiB would otherwise be mapped whole (one PMD)
-        // by a read of any byte in it: every small header read would add 2 MiB
-        // to our resident set.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::NoHugePage);
     }
     Ok(map)
 }
