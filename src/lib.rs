@@ -15,6 +15,7 @@ pub mod members;
 pub mod mmap;
 pub mod outdir;
 pub mod output;
+pub mod safetensors;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;
