@@ -6,6 +6,7 @@ pub mod bytes;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
+pub mod convert;
 pub mod dcp;
 pub mod dcp_write;
 pub mod dist;

@@ -1,0 +1,9 @@
+//! `nemo-tool convert`: Hugging Face Llama-family folders <-> `.nemo`, and
+//! per-rank <-> distributed (`torch_dist`) weight layouts. Every path goes
+//! through [`canonical::Canonical`], the TP=1 model as zero-copy pieces, so
+//! tensors stream from the input mapping into the output without being
+//! materialised.
+
+pub mod canonical;
+pub mod hf_config;
+pub mod tensor;
