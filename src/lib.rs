@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod bytes;
+pub mod canonical;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
@@ -16,6 +17,8 @@ pub mod members;
 pub mod mmap;
 pub mod outdir;
 pub mod output;
+pub mod plan;
+pub mod reshard;
 pub mod safetensors;
 pub mod synth;
 pub mod tar_write;

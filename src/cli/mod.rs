@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod checksum;
 mod inspect;
 mod pack;
+mod reshard;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -32,6 +33,8 @@ pub enum Command {
     Pack(pack::Args),
     /// Print the sha256 of every stored tensor.
     Checksum(checksum::Args),
+    /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
+    Reshard(reshard::Args),
 }
 
 impl Cli {
@@ -41,6 +44,7 @@ impl Cli {
             Command::Inspect(args) => inspect::run(args),
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
+            Command::Reshard(args) => reshard::run(args),
         }
     }
 }
