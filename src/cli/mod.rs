@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod convert;
 mod inspect;
 mod pack;
 mod reshard;
@@ -35,6 +36,8 @@ pub enum Command {
     Checksum(checksum::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
+    /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
+    Convert(convert::Args),
 }
 
 impl Cli {
@@ -45,6 +48,7 @@ impl Cli {
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
             Command::Reshard(args) => reshard::run(args),
+            Command::Convert(args) => convert::run(args),
         }
     }
 }

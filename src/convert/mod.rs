@@ -5,5 +5,11 @@
 //! materialised.
 
 pub mod canonical;
+pub mod dist_out;
+pub mod hf;
 pub mod hf_config;
+pub mod ops;
 pub mod tensor;
+pub mod write_nemo;
+
+pub use ops::{hf_to_nemo, nemo_to_dist, nemo_to_hf, nemo_to_per_rank, FromHf, Summary, ToHf};
