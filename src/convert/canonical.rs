@@ -148,6 +148,11 @@ fn order_key(name: &str) -> (u8, u64, usize, String) {
             .unwrap_or(LAYER_ORDER.len());
         return (1, l, i, s.to_string());
     }
+    // A module's parameters come before its `_extra_state`.
+    let (module, is_extra) = match name.strip_suffix("._extra_state") {
+        Some(m) => (m, 1),
+        None => (name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name), 0),
+    };
     let group = if name.starts_with("model.embedding.") {
         0
     } else if name.starts_with("model.decoder.") {
@@ -155,7 +160,7 @@ fn order_key(name: &str) -> (u8, u64, usize, String) {
     } else {
         3
     };
-    (group, 0, 0, name.to_string())
+    (group, 0, is_extra, format!("{module}\u{0}{name}"))
 }
 
 impl Canonical {
@@ -394,6 +399,12 @@ mod tests {
         );
         let names = |c: &Canonical| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&a), names(&b));
+        // Canonical order is the state-dict order of the fixture's rank file.
+        let stored: Vec<String> = one.rank_files()[0]
+            .entries()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(names(&a), stored);
         assert_eq!(a.entries.len(), 24);
         // The dist checkpoint drops output_layer._extra_state.
         let mut want = names(&a);

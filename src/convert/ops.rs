@@ -161,8 +161,7 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
     let tok_vocab = m
         .side_files
         .iter()
-        .filter(|(n, _)| n == "tokenizer.model" || n == "tokenizer.json")
-        .find_map(|(n, b)| crate::tokenizer::vocab_size(n, b.as_slice()).ok().flatten());
+        .find_map(|(n, b)| tokenizer_vocab(n, b.as_slice()));
     let override_vocab_size = (tok_vocab != Some(v)).then_some(v);
     let divisor = opts
         .vocab_divisor
@@ -271,12 +270,42 @@ pub fn true_vocab(ck: &Checkpoint) -> Option<u64> {
     if let Some(v) = ck.config.override_vocab_size() {
         return Some(v);
     }
-    ck.config.artifact_refs().iter().find_map(|r| {
+    let from_refs = ck.config.artifact_refs().iter().find_map(|r| {
         let b = ck.read_member(&r.name).ok()?;
-        crate::tokenizer::vocab_size(&r.name, b.as_slice())
-            .ok()
-            .flatten()
+        tokenizer_vocab(artifact_original(&r.name), b.as_slice())
+    });
+    from_refs.or_else(|| {
+        ck.artifacts
+            .iter()
+            .filter(|a| artifact_original(a) == "tokenizer.json")
+            .find_map(|a| {
+                let b = ck.read_member(a).ok()?;
+                tokenizer_vocab("tokenizer.json", b.as_slice())
+            })
     })
+}
+
+/// The vocabulary a tokenizer file defines: SentencePiece pieces, or for an
+/// HF `tokenizer.json` one more than the highest id of its vocabulary and
+/// added tokens (added special tokens live outside `model.vocab`).
+pub fn tokenizer_vocab(name: &str, bytes: &[u8]) -> Option<u64> {
+    match name {
+        "tokenizer.model" => crate::tokenizer::vocab_size(name, bytes).ok().flatten(),
+        "tokenizer.json" => {
+            let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+            let vocab = v.get("model")?.get("vocab")?.as_object()?;
+            let mut top = vocab.values().filter_map(|x| x.as_u64()).max()?;
+            if let Some(added) = v.get("added_tokens").and_then(|a| a.as_array()) {
+                for t in added {
+                    if let Some(id) = t.get("id").and_then(|x| x.as_u64()) {
+                        top = top.max(id);
+                    }
+                }
+            }
+            top.checked_add(1)
+        }
+        _ => None,
+    }
 }
 
 /// `.nemo` (any layout) -> HF folder.
