@@ -152,7 +152,10 @@ pub fn plan(
                 }
                 // Gated fc1 is saved as gate and up halves (swiglu factory).
                 let rows = t.shape.first().copied().unwrap_or(0);
-                let halves = gated && key.contains("mlp.linear_fc1.") && rows % 2 == 0;
+                let halves = gated
+                    && (key.ends_with("mlp.linear_fc1.weight")
+                        || key.ends_with("mlp.linear_fc1.bias"))
+                    && rows % 2 == 0;
                 let parts: Vec<(u64, u64)> = if halves {
                     vec![(0, rows / 2), (rows / 2, rows)]
                 } else {

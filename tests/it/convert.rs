@@ -1,0 +1,220 @@
+//! `convert` end to end through the library: HF fixture -> .nemo at several
+//! layouts -> HF again, byte for byte; `--to dist` read back; sharding.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::convert::canonical::{Canonical, Item};
+use nemo_tool::convert::{hf_to_nemo, nemo_to_dist, nemo_to_hf, FromHf, ToHf};
+use nemo_tool::safetensors;
+use nemo_tool::torch::tensor::concat;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The fixture HF folder plus the fixture tokenizer, in a temp dir.
+fn hf_dir(tmp: &Path) -> PathBuf {
+    let d = tmp.join("hf");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(root().join("fixtures/mcore/llama/hf").join(f), d.join(f)).unwrap();
+    }
+    std::fs::copy(
+        root().join("fixtures/mcore/tokenizer/tokenizer.model"),
+        d.join("tokenizer.model"),
+    )
+    .unwrap();
+    d
+}
+
+fn from_hf(tp: u64, pp: u64) -> FromHf {
+    FromHf {
+        tp,
+        pp,
+        dtype: None,
+        vocab_divisor: None,
+        force: false,
+    }
+}
+
+fn tensors_of(ck: &Checkpoint) -> HashMap<String, Vec<u8>> {
+    let c = Canonical::from_checkpoint(ck).unwrap();
+    c.entries
+        .iter()
+        .filter_map(|e| match &e.item {
+            Item::Tensor(t) => Some((e.name.clone(), concat(t.pieces()))),
+            Item::Object(_) => None,
+        })
+        .collect()
+}
+
+fn hf_bytes(dir: &Path) -> HashMap<String, Vec<u8>> {
+    safetensors::open_dir(dir)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, st)| st.tensors)
+        .map(|t| (t.name, t.data.as_slice().to_vec()))
+        .collect()
+}
+
+#[test]
+fn hf_to_every_layout_and_back_is_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_dir(tmp.path());
+    let want = hf_bytes(&root().join("fixtures/mcore/llama/hf"));
+    let reference = tensors_of(
+        &Checkpoint::open(root().join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")).unwrap(),
+    );
+    for (tp, pp) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+        let nemo = tmp.path().join(format!("m_{tp}_{pp}.nemo"));
+        let s = hf_to_nemo(&hf, &nemo, &from_hf(tp, pp)).unwrap();
+        assert_eq!((s.tp, s.pp, s.files as u64), (tp, pp, tp * pp));
+        let ck = Checkpoint::open(&nemo).unwrap();
+        assert!(ck.warnings.is_empty(), "{:?}", ck.warnings);
+        assert_eq!(ck.layout.tp, tp);
+        assert_eq!(ck.layout.pp, pp);
+        // Every tensor equals the megatron-core fixture's (vocab rows: the true 100).
+        let ours = tensors_of(&ck);
+        assert_eq!(ours.len(), reference.len());
+        for (k, v) in &reference {
+            let o = &ours[k];
+            if k.contains("word_embeddings") || k.contains("output_layer") {
+                let n = 100 * 64 * 4;
+                assert!(o[..n] == v[..n], "{k} at {tp}x{pp}");
+                assert!(o[n..].iter().all(|b| *b == 0), "{k}: padding is zero");
+            } else {
+                assert!(o == v, "{k} at {tp}x{pp}");
+            }
+        }
+        let back = tmp.path().join(format!("hf_{tp}_{pp}"));
+        let s = nemo_to_hf(
+            &nemo,
+            &back,
+            &ToHf {
+                shard_size: 5_000_000_000,
+                dtype: None,
+                force: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.vocab, (100, 100));
+        assert_eq!(hf_bytes(&back), want, "{tp}x{pp}");
+        assert_eq!(
+            std::fs::read(back.join("tokenizer.model")).unwrap(),
+            std::fs::read(hf.join("tokenizer.model")).unwrap()
+        );
+    }
+}
+
+#[test]
+fn to_hf_shards_with_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hf");
+    let s = nemo_to_hf(
+        &root().join("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo"),
+        &out,
+        &ToHf {
+            shard_size: 60_000,
+            dtype: None,
+            force: false,
+        },
+    )
+    .unwrap();
+    assert!(s.files >= 4, "{}", s.files);
+    assert!(out.join(safetensors::INDEX_FILE).is_file());
+    assert!(!out.join(safetensors::SINGLE_FILE).exists());
+    assert_eq!(
+        hf_bytes(&out),
+        hf_bytes(&root().join("fixtures/mcore/llama/hf"))
+    );
+    // No overwrite without force; with force it is replaced.
+    let opts = ToHf {
+        shard_size: 5_000_000_000,
+        dtype: None,
+        force: false,
+    };
+    let src = root().join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo");
+    assert!(nemo_to_hf(&src, &out, &opts).is_err());
+    nemo_to_hf(
+        &src,
+        &out,
+        &ToHf {
+            force: true,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert!(out.join(safetensors::SINGLE_FILE).is_file());
+}
+
+#[test]
+fn dtype_cast_to_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_dir(tmp.path());
+    let nemo = tmp.path().join("bf16.nemo");
+    let mut o = from_hf(2, 1);
+    o.dtype = Some(nemo_tool::torch::Dtype::BF16);
+    hf_to_nemo(&hf, &nemo, &o).unwrap();
+    let ck = Checkpoint::open(&nemo).unwrap();
+    assert_eq!(ck.config.precision(), Some("bf16"));
+    let src = hf_bytes(&hf);
+    let ours = tensors_of(&ck);
+    let norm = &ours["model.decoder.final_layernorm.weight"];
+    let f32s = &src["model.norm.weight"];
+    for (i, w) in f32s.chunks(4).enumerate() {
+        let x = f32::from_le_bytes(w.try_into().unwrap());
+        let b = half::bf16::from_le_bytes([norm[2 * i], norm[2 * i + 1]]);
+        assert_eq!(b, half::bf16::from_f32(x));
+    }
+}
+
+#[test]
+fn to_dist_reads_back_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    for src in ["tiny_llama_tp1.nemo", "tiny_llama_tp2.nemo"] {
+        let input = root().join("fixtures/mcore/llama/nemo").join(src);
+        let out = tmp.path().join(format!("dist_{src}"));
+        nemo_to_dist(&input, &out, false).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(
+            ck.layout.variant,
+            nemo_tool::checkpoint::Variant::Distributed
+        );
+        assert_eq!(
+            ck.config.text(),
+            Checkpoint::open(&input).unwrap().config.text()
+        );
+        assert_eq!(
+            tensors_of(&ck),
+            tensors_of(&Checkpoint::open(&input).unwrap()),
+            "{src}"
+        );
+        // Objects: one per layer module, holding None.
+        let nemo_tool::checkpoint::Weights::Dist(d) = &ck.weights else {
+            panic!("not dist")
+        };
+        assert_eq!(d.objects.len(), 8);
+        assert!(d
+            .objects
+            .iter()
+            .any(|o| o.key == "model.decoder.layers.mlp.linear_fc2._extra_state/shard_1_2"));
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_and_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_dir(tmp.path());
+    let out = tmp.path().join("x.nemo");
+    // 8 heads / 2 groups do not split 4 ways on groups... 3 ways at all.
+    let e = hf_to_nemo(&hf, &out, &from_hf(3, 1)).unwrap_err();
+    assert!(e.to_string().contains("divide"), "{e}");
+    let e = hf_to_nemo(&hf, &out, &from_hf(1, 3)).unwrap_err();
+    assert!(e.to_string().contains("layers"), "{e}");
+    assert!(!out.exists());
+    std::fs::write(&out, b"keep").unwrap();
+    assert!(hf_to_nemo(&hf, &out, &from_hf(1, 1)).is_err());
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}
