@@ -10,11 +10,18 @@ use anyhow::{bail, Result};
 type Bench = (&'static str, &'static str, fn(&[String]) -> Result<()>);
 
 /// Registered benches.
-const BENCHES: &[Bench] = &[(
-    "inspect",
-    "inspect a sparse Llama-70B-shaped TP8 .nemo (>100 GiB): time and bytes read",
-    inspect,
-)];
+const BENCHES: &[Bench] = &[
+    (
+        "inspect",
+        "inspect a sparse Llama-70B-shaped TP8 .nemo (>100 GiB): time and bytes read",
+        inspect,
+    ),
+    (
+        "convert",
+        "HF -> .nemo of a 2.2 GB bf16 model: time against cp, peak RSS",
+        crate::bench_convert::convert,
+    ),
+];
 
 /// Builds the release binary and the bench examples.
 fn build_release() -> Result<PathBuf> {
@@ -123,7 +130,7 @@ fn inspect(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "PASS"
     } else {
