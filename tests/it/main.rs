@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod convert;
+mod reshard;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;

@@ -21,10 +21,15 @@ const BENCHES: &[Bench] = &[
         "HF -> .nemo of a 2.2 GB bf16 model: time against cp, peak RSS",
         crate::bench_convert::convert,
     ),
+    (
+        "reshard",
+        "reshard a 2.2 GB bf16 Llama-shaped TP2 .nemo to TP4: time vs cp and a PyTorch baseline, peak RSS",
+        crate::bench_reshard::reshard,
+    ),
 ];
 
 /// Builds the release binary and the bench examples.
-fn build_release() -> Result<PathBuf> {
+pub(crate) fn build_release() -> Result<PathBuf> {
     crate::util::run(crate::util::cargo().args([
         "build",
         "--release",

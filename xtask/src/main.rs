@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_convert;
+mod bench_reshard;
 mod demo;
 mod sha256;
 mod test;
