@@ -425,6 +425,9 @@ pub fn write_torch_dist(
 pub type ChunkFill<'a> =
     dyn FnMut(usize, usize, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + 'a;
 
+/// Writes one chunk's bytes into the sink it is given.
+type ByteFill<'a> = dyn FnMut(&mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + 'a;
+
 /// The `torch.save` stream of one contiguous tensor whose bytes come from
 /// `fill` (written into `w`); returns the stream length. With a `fill` that
 /// writes zeros this measures the length without touching any payload: an
@@ -433,7 +436,7 @@ fn save_chunk_with(
     w: &mut dyn io::Write,
     dtype: Dtype,
     sizes: &[u64],
-    fill: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>,
+    fill: &mut ByteFill<'_>,
 ) -> io::Result<u64> {
     use crate::torch::tensor::{Piece, StorageRef, TensorRef};
     let n = sizes

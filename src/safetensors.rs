@@ -420,7 +420,7 @@ pub fn write(
 
 /// Writes pieces; zeros in bounded blocks.
 pub fn write_pieces(w: &mut dyn Write, pieces: &[Piece]) -> io::Result<u64> {
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut n = 0u64;
     for p in pieces {
         match p {

@@ -93,7 +93,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("bad size unit in `{s}`")),
     };
     let v = n * mult;
-    if !(v >= 1.0 && v < 1.8e19) {
+    if !(1.0..1.8e19).contains(&v) {
         return Err(format!("size `{s}` out of range"));
     }
     Ok(v as u64)

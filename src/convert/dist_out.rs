@@ -322,3 +322,86 @@ pub fn write(
         warnings,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::canonical::Entry;
+    use crate::convert::tensor::Flat;
+    use crate::torch::dtype::Dtype;
+
+    fn t(name: &str, shape: &[u64]) -> Entry {
+        let n: u64 = shape.iter().product::<u64>() * 4;
+        Entry {
+            name: name.into(),
+            item: Item::Tensor(
+                Flat::new(name, Dtype::F32, shape.to_vec(), vec![Piece::Zeros(n)]).unwrap(),
+            ),
+        }
+    }
+
+    #[test]
+    fn layers_stack_with_gated_halves_and_objects() {
+        let c = Canonical {
+            entries: vec![
+                t("model.decoder.layers.0.mlp.linear_fc1.weight", &[4, 2]),
+                t("model.decoder.layers.1.mlp.linear_fc1.weight", &[4, 2]),
+                t("model.decoder.layers.0.input_layernorm.weight", &[2]),
+                t("model.decoder.layers.1.input_layernorm.weight", &[2]),
+                Entry {
+                    name: "model.decoder.layers.1.mlp.linear_fc1._extra_state".into(),
+                    item: Item::Object(Value::None),
+                },
+                Entry {
+                    name: "model.output_layer._extra_state".into(),
+                    item: Item::Object(Value::None),
+                },
+            ],
+        };
+        let (tensors, pieces, objects, warnings) = plan(&c, true).unwrap();
+        assert!(warnings.is_empty());
+        let fc1 = &tensors[0];
+        assert_eq!(fc1.key, "model.decoder.layers.mlp.linear_fc1.weight");
+        assert_eq!(fc1.shape, vec![2, 4, 2]);
+        let boxes: Vec<_> = fc1
+            .chunks
+            .iter()
+            .map(|c| (c.offsets.clone(), c.sizes.clone()))
+            .collect();
+        assert_eq!(
+            boxes,
+            vec![
+                (vec![0, 0, 0], vec![1, 2, 2]),
+                (vec![0, 2, 0], vec![1, 2, 2]),
+                (vec![1, 0, 0], vec![1, 2, 2]),
+                (vec![1, 2, 0], vec![1, 2, 2]),
+            ]
+        );
+        assert_eq!(pieces[0].len(), 4);
+        assert_eq!(
+            tensors[1].key,
+            "model.decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+        );
+        assert_eq!(tensors[1].chunks.len(), 2);
+        assert_eq!(objects.len(), 1);
+        assert_eq!(
+            objects[0].0,
+            "model.decoder.layers.mlp.linear_fc1._extra_state/shard_1_2"
+        );
+    }
+
+    #[test]
+    fn layers_of_different_shapes_do_not_stack() {
+        let c = Canonical {
+            entries: vec![
+                t("model.decoder.layers.0.mlp.linear_fc2.weight", &[2, 2]),
+                t("model.decoder.layers.1.mlp.linear_fc2.weight", &[2, 3]),
+            ],
+        };
+        let e = plan(&c, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::Stack { key, .. } if key.ends_with("linear_fc2.weight")),
+            "{e}"
+        );
+    }
+}

@@ -51,12 +51,12 @@ pub enum Error {
     /// Writing the distributed checkpoint.
     #[error(transparent)]
     Dist(#[from] super::dist_out::Error),
-    /// Resharding.
+    /// Planning the per-rank layout.
     #[error(transparent)]
-    Plan(#[from] crate::plan::Error),
-    /// Resharding.
+    Plan(Box<crate::plan::Error>),
+    /// Writing the per-rank layout.
     #[error(transparent)]
-    Reshard(#[from] crate::reshard::Error),
+    Reshard(Box<crate::reshard::Error>),
     /// A request that cannot be honoured exactly.
     #[error("{0}")]
     Invalid(String),
@@ -477,7 +477,8 @@ pub fn nemo_to_per_rank(
             allow_partial_query_groups: false,
             vocab_size: None,
         },
-    )?;
+    )
+    .map_err(|e| Error::Plan(Box::new(e)))?;
     let s = crate::reshard::write(
         &canon,
         &plan,
@@ -486,7 +487,8 @@ pub fn nemo_to_per_rank(
             force,
             progress: None,
         },
-    )?;
+    )
+    .map_err(|e| Error::Reshard(Box::new(e)))?;
     let rows = plan
         .vocab
         .as_ref()
@@ -508,6 +510,45 @@ pub fn nemo_to_per_rank(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mixed_dtypes_need_a_cast() {
+        use super::super::canonical::Entry;
+        use super::super::tensor::Flat;
+        let t = |name: &str, dtype: Dtype| Entry {
+            name: name.into(),
+            item: Item::Tensor(
+                Flat::new(
+                    name,
+                    dtype,
+                    vec![2],
+                    vec![Piece::Zeros(2 * dtype.size() as u64)],
+                )
+                .unwrap(),
+            ),
+        };
+        let c = Canonical {
+            entries: vec![t("a", Dtype::F32), t("b", Dtype::BF16)],
+        };
+        let e = model_dtype(&c, None).unwrap_err();
+        assert!(
+            matches!(&e, Error::Invalid(m) if m.contains("mixed dtypes")),
+            "{e}"
+        );
+        assert_eq!(model_dtype(&c, Some(Dtype::F16)).unwrap(), Dtype::F16);
+        let ints = Canonical {
+            entries: vec![t("i", Dtype::I64)],
+        };
+        assert!(model_dtype(&ints, Some(Dtype::F16)).is_err());
+    }
+
+    #[test]
+    fn tokenizer_json_vocab_counts_added_tokens() {
+        let j = br#"{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]}"#;
+        assert_eq!(tokenizer_vocab("tokenizer.json", j), Some(6));
+        assert_eq!(tokenizer_vocab("tokenizer.json", b"{}"), None);
+        assert_eq!(tokenizer_vocab("merges.txt", b""), None);
+    }
 
     #[test]
     fn artifact_names_round_trip() {
