@@ -218,3 +218,94 @@ fn bad_requests_are_refused_and_leave_nothing() {
     assert!(hf_to_nemo(&hf, &out, &from_hf(1, 1)).is_err());
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
+
+#[test]
+fn tied_embeddings_at_pp2_copy_the_embedding_to_the_last_stage() {
+    use nemo_tool::safetensors::WriteTensor;
+    use nemo_tool::torch::tensor::Piece;
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_dir(tmp.path());
+    // The fixture as a tied model: drop lm_head, say so in config.json.
+    let st = safetensors::open_dir(&hf).unwrap().remove(0).1;
+    let tensors: Vec<WriteTensor> = st
+        .tensors
+        .iter()
+        .filter(|t| t.name != "lm_head.weight")
+        .map(|t| WriteTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            pieces: vec![Piece::Bytes(t.data.clone())],
+        })
+        .collect();
+    let tied = tmp.path().join("tied");
+    std::fs::create_dir_all(&tied).unwrap();
+    let mut f = std::fs::File::create(tied.join("model.safetensors")).unwrap();
+    safetensors::write(&mut f, "m", &tensors, &Default::default()).unwrap();
+    drop(f);
+    let cfg = std::fs::read_to_string(hf.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"tie_word_embeddings\": false",
+            "\"tie_word_embeddings\": true",
+        );
+    std::fs::write(tied.join("config.json"), cfg).unwrap();
+    std::fs::copy(hf.join("tokenizer.model"), tied.join("tokenizer.model")).unwrap();
+
+    let nemo = tmp.path().join("tied_pp2.nemo");
+    hf_to_nemo(&tied, &nemo, &from_hf(2, 2)).unwrap();
+    let ck = Checkpoint::open(&nemo).unwrap();
+    assert!(ck.config.share_embeddings_and_output_weights());
+    for r in ck.rank_files() {
+        let keys: Vec<&str> = r.entries().map(|(k, _)| k).collect();
+        let has = |k: &str| keys.contains(&k);
+        // Stage 0 holds the embedding; stage 1 the tied copy, before its extra state.
+        assert_eq!(
+            has("model.embedding.word_embeddings.weight"),
+            r.pp == 0,
+            "{}",
+            r.member
+        );
+        assert_eq!(has("model.output_layer.weight"), r.pp == 1, "{}", r.member);
+        if r.pp == 1 {
+            let i = keys
+                .iter()
+                .position(|k| *k == "model.output_layer.weight")
+                .unwrap();
+            assert_eq!(keys[i + 1], "model.output_layer._extra_state");
+            let stage0 = ck
+                .rank_files()
+                .iter()
+                .find(|x| x.pp == 0 && x.tp == r.tp)
+                .unwrap();
+            let get = |rf: &nemo_tool::checkpoint::RankFile, k: &str| {
+                rf.entries()
+                    .find(|(n, _)| *n == k)
+                    .and_then(|(_, v)| v.as_tensor().cloned())
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            };
+            assert!(
+                get(r, "model.output_layer.weight")
+                    == get(stage0, "model.embedding.word_embeddings.weight")
+            );
+        }
+    }
+    let back = tmp.path().join("tied_back");
+    nemo_to_hf(
+        &nemo,
+        &back,
+        &ToHf {
+            shard_size: 5_000_000_000,
+            dtype: None,
+            force: false,
+        },
+    )
+    .unwrap();
+    let want = hf_bytes(&tied);
+    let got = hf_bytes(&back);
+    assert!(!got.contains_key("lm_head.weight"));
+    assert_eq!(got.len(), 20);
+    assert!(got == want);
+}
