@@ -309,3 +309,78 @@ fn tied_embeddings_at_pp2_copy_the_embedding_to_the_last_stage() {
     assert_eq!(got.len(), 20);
     assert!(got == want);
 }
+
+#[test]
+fn cli_json_and_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_dir(tmp.path());
+    let bin = env!("CARGO_BIN_EXE_nemo-tool");
+    let run =
+        |args: &[&std::ffi::OsStr]| std::process::Command::new(bin).args(args).output().unwrap();
+    let nemo = tmp.path().join("m.nemo");
+    let out = run(&[
+        "convert".as_ref(),
+        "--from".as_ref(),
+        "hf".as_ref(),
+        hf.as_os_str(),
+        nemo.as_os_str(),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["direction"], "hf -> nemo");
+    assert_eq!(j["tp"], 2);
+    assert_eq!(j["vocab"], serde_json::json!([100, 104]));
+    assert_eq!(j["artifacts"].as_array().unwrap().len(), 2);
+    let back = tmp.path().join("back");
+    let out = run(&[
+        "convert".as_ref(),
+        nemo.as_os_str(),
+        "--to".as_ref(),
+        "hf".as_ref(),
+        back.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["vocab"], serde_json::json!([100, 100]));
+    let mut arts: Vec<&str> = j["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    arts.sort();
+    assert_eq!(arts, ["generation_config.json", "tokenizer.model"]);
+    // Refusals exit 2 and name the problem.
+    for (args, want) in [
+        (
+            vec!["convert", "--from", "hf", "x", "y", "--to", "dist"],
+            "not possible",
+        ),
+        (vec!["convert", "in.nemo", "out"], "--to"),
+        (
+            vec!["convert", "in.nemo", "out", "--to", "dist", "--tp", "2"],
+            "any TP",
+        ),
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
