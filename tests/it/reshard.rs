@@ -271,65 +271,57 @@ fn allowed_tp(spec: &Spec, partial: bool) -> Vec<u64> {
         .collect()
 }
 
-/// TPa -> TPb -> TPa reproduces every member byte for byte.
-#[test]
-fn tp_round_trips_are_byte_identical() {
+/// Reshards every generated model of `grid` to every other point and back:
+/// the way there gives exactly the generator's model at the target (every
+/// member byte for byte), and the way back reproduces the source byte for byte.
+fn round_trips(tag: &str, grid_of: impl Fn(&Spec, bool) -> Vec<(u64, u64)>) {
     let tmp = tempfile::tempdir().unwrap();
     for (name, spec, partial) in flavours() {
-        let tps = allowed_tp(&spec, partial);
-        assert!(tps.len() >= 3, "{name}: {tps:?}");
-        for &a in &tps {
-            let src = tmp.path().join(format!("{name}-tp{a}.nemo"));
-            write_nemo(&spec, a, 1, Fill::Random(7), &src).unwrap();
-            for &b in &tps {
+        let grid = grid_of(&spec, partial);
+        assert!(grid.len() >= 3, "{name}: {grid:?}");
+        let files: Vec<PathBuf> = grid
+            .iter()
+            .map(|&(t, p)| {
+                let f = tmp.path().join(format!("{tag}-{name}-{t}-{p}.nemo"));
+                write_nemo(&spec, t, p, Fill::Random(7), &f).unwrap();
+                f
+            })
+            .collect();
+        for (i, &(ta, pa)) in grid.iter().enumerate() {
+            for (j, &(tb, pb)) in grid.iter().enumerate() {
                 let mid = tmp.path().join("mid.nemo");
                 let back = tmp.path().join("back.nemo");
-                let mut o = opts(b, 1, Some(spec.vocab));
+                let mut o = opts(tb, pb, Some(spec.vocab));
                 o.allow_partial_query_groups = partial;
-                reshard(&src, &mid, &o);
-                let mut o = opts(a, 1, Some(spec.vocab));
+                reshard(&files[i], &mid, &o);
+                assert_same_members(&mid, &files[j]);
+                let mut o = opts(ta, pa, Some(spec.vocab));
                 o.allow_partial_query_groups = partial;
                 reshard(&mid, &back, &o);
-                assert_same_members(&src, &back);
-                // and the middle is what the generator writes at TP=b
-                let direct = tmp.path().join("direct.nemo");
-                write_nemo(&spec, b, 1, Fill::Random(7), &direct).unwrap();
-                assert_same_members(&mid, &direct);
+                assert_same_members(&back, &files[i]);
             }
         }
     }
 }
 
+/// TPa -> TPb -> TPa for every allowed a, b in {1, 2, 4, 8}.
+#[test]
+fn tp_round_trips_are_byte_identical() {
+    round_trips("tp", |spec, partial| {
+        allowed_tp(spec, partial)
+            .into_iter()
+            .map(|t| (t, 1))
+            .collect()
+    });
+}
+
 /// PP 1 <-> 2 <-> 4, and TP and PP changed together.
 #[test]
 fn pp_and_tp_pp_round_trips_are_byte_identical() {
-    let tmp = tempfile::tempdir().unwrap();
-    for (name, spec, partial) in flavours() {
-        let tps = allowed_tp(&spec, partial);
-        let grid: Vec<(u64, u64)> = [(1, 1), (1, 2), (1, 4), (2, 2), (tps[tps.len() - 1], 4)]
-            .into_iter()
-            .filter(|(t, _)| tps.contains(t))
-            .collect();
-        for &(ta, pa) in &grid {
-            let src = tmp.path().join(format!("{name}-{ta}-{pa}.nemo"));
-            write_nemo(&spec, ta, pa, Fill::Random(3), &src).unwrap();
-            for &(tb, pb) in &grid {
-                let mid = tmp.path().join("mid.nemo");
-                let back = tmp.path().join("back.nemo");
-                let mut o = opts(tb, pb, Some(spec.vocab));
-                o.allow_partial_query_groups = partial;
-                reshard(&src, &mid, &o);
-                let mut o = opts(ta, pa, Some(spec.vocab));
-                o.allow_partial_query_groups = partial;
-                reshard(&mid, &back, &o);
-                assert_same_members(&src, &back);
-                // the middle is the generator's model at (tb, pb), byte for byte
-                let direct = tmp.path().join("direct.nemo");
-                write_nemo(&spec, tb, pb, Fill::Random(3), &direct).unwrap();
-                assert_same_members(&mid, &direct);
-            }
-        }
-    }
+    round_trips("pp", |spec, partial| {
+        let tmax = *allowed_tp(spec, partial).last().unwrap();
+        vec![(1, 1), (1, 2), (1, 4), (tmax, 2)]
+    });
 }
 
 /// Tied embeddings: a copy of the embedding on the last stage at PP>1 only.
