@@ -99,13 +99,61 @@ struct Job {
 /// Bytes per write when streaming from a mapping.
 const WRITE_BLOCK: usize = 1 << 20;
 
-/// Streams pieces into `sink`, reading ahead and releasing mapped source
-/// pages around them; casts float types when asked.
+/// Source bytes read ahead, written and released at a time: bounds the
+/// resident pages of the mapping to about this much (plus the kernel's folio
+/// rounding), whatever the tensor size.
+const WINDOW: u64 = 8 << 20;
+
+/// Streams pieces into `sink` a window at a time, reading each window's
+/// mapped source pages ahead and releasing them after; casts float types
+/// when asked.
 pub(crate) fn stream_pieces(
     pieces: &[Piece],
     cast: Option<(Dtype, Dtype)>,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
+    let mut group: Vec<Piece> = Vec::new();
+    let mut size = 0u64;
+    for p in pieces {
+        match p {
+            Piece::Bytes(b) if b.len() as u64 > WINDOW => {
+                write_window(&group, cast, sink)?;
+                group.clear();
+                size = 0;
+                let len = b.len() as u64;
+                let mut off = 0u64;
+                while off < len {
+                    let end = (off + WINDOW).min(len);
+                    let w = b.slice(off..end).map_err(io::Error::other)?;
+                    write_window(&[Piece::Bytes(w)], cast, sink)?;
+                    off = end;
+                }
+            }
+            _ => {
+                group.push(p.clone());
+                size += p.len();
+                if size >= WINDOW {
+                    write_window(&group, cast, sink)?;
+                    group.clear();
+                    size = 0;
+                }
+            }
+        }
+    }
+    write_window(&group, cast, sink)
+}
+
+/// One window: prefetch its mapped spans, write (or cast) it, release them.
+/// Windows end on piece boundaries, which are element boundaries, so a cast
+/// never straddles two windows.
+fn write_window(
+    pieces: &[Piece],
+    cast: Option<(Dtype, Dtype)>,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
     let spans = crate::reshard::spans(pieces);
     for s in &spans {
         s.prefetch();
