@@ -433,4 +433,58 @@ mod tests {
             Some(Item::Object(Value::None))
         ));
     }
+
+    /// The TP2 fixture extracted to a folder, with rank 1's state dict edited by `edit`.
+    fn edited_tp2(edit: impl Fn(&mut Vec<(Value, Value)>)) -> (tempfile::TempDir, Checkpoint) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let src = Checkpoint::open(format!(
+            "{root}/fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo"
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        use crate::members::Members;
+        for name in src.archive().member_names() {
+            let p = dir.path().join(&name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, src.read_member(&name).unwrap().as_slice()).unwrap();
+        }
+        let r1 = &src.rank_files()[1];
+        let mut root_v = r1.file.root.clone();
+        if let Value::Object(o) = &mut root_v {
+            edit(&mut o.items);
+        }
+        let f = std::fs::File::create(dir.path().join(&r1.member)).unwrap();
+        crate::torch::file::save(f, &r1.file.archive_name, &root_v).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        (dir, ck)
+    }
+
+    #[test]
+    fn a_key_missing_on_one_rank_is_named() {
+        let (_d, ck) = edited_tp2(|items| {
+            items
+                .retain(|(k, _)| k.as_str() != Some("model.decoder.layers.1.mlp.linear_fc2.weight"))
+        });
+        let e = Canonical::from_checkpoint(&ck).unwrap_err();
+        assert!(
+            matches!(&e, Error::Missing { key, tp: 1, pp: 0 } if key.ends_with("layers.1.mlp.linear_fc2.weight")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_non_tensor_where_a_tensor_belongs_is_named() {
+        let (_d, ck) = edited_tp2(|items| {
+            for (k, v) in items.iter_mut() {
+                if k.as_str() == Some("model.decoder.layers.0.self_attention.linear_qkv.weight") {
+                    *v = Value::Int(3);
+                }
+            }
+        });
+        let e = Canonical::from_checkpoint(&ck).unwrap_err();
+        assert!(
+            matches!(&e, Error::Read { key, .. } if key.ends_with("layers.0.self_attention.linear_qkv.weight")),
+            "{e}"
+        );
+    }
 }
