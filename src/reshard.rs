@@ -364,7 +364,7 @@ fn build_rank(canon: &Canonical, plan: &Plan, i: usize) -> Result<(Value, Vec<Jo
 
 /// Mapped pieces merged into spans (gaps under 256 KiB joined), for
 /// read-ahead and release hints.
-fn spans(pieces: &[Piece]) -> Vec<ByteView> {
+pub(crate) fn spans(pieces: &[Piece]) -> Vec<ByteView> {
     const GAP: usize = 256 << 10;
     let mut locs: Vec<(usize, std::ops::Range<usize>, &ByteView)> = pieces
         .iter()
@@ -399,7 +399,7 @@ fn spans(pieces: &[Piece]) -> Vec<ByteView> {
 }
 
 /// Converts float elements between f32, f16 and bf16, a block at a time.
-fn cast_pieces(
+pub(crate) fn cast_pieces(
     pieces: &[Piece],
     from: Dtype,
     to: Dtype,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod convert;
 mod data;
 mod inspect;
 mod pack;
@@ -38,6 +39,8 @@ pub enum Command {
     Data(data::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
+    /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
+    Convert(convert::Args),
 }
 
 impl Cli {
@@ -49,6 +52,7 @@ impl Cli {
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
+            Command::Convert(args) => convert::run(args),
         }
     }
 }

@@ -17,6 +17,11 @@ const BENCHES: &[Bench] = &[
         inspect,
     ),
     (
+        "convert",
+        "HF -> .nemo of a 2.2 GB bf16 model: time against cp, peak RSS",
+        crate::bench_convert::convert,
+    ),
+    (
         "reshard",
         "reshard a 2.2 GB bf16 Llama-shaped TP2 .nemo to TP4: time vs cp and a PyTorch baseline, peak RSS",
         crate::bench_reshard::reshard,
