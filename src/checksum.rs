@@ -31,7 +31,7 @@ pub enum Error {
         key: String,
         /// Why.
         #[source]
-        source: crate::dist::Error,
+        source: Box<crate::dist::Error>,
     },
 }
 
@@ -98,7 +98,7 @@ pub fn stored(ckpt: &Checkpoint) -> Result<Vec<StoredSum>, Error> {
                     .read_global(ckpt.archive(), t)
                     .map_err(|source| Error::Dist {
                         key: t.key.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 out.push(StoredSum {
                     member: "model_weights/".to_string(),

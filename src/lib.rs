@@ -3,9 +3,11 @@
 
 pub mod archive;
 pub mod bytes;
+pub mod canonical;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
+pub mod data;
 pub mod dcp;
 pub mod dcp_write;
 pub mod dist;
@@ -15,8 +17,13 @@ pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
+pub mod obs;
 pub mod outdir;
 pub mod output;
+pub mod plan;
+pub mod reshard;
+pub mod runconfig;
+pub mod schedule;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;

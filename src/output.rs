@@ -119,6 +119,15 @@ impl OutputFile {
             .as_file_mut()
             .flush()
             .map_err(io_err(&temp_path, "flushing"))?;
+        // Temporary files are created 0600; a checkpoint is an ordinary file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            self.temp
+                .as_file()
+                .set_permissions(fs::Permissions::from_mode(0o644))
+                .map_err(io_err(&temp_path, "setting permissions"))?;
+        }
         self.temp
             .as_file()
             .sync_all()
@@ -209,6 +218,12 @@ impl OutputDir {
     /// appeared while we were writing.
     pub fn commit(self) -> Result<PathBuf, Error> {
         sync_tree(self.temp.path())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(self.temp.path(), fs::Permissions::from_mode(0o755))
+                .map_err(io_err(self.temp.path(), "setting permissions"))?;
+        }
         let target = self.target.clone();
         let parent = parent_dir(&target).to_path_buf();
         let old = if exists(&target) {
@@ -269,6 +284,20 @@ fn sync_tree(dir: &Path) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
+
+    #[cfg(unix)]
+    #[test]
+    fn committed_files_are_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("o.nemo");
+        let mut f = OutputFile::create(&target, false).unwrap();
+        f.write_all(b"x").unwrap();
+        f.commit().unwrap();
+        let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+
     use super::*;
 
     /// Names in `dir`, sorted.

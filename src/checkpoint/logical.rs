@@ -2,7 +2,7 @@
 //! layer numbers), global shape and partition rule, and the stored pieces it
 //! is made of (per-rank local tensors, or distributed-checkpoint chunks).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::layout::{self, renumber_layer, Rule};
 use crate::torch::{Dtype, Value};
@@ -125,10 +125,13 @@ pub(crate) fn build(ckpt: &Checkpoint) -> Vec<LogicalTensor> {
             let stages = layers_per_stage(ckpt);
             let tp_size = ckpt.layout.tp;
             let mut out = Vec::new();
-            for (&pp, _) in &stages {
+            for &pp in stages.keys() {
                 let offset: u64 = stages.range(..pp).map(|(_, n)| *n).sum();
                 let stage: Vec<_> = ranks.iter().filter(|r| r.pp == pp).collect();
                 let Some(first) = stage.first() else { continue };
+                // One index per rank file, so matching keys across ranks stays linear.
+                let by_key: Vec<HashMap<&str, &Value>> =
+                    stage.iter().map(|r| r.entries().collect()).collect();
                 for (key, value) in first.entries() {
                     let m = resolve(key);
                     let name = match m.and_then(|(_, m)| m.layer) {
@@ -139,9 +142,10 @@ pub(crate) fn build(ckpt: &Checkpoint) -> Vec<LogicalTensor> {
                     };
                     let shards: Vec<Shard> = stage
                         .iter()
-                        .map(|r| {
-                            let shape = match r.entries().find(|(k, _)| *k == key) {
-                                Some((_, Value::Tensor(t))) => t.shape.clone(),
+                        .zip(&by_key)
+                        .map(|(r, entries)| {
+                            let shape = match entries.get(key) {
+                                Some(Value::Tensor(t)) => t.shape.clone(),
                                 _ => vec![],
                             };
                             Shard {

@@ -36,7 +36,7 @@ pub enum Error {
         dir: String,
         /// Why.
         #[source]
-        source: crate::dist::Error,
+        source: Box<crate::dist::Error>,
     },
     /// Serializing a member.
     #[error("{member}: {source}")]
@@ -216,7 +216,7 @@ fn write_dist<W: Write + io::Seek>(
     };
     written.map_err(|source| Error::Dist {
         dir: dir.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(n + out.count)
 }

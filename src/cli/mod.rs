@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod data;
 mod inspect;
 mod pack;
+mod reshard;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -32,6 +34,10 @@ pub enum Command {
     Pack(pack::Args),
     /// Print the sha256 of every stored tensor.
     Checksum(checksum::Args),
+    /// Write or describe Megatron indexed datasets (.bin/.idx).
+    Data(data::Args),
+    /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
+    Reshard(reshard::Args),
 }
 
 impl Cli {
@@ -41,6 +47,8 @@ impl Cli {
             Command::Inspect(args) => inspect::run(args),
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
+            Command::Data(args) => data::run(args),
+            Command::Reshard(args) => reshard::run(args),
         }
     }
 }
@@ -49,7 +57,8 @@ impl Cli {
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
+    // As an io::Error, so a closed pipe (`| head`) is recognised in main.
+    serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }

@@ -33,7 +33,16 @@ pub enum Dtype {
 }
 
 /// (dtype, torch dtype name, legacy storage class, safetensors name, zarr typestr)
-const TABLE: &[(Dtype, &str, Option<&str>, Option<&str>, Option<&str>)] = &[
+/// One row of [`TABLE`].
+type Row = (
+    Dtype,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+const TABLE: &[Row] = &[
     (
         Dtype::F64,
         "float64",

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, a module per concern.
 
 mod bad_input;
+mod obs;
+mod reshard;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;
