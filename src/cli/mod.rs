@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod checksum;
 mod data;
+mod distill;
 mod inspect;
 mod pack;
 mod reshard;
@@ -36,6 +37,8 @@ pub enum Command {
     Checksum(checksum::Args),
     /// Write or describe Megatron indexed datasets (.bin/.idx).
     Data(data::Args),
+    /// Distill a teacher into a student: a drop-in for NeMo's distillation script (needs --features distill).
+    Distill(distill::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
 }
@@ -49,6 +52,7 @@ impl Cli {
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
+            Command::Distill(args) => distill::run(args),
         }
     }
 }
