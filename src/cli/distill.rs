@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 /// Distill a teacher into a student (NeMo's megatron_gpt_distillation.py, same config keys).
 #[derive(Debug, clap::Args)]
 #[command(
@@ -58,6 +56,7 @@ fn peak_rss_kib() -> u64 {
 
 #[cfg(feature = "distill")]
 fn load_config(args: &Args) -> anyhow::Result<nemo_tool::runconfig::RunConfig> {
+    use anyhow::Context;
     use nemo_tool::runconfig::RunConfig;
     let mut cfg = match &args.config {
         Some(p) => {

@@ -632,6 +632,17 @@ pub fn run(
     } else {
         None
     };
+    if hist.step == 0 && hist.val.is_empty() {
+        // the baseline before any update (NeMo's sanity validation), for the logs and plot
+        if let Some(vs) = &val {
+            let v = validate(job, &m, vs, 0)?;
+            if let Some(l) = logs.as_mut() {
+                l.val(&v)?;
+                on(Event::Val(&v));
+            }
+            hist.val.push(v);
+        }
+    }
     let accum = job.accumulation();
     let step_tokens = (job.global_batch * job.seq_length) as f64;
     while hist.step < job.max_steps {
