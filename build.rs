@@ -62,6 +62,15 @@ mod distill {
                 .flag("--param=destructive-interference-size=64")
                 .flag_if_supported("-Wno-interference-size")
                 .file("csrc/c10d_nccl.cpp");
+            // cuda_runtime.h needs crt/ and nv/target, which torch's runtime deps lack:
+            // `pip install "cuda-toolkit[crt,cccl]==13.0.2"` into the venv, or point
+            // NEMO_CUDA_INCLUDE (':'-separated) at their include folders
+            println!("cargo:rerun-if-env-changed=NEMO_CUDA_INCLUDE");
+            if let Some(extra) = env::var_os("NEMO_CUDA_INCLUDE") {
+                for dir in env::split_paths(&extra) {
+                    b.include(dir);
+                }
+            }
         }
         b.compile("nemo_c10d_shim");
         if cuda {

@@ -19,7 +19,7 @@ void* nemo_shim_pg_nccl_new(void* store, int rank, int world_size, int64_t timeo
     opts->timeout = std::chrono::milliseconds(timeout_ms);
     auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(
         static_cast<nemo_shim::Store*>(store)->s, rank, world_size, opts);
-    out = new nemo_shim::Pg{pg, rank, world_size};
+    out = nemo_shim::new_pg(pg, rank, world_size);
   });
   return out;
 }

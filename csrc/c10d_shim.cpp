@@ -10,6 +10,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -39,6 +41,38 @@ void all_reduce(Pg* pg, at::Tensor& t, int op) {
 }  // namespace
 
 void set_error(const std::string& msg) { g_last_error = msg; }
+
+namespace {
+std::mutex g_registry_mu;
+std::unordered_map<int64_t, Pg> g_registry;
+int64_t g_next_id = 1;
+}  // namespace
+
+Pg* new_pg(c10::intrusive_ptr<c10d::Backend> b, int rank, int world) {
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  Pg* pg = new Pg{std::move(b), rank, world, g_next_id++};
+  g_registry.emplace(pg->id, *pg);
+  return pg;
+}
+
+void free_pg(Pg* pg) {
+  if (!pg) return;
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mu);
+    g_registry.erase(pg->id);
+  }
+  delete pg;
+}
+
+Pg lookup_pg(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  auto it = g_registry.find(id);
+  if (it == g_registry.end()) {
+    throw std::runtime_error("tensor-parallel backward: process group " + std::to_string(id) +
+                             " was destroyed before the backward pass");
+  }
+  return it->second;
+}
 
 void all_reduce_sum(Pg* pg, at::Tensor& t) { all_reduce(pg, t, 0); }
 
@@ -91,12 +125,12 @@ void* nemo_shim_pg_gloo_new(void* store, int rank, int world_size, int64_t timeo
     }
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(static_cast<Store*>(store)->s, rank,
                                                           world_size, opts);
-    out = new Pg{pg, rank, world_size};
+    out = nemo_shim::new_pg(pg, rank, world_size);
   });
   return out;
 }
 
-void nemo_shim_pg_free(void* pg) { delete static_cast<Pg*>(pg); }
+void nemo_shim_pg_free(void* pg) { nemo_shim::free_pg(static_cast<Pg*>(pg)); }
 
 // Writes the backend name ("gloo", "nccl") into buf (NUL-terminated, truncated to cap).
 int nemo_shim_pg_backend_name(void* pg, char* buf, size_t cap) {

@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <cstdint>
 #include <string>
 
 namespace nemo_shim {
@@ -16,7 +17,15 @@ struct Pg {
   c10::intrusive_ptr<c10d::Backend> b;
   int rank;
   int world;
+  int64_t id;  // key in the registry below; never reused
 };
+
+// Live groups by id. Autograd nodes keep only the id, so a backward pass that runs after its
+// group was freed fails with an error instead of touching freed memory.
+Pg* new_pg(c10::intrusive_ptr<c10d::Backend> b, int rank, int world);
+void free_pg(Pg* pg);
+// A copy of the live group `id` (holding a reference to the backend); throws if it is gone.
+Pg lookup_pg(int64_t id);
 
 // Records the message for nemo_shim_last_error (per thread).
 void set_error(const std::string& msg);

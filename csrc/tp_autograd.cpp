@@ -1,8 +1,7 @@
 // Megatron's tensor-parallel autograd mappings (megatron/core/tensor_parallel/mappings.py) as
 // C++ torch::autograd::Functions, so their backward passes run inside libtorch's autograd
-// engine when Rust calls backward(). The group handle travels to backward as an int64 in
-// saved_data; the Pg must outlive every graph built with it (the Rust side guarantees this
-// by keeping the group alive for the whole run).
+// engine when Rust calls backward(). Graph nodes keep the group's registry id (saved_data), not
+// a pointer: a backward after the group was freed is an error, not a use-after-free.
 #include "shim.h"
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -17,23 +16,21 @@ using torch::autograd::variable_list;
 namespace nemo_shim {
 namespace {
 
-Pg* pg_of(AutogradContext* ctx) {
-  return reinterpret_cast<Pg*>(ctx->saved_data["pg"].toInt());
-}
+Pg pg_of(AutogradContext* ctx) { return lookup_pg(ctx->saved_data["pg"].toInt()); }
 
 // Out-of-place all-reduce: the input may be saved by another node for its backward.
-at::Tensor summed(Pg* pg, const at::Tensor& x) {
+at::Tensor summed(Pg pg, const at::Tensor& x) {
   at::Tensor y = x.contiguous().clone();
-  all_reduce_sum(pg, y);
+  all_reduce_sum(&pg, y);
   return y;
 }
 
-at::Tensor gather_last(Pg* pg, const at::Tensor& x) {
+at::Tensor gather_last(Pg pg, const at::Tensor& x) {
   at::Tensor in = x.contiguous();
   std::vector<std::vector<at::Tensor>> outs(1);
-  for (int i = 0; i < pg->world; ++i) outs[0].push_back(at::empty_like(in));
+  for (int i = 0; i < pg.world; ++i) outs[0].push_back(at::empty_like(in));
   std::vector<at::Tensor> ins{in};
-  pg->b->allgather(outs, ins)->wait();
+  pg.b->allgather(outs, ins)->wait();
   return at::cat(outs[0], -1);
 }
 
@@ -55,7 +52,7 @@ struct CopyToTp : public Function<CopyToTp> {
 struct ReduceFromTp : public Function<ReduceFromTp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t pg) {
     (void)ctx;
-    return summed(reinterpret_cast<Pg*>(pg), x);
+    return summed(lookup_pg(pg), x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     (void)ctx;
@@ -68,12 +65,12 @@ struct ReduceFromTp : public Function<ReduceFromTp> {
 struct GatherFromTp : public Function<GatherFromTp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t pg) {
     ctx->saved_data["pg"] = pg;
-    return gather_last(reinterpret_cast<Pg*>(pg), x);
+    return gather_last(lookup_pg(pg), x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
-    Pg* pg = pg_of(ctx);
-    auto parts = g[0].chunk(pg->world, -1);
-    return {parts.at(pg->rank).contiguous(), at::Tensor()};
+    Pg pg = pg_of(ctx);
+    auto parts = g[0].chunk(pg.world, -1);
+    return {parts.at(pg.rank).contiguous(), at::Tensor()};
   }
 };
 
@@ -82,7 +79,7 @@ struct GatherFromTp : public Function<GatherFromTp> {
 struct AllReduceBoth : public Function<AllReduceBoth> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t pg) {
     ctx->saved_data["pg"] = pg;
-    return summed(reinterpret_cast<Pg*>(pg), x);
+    return summed(lookup_pg(pg), x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     return {summed(pg_of(ctx), g[0]), at::Tensor()};
@@ -93,8 +90,7 @@ template <typename F>
 at::Tensor* apply(void* pg, at::Tensor* x) {
   at::Tensor* out = nullptr;
   guard([&] {
-    int64_t h = static_cast<int64_t>(reinterpret_cast<intptr_t>(pg));
-    out = new at::Tensor(F::apply(*x, h));
+    out = new at::Tensor(F::apply(*x, static_cast<Pg*>(pg)->id));
   });
   return out;
 }

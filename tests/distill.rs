@@ -24,8 +24,12 @@ use tch::{Device, Kind, Tensor};
 const LOGITS_TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-5;
 
+/// The repository root: NEMO_TOOL_ROOT when the binary runs from a copy elsewhere
+/// (scripts/gpu_check.sh), else where it was built.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("NEMO_TOOL_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn fixture(rel: &str) -> PathBuf {
@@ -147,6 +151,14 @@ fn tp_checks(pg: &ProcessGroup) -> String {
     let tp = pg.world();
     let rank = pg.rank() as i64;
     let mut report = String::new();
+    if rank == 0 && tp == 1 {
+        // the worker binary for tests/interop/test_distill_mcore.py
+        let dir = interop_dir();
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let p = dir.join("worker_exe.txt");
+        std::fs::write(&p, exe().display().to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
     let tokens = load_pt(&fixture("logits/tokens.pt"));
     let want = load_pt(&fixture("logits/logits_tp1.pt"));
     let (b, s) = (tokens.size()[0], tokens.size()[1]);
@@ -263,6 +275,29 @@ fn tp_checks(pg: &ProcessGroup) -> String {
     report
 }
 
+/// For tests/interop/test_distill_mcore.py: the gathered logits of the checkpoint folder
+/// NEMO_DISTILL_CKPT for its `tokens.i64` (`[2, NEMO_DISTILL_SEQ]`), written by rank 0 to
+/// `ours_tp<world>.f32` in that folder.
+fn logits_worker() {
+    let dir = PathBuf::from(
+        std::env::var_os("NEMO_DISTILL_CKPT").unwrap_or_else(|| panic!("NEMO_DISTILL_CKPT unset")),
+    );
+    let seq: i64 = std::env::var("NEMO_DISTILL_SEQ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let launch = Launch::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let pg = ProcessGroup::init(&launch, Backend::Gloo).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = std::fs::read(dir.join("tokens.i64")).unwrap_or_else(|e| panic!("tokens.i64: {e}"));
+    let tokens = Tensor::from_data_size(&bytes, &[2, seq], Kind::Int64);
+    let m = model(&dir, &pg, false);
+    let logits = tch::no_grad(|| m.forward_gathered(&tokens)).unwrap_or_else(|e| panic!("{e}"));
+    if pg.rank() == 0 {
+        write_f32(&dir.join(format!("ours_tp{}.f32", pg.world())), &logits);
+    }
+    pg.barrier().unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Peak-memory probe: builds a wide-vocab student/teacher pair and runs the chunked loss with
 /// `NEMO_DISTILL_CHUNK` positions per chunk; prints the rise of VmHWM over the RSS before.
 fn mem_probe() {
@@ -276,7 +311,7 @@ fn mem_probe() {
          share_embeddings_and_output_weights: false\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let (b, s, v) = (2i64, 256i64, 16384i64);
+    let (b, s, v) = (2i64, 256i64, 32768i64);
     let spec = GptSpec::from_config(&cfg, 1, v as u64).unwrap_or_else(|e| panic!("{e}"));
     let pg = ProcessGroup::single();
     let mk = |seed, train| {
@@ -313,6 +348,78 @@ fn mem_probe() {
     println!("MEM chunk={chunk} loss={loss:.6} rss_before_kib={before} peak_rise_kib={} both_fp32_logits_kib={both_logits_kib}", peak.saturating_sub(before));
 }
 
+/// GPU acceptance (scripts/gpu_check.sh; needs a CUDA machine): fp32 logits on CUDA equal the
+/// fixture, an NCCL group at world size 1 runs every mapping and collective, and a bf16 model
+/// gives close logits and a finite chunked loss with gradients.
+#[cfg(feature = "cuda")]
+fn gpu_checks() {
+    assert!(
+        tch::Cuda::is_available(),
+        "CUDA is not available (libtorch_cuda not loaded or no GPU)"
+    );
+    let dev = Device::Cuda(0);
+    let launch = Launch::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let pg = ProcessGroup::init(&launch, Backend::Nccl).unwrap_or_else(|e| panic!("nccl: {e}"));
+    println!(
+        "GPU backend {:?}, {} device(s)",
+        pg.backend_name().ok(),
+        tch::Cuda::device_count()
+    );
+    let mut t = Tensor::ones([4], (Kind::Float, dev));
+    pg.all_reduce(&mut t, nemo_tool::distill::parallel::ReduceOp::Sum)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(t.sum(Kind::Float).double_value(&[]), 4.0);
+    let tokens = load_pt(&fixture("logits/tokens.pt")).to_device(dev);
+    let want = load_pt(&fixture("logits/logits_tp1.pt"));
+    let path = fixture("nemo/tiny_llama_tp1.nemo");
+    let ck = Checkpoint::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+    let spec = GptSpec::from_config(&ck.config, 1, 128).unwrap_or_else(|e| panic!("{e}"));
+    for (kind, tol) in [(Kind::Float, LOGITS_TOL), (Kind::BFloat16, 0.5)] {
+        let m = Gpt::new(
+            spec.clone(),
+            &InitFrom::Checkpoint(&src),
+            &pg,
+            kind,
+            dev,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got = tch::no_grad(|| m.forward_gathered(&tokens)).unwrap_or_else(|e| panic!("{e}"));
+        let d = max_diff(&got.to_device(Device::Cpu), &want);
+        println!("GPU logits {kind:?}: max abs diff {d:.3e} (tolerance {tol})");
+        assert!(d <= tol, "GPU logits {kind:?} differ by {d}");
+        let student = Gpt::new(
+            spec.clone(),
+            &InitFrom::Random { seed: 7 },
+            &pg,
+            kind,
+            dev,
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let k = KdLoss::new(LossKind::ForwardKl, 1.0).unwrap_or_else(|e| panic!("{e}"));
+        let l = k
+            .chunked_backward(&student, &m, &tokens, &mask(2, 16).to_device(dev), 5)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let gnorm: f64 = student
+            .params()
+            .iter()
+            .map(|p| {
+                p.tensor
+                    .grad()
+                    .to_kind(Kind::Float)
+                    .square()
+                    .sum(Kind::Float)
+                    .double_value(&[])
+            })
+            .sum();
+        println!("GPU chunked KD {kind:?}: loss {l:.6}, grad norm² {gnorm:.3e}");
+        assert!(l.is_finite() && gnorm.is_finite() && gnorm > 0.0);
+    }
+    println!("GPU CHECKS OK");
+}
+
 #[test]
 fn worker_entry() {
     let Ok(which) = std::env::var("NEMO_DISTILL_WORKER") else {
@@ -331,6 +438,9 @@ fn worker_entry() {
             pg.barrier().unwrap_or_else(|e| panic!("{e}"));
         }
         "mem" => mem_probe(),
+        "logits" => logits_worker(),
+        #[cfg(feature = "cuda")]
+        "gpu" => gpu_checks(),
         other => panic!("unknown NEMO_DISTILL_WORKER={other}"),
     }
 }
@@ -473,9 +583,9 @@ fn chunked_loss_peak_memory() {
         )
     };
     let (full, both, l_full) = run("256");
-    let (chunked, _, l_chunk) = run("16");
+    let (chunked, _, l_chunk) = run("4");
     let msg = format!(
-        "peak memory rise: unchunked {full} KiB, chunked(16) {chunked} KiB; both fp32 logit tensors alone {both} KiB"
+        "peak memory rise: unchunked {full} KiB, chunked(4) {chunked} KiB; both fp32 logit tensors alone {both} KiB"
     );
     println!("{msg}");
     let _ = std::io::stdout().flush();

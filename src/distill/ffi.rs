@@ -196,8 +196,8 @@ impl RawPg {
 
     /// Applies one of the autograd mappings (0 copy, 1 reduce, 2 gather-last, 3 all-reduce).
     pub(crate) fn mapping(&self, which: u8, x: &Tensor) -> Result<Tensor, String> {
-        // The shim reads the tensor through the pointer and does not keep it; the graph node
-        // keeps the group pointer, which outlives the graph (see parallel::ProcessGroup).
+        // The shim reads the tensor through the pointer and does not keep it; graph nodes keep
+        // the group's registry id, so a backward after the group is freed is an error.
         let xp = x.as_ptr() as *mut C_tensor;
         // SAFETY: live group and tensor handle; the result is a new owned tensor or null.
         let p = unsafe {

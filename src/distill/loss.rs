@@ -26,6 +26,9 @@ pub enum Error {
     /// Inputs or options that do not fit.
     #[error("kd loss: {0}")]
     Input(String),
+    /// libtorch failed during a backward pass (e.g. a collective inside it).
+    #[error("kd loss: backward: {0}")]
+    Backward(String),
 }
 
 /// Which divergence.
@@ -210,12 +213,16 @@ impl KdLoss {
             let part = self.masked_sum(pg, &sl, &tl, &mask.narrow(1, start, len))? / n;
             let part = pg.reduce_from_tp(&part)?;
             total += part.double_value(&[]);
-            part.backward();
+            part.f_backward()
+                .map_err(|e| Error::Backward(e.to_string()))?;
             start += len;
         }
         let g = leaf.grad();
         if g.defined() {
-            (sh * g.detach()).sum(Kind::Float).backward();
+            (sh * g.detach())
+                .sum(Kind::Float)
+                .f_backward()
+                .map_err(|e| Error::Backward(e.to_string()))?;
         }
         Ok(total)
     }

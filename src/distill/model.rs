@@ -591,8 +591,21 @@ impl Gpt {
                 why: format!("expected integer ids, got {:?}", tokens.kind()),
             });
         }
-        let tokens = tokens.to_device(self.device).to_kind(Kind::Int64);
         let spec = &self.spec;
+        if tokens.numel() > 0 {
+            // out-of-range ids would make the embedding lookup fail inside libtorch
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= spec.padded_vocab {
+                return Err(Error::Input {
+                    what: "tokens",
+                    why: format!(
+                        "ids span [{lo}, {hi}] but the vocabulary has {} rows",
+                        spec.padded_vocab
+                    ),
+                });
+            }
+        }
+        let tokens = tokens.to_device(self.device).to_kind(Kind::Int64);
         let tp = spec.tp;
         // vocab-parallel embedding: each rank looks up its rows, zeros elsewhere, then sum
         let vp = spec.padded_vocab / tp;
@@ -721,5 +734,115 @@ impl Gpt {
             }
             Some(d) => Tensor::cat(&parts, d as i64),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn tiny(cfg: &str, tp: u64) -> GptSpec {
+        let base = "num_layers: 1\nhidden_size: 16\nffn_hidden_size: 24\nnum_attention_heads: 4\n\
+                    max_position_embeddings: 8\n";
+        let c = ModelConfig::parse(&format!("{base}{cfg}")).unwrap_or_else(|e| panic!("{e}"));
+        GptSpec::from_config(&c, tp, 32).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn build(spec: GptSpec) -> Gpt {
+        let pg = ProcessGroup::single();
+        Gpt::new(
+            spec,
+            &InitFrom::Random { seed: 3 },
+            &pg,
+            Kind::Float,
+            Device::Cpu,
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn gpt_variant_runs_and_ties_embeddings() {
+        let m = build(tiny(
+            "normalization: layernorm\nactivation: gelu\nbias: true\n",
+            1,
+        ));
+        // tied: no separate output layer parameter; learned positions present
+        let names: Vec<&str> = m.params().iter().map(|p| p.name.as_str()).collect();
+        assert!(!names.contains(&"output_layer.weight"));
+        assert!(names.contains(&"embedding.position_embeddings.weight"));
+        let tokens = Tensor::from_slice(&[1i64, 5, 7, 31]).view([1, 4]);
+        let logits = m.forward(&tokens).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(logits.size(), vec![1, 4, 32]);
+        logits.sum(Kind::Float).backward();
+        assert!(m.params().iter().all(|p| p.tensor.grad().defined()));
+    }
+
+    #[test]
+    fn causal_logits_ignore_the_future() {
+        let m = build(tiny("normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n", 1));
+        let a = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let b = Tensor::from_slice(&[1i64, 2, 3, 9]).view([1, 4]);
+        let (la, lb) = tch::no_grad(|| (m.forward(&a), m.forward(&b)));
+        let (la, lb) = (
+            la.unwrap_or_else(|e| panic!("{e}")),
+            lb.unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert!(la
+            .narrow(1, 0, 3)
+            .allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false));
+        assert!(!la
+            .narrow(1, 3, 1)
+            .allclose(&lb.narrow(1, 3, 1), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn bad_tokens_are_input_errors() {
+        let m = build(tiny("position_embedding_type: learned_absolute\n", 1));
+        let too_big = Tensor::from_slice(&[0i64, 32]).view([1, 2]);
+        assert!(matches!(
+            m.forward(&too_big),
+            Err(Error::Input { what: "tokens", .. })
+        ));
+        let too_long = Tensor::zeros([1, 9], (Kind::Int64, Device::Cpu));
+        assert!(matches!(m.forward(&too_long), Err(Error::Input { .. })));
+        let flat = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
+        assert!(matches!(m.forward(&flat), Err(Error::Input { .. })));
+    }
+
+    #[test]
+    fn tp_mismatch_is_refused() {
+        let pg = ProcessGroup::single();
+        let r = Gpt::new(
+            tiny("", 2),
+            &InitFrom::Random { seed: 1 },
+            &pg,
+            Kind::Float,
+            Device::Cpu,
+            false,
+        );
+        assert!(matches!(
+            r,
+            Err(Error::Input {
+                what: "tensor parallel size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn random_init_is_the_same_at_any_tp() {
+        // TP2 rank shards sliced from the same seeded canonical tensors as TP1
+        let full = normal(&[6, 2], 1.0, 9);
+        let again = normal(&[6, 2], 1.0, 9);
+        assert!(full.equal(&again));
+        let g = slice_canonical(&full, Rule::GatedFc1, 1, 2);
+        assert!(g.equal(&Tensor::cat(
+            &[full.narrow(0, 1, 1), full.narrow(0, 4, 1)],
+            0
+        )));
+        let std = f64::try_from(normal(&[4096], 0.5, 1).std(true)).unwrap_or(0.0);
+        assert!((std - 0.5).abs() < 0.03, "{std}");
     }
 }

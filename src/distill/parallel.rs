@@ -102,10 +102,14 @@ pub struct Launch {
     pub agent_store: bool,
 }
 
-fn env_num<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, Error> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(v) => v.trim().parse().map_err(|_| Error::Env {
+fn num<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, Error> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| Error::Env {
             name,
             value: v,
             why: "not a number in range",
@@ -120,9 +124,17 @@ impl Launch {
     /// # Errors
     /// [`Error::Env`] for unparsable values or a rank outside the world.
     pub fn from_env() -> Result<Launch, Error> {
-        let rank = env_num("RANK", 0i32)?;
-        let world = env_num("WORLD_SIZE", 1i32)?;
-        let local_rank = env_num("LOCAL_RANK", rank)?;
+        Launch::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// As [`Launch::from_env`], with the variables looked up through `get`.
+    ///
+    /// # Errors
+    /// As [`Launch::from_env`].
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Launch, Error> {
+        let rank = num(get, "RANK", 0i32)?;
+        let world = num(get, "WORLD_SIZE", 1i32)?;
+        let local_rank = num(get, "LOCAL_RANK", rank)?;
         if world < 1 {
             return Err(Error::Env {
                 name: "WORLD_SIZE",
@@ -141,9 +153,9 @@ impl Launch {
             rank,
             world,
             local_rank,
-            addr: std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".to_string()),
-            port: env_num("MASTER_PORT", 29500u16)?,
-            agent_store: std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True"),
+            addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_string()),
+            port: num(get, "MASTER_PORT", 29500u16)?,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
         })
     }
 }
@@ -361,5 +373,138 @@ impl ProcessGroup {
             op: "sum_f64",
             msg: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> Result<Launch, Error> {
+        let map: std::collections::HashMap<String, String> = kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Launch::from_vars(&|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn reads_torchrun_variables() {
+        let l = vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29513"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.rank, l.world, l.local_rank, l.port), (1, 2, 1, 29513));
+        assert_eq!(l.addr, "10.0.0.1");
+        assert!(l.agent_store);
+        let d = vars(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (d.rank, d.world, d.port, d.agent_store),
+            (0, 1, 29500, false)
+        );
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = vars(&[("RANK", "2"), ("WORLD_SIZE", "2")])
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("RANK=\"2\"")));
+        let e = vars(&[("MASTER_PORT", "http")])
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("MASTER_PORT")));
+        assert!(vars(&[("WORLD_SIZE", "0")]).is_err());
+    }
+
+    #[test]
+    fn single_group_is_the_identity() {
+        let pg = ProcessGroup::single();
+        let x = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let y = pg.reduce_from_tp(&pg.copy_to_tp(&x).unwrap_or_else(|e| panic!("{e}")));
+        let y = y.unwrap_or_else(|e| panic!("{e}"));
+        (y * 3.0).sum(Kind::Float).backward();
+        assert_eq!(
+            Vec::<f32>::try_from(x.grad()).unwrap_or_default(),
+            vec![3.0, 3.0]
+        );
+        assert_eq!(pg.backend_name().ok().as_deref(), Some("single"));
+        assert!((pg.sum_f64(2.5).unwrap_or(0.0) - 2.5).abs() < 1e-12);
+    }
+
+    /// A real Gloo group of one process (the shim's code paths, unlike `single`).
+    fn gloo_of_one() -> ProcessGroup {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = RawStore::tcp("127.0.0.1", port, 1, true, 10_000, "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pg = RawPg::gloo(&store, 0, 1, 10_000).unwrap_or_else(|e| panic!("{e}"));
+        ProcessGroup {
+            inner: Arc::new(Inner {
+                pg: Some(pg),
+                _store: Some(store),
+                rank: 0,
+                world: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn shim_mappings_run_forward_and_backward() {
+        let pg = gloo_of_one();
+        assert_eq!(pg.backend_name().ok().as_deref(), Some("gloo"));
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+        let ok = |r: Result<Tensor, Error>| r.unwrap_or_else(|e| panic!("{e}"));
+        let y = ok(pg.copy_to_tp(&x));
+        let y = ok(pg.reduce_from_tp(&y));
+        let y = ok(pg.gather_from_tp(&y.view([1, 3])));
+        let y = ok(pg.all_reduce_autograd(&y));
+        assert_eq!(
+            Vec::<f32>::try_from(y.view([3]).copy()).unwrap_or_default(),
+            vec![1.0, -2.0, 3.0]
+        );
+        (y * 2.0).sum(Kind::Float).backward();
+        assert_eq!(
+            Vec::<f32>::try_from(x.grad()).unwrap_or_default(),
+            vec![2.0; 3]
+        );
+        let mut t = Tensor::from_slice(&[4.0f32]);
+        pg.all_reduce(&mut t, ReduceOp::Max)
+            .unwrap_or_else(|e| panic!("{e}"));
+        pg.broadcast(&mut t, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.all_gather(&t).map(|v| v.len()).ok(), Some(1));
+        pg.barrier().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn backward_after_the_group_is_gone_is_an_error() {
+        let pg = gloo_of_one();
+        let x = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let y = pg.copy_to_tp(&x).unwrap_or_else(|e| panic!("{e}"));
+        drop(pg);
+        let e = y.sum(Kind::Float).f_backward().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("destroyed before the backward")));
+    }
+
+    #[test]
+    fn store_connect_failure_is_an_error() {
+        // a client whose server never comes: TCPStore fails after the timeout
+        let l = Launch {
+            rank: 1,
+            world: 2,
+            local_rank: 1,
+            addr: "127.0.0.1".to_string(),
+            port: 1,
+            agent_store: false,
+        };
+        let store = RawStore::tcp(&l.addr, l.port, 2, false, 200, "t");
+        assert!(store.is_err());
     }
 }

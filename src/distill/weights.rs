@@ -534,6 +534,103 @@ impl<'a> Source<'a> {
 mod tests {
     use super::*;
 
+    fn open(rel: &str) -> Checkpoint {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/mcore/llama/nemo")
+            .join(rel);
+        Checkpoint::open(&p).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn param<'a>(name: &str, rule: Rule, shape: &'a [i64]) -> Param<'a> {
+        Param {
+            names: vec![name.to_string()],
+            layer: Some(0),
+            rule,
+            local_shape: shape,
+            padded_rows: None,
+        }
+    }
+
+    #[test]
+    fn tp2_shards_reassemble_from_tp1_tp2_and_dcp() {
+        // launch TP2 rank 1 of the gated fc1 [48 gate; 48 up] from three layouts: identical
+        let shape = [96i64, 64];
+        let p = param(
+            "decoder.layers.0.mlp.linear_fc1.weight",
+            Rule::GatedFc1,
+            &shape,
+        );
+        let read = |rel: &str| {
+            let ck = open(rel);
+            let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+            src.read(&p, 1, 2, Kind::Float)
+                .unwrap_or_else(|e| panic!("{rel}: {e}"))
+        };
+        let a = read("tiny_llama_tp1.nemo");
+        assert!(a.equal(&read("tiny_llama_tp2.nemo")));
+        assert!(a.equal(&read("tiny_llama_dist_tp1.nemo")));
+        // and equals the canonical rows [48..96) and [144..192)
+        let full = {
+            let ck = open("tiny_llama_tp1.nemo");
+            let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+            let fs = [192i64, 64];
+            src.read(
+                &param(
+                    "decoder.layers.0.mlp.linear_fc1.weight",
+                    Rule::GatedFc1,
+                    &fs,
+                ),
+                0,
+                1,
+                Kind::Float,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(a.equal(&Tensor::cat(
+            &[full.narrow(0, 48, 48), full.narrow(0, 144, 48)],
+            0
+        )));
+        let ck = open("tiny_llama_tp2.nemo");
+        assert_eq!(
+            Source::new(&ck).and_then(|s| s.padded_vocab(32, 2)).ok(),
+            Some(128)
+        );
+    }
+
+    #[test]
+    fn missing_tensor_names_what_was_tried() {
+        let ck = open("tiny_llama_tp1.nemo");
+        let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+        let shape = [64i64];
+        let e = src.read(
+            &param("decoder.layers.0.nope.weight", Rule::Replicated, &shape),
+            0,
+            1,
+            Kind::Float,
+        );
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("model.decoder.layers.0.nope.weight"), "{msg}");
+    }
+
+    #[test]
+    fn shape_mismatch_is_refused() {
+        let ck = open("tiny_llama_tp2.nemo");
+        let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+        // hidden 64 stored, 32 asked
+        let shape = [48i64, 32];
+        let e = src.read(
+            &param(
+                "decoder.layers.0.self_attention.linear_qkv.weight",
+                Rule::Qkv,
+                &shape,
+            ),
+            0,
+            2,
+            Kind::Float,
+        );
+        assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    }
+
     #[test]
     fn stacked_names() {
         assert_eq!(
