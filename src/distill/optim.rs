@@ -135,16 +135,18 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                let mut part = g
+                let part = g
                     .to_kind(Kind::Float)
                     .square()
                     .sum(Kind::Double)
                     .to_device(tch::Device::Cpu);
-                if s.rule == Rule::Replicated {
-                    // identical on every rank: each contributes its share
-                    part = part / world;
-                }
-                sq += part;
+                // replicated: identical on every rank, so each contributes its share
+                let share = if s.rule == Rule::Replicated {
+                    world
+                } else {
+                    1.0
+                };
+                sq += part / share;
             }
         });
         let total = self.pg.sum_f64(sq.double_value(&[]))?;
@@ -198,7 +200,7 @@ impl AdamW {
                 let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + self.cfg.eps;
                 let _ = s.master.addcdiv_(&(&s.exp_avg * (-step_size)), &denom);
                 if s.param.kind() != Kind::Float {
-                    let _ = s.param.copy_(&s.master);
+                    s.param.copy_(&s.master);
                 }
             }
         });
@@ -246,11 +248,11 @@ impl AdamW {
             let a = find(format!("exp_avg.{}", s.name), &s.master, &s.name)?;
             let b = find(format!("exp_avg_sq.{}", s.name), &s.master, &s.name)?;
             tch::no_grad(|| {
-                let _ = s.master.copy_(&m);
-                let _ = s.exp_avg.copy_(&a);
-                let _ = s.exp_avg_sq.copy_(&b);
+                s.master.copy_(&m);
+                s.exp_avg.copy_(&a);
+                s.exp_avg_sq.copy_(&b);
                 if s.param.kind() != Kind::Float {
-                    let _ = s.param.copy_(&s.master);
+                    s.param.copy_(&s.master);
                 }
             });
         }

@@ -147,14 +147,14 @@ pub fn save(
     Ok(fin)
 }
 
+/// A loaded checkpoint: its folder, state and this rank's named tensors.
+pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
+
 /// The newest complete checkpoint: its state and this rank's tensors.
 ///
 /// # Errors
 /// [`Error::Mismatch`] when it was written by a different world size; I/O errors.
-pub fn load_latest(
-    dir: &Path,
-    pg: &ProcessGroup,
-) -> Result<Option<(PathBuf, TrainState, Vec<(String, Tensor)>)>, Error> {
+pub fn load_latest(dir: &Path, pg: &ProcessGroup) -> Result<Option<Loaded>, Error> {
     let Some((_, path)) = list(dir).pop() else {
         return Ok(None);
     };

@@ -37,8 +37,8 @@ pub enum Error {
     Checkpoint {
         /// Which.
         path: PathBuf,
-        /// Why.
-        source: ckpt::Error,
+        /// Why (boxed: checkpoint errors are large).
+        source: Box<ckpt::Error>,
     },
     /// A model config that cannot be used.
     #[error("{what} config: {source}")]
@@ -139,7 +139,7 @@ struct Opened {
 fn open(path: &Path) -> Result<Opened, Error> {
     let ck = Checkpoint::open(path).map_err(|source| Error::Checkpoint {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(Opened { ck })
 }
