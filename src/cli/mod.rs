@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod checksum;
 mod convert;
 mod data;
+mod distill;
 mod inspect;
 mod pack;
 mod reshard;
@@ -37,6 +38,8 @@ pub enum Command {
     Checksum(checksum::Args),
     /// Write or describe Megatron indexed datasets (.bin/.idx).
     Data(data::Args),
+    /// Distill a teacher into a student: a drop-in for NeMo's distillation script (needs --features distill).
+    Distill(distill::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
     /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
@@ -53,6 +56,7 @@ impl Cli {
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
             Command::Convert(args) => convert::run(args),
+            Command::Distill(args) => distill::run(args),
         }
     }
 }

@@ -26,6 +26,11 @@ const BENCHES: &[Bench] = &[
         "reshard a 2.2 GB bf16 Llama-shaped TP2 .nemo to TP4: time vs cp and a PyTorch baseline, peak RSS",
         crate::bench_reshard::reshard,
     ),
+    (
+        "distill",
+        "nemo-tool distill vs a PyTorch eager reference (tests/bench/distill_reference.py): tokens/s, peak RSS",
+        distill,
+    ),
 ];
 
 /// Builds the release binary and the bench examples.
@@ -131,6 +136,230 @@ fn inspect(args: &[String]) -> Result<()> {
     println!("raw: {line}");
     if median >= 1.0 || payload >= (1u64 << 20) as f64 {
         bail!("bench inspect: a target was missed");
+    }
+    Ok(())
+}
+
+/// The number after `key=` in a `key=value ...` line.
+fn kv_number(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
+        .parse()
+        .ok()
+}
+
+/// The bench job: the tiny teacher fixture, a smaller student from the config.
+struct DistillShape {
+    layers: u32,
+    hidden: u32,
+    ffn: u32,
+    heads: u32,
+    groups: u32,
+    seq: u32,
+    micro: u32,
+    global: u32,
+    steps: u32,
+}
+
+const SHAPE: DistillShape = DistillShape {
+    layers: 1,
+    hidden: 32,
+    ffn: 64,
+    heads: 4,
+    groups: 2,
+    seq: 128,
+    micro: 4,
+    global: 8,
+    steps: 40,
+};
+
+/// `cargo xtask bench distill [--threads N] [--seq N] [--debug]`: the same distillation job (teacher
+/// fixture, student shape, KL loss, AdamW, clipping, cosine schedule, batch shapes, threads)
+/// through `nemo-tool distill` (release build, `--features distill`) and through the PyTorch
+/// eager reference, in the same run; prints tokens/s and peak RSS of both.
+fn distill(args: &[String]) -> Result<()> {
+    use anyhow::Context;
+    let mut threads = 1u32;
+    let mut release = true;
+    let mut seq = SHAPE.seq;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--threads" => {
+                threads = it
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .context("--threads needs a number")?
+            }
+            "--debug" => release = false,
+            "--seq" => {
+                seq = it
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .context("--seq needs a number")?
+            }
+            other => bail!("bench distill: unknown option {other:?}"),
+        }
+    }
+    let root = crate::util::root();
+    let venv = root.join(".venv");
+    let python = crate::test::venv_python(&venv);
+    let libtorch = crate::test::libtorch_dir(&venv)?
+        .context("no .venv with torch (run `cargo xtask test` once) and no LIBTORCH")?;
+    let mut build = crate::util::cargo();
+    build.args(["build", "--features", "distill", "--bin", "nemo-tool"]);
+    if release {
+        build.arg("--release");
+    }
+    crate::test::with_libtorch(&mut build, &libtorch);
+    crate::util::run(&mut build)?;
+    let tool = crate::util::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("nemo-tool");
+    let dir = crate::util::target_dir().join("bench/distill");
+    std::fs::create_dir_all(&dir)?;
+    let docs = dir.join("docs.jsonl");
+    std::fs::write(&docs, crate::demo::token_docs(400))?;
+    let prefix = dir.join("data");
+    crate::util::run(
+        Command::new(&tool)
+            .args(["data", "make", "--vocab-size", "100", "--force", "--input"])
+            .arg(&docs)
+            .arg("--output-prefix")
+            .arg(&prefix),
+    )?;
+    let teacher = root.join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo");
+    let s = &DistillShape { seq, ..SHAPE };
+    // alternate the two, twice, and keep each one's best round: a shared machine's load
+    // drifts, and alternating exposes both to the same drift
+    let mut best_ours: Option<(f64, String)> = None;
+    let mut best_ref: Option<(f64, String)> = None;
+    for round in 1..=2 {
+        crate::util::step(&format!("nemo-tool distill ({threads} thread(s))"));
+        let ours = Command::new(&tool)
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .args([
+                "distill".to_string(),
+                format!("model.kd_teacher_restore_from_path={}", teacher.display()),
+                format!("model.data.data_prefix=[1.0,{}]", prefix.display()),
+                format!("model.nemo_path={}", dir.join("student.nemo").display()),
+                format!("exp_manager.explicit_log_dir={}", dir.join("exp").display()),
+                "exp_manager.resume_if_exists=false".into(),
+                "exp_manager.create_checkpoint_callback=false".into(),
+                "model.data.splits_string=100,0,0".into(),
+                format!("model.data.seq_length={}", s.seq),
+                format!("model.num_layers={}", s.layers),
+                format!("model.hidden_size={}", s.hidden),
+                format!("model.ffn_hidden_size={}", s.ffn),
+                format!("model.num_attention_heads={}", s.heads),
+                format!("model.num_query_groups={}", s.groups),
+                "model.make_vocab_size_divisible_by=32".into(),
+                format!("model.micro_batch_size={}", s.micro),
+                format!("model.global_batch_size={}", s.global),
+                format!("trainer.max_steps={}", s.steps),
+                "trainer.limit_val_batches=0".into(),
+                "trainer.log_every_n_steps=1000".into(),
+                "model.optim.lr=1e-3".into(),
+                "model.optim.sched.warmup_steps=5".into(),
+                "model.optim.sched.min_lr=1e-4".into(),
+            ])
+            .output()?;
+        let ours_text = String::from_utf8_lossy(&ours.stdout).into_owned();
+        if !ours.status.success() {
+            bail!(
+                "nemo-tool distill failed: {}{}",
+                ours_text,
+                String::from_utf8_lossy(&ours.stderr)
+            );
+        }
+        let ours_line = ours_text
+            .lines()
+            .find(|l| l.starts_with("distill: done"))
+            .context("no summary line from nemo-tool distill")?
+            .to_string();
+        crate::util::step(&format!("PyTorch eager reference ({threads} thread(s))"));
+        let reference = Command::new(&python)
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .arg(root.join("tests/bench/distill_reference.py"))
+            .arg("--teacher")
+            .arg(&teacher)
+            .args([
+                "--layers".to_string(),
+                s.layers.to_string(),
+                "--hidden".into(),
+                s.hidden.to_string(),
+                "--ffn".into(),
+                s.ffn.to_string(),
+                "--heads".into(),
+                s.heads.to_string(),
+                "--groups".into(),
+                s.groups.to_string(),
+                "--seq".into(),
+                s.seq.to_string(),
+                "--micro-batch".into(),
+                s.micro.to_string(),
+                "--global-batch".into(),
+                s.global.to_string(),
+                "--steps".into(),
+                s.steps.to_string(),
+                "--threads".into(),
+                threads.to_string(),
+            ])
+            .output()?;
+        let ref_text = String::from_utf8_lossy(&reference.stdout).into_owned();
+        if !reference.status.success() {
+            bail!(
+                "reference failed: {ref_text}{}",
+                String::from_utf8_lossy(&reference.stderr)
+            );
+        }
+        let ref_line = ref_text
+            .lines()
+            .find(|l| l.starts_with("reference:"))
+            .context("no summary line from the reference")?
+            .to_string();
+        let t = |l: &str| kv_number(l, "tokens_per_s").unwrap_or(0.0);
+        if best_ours.as_ref().is_none_or(|b| t(&ours_line) > b.0) {
+            best_ours = Some((t(&ours_line), ours_line.clone()));
+        }
+        if best_ref.as_ref().is_none_or(|b| t(&ref_line) > b.0) {
+            best_ref = Some((t(&ref_line), ref_line.clone()));
+        }
+        println!("round {round}: {ours_line}\nround {round}: {ref_line}");
+    }
+    let ours_line = best_ours.map(|b| b.1).unwrap_or_default();
+    let ref_line = best_ref.map(|b| b.1).unwrap_or_default();
+    let num = |l: &str, k: &str| kv_number(l, k).unwrap_or(f64::NAN);
+    let (ot, or) = (
+        num(&ours_line, "tokens_per_s"),
+        num(&ours_line, "peak_rss_kib"),
+    );
+    let (rt, rr) = (
+        num(&ref_line, "tokens_per_s"),
+        num(&ref_line, "peak_rss_kib"),
+    );
+    let ratio = ot / rt;
+    crate::util::step("bench distill");
+    println!(
+        "job                teacher {} (2 layers, hidden 64), student {} layer(s) hidden {}, seq {}, micro {} global {}, {} steps, {threads} thread(s), {}",
+        teacher.display(), s.layers, s.hidden, s.seq, s.micro, s.global, s.steps,
+        if release { "release" } else { "debug" }
+    );
+    println!(
+        "nemo-tool distill  {ot:>10.0} tokens/s   peak RSS {:>7.1} MiB",
+        or / 1024.0
+    );
+    println!(
+        "PyTorch eager      {rt:>10.0} tokens/s   peak RSS {:>7.1} MiB",
+        rr / 1024.0
+    );
+    println!(
+        "speed-up           {ratio:.2}x   target >= 1.1x: {}",
+        verdict(ratio >= 1.1)
+    );
+    println!("best of 2 alternating rounds each");
+    if ratio < 1.1 {
+        bail!("bench distill: below the 1.1x target");
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: runs nemo-tool's main job on the built-in tiny fixtures, step by step.
 //!
 //! Steps are data ([`STEPS`]): `nemo-tool` arguments, where `{out}` stands for the demo's output
-//! folder (`<target>/demo`), or a check that two checksum listings are identical.
+//! folder (`<target>/demo`), a check that two checksum listings are identical, or a file the
+//! demo writes. nemo-tool is built with `--features distill` against the venv's libtorch (as
+//! `cargo xtask test` does); without a venv or LIBTORCH the distillation steps are skipped.
 
 use std::path::Path;
 
@@ -15,6 +17,14 @@ enum Step {
     Run(&'static [&'static str]),
     /// `nemo-tool checksum` both paths; every tensor must have the same sum.
     SameTensors(&'static str, &'static str),
+    /// Write [`token_docs`] (JSON Lines of token ids) to this path.
+    WriteDocs(&'static str),
+    /// Remove a folder left by an earlier demo (so the distillation starts afresh).
+    Clean(&'static str),
+    /// Run `nemo-tool` (built with `--features distill`) with these arguments.
+    Distill(&'static [&'static str]),
+    /// A file the previous steps must have written; its path is printed.
+    Show(&'static str, &'static str),
 }
 
 /// The demo, in order.
@@ -60,13 +70,115 @@ const STEPS: &[(&str, Step)] = &[
         "and compare it with megatron-core's own TP=2 shards",
         Step::SameTensors("fixtures/mcore/llama/tp2", "{out}/tp2_weights_only.nemo"),
     ),
+    (
+        "write 400 token-id documents in the tiny tokenizer's id range (3..99)",
+        Step::WriteDocs("{out}/docs.jsonl"),
+    ),
+    (
+        "make a Megatron indexed dataset from them (EOD = 2)",
+        Step::Distill(&[
+            "data",
+            "make",
+            "--input",
+            "{out}/docs.jsonl",
+            "--output-prefix",
+            "{out}/tokens",
+            "--vocab-size",
+            "100",
+            "--append-eod",
+            "2",
+            "--force",
+        ]),
+    ),
+    ("start the distillation afresh", Step::Clean("{out}/distill_exp")),
+    (
+        "distill a 1-layer student (from the config) from the 2-layer tiny teacher: 300 steps on CPU",
+        Step::Distill(&[
+            "distill",
+            "model.restore_from_path=None",
+            "model.kd_teacher_restore_from_path=fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo",
+            "model.data.data_prefix=[1.0,{out}/tokens]",
+            "model.data.splits_string=90,10,0",
+            "model.data.seq_length=64",
+            "model.nemo_path={out}/student_tp1.nemo",
+            "model.num_layers=1",
+            "model.hidden_size=32",
+            "model.ffn_hidden_size=64",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.make_vocab_size_divisible_by=32",
+            "model.micro_batch_size=4",
+            "model.global_batch_size=8",
+            "model.optim.lr=1e-2",
+            "model.optim.sched.warmup_steps=10",
+            "model.optim.sched.min_lr=1e-3",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=50",
+            "trainer.limit_val_batches=4",
+            "trainer.log_every_n_steps=25",
+            "exp_manager.explicit_log_dir={out}/distill_exp",
+        ]),
+    ),
+    (
+        "reshard the distilled student to TP=2",
+        Step::Run(&[
+            "reshard",
+            "{out}/student_tp1.nemo",
+            "{out}/student_tp2.nemo",
+            "--tp",
+            "2",
+            "--force",
+        ]),
+    ),
+    (
+        "inspect it",
+        Step::Run(&["inspect", "{out}/student_tp2.nemo"]),
+    ),
+    (
+        "the train and validation KD loss curves",
+        Step::Show("plot", "{out}/distill_exp/kd_loss.png"),
+    ),
 ];
 
-fn nemo_tool(args: &[String]) -> std::process::Command {
+/// `n` deterministic documents of token ids in 3..100 (a noisy recurrence, so a student has
+/// something to learn), one JSON list per line.
+pub fn token_docs(n: usize) -> String {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut out = String::new();
+    for d in 0..n {
+        let len = 20 + (d * 37) % 100;
+        let mut t = (d as u64 * 13) % 97 + 3;
+        let mut ids = Vec::with_capacity(len);
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            t = (t * 7 + (x >> 62) + 1) % 97 + 3;
+            ids.push(t.to_string());
+        }
+        out.push('[');
+        out.push_str(&ids.join(","));
+        out.push_str("]\n");
+    }
+    out
+}
+
+/// `nemo-tool ARGS` through cargo; with `libtorch`, built with `--features distill`.
+fn nemo_tool_with(args: &[String], libtorch: Option<&Path>) -> std::process::Command {
     let mut cmd = util::cargo();
-    cmd.args(["run", "--quiet", "--bin", "nemo-tool", "--"])
-        .args(args);
+    cmd.args(["run", "--quiet", "--bin", "nemo-tool"]);
+    if let Some(lt) = libtorch {
+        cmd.args(["--features", "distill"]);
+        crate::test::with_libtorch(&mut cmd, lt);
+        // one thread per process: the demo shares small machines well
+        cmd.env("OMP_NUM_THREADS", "1");
+    }
+    cmd.arg("--").args(args);
     cmd
+}
+
+fn nemo_tool(args: &[String]) -> std::process::Command {
+    nemo_tool_with(args, None)
 }
 
 fn checksums(path: &str) -> Result<String> {
@@ -84,6 +196,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let out_dir = util::target_dir().join("demo");
     std::fs::create_dir_all(&out_dir)?;
+    let libtorch = crate::test::libtorch_dir(&util::root().join(".venv"))?;
+    if libtorch.is_none() {
+        println!("note: no .venv with torch and no LIBTORCH: the distillation steps are skipped");
+    }
     let out = |s: &str| s.replace("{out}", &out_dir.display().to_string());
     for (i, (title, what)) in STEPS.iter().enumerate() {
         step(&format!("[{}/{}] {title}", i + 1, STEPS.len()));
@@ -91,7 +207,7 @@ pub fn run(args: &[String]) -> Result<()> {
             Step::Run(tool_args) => {
                 let tool_args: Vec<String> = tool_args.iter().map(|a| out(a)).collect();
                 println!("$ nemo-tool {}", tool_args.join(" "));
-                let code = util::status_quiet(&mut nemo_tool(&tool_args))
+                let code = util::status_quiet(&mut nemo_tool_with(&tool_args, libtorch.as_deref()))
                     .with_context(|| format!("demo step {title:?}"))?;
                 if code != 0 {
                     bail!("demo step {title:?}: nemo-tool exited with code {code}");
@@ -121,6 +237,38 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
                 println!("identical: {} tensors, bit for bit", sa.lines().count());
             }
+            Step::WriteDocs(path) => {
+                let p = out(path);
+                std::fs::write(&p, token_docs(400)).with_context(|| format!("writing {p}"))?;
+                println!("wrote {p}");
+            }
+            Step::Clean(path) => {
+                let p = out(path);
+                if Path::new(&p).exists() {
+                    std::fs::remove_dir_all(&p).with_context(|| format!("removing {p}"))?;
+                    println!("removed {p}");
+                }
+            }
+            Step::Distill(tool_args) => {
+                let Some(lt) = libtorch.as_deref() else {
+                    println!("skipped (no libtorch)");
+                    continue;
+                };
+                let tool_args: Vec<String> = tool_args.iter().map(|a| out(a)).collect();
+                println!("$ OMP_NUM_THREADS=1 nemo-tool {}", tool_args.join(" "));
+                let code = util::status_quiet(&mut nemo_tool_with(&tool_args, Some(lt)))
+                    .with_context(|| format!("demo step {title:?}"))?;
+                if code != 0 {
+                    bail!("demo step {title:?}: nemo-tool exited with code {code}");
+                }
+            }
+            Step::Show(what, path) => {
+                let p = out(path);
+                if libtorch.is_some() && !Path::new(&p).is_file() {
+                    bail!("demo step {title:?}: {p} was not written");
+                }
+                println!("{what}: {p}");
+            }
         }
     }
     println!(
@@ -140,10 +288,14 @@ mod tests {
         let root = crate::util::root();
         for (title, what) in STEPS {
             let paths: Vec<&str> = match what {
-                Step::Run(args) => args.to_vec(),
+                Step::Run(args) | Step::Distill(args) => args.to_vec(),
                 Step::SameTensors(a, b) => vec![a, b],
+                Step::WriteDocs(_) | Step::Clean(_) | Step::Show(..) => vec![],
             };
-            for a in paths.iter().filter(|a| a.starts_with("fixtures/")) {
+            let paths = paths
+                .iter()
+                .map(|a| a.split_once('=').map_or(*a, |kv| kv.1));
+            for a in paths.filter(|a| a.starts_with("fixtures/")) {
                 assert!(
                     super::Path::new(&root.join(a)).exists(),
                     "{title}: missing {a}"

@@ -92,7 +92,7 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn venv_python(venv: &Path) -> PathBuf {
+pub fn venv_python(venv: &Path) -> PathBuf {
     if cfg!(windows) {
         venv.join("Scripts").join("python.exe")
     } else {
@@ -155,31 +155,14 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The libtorch-backed engine (`--features distill`): its unit tests and `tests/distill.rs`,
+/// The libtorch-backed engine (`--features distill`): its unit tests, `tests/distill.rs` and the
+/// `nemo-tool distill` acceptance tests (`tests/distill_train.rs`),
 /// built against the torch of the venv (the PyPI torch==2.11.0 wheel that tch 0.24 expects).
 /// Without a venv (`--no-python` on a fresh checkout) it runs only if LIBTORCH is set.
 fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<()> {
     step("cargo test --features distill (libtorch from the venv)");
     let python = venv_python(venv);
-    let libtorch = if python.exists() {
-        let out = Command::new(&python)
-            .args([
-                "-c",
-                "import torch,os;print(os.path.dirname(torch.__file__))",
-            ])
-            .output()
-            .with_context(|| format!("running {}", python.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} cannot import torch: {}",
-                python.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    } else if let Some(dir) = std::env::var_os("LIBTORCH") {
-        PathBuf::from(dir)
-    } else {
+    let Some(libtorch) = libtorch_dir(venv)? else {
         println!(
             "skipped: no {} and no LIBTORCH (run without --no-python)",
             python.display()
@@ -199,11 +182,11 @@ fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<(
         "--lib",
         "--test",
         "distill",
+        "--test",
+        "distill_train",
     ])
-    .env("LIBTORCH", &libtorch)
-    .env("LIBTORCH_CXX11_ABI", "1")
-    .env_remove("LIBTORCH_USE_PYTORCH")
     .envs(env.iter().map(|(k, v)| (*k, v)));
+    with_libtorch(&mut cmd, &libtorch);
     if python.exists() {
         cmd.env("NEMO_TOOL_PYTHON", &python);
     }
@@ -211,6 +194,39 @@ fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<(
         cmd.env("NEMO_TOOL_STRICT", "1");
     }
     util::run(&mut cmd)
+}
+
+/// The libtorch that `--features distill` builds against: the venv's torch (the PyPI
+/// torch==2.11.0 wheel tch 0.24 expects), else `$LIBTORCH`; `None` when neither exists.
+pub fn libtorch_dir(venv: &Path) -> Result<Option<PathBuf>> {
+    let python = venv_python(venv);
+    if python.exists() {
+        let out = Command::new(&python)
+            .args([
+                "-c",
+                "import torch,os;print(os.path.dirname(torch.__file__))",
+            ])
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} cannot import torch: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        return Ok(Some(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )));
+    }
+    Ok(std::env::var_os("LIBTORCH").map(PathBuf::from))
+}
+
+/// Points a cargo command at `libtorch` (cxx11 ABI, as the PyPI wheels are).
+pub fn with_libtorch(cmd: &mut Command, libtorch: &Path) {
+    cmd.env("LIBTORCH", libtorch)
+        .env("LIBTORCH_CXX11_ABI", "1")
+        .env_remove("LIBTORCH_USE_PYTORCH");
 }
 
 fn run_pytest(

@@ -1,0 +1,513 @@
+//! A distillation job resolved from the run configuration (conf/distill.yaml plus overrides):
+//! every key `nemo-tool distill` honours, checked once before anything is loaded, with the
+//! same constraints as NeMo's script (teacher required, PP = 1, `trainer.devices` = world
+//! size) and the ones of this engine (pure tensor parallelism: TP = world size).
+
+use std::path::PathBuf;
+
+use super::loss::{self, KdLoss, LossKind};
+use super::optim::AdamWConfig;
+use crate::data::Blend;
+use crate::runconfig::{self, RunConfig};
+use crate::schedule::CosineAnnealing;
+
+/// Errors resolving the job.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config key has a missing or wrong-typed value.
+    #[error(transparent)]
+    Config(#[from] runconfig::Error),
+    /// A value that is well-typed but not usable.
+    #[error("config key `{key}` = {value}: {why}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// Why.
+        why: String,
+    },
+    /// The KD loss options.
+    #[error(transparent)]
+    Loss(#[from] loss::Error),
+    /// The data blend.
+    #[error(transparent)]
+    Data(#[from] crate::data::sampling::Error),
+}
+
+fn invalid(key: &'static str, value: impl ToString, why: impl Into<String>) -> Error {
+    Error::Invalid {
+        key,
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Training arithmetic precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 everywhere (`trainer.precision=32`).
+    Fp32,
+    /// bf16 compute, fp32 master weights and optimizer state (`bf16`, `bf16-mixed`; PyTorch
+    /// Lightning treats `bf16` as `bf16-mixed`).
+    Bf16Mixed,
+}
+
+/// Everything the trainer needs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Student checkpoint; `None` initialises the student from `model_yaml`.
+    pub student: Option<PathBuf>,
+    /// Teacher checkpoint.
+    pub teacher: PathBuf,
+    /// Where the distilled student goes.
+    pub nemo_path: PathBuf,
+    /// `model.tensor_model_parallel_size`.
+    pub tp: u64,
+    /// `model.micro_batch_size`.
+    pub micro_batch: usize,
+    /// `model.global_batch_size`.
+    pub global_batch: usize,
+    /// `model.data.seq_length`.
+    pub seq_length: usize,
+    /// `trainer.max_steps`.
+    pub max_steps: u64,
+    /// `trainer.val_check_interval` (steps).
+    pub val_check_interval: u64,
+    /// `trainer.limit_val_batches` (global batches per validation; 0 disables it).
+    pub limit_val_batches: u64,
+    /// `trainer.log_every_n_steps` (plain log lines; the terminal line updates every step).
+    pub log_every_n_steps: u64,
+    /// `trainer.gradient_clip_val` (`None`/0: off).
+    pub clip: Option<f64>,
+    /// `trainer.precision`.
+    pub precision: Precision,
+    /// `trainer.accelerator` is `cpu` (else CUDA when available).
+    pub force_cpu: bool,
+    /// Optimizer.
+    pub adamw: AdamWConfig,
+    /// `optim.lr` and `optim.sched`.
+    pub schedule: CosineAnnealing,
+    /// `model.kd`.
+    pub kd: KdLoss,
+    /// `model.kd.chunk_tokens`, as sequence positions per chunk.
+    pub chunk_tokens: i64,
+    /// `model.data.data_prefix`.
+    pub blend: Blend,
+    /// `model.data.splits_string`.
+    pub splits: String,
+    /// `model.seed`.
+    pub seed: u64,
+    /// Tokens excluded from the loss (`data.eod_mask_loss` with `data.eod_token_id`).
+    pub eod_mask: Option<i64>,
+    /// The experiment folder.
+    pub exp_dir: PathBuf,
+    /// `exp_manager.resume_if_exists`.
+    pub resume: bool,
+    /// `exp_manager.create_checkpoint_callback`: periodic checkpoints at each validation.
+    pub checkpoints: bool,
+    /// `model.tokenizer.model` when it names a file on disk.
+    pub tokenizer_file: Option<PathBuf>,
+    /// The `model` section as YAML: the student's config when it is initialised from scratch.
+    pub model_yaml: String,
+}
+
+impl Job {
+    /// Resolves `cfg` for a launch of `world` processes.
+    ///
+    /// # Errors
+    /// Missing required keys, wrong types, values out of range, unsupported parallelism.
+    pub fn resolve(cfg: &RunConfig, world: u64) -> Result<Job, Error> {
+        fn req<T>(k: &str, v: Option<T>) -> Result<T, runconfig::Error> {
+            RunConfig::require(k, v)
+        }
+        let path = |k: &str| -> Result<Option<PathBuf>, Error> {
+            Ok(cfg
+                .str(k)?
+                .filter(|s| !s.is_empty() && s != "null")
+                .map(PathBuf::from))
+        };
+        let teacher = req(
+            "model.kd_teacher_restore_from_path",
+            path("model.kd_teacher_restore_from_path")?,
+        )?;
+        let nemo_path = req("model.nemo_path", path("model.nemo_path")?)?;
+        let student = path("model.restore_from_path")?;
+
+        let tp = cfg.u64("model.tensor_model_parallel_size")?.unwrap_or(1);
+        let pp = cfg.u64("model.pipeline_model_parallel_size")?.unwrap_or(1);
+        if pp != 1 {
+            return Err(invalid(
+                "model.pipeline_model_parallel_size",
+                pp,
+                "pipeline parallelism is not supported yet (as in NeMo's script, which asserts PP = 1); use tensor parallelism",
+            ));
+        }
+        if let Some(v) = cfg.u64("model.virtual_pipeline_model_parallel_size")? {
+            return Err(invalid(
+                "model.virtual_pipeline_model_parallel_size",
+                v,
+                "must be null",
+            ));
+        }
+        let devices = cfg.u64("trainer.devices")?.unwrap_or(1);
+        let nodes = cfg.u64("trainer.num_nodes")?.unwrap_or(1);
+        if devices.saturating_mul(nodes) != world {
+            return Err(invalid(
+                "trainer.devices",
+                devices,
+                format!(
+                    "devices x num_nodes ({devices} x {nodes}) must equal the number of processes launched ({world}); launch with torchrun --nproc_per_node={devices}"
+                ),
+            ));
+        }
+        if tp != world {
+            return Err(invalid(
+                "model.tensor_model_parallel_size",
+                tp,
+                format!(
+                    "must equal the world size {world}: data parallelism is not supported yet (every rank is a tensor-parallel rank)"
+                ),
+            ));
+        }
+        let micro_batch = req("model.micro_batch_size", cfg.u64("model.micro_batch_size")?)?;
+        let global_batch = req(
+            "model.global_batch_size",
+            cfg.u64("model.global_batch_size")?,
+        )?;
+        if micro_batch == 0 || global_batch == 0 || global_batch % micro_batch != 0 {
+            return Err(invalid(
+                "model.global_batch_size",
+                global_batch,
+                format!(
+                    "must be a positive multiple of micro_batch_size ({micro_batch}) x data parallel size (1)"
+                ),
+            ));
+        }
+        let seq_length = req("model.data.seq_length", cfg.u64("model.data.seq_length")?)?;
+        if seq_length < 2 {
+            return Err(invalid(
+                "model.data.seq_length",
+                seq_length,
+                "must be at least 2",
+            ));
+        }
+        let max_steps = req("trainer.max_steps", cfg.u64("trainer.max_steps")?)?;
+        if max_steps == 0 {
+            return Err(invalid("trainer.max_steps", 0, "must be positive"));
+        }
+        let val_check_interval = match cfg.get("trainer.val_check_interval") {
+            Some(serde_yaml_ng::Value::Number(n)) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(1.0);
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(invalid(
+                        "trainer.val_check_interval",
+                        f,
+                        "a fraction must be in (0, 1]; or give a step count",
+                    ));
+                }
+                ((max_steps as f64 * f).round() as u64).max(1)
+            }
+            _ => cfg
+                .u64("trainer.val_check_interval")?
+                .unwrap_or(max_steps)
+                .max(1),
+        };
+        let limit_val_batches =
+            match cfg.get("trainer.limit_val_batches") {
+                Some(serde_yaml_ng::Value::Number(n)) if n.is_f64() => return Err(invalid(
+                    "trainer.limit_val_batches",
+                    n,
+                    "give a number of batches (a fraction of the validation set is not supported)",
+                )),
+                _ => cfg.u64("trainer.limit_val_batches")?.unwrap_or(0),
+            };
+        let precision =
+            match cfg.str("trainer.precision")?.as_deref() {
+                None | Some("32") | Some("32-true") => Precision::Fp32,
+                Some("bf16") | Some("bf16-mixed") | Some("bf16-true") => Precision::Bf16Mixed,
+                Some(p) => return Err(invalid(
+                    "trainer.precision",
+                    p,
+                    "supported: 32, bf16, bf16-mixed (fp16 needs loss scaling, not implemented)",
+                )),
+            };
+        let accel = cfg.str("trainer.accelerator")?.unwrap_or_default();
+        let clip = cfg.f64("trainer.gradient_clip_val")?.filter(|c| *c > 0.0);
+
+        let lr = req("model.optim.lr", cfg.f64("model.optim.lr")?)?;
+        let betas = cfg
+            .list("model.optim.betas")?
+            .unwrap_or_else(|| vec!["0.9".into(), "0.999".into()]);
+        let beta = |i: usize| -> Result<f64, Error> {
+            betas
+                .get(i)
+                .and_then(|b| b.parse::<f64>().ok())
+                .filter(|b| (0.0..1.0).contains(b))
+                .ok_or_else(|| {
+                    invalid(
+                        "model.optim.betas",
+                        format!("{betas:?}"),
+                        "two numbers in [0, 1)",
+                    )
+                })
+        };
+        let opt_name = cfg.str("model.optim.name")?.unwrap_or_default();
+        if !matches!(
+            opt_name.as_str(),
+            "" | "fused_adam"
+                | "adamw"
+                | "adam"
+                | "distributed_fused_adam"
+                | "mcore_distributed_optim"
+        ) {
+            return Err(invalid(
+                "model.optim.name",
+                opt_name,
+                "only AdamW (fused_adam, adamw, distributed_fused_adam) is implemented",
+            ));
+        }
+        let adamw = AdamWConfig {
+            weight_decay: cfg.f64("model.optim.weight_decay")?.unwrap_or(0.0),
+            betas: (beta(0)?, beta(1)?),
+            eps: cfg.f64("model.optim.eps")?.unwrap_or(1e-8),
+        };
+        let sched_name = cfg
+            .str("model.optim.sched.name")?
+            .unwrap_or_else(|| "CosineAnnealing".into());
+        if sched_name != "CosineAnnealing" {
+            return Err(invalid(
+                "model.optim.sched.name",
+                sched_name,
+                "only CosineAnnealing is implemented",
+            ));
+        }
+        let schedule = CosineAnnealing {
+            base_lr: lr,
+            warmup_steps: cfg.u64("model.optim.sched.warmup_steps")?.unwrap_or(0),
+            constant_steps: cfg.u64("model.optim.sched.constant_steps")?.unwrap_or(0),
+            max_steps,
+            min_lr: cfg.f64("model.optim.sched.min_lr")?.unwrap_or(0.0),
+        };
+
+        let temperature = cfg.f64("model.kd.temperature")?.unwrap_or(1.0);
+        let kind = match cfg.str("model.kd.loss")?.as_deref().unwrap_or("kl") {
+            "kl" | "forward_kl" | "LogitsKLLoss" => LossKind::ForwardKl,
+            "reverse_kl" => LossKind::ReverseKl,
+            "jsd" => LossKind::Jsd {
+                beta: cfg.f64("model.kd.jsd_beta")?.unwrap_or(0.5),
+            },
+            "topk_kl" | "topk" => LossKind::TopK {
+                k: i64::try_from(cfg.u64("model.kd.top_k")?.unwrap_or(0)).unwrap_or(0),
+            },
+            other => {
+                return Err(invalid(
+                    "model.kd.loss",
+                    other,
+                    "expected kl, reverse_kl, jsd or topk_kl",
+                ))
+            }
+        };
+        let kd = KdLoss::new(kind, temperature)?;
+        let chunk_tokens = cfg.u64("model.kd.chunk_tokens")?.unwrap_or(2048).max(1);
+        let chunk_tokens = (chunk_tokens / micro_batch).max(1) as i64;
+
+        let prefixes = req(
+            "model.data.data_prefix",
+            cfg.list("model.data.data_prefix")?,
+        )?;
+        let blend = Blend::parse(&prefixes)?;
+        let splits = cfg
+            .str("model.data.splits_string")?
+            .unwrap_or_else(|| "98,1,1".into());
+        let eod_mask = if cfg.bool("model.data.eod_mask_loss")?.unwrap_or(false) {
+            let id = cfg.u64("model.data.eod_token_id")?.ok_or_else(|| {
+                invalid(
+                    "model.data.eod_token_id",
+                    "null",
+                    "eod_mask_loss needs the end-of-document token id (nemo-tool does not run the tokenizer)",
+                )
+            })?;
+            Some(
+                i64::try_from(id)
+                    .map_err(|_| invalid("model.data.eod_token_id", id, "too large"))?,
+            )
+        } else {
+            None
+        };
+
+        let name = cfg
+            .str("name")?
+            .unwrap_or_else(|| "megatron_llama_distill".into());
+        let exp_dir = match cfg.str("exp_manager.explicit_log_dir")? {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let base = cfg
+                    .str("exp_manager.exp_dir")?
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("nemo_experiments"));
+                let n = cfg.str("exp_manager.name")?.unwrap_or(name);
+                base.join(n)
+            }
+        };
+        let tokenizer_file = cfg
+            .str("model.tokenizer.model")?
+            .filter(|m| !m.starts_with("nemo:"))
+            .map(PathBuf::from);
+        if let Some(t) = &tokenizer_file {
+            if !t.is_file() {
+                return Err(invalid(
+                    "model.tokenizer.model",
+                    t.display(),
+                    "no such file",
+                ));
+            }
+        }
+        let model_yaml = cfg
+            .get("model")
+            .map(|m| serde_yaml_ng::to_string(m).unwrap_or_default())
+            .unwrap_or_default();
+        Ok(Job {
+            student,
+            teacher,
+            nemo_path,
+            tp,
+            micro_batch: micro_batch as usize,
+            global_batch: global_batch as usize,
+            seq_length: seq_length as usize,
+            max_steps,
+            val_check_interval,
+            limit_val_batches,
+            log_every_n_steps: cfg.u64("trainer.log_every_n_steps")?.unwrap_or(10).max(1),
+            clip,
+            precision,
+            force_cpu: accel == "cpu",
+            adamw,
+            schedule,
+            kd,
+            chunk_tokens,
+            blend,
+            splits,
+            seed: cfg.u64("model.seed")?.unwrap_or(1234),
+            eod_mask,
+            exp_dir,
+            resume: cfg.bool("exp_manager.resume_if_exists")?.unwrap_or(false),
+            checkpoints: cfg
+                .bool("exp_manager.create_checkpoint_callback")?
+                .unwrap_or(true),
+            tokenizer_file,
+            model_yaml,
+        })
+    }
+
+    /// Micro-batches per optimizer step (data parallel size 1).
+    pub fn accumulation(&self) -> usize {
+        self.global_batch / self.micro_batch
+    }
+
+    /// Checkpoint folder inside the experiment folder.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.exp_dir.join("checkpoints")
+    }
+
+    /// The plot of train and validation KD loss.
+    pub fn plot_path(&self) -> PathBuf {
+        self.exp_dir.join("kd_loss.png")
+    }
+
+    /// Per-step metrics, one JSON object per line.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.exp_dir.join("metrics.jsonl")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RunConfig {
+        let mut c = RunConfig::distill_default();
+        c.apply(&[
+            "model.kd_teacher_restore_from_path=t.nemo".to_string(),
+            "model.nemo_path=out.nemo".to_string(),
+            "model.data.data_prefix=[1.0,data/x]".to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        c
+    }
+
+    fn with(extra: &[&str]) -> RunConfig {
+        let mut c = base();
+        let v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        c.apply(&v).unwrap_or_else(|e| panic!("{e}"));
+        c
+    }
+
+    #[test]
+    fn resolves_the_defaults_like_nemo() {
+        let j = Job::resolve(&base(), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.student, None);
+        assert_eq!(j.accumulation(), 8);
+        assert_eq!(j.precision, Precision::Fp32);
+        assert_eq!(j.adamw.betas, (0.9, 0.95));
+        assert_eq!(j.schedule.warmup_steps, 50);
+        assert_eq!(j.kd.kind, LossKind::ForwardKl);
+        assert_eq!(
+            j.exp_dir,
+            PathBuf::from("nemo_experiments/megatron_llama_distill")
+        );
+        assert_eq!(j.blend.entries, vec![(1.0, "data/x".to_string())]);
+    }
+
+    #[test]
+    fn student_none_means_init_from_config() {
+        let j = Job::resolve(&with(&["model.restore_from_path=None"]), 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.student, None);
+        let j = Job::resolve(&with(&["model.restore_from_path=s.nemo"]), 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.student, Some(PathBuf::from("s.nemo")));
+    }
+
+    #[test]
+    fn refuses_unsupported_parallelism_and_values() {
+        let e = |c: RunConfig, w| {
+            Job::resolve(&c, w)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(e(with(&["model.pipeline_model_parallel_size=2"]), 1).contains("pipeline"));
+        assert!(e(base(), 2).contains("trainer.devices"));
+        assert!(e(with(&["trainer.devices=2"]), 2).contains("tensor_model_parallel_size"));
+        assert!(e(with(&["trainer.precision=16"]), 1).contains("precision"));
+        assert!(e(
+            with(&["model.global_batch_size=3", "model.micro_batch_size=2"]),
+            1
+        )
+        .contains("global_batch_size"));
+        assert!(e(with(&["model.kd.loss=mse"]), 1).contains("model.kd.loss"));
+        assert!(e(with(&["model.data.eod_mask_loss=true"]), 1).contains("eod_token_id"));
+        let mut c = RunConfig::distill_default();
+        c.apply(&["model.nemo_path=x".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(e(c, 1).contains("kd_teacher_restore_from_path"));
+    }
+
+    #[test]
+    fn bf16_spellings_and_experiment_folder() {
+        let j = Job::resolve(
+            &with(&[
+                "trainer.precision=bf16",
+                "exp_manager.explicit_log_dir=/tmp/x",
+                "trainer.val_check_interval=0.5",
+                "trainer.max_steps=10",
+            ]),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.precision, Precision::Bf16Mixed);
+        assert_eq!(j.exp_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(j.val_check_interval, 5);
+    }
+}

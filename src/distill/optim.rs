@@ -1,0 +1,356 @@
+//! The student's optimizer: AdamW with decoupled weight decay (torch.optim.AdamW's update,
+//! which is what NeMo's `fused_adam` computes with `adam_w_mode`), no decay on norms and
+//! biases (NeMo's `do_layer_norm_weight_decay: false`: every 1-D parameter), fp32 master
+//! weights and moments (also when the model computes in bf16), and gradient clipping by the
+//! global norm over all TP ranks with replicated parameters counted once.
+
+use tch::{Kind, Tensor};
+
+use super::model::{Gpt, NamedParam};
+use super::parallel::{self, ProcessGroup};
+use crate::layout::Rule;
+
+/// Errors of the optimizer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A collective failed.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+    /// Restored state that does not fit the model.
+    #[error("optimizer state {name}: {why}")]
+    State {
+        /// Parameter name.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// A non-finite gradient norm (the step is refused).
+    #[error("gradient norm is {0}: loss diverged")]
+    NonFinite(f64),
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// β1, β2.
+    pub betas: (f64, f64),
+    /// ε (NeMo's fused_adam default 1e-8).
+    pub eps: f64,
+}
+
+/// One parameter's optimizer slot.
+#[derive(Debug)]
+pub struct Slot {
+    /// Canonical name.
+    pub name: String,
+    /// Split rule (replicated slots count once in the global norm).
+    pub rule: Rule,
+    /// Whether weight decay applies.
+    pub decay: bool,
+    /// The model's parameter (fp32 or bf16).
+    pub param: Tensor,
+    /// fp32 master weights (the same tensor as `param` when the model is fp32).
+    pub master: Tensor,
+    /// First moment.
+    pub exp_avg: Tensor,
+    /// Second moment.
+    pub exp_avg_sq: Tensor,
+}
+
+/// AdamW over a model's parameter shards.
+#[derive(Debug)]
+pub struct AdamW {
+    /// Settings.
+    pub cfg: AdamWConfig,
+    /// Updates taken.
+    pub step: u64,
+    /// Slots in the model's parameter order.
+    pub slots: Vec<Slot>,
+    pg: ProcessGroup,
+}
+
+impl AdamW {
+    /// Slots for every parameter of `model`.
+    pub fn new(model: &Gpt, cfg: AdamWConfig) -> AdamW {
+        let slots = model
+            .params()
+            .iter()
+            .map(|p: &NamedParam| {
+                let master = if p.tensor.kind() == Kind::Float {
+                    p.tensor.shallow_clone()
+                } else {
+                    tch::no_grad(|| p.tensor.detach().to_kind(Kind::Float))
+                };
+                Slot {
+                    name: p.name.clone(),
+                    rule: p.rule,
+                    decay: p.tensor.dim() >= 2,
+                    param: p.tensor.shallow_clone(),
+                    exp_avg: master.zeros_like(),
+                    exp_avg_sq: master.zeros_like(),
+                    master,
+                }
+            })
+            .collect();
+        AdamW {
+            cfg,
+            step: 0,
+            slots,
+            pg: model.group().clone(),
+        }
+    }
+
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.param.zero_grad();
+        }
+    }
+
+    /// Multiplies every gradient by `f` (gradient accumulation: the mean over micro-batches).
+    pub fn scale_grads(&mut self, f: f64) {
+        tch::no_grad(|| {
+            for s in &self.slots {
+                let mut g = s.param.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(f);
+                }
+            }
+        });
+    }
+
+    /// The L2 norm of all gradients over all ranks (split shards summed over ranks,
+    /// replicated ones counted once).
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn grad_norm(&self) -> Result<f64, Error> {
+        let world = f64::from(self.pg.world());
+        let mut sq = Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
+        tch::no_grad(|| {
+            for s in &self.slots {
+                let g = s.param.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let part = g
+                    .to_kind(Kind::Float)
+                    .square()
+                    .sum(Kind::Double)
+                    .to_device(tch::Device::Cpu);
+                // replicated: identical on every rank, so each contributes its share
+                let share = if s.rule == Rule::Replicated {
+                    world
+                } else {
+                    1.0
+                };
+                sq += part / share;
+            }
+        });
+        let total = self.pg.sum_f64(sq.double_value(&[]))?;
+        Ok(total.max(0.0).sqrt())
+    }
+
+    /// Clips to `max_norm` (Megatron: scale by `max_norm / (norm + 1e-6)` when below 1) and
+    /// returns the norm before clipping.
+    ///
+    /// # Errors
+    /// Collective errors; [`Error::NonFinite`].
+    pub fn clip(&mut self, max_norm: Option<f64>) -> Result<f64, Error> {
+        let norm = self.grad_norm()?;
+        if !norm.is_finite() {
+            return Err(Error::NonFinite(norm));
+        }
+        if let Some(m) = max_norm.filter(|m| *m > 0.0) {
+            let c = m / (norm + 1e-6);
+            if c < 1.0 {
+                self.scale_grads(c);
+            }
+        }
+        Ok(norm)
+    }
+
+    /// One AdamW update at learning rate `lr` (torch.optim.AdamW's arithmetic).
+    pub fn step(&mut self, lr: f64) {
+        self.step += 1;
+        let (b1, b2) = self.cfg.betas;
+        let t = self.step as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        tch::no_grad(|| {
+            for s in &mut self.slots {
+                let g = s.param.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = if g.kind() == Kind::Float {
+                    g
+                } else {
+                    g.to_kind(Kind::Float)
+                };
+                if s.decay && self.cfg.weight_decay != 0.0 {
+                    let _ = s.master.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+                }
+                let _ = s.exp_avg.lerp_(&g, 1.0 - b1);
+                let _ = s.exp_avg_sq.g_mul_scalar_(b2);
+                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + self.cfg.eps;
+                let _ = s.master.addcdiv_(&(&s.exp_avg * (-step_size)), &denom);
+                if s.param.kind() != Kind::Float {
+                    s.param.copy_(&s.master);
+                }
+            }
+        });
+    }
+
+    /// Named state tensors for a checkpoint: `master.<name>`, `exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::with_capacity(self.slots.len() * 3);
+        for s in &self.slots {
+            v.push((format!("master.{}", s.name), s.master.shallow_clone()));
+            v.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
+            v.push((
+                format!("exp_avg_sq.{}", s.name),
+                s.exp_avg_sq.shallow_clone(),
+            ));
+        }
+        v
+    }
+
+    /// Restores [`AdamW::state_tensors`] output and the step count (weights included).
+    ///
+    /// # Errors
+    /// [`Error::State`] for a missing entry or a shape mismatch.
+    pub fn load_state(&mut self, named: &[(String, Tensor)], step: u64) -> Result<(), Error> {
+        let find = |k: String, like: &Tensor, name: &str| -> Result<Tensor, Error> {
+            let t = named
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::State {
+                    name: name.to_string(),
+                    why: format!("{k} missing from the checkpoint"),
+                })?;
+            if t.size() != like.size() {
+                return Err(Error::State {
+                    name: name.to_string(),
+                    why: format!("{k}: shape {:?}, model has {:?}", t.size(), like.size()),
+                });
+            }
+            Ok(t.to_kind(Kind::Float))
+        };
+        for s in &mut self.slots {
+            let m = find(format!("master.{}", s.name), &s.master, &s.name)?;
+            let a = find(format!("exp_avg.{}", s.name), &s.master, &s.name)?;
+            let b = find(format!("exp_avg_sq.{}", s.name), &s.master, &s.name)?;
+            tch::no_grad(|| {
+                s.master.copy_(&m);
+                s.exp_avg.copy_(&a);
+                s.exp_avg_sq.copy_(&b);
+                if s.param.kind() != Kind::Float {
+                    s.param.copy_(&s.master);
+                }
+            });
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::distill::model::InitFrom;
+    use crate::distill::spec::GptSpec;
+    use tch::Device;
+
+    fn tiny() -> Gpt {
+        let cfg = ModelConfig::parse(
+            "num_layers: 1\nhidden_size: 8\nffn_hidden_size: 16\nnum_attention_heads: 2\n\
+             normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let spec = GptSpec::from_config(&cfg, 1, 16).unwrap_or_else(|e| panic!("{e}"));
+        let pg = ProcessGroup::single();
+        Gpt::new(
+            spec,
+            &InitFrom::Random { seed: 3 },
+            &pg,
+            Kind::Float,
+            Device::Cpu,
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn adamw_matches_the_reference_arithmetic() {
+        let m = tiny();
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+        };
+        let mut opt = AdamW::new(&m, cfg);
+        let tokens = Tensor::from_slice(&[1i64, 5, 7, 2]).view([1, 4]);
+        let before: Vec<Tensor> = opt.slots.iter().map(|s| s.master.copy()).collect();
+        let l = m
+            .forward(&tokens)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .square()
+            .mean(Kind::Float);
+        l.backward();
+        let grads: Vec<Tensor> = opt.slots.iter().map(|s| s.param.grad().copy()).collect();
+        opt.step(1e-2);
+        for ((s, p0), g) in opt.slots.iter().zip(&before).zip(&grads) {
+            // one step from zero moments: p·(1 - lr·wd) - lr·g/(|g| + eps)
+            let wd = if s.decay { 0.1 } else { 0.0 };
+            let want = p0 * (1.0 - 1e-2 * wd) - g / (g.abs() + 1e-8) * 1e-2;
+            let d = (&s.master - want).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{}: {d}", s.name);
+        }
+        // norms are 1-D: never decayed
+        assert!(opt.slots.iter().all(|s| s.decay == (s.param.dim() >= 2)));
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let m = tiny();
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        };
+        let mut opt = AdamW::new(&m, cfg);
+        let tokens = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+        let l = m
+            .forward(&tokens)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .sum(Kind::Float);
+        l.backward();
+        let n0 = opt.clip(Some(1e-3)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(n0 > 1e-3);
+        let n1 = opt.grad_norm().unwrap_or_else(|e| panic!("{e}"));
+        assert!((n1 - 1e-3).abs() < 1e-6, "{n1}");
+    }
+
+    #[test]
+    fn refuses_state_that_does_not_fit() {
+        let m = tiny();
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        };
+        let mut opt = AdamW::new(&m, cfg);
+        assert!(matches!(opt.load_state(&[], 3), Err(Error::State { .. })));
+        let mut st = opt.state_tensors();
+        st[0].1 = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        assert!(matches!(opt.load_state(&st, 3), Err(Error::State { .. })));
+    }
+}

@@ -1,0 +1,239 @@
+//! Training checkpoints in the experiment folder, for `exp_manager.resume_if_exists`:
+//! `checkpoints/step_<N>/rank_<r>.pt` (fp32 master weights and both Adam moments of rank r,
+//! libtorch's own serialisation, bit-exact) plus `state.json` (step, consumed samples, world
+//! size and the metric history for the logs and the plot). A checkpoint is written into a
+//! `.partial` folder and renamed once every rank has written its file, so a run killed at any
+//! point leaves only complete checkpoints behind; the two newest are kept.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::parallel::{self, ProcessGroup};
+
+/// Errors reading or writing training checkpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// File system.
+    #[error("{path}: {why}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A checkpoint written by a different launch.
+    #[error("{path}: {why}")]
+    Mismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Why it cannot be resumed.
+        why: String,
+    },
+    /// A collective.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+}
+
+/// One training step's metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Step number (1-based: updates done).
+    pub step: u64,
+    /// Mean KD loss over the step's micro-batches.
+    pub kd_loss: f64,
+    /// Learning rate used by the update.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens per second of the step.
+    pub tokens_per_s: f64,
+}
+
+/// One validation's metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValRecord {
+    /// After this many steps.
+    pub step: u64,
+    /// Mean KD loss on the validation batches.
+    pub val_kd_loss: f64,
+    /// Mean student LM cross-entropy (NeMo's `val_loss`).
+    pub val_loss: f64,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Training samples consumed (the data position).
+    pub consumed_samples: u64,
+    /// Ranks that wrote it.
+    pub world: u32,
+    /// Every step so far.
+    pub train: Vec<StepRecord>,
+    /// Every validation so far.
+    pub val: Vec<ValRecord>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+fn step_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step_{step:08}"))
+}
+
+/// Complete checkpoints in `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
+            let p = e.path();
+            p.join("state.json").is_file().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Saves this rank's tensors and (rank 0) the state; every rank must call it.
+///
+/// # Errors
+/// [`Error::Io`], collective errors.
+pub fn save(
+    dir: &Path,
+    pg: &ProcessGroup,
+    tensors: &[(String, Tensor)],
+    state: &TrainState,
+) -> Result<PathBuf, Error> {
+    let fin = step_dir(dir, state.step);
+    let partial = dir.join(format!(".step_{:08}.partial", state.step));
+    if pg.rank() == 0 {
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    }
+    pg.barrier()?;
+    let file = partial.join(format!("rank_{}.pt", pg.rank()));
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::save_multi(&named, &file).map_err(|e| Error::Io {
+        path: file.clone(),
+        why: e.to_string(),
+    })?;
+    pg.barrier()?;
+    if pg.rank() == 0 {
+        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Io {
+            path: partial.clone(),
+            why: e.to_string(),
+        })?;
+        let sp = partial.join("state.json");
+        std::fs::write(&sp, json).map_err(io(&sp))?;
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&partial, &fin).map_err(io(&fin))?;
+        let all = list(dir);
+        for (_, old) in all.iter().take(all.len().saturating_sub(2)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    pg.barrier()?;
+    Ok(fin)
+}
+
+/// A loaded checkpoint: its folder, state and this rank's named tensors.
+pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
+
+/// The newest complete checkpoint: its state and this rank's tensors.
+///
+/// # Errors
+/// [`Error::Mismatch`] when it was written by a different world size; I/O errors.
+pub fn load_latest(dir: &Path, pg: &ProcessGroup) -> Result<Option<Loaded>, Error> {
+    let Some((_, path)) = list(dir).pop() else {
+        return Ok(None);
+    };
+    let sp = path.join("state.json");
+    let text = std::fs::read(&sp).map_err(io(&sp))?;
+    let state: TrainState = serde_json::from_slice(&text).map_err(|e| Error::Io {
+        path: sp.clone(),
+        why: e.to_string(),
+    })?;
+    if state.world != pg.world() as u32 {
+        return Err(Error::Mismatch {
+            path,
+            why: format!(
+                "written by {} ranks, this launch has {} (resume at the same TP, or use a new exp_manager folder)",
+                state.world,
+                pg.world()
+            ),
+        });
+    }
+    let file = path.join(format!("rank_{}.pt", pg.rank()));
+    let tensors = Tensor::load_multi(&file).map_err(|e| Error::Io {
+        path: file.clone(),
+        why: e.to_string(),
+    })?;
+    Ok(Some((path, state, tensors)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn saves_loads_and_keeps_two() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pg = ProcessGroup::single();
+        let t = Tensor::arange(5, (Kind::Float, Device::Cpu)) / 3.0;
+        for step in [2u64, 4, 6] {
+            let st = TrainState {
+                step,
+                consumed_samples: step * 8,
+                world: 1,
+                ..TrainState::default()
+            };
+            save(
+                dir.path(),
+                &pg,
+                &[("master.w".to_string(), &t * step as f64)],
+                &st,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let steps: Vec<u64> = list(dir.path()).iter().map(|x| x.0).collect();
+        assert_eq!(steps, vec![4, 6]);
+        let (_, st, ts) = load_latest(dir.path(), &pg)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("nothing saved"));
+        assert_eq!(st.consumed_samples, 48);
+        let want = &t * 6.0;
+        assert!(ts[0].1.equal(&want));
+    }
+
+    #[test]
+    fn refuses_another_world_size() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pg = ProcessGroup::single();
+        let st = TrainState {
+            step: 1,
+            world: 2,
+            ..TrainState::default()
+        };
+        let t = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        save(dir.path(), &pg, &[("x".to_string(), t)], &st).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            load_latest(dir.path(), &pg),
+            Err(Error::Mismatch { .. })
+        ));
+        assert!(load_latest(&dir.path().join("none"), &pg)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none());
+    }
+}

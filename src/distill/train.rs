@@ -1,0 +1,752 @@
+//! The distillation training loop (NeMo's `megatron_gpt_distillation.py` semantics,
+//! nemo-format.md §5): teacher and student at the launch TP, the student restored or built
+//! from the config, KD loss per micro-batch (masked mean over valid tokens, summed over TP
+//! ranks) averaged over the step's micro-batches, AdamW with cosine annealing and global-norm
+//! clipping, validation (KD loss and the student's LM cross-entropy) every
+//! `val_check_interval` steps, periodic checkpoints with exact resume, and the student saved
+//! as a `.nemo` at the end. Metrics go to a callback (the CLI prints them), `metrics.jsonl`,
+//! TensorBoard event files and a PNG plot in the experiment folder.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::job::{Job, Precision};
+use super::loss::{self, log_softmax_tp};
+use super::model::{self, Gpt, InitFrom};
+use super::optim::{self, AdamW};
+use super::parallel::{self, ProcessGroup};
+use super::save::{self, StudentArchive};
+use super::spec::{self, GptSpec};
+use super::state::{self, StepRecord, TrainState, ValRecord};
+use super::weights::{self, Source};
+use crate::bytes::ByteView;
+use crate::checkpoint::{self as ckpt, Checkpoint};
+use crate::config::{self, ModelConfig};
+use crate::data::sampling::{self, BlendedSamples, Split};
+use crate::obs::plot::{self, Series};
+use crate::obs::tensorboard::EventWriter;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening a checkpoint.
+    #[error("{path}: {source}")]
+    Checkpoint {
+        /// Which.
+        path: PathBuf,
+        /// Why (boxed: checkpoint errors are large).
+        source: Box<ckpt::Error>,
+    },
+    /// A model config that cannot be used.
+    #[error("{what} config: {source}")]
+    Config {
+        /// Student or teacher.
+        what: &'static str,
+        /// Why.
+        source: config::Error,
+    },
+    /// An architecture the engine cannot run.
+    #[error("{what}: {source}")]
+    Spec {
+        /// Student or teacher.
+        what: &'static str,
+        /// Why.
+        source: spec::Error,
+    },
+    /// Reading weights.
+    #[error("{what}: {source}")]
+    Weights {
+        /// Student or teacher.
+        what: &'static str,
+        /// Why.
+        source: weights::Error,
+    },
+    /// Building or running a model.
+    #[error(transparent)]
+    Model(#[from] model::Error),
+    /// The loss.
+    #[error(transparent)]
+    Loss(#[from] loss::Error),
+    /// The optimizer.
+    #[error(transparent)]
+    Optim(#[from] optim::Error),
+    /// A collective.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+    /// Data.
+    #[error("data: {0}")]
+    Data(#[from] sampling::Error),
+    /// Checkpoints.
+    #[error("training checkpoint: {0}")]
+    State(#[from] state::Error),
+    /// Writing the student.
+    #[error(transparent)]
+    Save(#[from] save::Error),
+    /// Student and teacher that cannot be distilled into each other.
+    #[error("student and teacher: {0}")]
+    Mismatch(String),
+    /// Output files (metrics, TensorBoard, plot).
+    #[error("{path}: {why}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+/// Progress reported to the caller (rank 0 only).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A one-line note (what was loaded, where things go).
+    Info(String),
+    /// A training step finished.
+    Step(&'a StepRecord),
+    /// A validation finished.
+    Val(&'a ValRecord),
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The student `.nemo`.
+    pub nemo_path: PathBuf,
+    /// The experiment folder.
+    pub exp_dir: PathBuf,
+    /// The KD loss plot.
+    pub plot: PathBuf,
+    /// All metrics.
+    pub history: TrainState,
+    /// Step the run resumed from (0 for a fresh run).
+    pub resumed_from: u64,
+}
+
+/// A checkpoint opened as a model source, with its config.
+struct Opened {
+    ck: Checkpoint,
+}
+
+fn open(path: &Path) -> Result<Opened, Error> {
+    let ck = Checkpoint::open(path).map_err(|source| Error::Checkpoint {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    Ok(Opened { ck })
+}
+
+/// The tokenizer's vocabulary size, when a tokenizer file is at hand.
+fn true_vocab(job: &Job, teacher: &Checkpoint) -> Option<u64> {
+    if let Some(f) = &job.tokenizer_file {
+        let bytes = std::fs::read(f).ok()?;
+        let name = f.file_name()?.to_string_lossy().into_owned();
+        return crate::tokenizer::vocab_size(&name, &bytes).ok().flatten();
+    }
+    let name = teacher.config.tokenizer().model.clone()?;
+    let member = name.strip_prefix("nemo:")?;
+    let bytes = teacher.read_member(member).ok()?;
+    crate::tokenizer::vocab_size(member, bytes.as_slice())
+        .ok()
+        .flatten()
+}
+
+/// The models of a run.
+pub struct Models {
+    /// Trainable student.
+    pub student: Gpt,
+    /// Frozen teacher.
+    pub teacher: Gpt,
+    /// The student's config text (from its checkpoint, or the run's `model` section).
+    pub student_config: ModelConfig,
+    /// The student was restored from a checkpoint using TE-fused norm names.
+    pub te_norm_names: bool,
+    /// Tokenizer artifacts to save with the student, and config edits pointing at them.
+    pub artifacts: Vec<(String, ByteView)>,
+    /// Config updates for the saved student (`key`, YAML scalar).
+    pub config_updates: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Models").finish_non_exhaustive()
+    }
+}
+
+fn kind_of(p: Precision) -> Kind {
+    match p {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16Mixed => Kind::BFloat16,
+    }
+}
+
+/// Loads the teacher and builds the student (restored or from the config) at the launch TP.
+///
+/// # Errors
+/// Checkpoint, config, spec and weight errors; [`Error::Mismatch`] when the padded
+/// vocabularies differ (the KL needs the same logits shape).
+pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Models, Error> {
+    let tp = job.tp;
+    let kind = kind_of(job.precision);
+    let t = open(&job.teacher)?;
+    let tsrc = Source::new(&t.ck).map_err(|source| Error::Weights {
+        what: "teacher",
+        source,
+    })?;
+    let tvocab = tsrc
+        .padded_vocab(t.ck.config.make_vocab_size_divisible_by(), tp)
+        .map_err(|source| Error::Weights {
+            what: "teacher",
+            source,
+        })?;
+    let tspec = GptSpec::from_config(&t.ck.config, tp, tvocab).map_err(|source| Error::Spec {
+        what: "teacher",
+        source,
+    })?;
+    let teacher = Gpt::new(tspec, &InitFrom::Checkpoint(&tsrc), pg, kind, device, false)?;
+
+    let mut artifacts: Vec<(String, ByteView)> = Vec::new();
+    let mut updates: Vec<(String, String)> = vec![
+        ("tensor_model_parallel_size".into(), tp.to_string()),
+        ("pipeline_model_parallel_size".into(), "1".into()),
+        (
+            "precision".into(),
+            match job.precision {
+                Precision::Fp32 => "32".into(),
+                Precision::Bf16Mixed => "bf16-mixed".into(),
+            },
+        ),
+    ];
+    let (student, student_config, te) = match &job.student {
+        Some(path) => {
+            let s = open(path)?;
+            let src = Source::new(&s.ck).map_err(|source| Error::Weights {
+                what: "student",
+                source,
+            })?;
+            let v = src
+                .padded_vocab(s.ck.config.make_vocab_size_divisible_by(), tp)
+                .map_err(|source| Error::Weights {
+                    what: "student",
+                    source,
+                })?;
+            let spec = GptSpec::from_config(&s.ck.config, tp, v).map_err(|source| Error::Spec {
+                what: "student",
+                source,
+            })?;
+            let te = src.exists("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight");
+            let m = Gpt::new(spec, &InitFrom::Checkpoint(&src), pg, kind, device, true)?;
+            for a in &s.ck.artifacts {
+                if let Ok(b) = s.ck.read_member(a) {
+                    artifacts.push((a.clone(), b));
+                }
+            }
+            (m, s.ck.config.clone(), te)
+        }
+        None => {
+            let cfg = ModelConfig::parse(&job.model_yaml).map_err(|source| Error::Config {
+                what: "student (model section)",
+                source,
+            })?;
+            let vocab = match true_vocab(job, &t.ck) {
+                Some(v) => cfg.padded_vocab(v, tp).map_err(|source| Error::Config {
+                    what: "student",
+                    source,
+                })?,
+                None => tvocab,
+            };
+            let spec = GptSpec::from_config(&cfg, tp, vocab).map_err(|source| Error::Spec {
+                what: "student",
+                source,
+            })?;
+            let m = Gpt::new(
+                spec,
+                &InitFrom::Random {
+                    seed: job.seed as i64,
+                },
+                pg,
+                kind,
+                device,
+                true,
+            )?;
+            if job.tokenizer_file.is_none() {
+                // NeMo: the teacher's tokenizer when the student names none
+                let tk = t.ck.config.tokenizer().clone();
+                for a in &t.ck.artifacts {
+                    if let Ok(b) = t.ck.read_member(a) {
+                        artifacts.push((a.clone(), b));
+                    }
+                }
+                let q = |v: &Option<String>| match v {
+                    Some(s) => format!("'{}'", s.replace('\'', "''")),
+                    None => "null".to_string(),
+                };
+                updates.push(("tokenizer.library".into(), q(&tk.library)));
+                updates.push(("tokenizer.type".into(), q(&tk.type_)));
+                updates.push(("tokenizer.model".into(), q(&tk.model)));
+                updates.push(("tokenizer.vocab_file".into(), q(&tk.vocab_file)));
+                updates.push(("tokenizer.merge_file".into(), q(&tk.merge_file)));
+            }
+            updates.push(("name".into(), "modelopt".into()));
+            updates.push(("restore_from_path".into(), "null".into()));
+            (m, cfg, false)
+        }
+    };
+    if let Some(f) = &job.tokenizer_file {
+        let bytes = std::fs::read(f).map_err(io_err(f))?;
+        let name = save::artifact_name(f, &bytes);
+        updates.push(("tokenizer.model".into(), format!("'nemo:{name}'")));
+        artifacts.retain(|(n, _)| !n.ends_with("tokenizer.model"));
+        artifacts.push((name, ByteView::from_vec(bytes)));
+    }
+    if student.spec.padded_vocab != teacher.spec.padded_vocab {
+        return Err(Error::Mismatch(format!(
+            "padded vocabularies differ at TP {tp}: student {} rows, teacher {} (same tokenizer and make_vocab_size_divisible_by needed, as in NeMo)",
+            student.spec.padded_vocab, teacher.spec.padded_vocab
+        )));
+    }
+    Ok(Models {
+        student,
+        teacher,
+        student_config,
+        te_norm_names: te,
+        artifacts,
+        config_updates: updates,
+    })
+}
+
+/// A micro-batch: inputs, loss mask.
+struct Batch {
+    tokens: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+}
+
+fn batch(samples: &BlendedSamples, first: usize, n: usize, seq: usize, eod: Option<i64>) -> Batch {
+    let mut toks = Vec::with_capacity(n * (seq + 1));
+    for i in first..first + n {
+        let (_, mut w) = samples.get(i);
+        w.resize(seq + 1, 0);
+        toks.extend_from_slice(&w);
+    }
+    let all = Tensor::from_slice(&toks).view([n as i64, seq as i64 + 1]);
+    let tokens = all.narrow(1, 0, seq as i64).contiguous();
+    let labels = all.narrow(1, 1, seq as i64).contiguous();
+    let mut mask = Tensor::ones([n as i64, seq as i64], (Kind::Float, Device::Cpu));
+    if let Some(e) = eod {
+        mask = mask.masked_fill(&tokens.eq(e), 0.0);
+    }
+    Batch {
+        tokens,
+        labels,
+        mask,
+    }
+}
+
+/// Validation data: the first `limit_val_batches` global batches of the validation split
+/// (the same batches at every validation, as NeMo's validation loop restarts its sampler).
+///
+/// # Errors
+/// Data errors.
+pub fn validation_samples(job: &Job) -> Result<Option<BlendedSamples>, Error> {
+    if job.limit_val_batches == 0 {
+        return Ok(None);
+    }
+    let n = job.limit_val_batches as usize * job.global_batch;
+    Ok(Some(BlendedSamples::new(
+        &job.blend,
+        &job.splits,
+        Split::Validation,
+        job.seq_length,
+        n,
+        job.seed,
+    )?))
+}
+
+/// Validation KD loss and LM cross-entropy of `m.student` on `samples`: means over
+/// micro-batches of each micro-batch's masked token mean (under no_grad, in sequence chunks).
+///
+/// # Errors
+/// Model, loss and collective errors.
+pub fn validate(
+    job: &Job,
+    m: &Models,
+    samples: &BlendedSamples,
+    step: u64,
+) -> Result<ValRecord, Error> {
+    let pg = m.student.group();
+    let (mut kd_sum, mut lm_sum, mut count) = (0.0, 0.0, 0usize);
+    let vl = m.student.spec.padded_vocab / m.student.spec.tp;
+    let start = i64::from(pg.rank()) * vl;
+    let n_micro = job.limit_val_batches as usize * job.accumulation();
+    for j in 0..n_micro {
+        let b = batch(
+            samples,
+            j * job.micro_batch,
+            job.micro_batch,
+            job.seq_length,
+            job.eod_mask,
+        );
+        let mask = b.mask.to_device(m.student.device());
+        let labels = b.labels.to_device(m.student.device());
+        let n = mask.sum(Kind::Double).double_value(&[]);
+        if n <= 0.0 {
+            continue;
+        }
+        let (kd_part, lm_part) = tch::no_grad(|| -> Result<(f64, f64), Error> {
+            let th = m.teacher.hidden(&b.tokens)?;
+            let sh = m.student.hidden(&b.tokens)?;
+            let seq = job.seq_length as i64;
+            let (mut kd, mut lm) = (0.0, 0.0);
+            let mut s0 = 0;
+            while s0 < seq {
+                let len = job.chunk_tokens.min(seq - s0);
+                let tl = m.teacher.logits_from_hidden(&th.narrow(1, s0, len))?;
+                let sl = m.student.logits_from_hidden(&sh.narrow(1, s0, len))?;
+                let mk = mask.narrow(1, s0, len);
+                kd += (job.kd.token_partials(pg, &sl, &tl)? * &mk)
+                    .sum(Kind::Double)
+                    .double_value(&[]);
+                let ls = log_softmax_tp(pg, &sl.to_kind(Kind::Float))?;
+                let lab = labels.narrow(1, s0, len);
+                let inside = lab.ge(start).logical_and(&lab.lt(start + vl));
+                let idx = (&lab - start).masked_fill(&inside.logical_not(), 0);
+                let picked = ls
+                    .gather(-1, &idx.unsqueeze(-1), false)
+                    .squeeze_dim(-1)
+                    .masked_fill(&inside.logical_not(), 0.0);
+                lm -= (picked * &mk).sum(Kind::Double).double_value(&[]);
+                s0 += len;
+            }
+            Ok((kd, lm))
+        })?;
+        kd_sum += pg.sum_f64(kd_part)? / n;
+        lm_sum += pg.sum_f64(lm_part)? / n;
+        count += 1;
+    }
+    let c = count.max(1) as f64;
+    Ok(ValRecord {
+        step,
+        val_kd_loss: kd_sum / c,
+        val_loss: lm_sum / c,
+    })
+}
+
+/// Canonical names and per-rank fp32 shards of every student parameter, gathered on every
+/// rank (`[rank][param]`).
+fn gather_student(opt: &AdamW, pg: &ProcessGroup) -> Result<Vec<Vec<(String, Tensor)>>, Error> {
+    let world = pg.world() as usize;
+    let mut ranks: Vec<Vec<(String, Tensor)>> = (0..world).map(|_| Vec::new()).collect();
+    for s in &opt.slots {
+        let parts = pg.all_gather(&s.master.detach().contiguous())?;
+        for (r, p) in parts.into_iter().enumerate() {
+            if let Some(v) = ranks.get_mut(r) {
+                v.push((s.name.clone(), p.to_device(Device::Cpu)));
+            }
+        }
+    }
+    Ok(ranks)
+}
+
+/// Writes the student `.nemo` (rank 0 writes; every rank must call).
+///
+/// # Errors
+/// Collective, config and write errors.
+pub fn save_student(job: &Job, m: &Models, opt: &AdamW) -> Result<PathBuf, Error> {
+    let pg = m.student.group();
+    let ranks = gather_student(opt, pg)?;
+    if pg.rank() == 0 {
+        let ups: Vec<(&str, &str)> = m
+            .config_updates
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let config = m
+            .student_config
+            .with_updates(&ups)
+            .map_err(|source| Error::Config {
+                what: "saved student",
+                source,
+            })?;
+        save::write(
+            &StudentArchive {
+                config,
+                artifacts: m.artifacts.clone(),
+                ranks,
+                te_norm_names: m.te_norm_names,
+            },
+            &job.nemo_path,
+        )?;
+    }
+    pg.barrier()?;
+    Ok(job.nemo_path.clone())
+}
+
+/// Rank-0 outputs in the experiment folder.
+struct Logs {
+    metrics: std::fs::File,
+    metrics_path: PathBuf,
+    tb: EventWriter,
+}
+
+impl Logs {
+    fn open(job: &Job, history: &TrainState) -> Result<Logs, Error> {
+        let dir = &job.exp_dir;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let p = job.metrics_path();
+        // rewritten from the restored history, so a resumed run's log has no repeated steps
+        let mut metrics = std::fs::File::create(&p).map_err(io_err(&p))?;
+        for r in &history.train {
+            Self::line(
+                &mut metrics,
+                &p,
+                serde_json::to_string(r).unwrap_or_default(),
+            )?;
+        }
+        for r in &history.val {
+            Self::line(
+                &mut metrics,
+                &p,
+                serde_json::to_string(r).unwrap_or_default(),
+            )?;
+        }
+        let tb = EventWriter::create(dir).map_err(io_err(dir))?;
+        Ok(Logs {
+            metrics,
+            metrics_path: p,
+            tb,
+        })
+    }
+
+    fn line(f: &mut std::fs::File, p: &Path, s: String) -> Result<(), Error> {
+        writeln!(f, "{s}").map_err(io_err(p))
+    }
+
+    fn step(&mut self, r: &StepRecord) -> Result<(), Error> {
+        Self::line(
+            &mut self.metrics,
+            &self.metrics_path,
+            serde_json::to_string(r).unwrap_or_default(),
+        )?;
+        let s = r.step as i64;
+        let p = self.tb.path().to_path_buf();
+        for (tag, v) in [
+            ("kd_loss", r.kd_loss),
+            ("lr", r.lr),
+            ("grad_norm", r.grad_norm),
+            ("tokens_per_s", r.tokens_per_s),
+        ] {
+            self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
+        }
+        Ok(())
+    }
+
+    fn val(&mut self, r: &ValRecord) -> Result<(), Error> {
+        Self::line(
+            &mut self.metrics,
+            &self.metrics_path,
+            serde_json::to_string(r).unwrap_or_default(),
+        )?;
+        let p = self.tb.path().to_path_buf();
+        self.tb
+            .scalar("val_kd_loss", r.val_kd_loss as f32, r.step as i64)
+            .map_err(io_err(&p))?;
+        self.tb
+            .scalar("val_loss", r.val_loss as f32, r.step as i64)
+            .map_err(io_err(&p))?;
+        self.tb.flush().map_err(io_err(&p))
+    }
+}
+
+/// Runs the job to `max_steps` (resuming from the experiment folder when asked) and saves the
+/// student. Every rank calls it; `on` is called on rank 0 only.
+///
+/// # Errors
+/// Any of [`Error`].
+pub fn run(
+    job: &Job,
+    pg: &ProcessGroup,
+    device: Device,
+    on: &mut dyn FnMut(Event),
+) -> Result<Outcome, Error> {
+    let rank0 = pg.rank() == 0;
+    let say = |on: &mut dyn FnMut(Event), s: String| {
+        if rank0 {
+            on(Event::Info(s));
+        }
+    };
+    let m = load_models(job, pg, device)?;
+    say(
+        on,
+        format!(
+            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {}, {:?}, {device:?}",
+            job.teacher.display(),
+            m.teacher.spec.num_layers,
+            m.teacher.spec.hidden,
+            job.student
+                .as_ref()
+                .map_or("(from config)".to_string(), |p| p.display().to_string()),
+            m.student.spec.num_layers,
+            m.student.spec.hidden,
+            job.tp,
+            job.precision,
+        ),
+    );
+    let train = BlendedSamples::new(
+        &job.blend,
+        &job.splits,
+        Split::Train,
+        job.seq_length,
+        (job.max_steps as usize).saturating_mul(job.global_batch),
+        job.seed,
+    )?;
+    let val = validation_samples(job)?;
+    let mut opt = AdamW::new(&m.student, job.adamw);
+    let mut hist = TrainState {
+        world: pg.world() as u32,
+        ..TrainState::default()
+    };
+    let ckdir = job.checkpoint_dir();
+    let mut resumed_from = 0;
+    if job.resume {
+        if let Some((path, st, tensors)) = state::load_latest(&ckdir, pg)? {
+            opt.load_state(&tensors, st.step)?;
+            say(
+                on,
+                format!("resumed from {} (step {})", path.display(), st.step),
+            );
+            resumed_from = st.step;
+            hist = st;
+        }
+    }
+    let mut logs = if rank0 {
+        Some(Logs::open(job, &hist)?)
+    } else {
+        None
+    };
+    if hist.step == 0 && hist.val.is_empty() {
+        // the baseline before any update (NeMo's sanity validation), for the logs and plot
+        if let Some(vs) = &val {
+            let v = validate(job, &m, vs, 0)?;
+            if let Some(l) = logs.as_mut() {
+                l.val(&v)?;
+                on(Event::Val(&v));
+            }
+            hist.val.push(v);
+        }
+    }
+    let accum = job.accumulation();
+    let step_tokens = (job.global_batch * job.seq_length) as f64;
+    while hist.step < job.max_steps {
+        let t0 = Instant::now();
+        opt.zero_grad();
+        let mut loss_sum = 0.0;
+        for j in 0..accum {
+            let first = hist.consumed_samples as usize + j * job.micro_batch;
+            let b = batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask);
+            loss_sum += job.kd.chunked_backward(
+                &m.student,
+                &m.teacher,
+                &b.tokens,
+                &b.mask,
+                job.chunk_tokens,
+            )?;
+        }
+        if accum > 1 {
+            opt.scale_grads(1.0 / accum as f64);
+        }
+        let grad_norm = opt.clip(job.clip)?;
+        let lr = job.schedule.lr(hist.step);
+        opt.step(lr);
+        hist.step += 1;
+        hist.consumed_samples += job.global_batch as u64;
+        let dt = t0.elapsed().as_secs_f64();
+        let rec = StepRecord {
+            step: hist.step,
+            kd_loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+            tokens_per_s: step_tokens / dt.max(1e-9),
+        };
+        if let Some(l) = logs.as_mut() {
+            l.step(&rec)?;
+            on(Event::Step(&rec));
+        }
+        hist.train.push(rec);
+        let val_now = hist.step % job.val_check_interval == 0 || hist.step == job.max_steps;
+        if val_now {
+            if let Some(vs) = &val {
+                let v = validate(job, &m, vs, hist.step)?;
+                if let Some(l) = logs.as_mut() {
+                    l.val(&v)?;
+                    on(Event::Val(&v));
+                }
+                hist.val.push(v);
+            }
+            if job.checkpoints {
+                let p = state::save(&ckdir, pg, &opt.state_tensors(), &hist)?;
+                say(on, format!("checkpoint {}", p.display()));
+            }
+        }
+    }
+    let nemo = save_student(job, &m, &opt)?;
+    say(on, format!("saved the student to {}", nemo.display()));
+    let plot_path = job.plot_path();
+    if rank0 {
+        let train_pts: Vec<(f64, f64)> = hist
+            .train
+            .iter()
+            .map(|r| (r.step as f64, r.kd_loss))
+            .collect();
+        let val_pts: Vec<(f64, f64)> = hist
+            .val
+            .iter()
+            .map(|r| (r.step as f64, r.val_kd_loss))
+            .collect();
+        plot::write_png(
+            &plot_path,
+            "KD loss",
+            "step",
+            &[
+                Series {
+                    name: "train kd_loss".into(),
+                    points: train_pts,
+                    color: [31, 119, 180],
+                },
+                Series {
+                    name: "val kd_loss".into(),
+                    points: val_pts,
+                    color: [214, 39, 40],
+                },
+            ],
+        )
+        .map_err(io_err(&plot_path))?;
+    }
+    Ok(Outcome {
+        nemo_path: nemo,
+        exp_dir: job.exp_dir.clone(),
+        plot: plot_path,
+        history: hist,
+        resumed_from,
+    })
+}
+
+/// Loads the models and runs one validation (for `--validate-only` and tests).
+///
+/// # Errors
+/// As [`run`].
+pub fn evaluate(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Option<ValRecord>, Error> {
+    let m = load_models(job, pg, device)?;
+    match validation_samples(job)? {
+        Some(vs) => Ok(Some(validate(job, &m, &vs, 0)?)),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,477 @@
+//! Acceptance tests of `nemo-tool distill` (feature `distill`, CPU, Gloo), through the binary:
+//! the issue's seed command line under torchrun at TP2 (output read by `inspect` and by real
+//! torch), TP2 = TP1 per-step losses and final weights, learning plus reload of the saved
+//! student, exact resume after SIGKILL, and clear refusals.
+#![cfg(feature = "distill")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::data::{Builder, TokenType};
+use nemo_tool::distill::model::{Gpt, InitFrom};
+use nemo_tool::distill::parallel::ProcessGroup;
+use nemo_tool::distill::spec::GptSpec;
+use nemo_tool::distill::weights::Source;
+use tch::{Device, Kind};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn teacher() -> PathBuf {
+    root().join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nemo-tool"))
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A dataset of `docs` documents with token ids in the fixture tokenizer's range (3..100),
+/// each a little recurrence so there is something to learn; plus the tokenizer file.
+fn dataset(dir: &Path, docs: usize) -> (PathBuf, PathBuf) {
+    let prefix = dir.join("data");
+    let mut b =
+        Builder::create(&prefix, TokenType::for_vocab(100), true).unwrap_or_else(|e| panic!("{e}"));
+    let mut x: u64 = 12345;
+    for d in 0..docs {
+        let n = 20 + (d * 37) % 60;
+        let mut t = (d as i64 * 13) % 97 + 3;
+        let mut doc = Vec::with_capacity(n + 1);
+        for _ in 0..n {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            t = (t * 7 + (x >> 62) as i64 + 1) % 97 + 3;
+            doc.push(t);
+        }
+        doc.push(2); // EOD
+        b.add_document(&doc).unwrap_or_else(|e| panic!("{e}"));
+    }
+    b.finish().unwrap_or_else(|e| panic!("{e}"));
+    let ck = Checkpoint::open(teacher()).unwrap_or_else(|e| panic!("{e}"));
+    let tok = ck
+        .artifacts
+        .iter()
+        .find(|a| a.ends_with("tokenizer.model"))
+        .cloned()
+        .unwrap_or_else(|| panic!("fixture has no tokenizer"));
+    let bytes = ck.read_member(&tok).unwrap_or_else(|e| panic!("{e}"));
+    let tok_path = dir.join("tokenizer.model");
+    std::fs::write(&tok_path, bytes.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+    (prefix, tok_path)
+}
+
+/// Overrides shared by every run: a student smaller than the tiny teacher, tiny batches.
+/// The first four are the paths.
+fn common(prefix: &Path, exp: &Path, out: &Path) -> Vec<String> {
+    vec![
+        format!("model.kd_teacher_restore_from_path={}", teacher().display()),
+        format!("model.data.data_prefix=[1.0,{}]", prefix.display()),
+        format!("model.nemo_path={}", out.display()),
+        format!("exp_manager.explicit_log_dir={}", exp.display()),
+        "model.data.splits_string=90,10,0".into(),
+        "model.data.seq_length=32".into(),
+        "model.num_layers=1".into(),
+        "model.hidden_size=32".into(),
+        "model.ffn_hidden_size=64".into(),
+        "model.num_attention_heads=4".into(),
+        "model.num_query_groups=2".into(),
+        "model.make_vocab_size_divisible_by=32".into(),
+        "model.optim.sched.warmup_steps=3".into(),
+        "trainer.log_every_n_steps=1".into(),
+    ]
+}
+
+fn distill_cmd(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.env("OMP_NUM_THREADS", "1")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    c
+}
+
+fn run_tp1(args: &[String]) -> Output {
+    let o = distill_cmd(&bin())
+        .arg("distill")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "distill failed: {}", show(&o));
+    o
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    l.local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Two ranks launched by hand with torchrun's variables (no python needed).
+fn run_tp2(args: &[String]) -> String {
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            distill_cmd(&bin())
+                .arg("distill")
+                .args(args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let mut text = String::new();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(o.status.success(), "rank {rank}: {}", show(&o));
+        text += &show(&o);
+    }
+    text
+}
+
+fn metrics(exp: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(exp.join("metrics.jsonl"))
+        .unwrap_or_else(|e| panic!("{}: {e}", exp.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// `(step, kd_loss)` of every training step in `metrics.jsonl`.
+fn step_losses(exp: &Path) -> Vec<(u64, f64)> {
+    metrics(exp)
+        .iter()
+        .filter(|v| v.get("kd_loss").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap_or(0),
+                v["kd_loss"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
+
+/// Every parameter of a saved student, as canonical (TP1) tensors.
+fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let ck = Checkpoint::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let src = Source::new(&ck).unwrap_or_else(|e| panic!("{e}"));
+    let v = src
+        .padded_vocab(ck.config.make_vocab_size_divisible_by(), 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let spec = GptSpec::from_config(&ck.config, 1, v).unwrap_or_else(|e| panic!("{e}"));
+    let m = Gpt::new(
+        spec,
+        &InitFrom::Checkpoint(&src),
+        &ProcessGroup::single(),
+        Kind::Float,
+        Device::Cpu,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    m.params()
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.copy()))
+        .collect()
+}
+
+fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("NEMO_TOOL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("NEMO_TOOL_STRICT").is_none(),
+        "NEMO_TOOL_STRICT is set but no python was found"
+    );
+    eprintln!("skipped: no python with torch (set NEMO_TOOL_PYTHON)");
+    None
+}
+
+#[test]
+fn seed_command_under_torchrun_tp2() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, tok) = dataset(dir.path(), 120);
+    let out = dir.path().join("final.nemo");
+    let exp = dir.path().join("exp");
+    let torchrun = py.with_file_name("torchrun");
+    let mut c = if torchrun.exists() {
+        distill_cmd(&torchrun)
+    } else {
+        let mut c = distill_cmd(&py);
+        c.args(["-m", "torch.distributed.run"]);
+        c
+    };
+    // the issue's command line, then the small-shape overrides
+    let o = c
+        .args([
+            "--no-python",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+        ])
+        .arg(format!("--master_port={}", free_port()))
+        .arg(bin())
+        .arg("distill")
+        .arg("model.restore_from_path=None")
+        .arg(format!(
+            "model.kd_teacher_restore_from_path={}",
+            teacher().display()
+        ))
+        .arg("model.tensor_model_parallel_size=2")
+        .arg(format!("model.tokenizer.model={}", tok.display()))
+        .arg(format!("model.data.data_prefix=[1.0,{}]", prefix.display()))
+        .arg(format!("model.nemo_path={}", out.display()))
+        .arg("trainer.precision=bf16")
+        .arg("trainer.devices=2")
+        .args(&common(&prefix, &exp, &out)[3..])
+        .args([
+            "model.global_batch_size=4",
+            "model.micro_batch_size=2",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = show(&o);
+    assert!(o.status.success(), "torchrun distill failed: {text}");
+    assert!(text.contains("distill: done steps=6"), "{text}");
+    // our inspect
+    let i = Command::new(bin())
+        .args(["inspect", "--json"])
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(i.status.success(), "inspect: {}", show(&i));
+    let ck = Checkpoint::open(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ck.rank_files().len(), 2);
+    assert_eq!(ck.config.tensor_model_parallel_size(), 2);
+    assert_eq!(ck.artifacts.len(), 1, "{:?}", ck.artifacts);
+    // real torch, each rank with weights_only=True
+    let script = r#"
+import io, sys, tarfile, torch
+t = tarfile.open(sys.argv[1])
+names = {m.name.lstrip("./"): m for m in t.getmembers()}
+for r in (0, 1):
+    m = t.extractfile(names[f"mp_rank_{r:02d}/model_weights.ckpt"])
+    sd = torch.load(io.BytesIO(m.read()), weights_only=True)
+    w = sd["model.embedding.word_embeddings.weight"]
+    assert w.shape == (64, 32) and w.dtype == torch.float32, (w.shape, w.dtype)
+    assert torch.isfinite(w).all()
+    print("rank", r, len(sd), "entries")
+"#;
+    let p = Command::new(&py)
+        .args(["-c", script])
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.status.success(), "torch.load: {}", show(&p));
+    assert!(show(&p).contains("rank 1"), "{}", show(&p));
+}
+
+#[test]
+fn tp2_matches_tp1_for_20_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let extra = [
+        "model.global_batch_size=4",
+        "model.micro_batch_size=2",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=1e-2",
+        // 8 positions per chunk (16 tokens / micro-batch 2): the chunked loss is exercised
+        "model.kd.chunk_tokens=16",
+    ];
+    let with = |exp: &str, out: &str, tp: u32| {
+        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("trainer.devices={tp}"));
+        a
+    };
+    run_tp1(&with("exp1", "tp1.nemo", 1));
+    run_tp2(&with("exp2", "tp2.nemo", 2));
+    let l1 = step_losses(&dir.path().join("exp1"));
+    let l2 = step_losses(&dir.path().join("exp2"));
+    assert_eq!(l1.len(), 20);
+    assert_eq!(l1.len(), l2.len());
+    for ((s1, a), (s2, b)) in l1.iter().zip(&l2) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() <= 1e-5, "step {s1}: TP1 {a} vs TP2 {b}");
+    }
+    let w1 = weights(&dir.path().join("tp1.nemo"));
+    let w2 = weights(&dir.path().join("tp2.nemo"));
+    assert_eq!(w1.len(), w2.len());
+    let mut worst = 0.0f64;
+    for ((n1, a), (n2, b)) in w1.iter().zip(&w2) {
+        assert_eq!(n1, n2);
+        let d = (a - b).abs().max().double_value(&[]);
+        worst = worst.max(d);
+        assert!(d <= 1e-5, "{n1}: max abs diff {d}");
+    }
+    println!("TP2 vs TP1 over 20 steps: losses within 1e-5, weights max abs diff {worst:.2e}");
+}
+
+#[test]
+fn learns_and_the_saved_student_reproduces_the_last_validation() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 200);
+    let out = dir.path().join("student.nemo");
+    let exp = dir.path().join("exp");
+    let mut a = common(&prefix, &exp, &out);
+    a.extend(
+        [
+            "model.global_batch_size=8",
+            "model.micro_batch_size=4",
+            "trainer.max_steps=60",
+            "trainer.val_check_interval=30",
+            "trainer.limit_val_batches=2",
+            "model.optim.lr=1e-2",
+            "model.optim.sched.min_lr=1e-3",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    run_tp1(&a);
+    let vals: Vec<f64> = metrics(&exp)
+        .iter()
+        .filter_map(|v| v.get("val_kd_loss").and_then(|x| x.as_f64()))
+        .collect();
+    assert!(vals.len() >= 3, "{vals:?}");
+    let (first, last) = (vals[0], vals[vals.len() - 1]);
+    println!("validation KD loss: {vals:?}");
+    assert!(
+        last <= 0.5 * first,
+        "val KD loss fell from {first} to {last}: less than 50%"
+    );
+    // reload the saved student and validate it alone
+    let mut b = a.clone();
+    b.push(format!("model.restore_from_path={}", out.display()));
+    let o = distill_cmd(&bin())
+        .args(["distill", "--validate-only"])
+        .args(&b)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", show(&o));
+    let text = show(&o);
+    let got: f64 = text
+        .split("val_kd_loss ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no val_kd_loss in {text}"));
+    assert!(
+        (got - last).abs() <= 1e-6 * (1.0 + last.abs()),
+        "reloaded student: {got}, last logged {last}"
+    );
+    assert!(exp.join("kd_loss.png").is_file());
+    assert!(std::fs::read_dir(&exp)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents")));
+}
+
+#[test]
+fn resume_after_sigkill_is_exact() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 200);
+    let extra = [
+        "model.global_batch_size=8",
+        "model.micro_batch_size=4",
+        "model.data.seq_length=64",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=1e-2",
+    ];
+    let with = |exp: &str, out: &str| {
+        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    run_tp1(&with("straight", "straight.nemo"));
+
+    let args = with("killed", "resumed.nemo");
+    let mut child = distill_cmd(&bin())
+        .arg("distill")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let marker = dir
+        .path()
+        .join("killed/checkpoints/step_00000010/state.json");
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
+    let _ = child.wait();
+    assert!(
+        !dir.path().join("resumed.nemo").exists(),
+        "the run finished before it was killed: the test proves nothing"
+    );
+    let o = run_tp1(&args);
+    let text = show(&o);
+    assert!(text.contains("resumed from"), "{text}");
+    let a = weights(&dir.path().join("straight.nemo"));
+    let b = weights(&dir.path().join("resumed.nemo"));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{n} differs after resume");
+    }
+    // the resumed log has every step once, with the same losses
+    assert_eq!(
+        step_losses(&dir.path().join("straight")),
+        step_losses(&dir.path().join("killed"))
+    );
+}
+
+#[test]
+fn refuses_pipeline_parallelism_and_a_wrong_world_size() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let a = common(dir.path(), dir.path(), &dir.path().join("x.nemo"));
+    let run = |extra: &[&str]| {
+        let o = distill_cmd(&bin())
+            .arg("distill")
+            .args(&a)
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+        show(&o)
+    };
+    assert!(run(&["model.pipeline_model_parallel_size=2"])
+        .contains("pipeline parallelism is not supported"));
+    assert!(run(&["trainer.devices=2"]).contains("torchrun --nproc_per_node=2"));
+    assert!(run(&["model.bogus=1"]).contains("not in the config"));
+}
