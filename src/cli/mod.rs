@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod checksum;
 mod data;
+#[cfg(feature = "distill")]
+mod eval;
 mod inspect;
 mod pack;
 mod reshard;
@@ -38,6 +40,9 @@ pub enum Command {
     Data(data::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
+    /// LM loss / perplexity of a checkpoint, KD losses against a teacher, raw logits (libtorch).
+    #[cfg(feature = "distill")]
+    Eval(eval::Args),
 }
 
 impl Cli {
@@ -49,6 +54,8 @@ impl Cli {
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
+            #[cfg(feature = "distill")]
+            Command::Eval(args) => eval::run(args),
         }
     }
 }

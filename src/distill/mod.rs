@@ -2,6 +2,7 @@
 //! with tensor parallelism over c10d, weights streamed from any checkpoint layout, and the
 //! vocab-parallel knowledge-distillation losses. Design: docs/distill-engine.md.
 
+pub mod eval;
 mod ffi;
 pub mod loss;
 pub mod model;

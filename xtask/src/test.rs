@@ -155,7 +155,8 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The libtorch-backed engine (`--features distill`): its unit tests and `tests/distill.rs`,
+/// The libtorch-backed engine (`--features distill`): its unit tests, `tests/distill.rs` and
+/// `tests/eval.rs`,
 /// built against the torch of the venv (the PyPI torch==2.11.0 wheel that tch 0.24 expects).
 /// Without a venv (`--no-python` on a fresh checkout) it runs only if LIBTORCH is set.
 fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<()> {
@@ -199,6 +200,8 @@ fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<(
         "--lib",
         "--test",
         "distill",
+        "--test",
+        "eval",
     ])
     .env("LIBTORCH", &libtorch)
     .env("LIBTORCH_CXX11_ABI", "1")
