@@ -269,3 +269,40 @@ fn bad_inputs_fail_clearly() {
     );
     println!("teacher vocab: {err}");
 }
+
+#[test]
+fn bf16_is_close_to_fp32() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let tokens = tmp.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        serde_json::to_string(&fixture_tokens()).unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let model = fixture("nemo/tiny_llama_tp1.nemo");
+    let run = |precision: &str| {
+        let out = tmp.path().join(format!("{precision}.npy"));
+        let stdout = run_ok(
+            bin()
+                .arg("eval")
+                .arg(&model)
+                .arg("--tokens")
+                .arg(&tokens)
+                .arg("--logits-out")
+                .arg(&out)
+                .args(["--precision", precision, "--json"]),
+        );
+        (json_field(&stdout, "lm_loss"), read_npy_f32(&out).1)
+    };
+    let (l32, x32) = run("fp32");
+    let (l16, x16) = run("bf16");
+    let d = x32
+        .iter()
+        .zip(&x16)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!("bf16 vs fp32: logits max abs diff {d:.3e}, lm loss {l16:.6} vs {l32:.6}");
+    assert!(d > 0.0, "bf16 run gave fp32-identical logits");
+    assert!(d <= 0.5, "bf16 logits differ by {d}");
+    assert!((l16 - l32).abs() <= 0.02 * l32, "bf16 loss {l16} vs {l32}");
+}
