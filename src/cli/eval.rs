@@ -260,6 +260,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         padded_vocab: i64,
         softmax_vocab: i64,
         temperature: f64,
+        jsd_beta: f64,
+        top_k: i64,
         #[serde(flatten)]
         report: Option<&'a eval::Report>,
         logits_out: Option<String>,
@@ -274,6 +276,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         padded_vocab: vocab,
         softmax_vocab: limit,
         temperature: a.temperature,
+        jsd_beta: a.jsd_beta,
+        top_k: a.top_k,
         report: report.as_ref(),
         logits_out: a.logits_out.as_ref().map(|p| p.display().to_string()),
     };
@@ -300,7 +304,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         )?;
         if let (Some(l), Some(p)) = (r.teacher_lm_loss, r.teacher_perplexity) {
             writeln!(o, "teacher     {l:.6}  perplexity {p:.4}")?;
-            writeln!(o, "kd loss (T={}):", a.temperature)?;
+            writeln!(
+                o,
+                "kd loss (T={}, jsd beta={}, top-k k={}):",
+                a.temperature, a.jsd_beta, a.top_k
+            )?;
             for (k, v) in &r.kd_loss {
                 writeln!(o, "  {k:<11} {v:.6}")?;
             }

@@ -42,7 +42,7 @@ pub enum Command {
     Reshard(reshard::Args),
     /// LM loss / perplexity of a checkpoint, KD losses against a teacher, raw logits (libtorch).
     #[cfg(feature = "distill")]
-    Eval(eval::Args),
+    Eval(Box<eval::Args>),
 }
 
 impl Cli {
@@ -55,7 +55,7 @@ impl Cli {
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
             #[cfg(feature = "distill")]
-            Command::Eval(args) => eval::run(args),
+            Command::Eval(args) => eval::run(*args),
         }
     }
 }
