@@ -135,8 +135,9 @@ pub fn read_ints(bytes: &[u8]) -> Result<IntArray, Error> {
     Ok(IntArray { shape, data: out })
 }
 
-/// A version-1 `.npy` file of little-endian float32 values of `shape`, C order.
-pub fn f32_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
+/// The version-1 `.npy` header of a little-endian float32 array of `shape`, C order: the data
+/// (`shape.product()` values) follows it.
+pub fn f32_header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_text = match dims.len() {
         1 => format!("({},)", dims[0]),
@@ -147,11 +148,18 @@ pub fn f32_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.div_ceil(64) * 64 - unpadded));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + values.len() * 4);
+    let mut out = Vec::with_capacity(10 + header.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
+    out
+}
+
+/// A whole `.npy` file of float32 `values` of `shape` (see [`f32_header`]).
+pub fn f32_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let mut out = f32_header(shape);
+    out.reserve(values.len() * 4);
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }

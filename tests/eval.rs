@@ -158,7 +158,7 @@ fn tp1_logits_and_lm_loss_match_the_fixture() {
                 .arg(&tokens)
                 .arg("--logits-out")
                 .arg(&out)
-                .arg("--json"),
+                .args(["--chunk", "5", "--micro-batch", "1", "--json"]),
         );
         let (header, got) = read_npy_f32(&out);
         assert!(header.contains("'shape': (2, 16, 128)"), "{header}");

@@ -52,6 +52,10 @@ pub struct Args {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     pub micro_batch: usize,
+    /// Sequence positions whose logits are computed at once (bounds the [batch, chunk, vocab/TP]
+    /// fp32 logits of each model; 0: the whole sequence).
+    #[arg(long, default_value_t = 128)]
+    pub chunk: usize,
     /// Sampling seed (the same seed gives the same windows at every TP).
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -107,6 +111,54 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Streams the gathered logits of `windows` (`micro_batch` rows per forward) into a `.npy` at
+/// `out`, through a temporary file renamed at the end (rank 0 writes; every rank computes).
+fn write_logits(
+    out: &Path,
+    model: &Gpt,
+    windows: &[Vec<i64>],
+    micro_batch: usize,
+    lead: bool,
+) -> anyhow::Result<()> {
+    let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
+    let vocab = usize::try_from(model.spec.padded_vocab)?;
+    let mut file = if lead {
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut f = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        f.write_all(&nemo_tool::npy::f32_header(&[b, s, vocab]))
+            .with_context(|| format!("writing {}", out.display()))?;
+        Some(std::io::BufWriter::new(f))
+    } else {
+        None
+    };
+    for batch in windows.chunks(micro_batch.max(1)) {
+        let t = eval::to_tensor(batch).to_device(model.device());
+        let l = tch::no_grad(|| model.forward_gathered(&t))?;
+        if let Some(w) = file.as_mut() {
+            let l = l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let n = l.numel();
+            let mut v = vec![0f32; n];
+            l.copy_data(&mut v, n);
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.write_all(&bytes)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    if let Some(w) = file {
+        let f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", out.display()))?;
+        f.persist(out)
+            .with_context(|| format!("renaming into {}", out.display()))?;
+    }
     Ok(())
 }
 
@@ -200,23 +252,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
 
     if let Some(out) = &a.logits_out {
-        let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
-        let mut all: Vec<f32> = Vec::new();
-        for batch in windows.chunks(a.micro_batch.max(1)) {
-            let t = eval::to_tensor(batch).to_device(dev);
-            let l = tch::no_grad(|| model.forward_gathered(&t))?;
-            if lead {
-                let l = l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                let n = l.numel();
-                let start = all.len();
-                all.resize(start + n, 0.0);
-                l.copy_data(&mut all[start..], n);
-            }
-        }
-        if lead {
-            let bytes = nemo_tool::npy::f32_bytes(&[b, s, vocab as usize], &all);
-            write_atomic(out, &bytes)?;
-        }
+        write_logits(out, &model, &windows, a.micro_batch, lead)?;
     }
 
     let tty = lead && !a.json && std::io::stderr().is_terminal();
@@ -230,6 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let opts = Options {
         micro_batch: a.micro_batch,
+        chunk: a.chunk,
         true_vocab: a.true_vocab,
         kd,
     };

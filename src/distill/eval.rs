@@ -195,6 +195,8 @@ pub fn kd_losses(
 pub struct Options {
     /// Windows per forward pass.
     pub micro_batch: usize,
+    /// Sequence positions per output-layer chunk (0: the whole sequence).
+    pub chunk: usize,
     /// Restrict the LM-loss softmax to the first columns.
     pub true_vocab: Option<i64>,
     /// KD losses to compute when there is a teacher.
@@ -258,15 +260,31 @@ pub fn evaluate(
         let (inputs, targets) = (all.narrow(1, 0, s), all.narrow(1, 1, s));
         let n = (batch.len() as u64) * (s as u64);
         tch::no_grad(|| -> Result<(), Error> {
-            let sl = model.forward(&inputs)?;
-            nll += nll_sum(pg, &sl, &targets, opts.true_vocab)?;
-            if let Some(t) = teacher {
-                let tl = t.forward(&inputs)?;
-                tnll += nll_sum(pg, &tl, &targets, opts.true_vocab)?;
-                let mask = Tensor::ones([batch.len() as i64, s], (Kind::Float, dev));
-                for ((_, k), acc) in opts.kd.iter().zip(kd.iter_mut()) {
-                    *acc += k.masked_mean(pg, &sl, &tl, &mask)?.double_value(&[]) * n as f64;
+            // final hidden states once, then the output layer `chunk` positions at a time:
+            // only [b, chunk, V/TP] logits of each model exist at once
+            let sh = model.hidden(&inputs)?;
+            let th = teacher.map(|t| t.hidden(&inputs)).transpose()?;
+            let chunk = if opts.chunk == 0 {
+                s
+            } else {
+                opts.chunk as i64
+            };
+            let mut start = 0;
+            while start < s {
+                let c = chunk.min(s - start);
+                let tg = targets.narrow(1, start, c);
+                let sl = model.logits_from_hidden(&sh.narrow(1, start, c))?;
+                nll += nll_sum(pg, &sl, &tg, opts.true_vocab)?;
+                if let (Some(t), Some(th)) = (teacher, &th) {
+                    let tl = t.logits_from_hidden(&th.narrow(1, start, c))?;
+                    tnll += nll_sum(pg, &tl, &tg, opts.true_vocab)?;
+                    let mask = Tensor::ones([batch.len() as i64, c], (Kind::Float, dev));
+                    let nc = (batch.len() as i64 * c) as f64;
+                    for ((_, k), acc) in opts.kd.iter().zip(kd.iter_mut()) {
+                        *acc += k.masked_mean(pg, &sl, &tl, &mask)?.double_value(&[]) * nc;
+                    }
                 }
+                start += c;
             }
             Ok(())
         })?;

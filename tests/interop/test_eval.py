@@ -198,8 +198,8 @@ def test_kd_losses_match_torch(tp, tmp_path):
         logits[name] = torch.from_numpy(np.load(out))
     T, beta, k = 1.5, 0.3, 8
     got = run_json(tp, student, "--tokens", tok, "--teacher", teacher, "--temperature", T,
-                   "--jsd-beta", beta, "--top-k", k)
-    # KD over the sequences' next-token inputs: the windows are [batch, seq + 1] tokens
+                   "--jsd-beta", beta, "--top-k", k, "--chunk", 5, "--micro-batch", 1)
+    # chunks of 5 positions, one sequence per batch; KD over the sequences' next-token inputs: the windows are [batch, seq + 1] tokens
     s, t = logits["s"][:, :-1], logits["t"][:, :-1]
     want = kd_reference(s, t, T, beta, k)
     print(f"TP{tp}: ours {got['kd_loss']} torch {want}")
