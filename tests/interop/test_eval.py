@@ -101,15 +101,15 @@ def test_logits_match_fixture(archive, tp, tmp_path):
     assert diff <= 1e-4
 
 
-def write_dataset(tmp_path, seed=0, docs=12):
+def write_dataset(tmp_path, seed=0, docs=12, name="ds"):
     g = torch.Generator().manual_seed(seed)
     lines = []
     for _ in range(docs):
         n = int(torch.randint(20, 60, (1,), generator=g))
         lines.append(json.dumps(torch.randint(3, 100, (n,), generator=g).tolist()))
-    src = tmp_path / "docs.jsonl"
+    src = tmp_path / f"{name}.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    prefix = tmp_path / "ds"
+    prefix = tmp_path / name
     p = subprocess.run([exe(), "data", "make", "--input", str(src), "--output-prefix", str(prefix),
                         "--vocab-size", "100", "--append-eod", "2"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -137,7 +137,9 @@ def ce(logits, targets):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_lm_loss_matches_transformers(tp, tmp_path):
     prefix = write_dataset(tmp_path)
-    common = ["--data", prefix, "--split", "train", "--seq-length", "16", "--samples", "6",
+    # TP2 reads a blend of two datasets (as model.data.data_prefix)
+    data = [prefix] if tp == 1 else ["0.6", prefix, "0.4", write_dataset(tmp_path, seed=1, name="ds2")]
+    common = ["--data", *data, "--split", "train", "--seq-length", "16", "--samples", "6",
               "--micro-batch", "4", "--seed", "5"]
     model = os.path.join(LLAMA, "nemo/tiny_llama_tp1.nemo")
     wfile = tmp_path / "windows.json"
