@@ -420,6 +420,145 @@ pub fn write_torch_dist(
     Ok(())
 }
 
+/// Produces a chunk's row-major bytes on demand: `(tensor index, chunk
+/// index, sink)`; must write exactly the chunk's bytes.
+pub type ChunkFill<'a> =
+    dyn FnMut(usize, usize, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + 'a;
+
+/// Writes one chunk's bytes into the sink it is given.
+type ByteFill<'a> = dyn FnMut(&mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> + 'a;
+
+/// The `torch.save` stream of one contiguous tensor whose bytes come from
+/// `fill` (written into `w`); returns the stream length. With a `fill` that
+/// writes zeros this measures the length without touching any payload: an
+/// uncompressed zip's size does not depend on the bytes.
+fn save_chunk_with(
+    w: &mut dyn io::Write,
+    dtype: Dtype,
+    sizes: &[u64],
+    fill: &mut ByteFill<'_>,
+) -> io::Result<u64> {
+    use crate::torch::tensor::{Piece, StorageRef, TensorRef};
+    let n = sizes
+        .iter()
+        .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| io::Error::other("chunk size overflows"))?;
+    let t = TensorRef::contiguous(
+        dtype,
+        sizes.to_vec(),
+        StorageRef::from_pieces("0", vec![Piece::Zeros(n)]),
+    )
+    .map_err(io::Error::other)?;
+    let root = crate::torch::Value::Tensor(Box::new(t));
+    let mut counting = CountingWrite { inner: w, n: 0 };
+    let mut f = |_: &crate::torch::tensor::StorageRef,
+                 sink: &mut dyn FnMut(&[u8]) -> io::Result<()>| fill(sink);
+    crate::torch::file::save_with(&mut counting, "archive", &root, &mut f)
+        .map_err(io::Error::other)?;
+    Ok(counting.n)
+}
+
+struct CountingWrite<'a> {
+    inner: &'a mut dyn io::Write,
+    n: u64,
+}
+
+impl io::Write for CountingWrite<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a torch_dist folder whose tensor chunks stream from `fill` (no
+/// chunk is materialised; lengths are measured with zero payloads first)
+/// and whose objects are the given byte items (`torch.save([obj])`, keyed
+/// by their unique key). `ck` supplies the tensors with their chunks
+/// (locations are ignored), `metadata_json` and `common_bytes`; its
+/// `objects` are ignored in favour of `objects`.
+///
+/// # Errors
+/// I/O errors from the output or from `fill`.
+pub fn write_torch_dist_streamed(
+    ck: &DistCheckpoint,
+    objects: &[(String, crate::bytes::ByteView)],
+    fill: &mut ChunkFill<'_>,
+    out: &mut dyn OutDir,
+) -> Result<(), dist::Error> {
+    let io_err = |member: &str, e: io::Error| dist::Error::Write {
+        member: member.to_string(),
+        source: e,
+    };
+    let mut items: Vec<Item<'_>> = Vec::new();
+    let mut pos = 0u64;
+    for (key, b) in objects {
+        items.push(Item {
+            fqn: key,
+            offsets: None,
+            offset: pos,
+            length: b.len() as u64,
+        });
+        pos += b.len() as u64;
+    }
+    for t in &ck.tensors {
+        for c in &t.chunks {
+            let length = save_chunk_with(&mut io::sink(), t.dtype, &c.sizes, &mut |sink| {
+                crate::torch::file::write_zeros(sink, chunk_nbytes(t.dtype, &c.sizes))
+            })
+            .map_err(|e| io_err(DATA_FILE, e))?;
+            items.push(Item {
+                fqn: &t.key,
+                offsets: Some(&c.offsets),
+                offset: pos,
+                length,
+            });
+            pos += length;
+        }
+    }
+    let mut md_ck = ck.clone();
+    md_ck.objects = objects
+        .iter()
+        .map(|(k, _)| dist::DistObject {
+            key: k.clone(),
+            location: Location::File {
+                member: String::new(),
+            },
+        })
+        .collect();
+    let md = metadata_pickle(&md_ck, &items);
+    dist::write_bytes(out, ".metadata", &md).map_err(|e| io_err(".metadata", e))?;
+    out.write_file(DATA_FILE, pos, &mut |w| {
+        for (_, b) in objects {
+            w.write_all(b.as_slice())?;
+        }
+        for (ti, t) in ck.tensors.iter().enumerate() {
+            for (ci, c) in t.chunks.iter().enumerate() {
+                save_chunk_with(w, t.dtype, &c.sizes, &mut |sink| fill(ti, ci, sink))?;
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| io_err(DATA_FILE, e))?;
+    if let Some(c) = &ck.common_bytes {
+        dist::write_bytes(out, "common.pt", c.as_slice()).map_err(|e| io_err("common.pt", e))?;
+    }
+    if let Some(json) = &ck.metadata_json {
+        dist::write_bytes(out, "metadata.json", json.as_bytes())
+            .map_err(|e| io_err("metadata.json", e))?;
+    }
+    Ok(())
+}
+
+fn chunk_nbytes(dtype: Dtype, sizes: &[u64]) -> u64 {
+    sizes
+        .iter()
+        .fold(dtype.size() as u64, |a, &d| a.saturating_mul(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

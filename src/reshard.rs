@@ -194,7 +194,17 @@ pub fn write(
                     let mut fill = |s: &StorageRef,
                                     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>|
                      -> io::Result<()> {
-                        // Storages come in first-use order = tensor order.
+                        // A storage inside a kept object (a TE `_extra_state`
+                        // tensor) is written as it is; ours are composed
+                        // placeholders, met in first-use order = tensor order.
+                        if s.composed.is_empty() {
+                            for p in s.pieces() {
+                                if let Piece::Bytes(b) = p {
+                                    sink(b.as_slice())?;
+                                }
+                            }
+                            return Ok(());
+                        }
                         let job = jobs
                             .get(next)
                             .ok_or_else(|| io::Error::other("storage without a planned tensor"))?;
@@ -224,6 +234,9 @@ pub fn write(
                             }
                             Some((from, to)) => cast_pieces(&job.pieces, from, to, sink)?,
                         }
+                        // Drop the source pages again (widened to whole folios,
+                        // see `mmap::release`): resident memory stays at about
+                        // one tensor.
                         for s in &spans {
                             s.release();
                         }
@@ -351,7 +364,7 @@ fn build_rank(canon: &Canonical, plan: &Plan, i: usize) -> Result<(Value, Vec<Jo
 
 /// Mapped pieces merged into spans (gaps under 256 KiB joined), for
 /// read-ahead and release hints.
-fn spans(pieces: &[Piece]) -> Vec<ByteView> {
+pub(crate) fn spans(pieces: &[Piece]) -> Vec<ByteView> {
     const GAP: usize = 256 << 10;
     let mut locs: Vec<(usize, std::ops::Range<usize>, &ByteView)> = pieces
         .iter()
@@ -386,7 +399,7 @@ fn spans(pieces: &[Piece]) -> Vec<ByteView> {
 }
 
 /// Converts float elements between f32, f16 and bf16, a block at a time.
-fn cast_pieces(
+pub(crate) fn cast_pieces(
     pieces: &[Piece],
     from: Dtype,
     to: Dtype,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod convert;
 mod data;
 #[cfg(feature = "distill")]
 mod eval;
@@ -40,6 +41,8 @@ pub enum Command {
     Data(data::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
+    /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
+    Convert(convert::Args),
     /// LM loss / perplexity of a checkpoint, KD losses against a teacher, raw logits (libtorch).
     #[cfg(feature = "distill")]
     Eval(Box<eval::Args>),
@@ -54,6 +57,7 @@ impl Cli {
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
             Command::Reshard(args) => reshard::run(args),
+            Command::Convert(args) => convert::run(args),
             #[cfg(feature = "distill")]
             Command::Eval(args) => eval::run(*args),
         }

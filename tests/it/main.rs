@@ -1,6 +1,7 @@
 //! Integration tests: one binary, a module per concern.
 
 mod bad_input;
+mod convert;
 mod obs;
 mod reshard;
 mod roundtrip;
