@@ -314,3 +314,50 @@ fn bf16_is_close_to_fp32() {
     assert!(d <= 0.5, "bf16 logits differ by {d}");
     assert!((l16 - l32).abs() <= 0.02 * l32, "bf16 loss {l16} vs {l32}");
 }
+
+#[test]
+fn dataset_kd_is_independent_of_chunk_and_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let docs: Vec<Vec<i64>> = (0..10)
+        .map(|d| (0..30).map(|t| (d * 13 + t * 7) % 97 + 2).collect())
+        .collect();
+    let prefix = make_dataset(tmp.path(), &docs);
+    let student = tmp.path().join("student.nemo");
+    synth_student(&student);
+    let teacher = fixture("nemo/tiny_llama_tp2.nemo");
+    let run = |chunk: &str, mb: &str| -> serde_json::Value {
+        let out = run_ok(
+            bin()
+                .arg("eval")
+                .arg(&student)
+                .arg("--data")
+                .arg(&prefix)
+                .arg("--teacher")
+                .arg(&teacher)
+                .args(["--split", "train", "--seq-length", "12", "--samples", "5"])
+                .args(["--chunk", chunk, "--micro-batch", mb, "--json"]),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let a = run("0", "5");
+    let b = run("5", "2");
+    assert_eq!(a["tokens"], 5 * 12);
+    let num = |v: &serde_json::Value, k: &str| {
+        v.pointer(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or_else(|| panic!("no {k} in {v}"))
+    };
+    for k in [
+        "/lm_loss",
+        "/teacher_lm_loss",
+        "/kd_loss/forward_kl",
+        "/kd_loss/reverse_kl",
+        "/kd_loss/jsd",
+        "/kd_loss/topk",
+    ] {
+        let (x, y) = (num(&a, k), num(&b, k));
+        println!("{k}: whole {x:.8}, chunked {y:.8}");
+        assert!(x.is_finite() && x > 0.0, "{k}: {x}");
+        assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{k}: {x} vs {y}");
+    }
+}
