@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod layout;
 pub mod members;
 pub mod mmap;
+pub mod npy;
 pub mod obs;
 pub mod outdir;
 pub mod output;

@@ -10,6 +10,8 @@ mod checksum;
 mod convert;
 mod data;
 mod distill;
+#[cfg(feature = "distill")]
+mod eval;
 mod inspect;
 mod pack;
 mod reshard;
@@ -44,6 +46,9 @@ pub enum Command {
     Reshard(reshard::Args),
     /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
     Convert(convert::Args),
+    /// LM loss / perplexity of a checkpoint, KD losses against a teacher, raw logits (libtorch).
+    #[cfg(feature = "distill")]
+    Eval(Box<eval::Args>),
 }
 
 impl Cli {
@@ -57,6 +62,8 @@ impl Cli {
             Command::Reshard(args) => reshard::run(args),
             Command::Convert(args) => convert::run(args),
             Command::Distill(args) => distill::run(args),
+            #[cfg(feature = "distill")]
+            Command::Eval(args) => eval::run(*args),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! the `nemo-tool distill` job: config resolution ([`job`]), optimizer ([`optim`]), training
 //! loop ([`train`]), checkpoints ([`state`]) and the saved student ([`save`]); docs/distill.md.
 
+pub mod eval;
 mod ffi;
 pub mod job;
 pub mod loss;

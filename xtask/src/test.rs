@@ -155,8 +155,8 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The libtorch-backed engine (`--features distill`): its unit tests, `tests/distill.rs` and the
-/// `nemo-tool distill` acceptance tests (`tests/distill_train.rs`),
+/// The libtorch-backed engine (`--features distill`): its unit tests, `tests/distill.rs`,
+/// `tests/eval.rs` and the `nemo-tool distill` acceptance tests (`tests/distill_train.rs`),
 /// built against the torch of the venv (the PyPI torch==2.11.0 wheel that tch 0.24 expects).
 /// Without a venv (`--no-python` on a fresh checkout) it runs only if LIBTORCH is set.
 fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<()> {
@@ -184,6 +184,8 @@ fn distill_tests(venv: &Path, env: &[(&str, PathBuf)], strict: bool) -> Result<(
         "distill",
         "--test",
         "distill_train",
+        "--test",
+        "eval",
     ])
     .envs(env.iter().map(|(k, v)| (*k, v)));
     with_libtorch(&mut cmd, &libtorch);

@@ -1,0 +1,358 @@
+//! `nemo-tool eval`: LM loss / perplexity of a checkpoint on a dataset or on given tokens, the
+//! KD losses against a teacher, and raw logits (`--logits-out`). Runs at any TP under
+//! `torchrun --no-python --nproc_per_node=$TP`, or at TP1 alone. Design: docs/eval.md.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::data::{Blend, BlendedSamples, Split};
+use nemo_tool::distill::eval::{self, Options};
+use nemo_tool::distill::model::{Gpt, InitFrom};
+use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
+use nemo_tool::distill::spec::GptSpec;
+use nemo_tool::distill::weights::Source;
+use tch::{Device, Kind};
+
+/// `eval` arguments.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+nemo-tool eval student.nemo --data data/val --seq-length 512 --samples 64 --teacher teacher.nemo\n  \
+nemo-tool eval model.nemo --tokens tokens.json --logits-out logits.npy\n  \
+torchrun --no-python --nproc_per_node=2 nemo-tool eval model.nemo --data 0.7 a 0.3 b --json")]
+pub struct Args {
+    /// The checkpoint to evaluate (.nemo file or extracted folder, any layout).
+    pub model: PathBuf,
+    /// Dataset prefix, or a blend `W1 PREFIX1 W2 PREFIX2 ...` (as model.data.data_prefix).
+    #[arg(long, num_args = 1.., conflicts_with = "tokens")]
+    pub data: Option<Vec<String>>,
+    /// Token ids instead of a dataset: a JSON list of lists or a .npy int array [batch, seq].
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// Write the full padded-vocab float32 logits [batch, seq, vocab] of --tokens as .npy.
+    #[arg(long, requires = "tokens")]
+    pub logits_out: Option<PathBuf>,
+    /// Teacher checkpoint: also report its LM loss and the KD losses of MODEL against it.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Dataset split.
+    #[arg(long, default_value = "validation", value_parser = ["train", "validation", "test"])]
+    pub split: String,
+    /// Train/validation/test document split (as model.data.splits_string).
+    #[arg(long, default_value = "98,1,1")]
+    pub splits_string: String,
+    /// Tokens per window (windows have seq-length + 1 tokens).
+    #[arg(long, default_value_t = 512)]
+    pub seq_length: usize,
+    /// Windows to evaluate from the dataset.
+    #[arg(long, default_value_t = 64)]
+    pub samples: usize,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Sequence positions whose logits are computed at once (bounds the [batch, chunk, vocab/TP]
+    /// fp32 logits of each model; 0: the whole sequence).
+    #[arg(long, default_value_t = 128)]
+    pub chunk: usize,
+    /// Sampling seed (the same seed gives the same windows at every TP).
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Temperature of the KD losses (logits / T, no T² factor).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// β of the JSD loss (teacher weight of the mixture).
+    #[arg(long, default_value_t = 0.5)]
+    pub jsd_beta: f64,
+    /// k of the top-k KD loss.
+    #[arg(long, default_value_t = 8)]
+    pub top_k: i64,
+    /// Restrict the LM-loss softmax to the first N vocabulary columns (e.g. the tokenizer's
+    /// size, as Hugging Face computes it). Default: the padded vocabulary, as NeMo does.
+    #[arg(long)]
+    pub true_vocab: Option<i64>,
+    /// Weights and activations: fp32 or bf16.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
+    /// Device: auto (CUDA with NCCL when available, else CPU with Gloo), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+    /// Write the evaluated windows (seq-length + 1 tokens each) as a JSON list of lists.
+    #[arg(long)]
+    pub dump_windows: Option<PathBuf>,
+    /// Print the numbers as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn build_model(path: &Path, pg: &ProcessGroup, kind: Kind, dev: Device) -> anyhow::Result<Gpt> {
+    let ck = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let src = Source::new(&ck).with_context(|| format!("{}", path.display()))?;
+    let tp = pg.world() as u64;
+    let vocab = src
+        .padded_vocab(ck.config.make_vocab_size_divisible_by(), tp)
+        .with_context(|| format!("{}", path.display()))?;
+    let spec = GptSpec::from_config(&ck.config, tp, vocab)
+        .with_context(|| format!("{}", path.display()))?;
+    Gpt::new(spec, &InitFrom::Checkpoint(&src), pg, kind, dev, false)
+        .with_context(|| format!("building the model of {}", path.display()))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, then renames.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Streams the gathered logits of `windows` (`micro_batch` rows per forward) into a `.npy` at
+/// `out`, through a temporary file renamed at the end (rank 0 writes; every rank computes).
+fn write_logits(
+    out: &Path,
+    model: &Gpt,
+    windows: &[Vec<i64>],
+    micro_batch: usize,
+    lead: bool,
+) -> anyhow::Result<()> {
+    let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
+    let vocab = usize::try_from(model.spec.padded_vocab)?;
+    let mut file = if lead {
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut f = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        f.write_all(&nemo_tool::npy::f32_header(&[b, s, vocab]))
+            .with_context(|| format!("writing {}", out.display()))?;
+        Some(std::io::BufWriter::new(f))
+    } else {
+        None
+    };
+    for batch in windows.chunks(micro_batch.max(1)) {
+        let t = eval::to_tensor(batch).to_device(model.device());
+        let l = tch::no_grad(|| model.forward_gathered(&t))?;
+        if let Some(w) = file.as_mut() {
+            let l = l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let n = l.numel();
+            let mut v = vec![0f32; n];
+            l.copy_data(&mut v, n);
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.write_all(&bytes)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    if let Some(w) = file {
+        let f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", out.display()))?;
+        f.persist(out)
+            .with_context(|| format!("renaming into {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs `eval`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let launch = Launch::from_env().context("reading the torchrun environment")?;
+    let cuda = match a.device.as_str() {
+        "cpu" => false,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda: CUDA is not available (built without the `cuda` feature, or no GPU)");
+            }
+            true
+        }
+        _ => tch::Cuda::is_available(),
+    };
+    let (dev, backend) = if cuda {
+        (
+            Device::Cuda(launch.local_rank.max(0) as usize),
+            Backend::Nccl,
+        )
+    } else {
+        (Device::Cpu, Backend::Gloo)
+    };
+    let kind = if a.precision == "bf16" {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let pg = ProcessGroup::init(&launch, backend).context("creating the process group")?;
+    let lead = pg.rank() == 0;
+    let kd = eval::kd_losses(a.temperature, a.jsd_beta, a.top_k)?;
+
+    let model = build_model(&a.model, &pg, kind, dev)?;
+    let vocab = model.spec.padded_vocab;
+    let teacher = match &a.teacher {
+        Some(t) => {
+            let m = build_model(t, &pg, kind, dev)?;
+            if m.spec.padded_vocab != vocab {
+                bail!(
+                    "teacher {}: padded vocabulary {} differs from the model's {} ({}): KD needs the same vocabulary",
+                    t.display(),
+                    m.spec.padded_vocab,
+                    vocab,
+                    a.model.display()
+                );
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let limit = match a.true_vocab {
+        Some(n) if n < 1 || n > vocab => {
+            bail!("--true-vocab {n} must be in 1..={vocab} (the padded vocabulary)")
+        }
+        Some(n) => n,
+        None => vocab,
+    };
+
+    let (what, windows) = match (&a.tokens, &a.data) {
+        (Some(p), _) => {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let what = p.display().to_string();
+            (what.clone(), eval::parse_tokens(&what, &bytes)?)
+        }
+        (None, Some(items)) => {
+            let blend = Blend::parse(items).context("--data")?;
+            let split = match a.split.as_str() {
+                "train" => Split::Train,
+                "test" => Split::Test,
+                _ => Split::Validation,
+            };
+            let samples = BlendedSamples::new(
+                &blend,
+                &a.splits_string,
+                split,
+                a.seq_length,
+                a.samples,
+                a.seed,
+            )
+            .with_context(|| format!("reading the dataset {}", items.join(" ")))?;
+            let w: Vec<Vec<i64>> = (0..a.samples).map(|i| samples.get(i).1).collect();
+            (format!("dataset {}", items.join(" ")), w)
+        }
+        (None, None) => bail!("give --data PREFIX|BLEND or --tokens FILE"),
+    };
+    eval::check_ids(&what, &windows, limit)?;
+    if let (Some(p), true) = (&a.dump_windows, lead) {
+        let text = serde_json::to_vec(&windows)?;
+        write_atomic(p, &text)?;
+    }
+
+    if let Some(out) = &a.logits_out {
+        write_logits(out, &model, &windows, a.micro_batch, lead)?;
+    }
+
+    let tty = lead && !a.json && std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if tty {
+            eprint!("\reval: {done}/{total} sequences");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    let opts = Options {
+        micro_batch: a.micro_batch,
+        chunk: a.chunk,
+        true_vocab: a.true_vocab,
+        kd,
+    };
+    let windows_ok = windows.first().map_or(0, Vec::len) >= 2;
+    let report = if windows_ok {
+        Some(eval::evaluate(
+            &model,
+            teacher.as_ref(),
+            &windows,
+            &opts,
+            &mut progress,
+        )?)
+    } else {
+        None
+    };
+    pg.barrier().context("final barrier")?;
+    if !lead {
+        return Ok(ExitCode::SUCCESS);
+    }
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        model: String,
+        teacher: Option<String>,
+        source: &'a str,
+        tp: i32,
+        device: String,
+        precision: &'a str,
+        padded_vocab: i64,
+        softmax_vocab: i64,
+        temperature: f64,
+        jsd_beta: f64,
+        top_k: i64,
+        #[serde(flatten)]
+        report: Option<&'a eval::Report>,
+        logits_out: Option<String>,
+    }
+    let out = Out {
+        model: a.model.display().to_string(),
+        teacher: a.teacher.as_ref().map(|t| t.display().to_string()),
+        source: &what,
+        tp: pg.world(),
+        device: format!("{dev:?}"),
+        precision: &a.precision,
+        padded_vocab: vocab,
+        softmax_vocab: limit,
+        temperature: a.temperature,
+        jsd_beta: a.jsd_beta,
+        top_k: a.top_k,
+        report: report.as_ref(),
+        logits_out: a.logits_out.as_ref().map(|p| p.display().to_string()),
+    };
+    if a.json {
+        super::print_json(&out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut o = std::io::stdout().lock();
+    writeln!(
+        o,
+        "model {} (TP{}, {dev:?}, {}), {what}",
+        out.model, out.tp, a.precision
+    )?;
+    if let Some(r) = &report {
+        writeln!(
+            o,
+            "{} sequences, {} target tokens, softmax over {limit} of {vocab} columns",
+            r.sequences, r.tokens
+        )?;
+        writeln!(
+            o,
+            "lm loss     {:.6}  perplexity {:.4}",
+            r.lm_loss, r.perplexity
+        )?;
+        if let (Some(l), Some(p)) = (r.teacher_lm_loss, r.teacher_perplexity) {
+            writeln!(o, "teacher     {l:.6}  perplexity {p:.4}")?;
+            writeln!(
+                o,
+                "kd loss (T={}, jsd beta={}, top-k k={}):",
+                a.temperature, a.jsd_beta, a.top_k
+            )?;
+            for (k, v) in &r.kd_loss {
+                writeln!(o, "  {k:<11} {v:.6}")?;
+            }
+        }
+    }
+    if let Some(p) = &a.logits_out {
+        writeln!(o, "logits written to {}", p.display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
