@@ -68,6 +68,7 @@ pub struct OutputFile {
     target: PathBuf,
     force: bool,
     temp: NamedTempFile,
+    durable: bool,
 }
 
 impl OutputFile {
@@ -90,12 +91,21 @@ impl OutputFile {
             target,
             force,
             temp,
+            durable: true,
         })
     }
 
     /// The final path.
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// Skips the fsyncs at commit: the rename is still atomic (no reader ever
+    /// sees a partial file), but after a power loss the output may be
+    /// missing or empty. For scratch outputs where speed matters more.
+    pub fn not_durable(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     /// Where the bytes go until commit.
@@ -128,10 +138,12 @@ impl OutputFile {
                 .set_permissions(fs::Permissions::from_mode(0o644))
                 .map_err(io_err(&temp_path, "setting permissions"))?;
         }
-        self.temp
-            .as_file()
-            .sync_all()
-            .map_err(io_err(&temp_path, "syncing"))?;
+        if self.durable {
+            self.temp
+                .as_file()
+                .sync_all()
+                .map_err(io_err(&temp_path, "syncing"))?;
+        }
         let target = self.target.clone();
         if self.force {
             self.temp
@@ -149,7 +161,9 @@ impl OutputFile {
                 }
             })?;
         }
-        sync_dir(parent_dir(&target));
+        if self.durable {
+            sync_dir(parent_dir(&target));
+        }
         Ok(target)
     }
 }

@@ -101,6 +101,8 @@ pub struct WriteOptions<'p> {
     pub force: bool,
     /// Called with (tensor bytes written, total) as the output streams.
     pub progress: Option<&'p mut dyn FnMut(u64, u64)>,
+    /// Skip the fsyncs before the final rename (still atomic, not durable).
+    pub no_sync: bool,
 }
 
 /// Writes `plan` (made from `canon`) as a `.nemo` tar at `out`.
@@ -118,6 +120,9 @@ pub fn write(
     let ckpt = canon.checkpoint();
     let mut progress = opts.progress;
     let mut file = OutputFile::create(out, opts.force)?;
+    if opts.no_sync {
+        file = file.not_durable();
+    }
     let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
     tar.append_dir("")?;
 

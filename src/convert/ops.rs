@@ -486,6 +486,7 @@ pub fn nemo_to_per_rank(
         crate::reshard::WriteOptions {
             force,
             progress: None,
+            no_sync: false,
         },
     )
     .map_err(|e| Error::Reshard(Box::new(e)))?;

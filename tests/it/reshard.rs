@@ -36,6 +36,7 @@ fn reshard(input: &Path, out: &Path, opts: &ReshardOptions) {
         WriteOptions {
             force: true,
             progress: None,
+            no_sync: false,
         },
     )
     .unwrap();
