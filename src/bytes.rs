@@ -104,6 +104,22 @@ impl ByteView {
         self.slice(offset..end)
     }
 
+    /// Drops this range's resident pages if it is memory-mapped (see
+    /// [`crate::mmap::release`]); a no-op for owned bytes.
+    pub fn release(&self) {
+        if let Backing::Mapped(m) = &*self.buf {
+            crate::mmap::release(m, self.start, self.len);
+        }
+    }
+
+    /// Advises sequential read-ahead of this range if it is memory-mapped (see
+    /// [`crate::mmap::prefetch`]); a no-op for owned bytes.
+    pub fn prefetch(&self) {
+        if let Backing::Mapped(m) = &*self.buf {
+            crate::mmap::prefetch(m, self.start, self.len);
+        }
+    }
+
     /// True when both views are backed by a memory map (used by tests and benches
     /// that check we stay zero-copy).
     pub fn is_mapped(&self) -> bool {

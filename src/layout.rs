@@ -92,6 +92,50 @@ pub struct Family {
     #[serde(default)]
     pub separate_glu: Vec<String>,
     rules: Vec<RuleEntry>,
+    /// Norm name pairs (local spec vs TE / distributed-checkpoint names).
+    #[serde(default)]
+    pub norm_aliases: Vec<NormAlias>,
+    /// Per-rank state-dict key order, if the family defines one.
+    #[serde(default)]
+    pub state_dict: Option<StateDictTemplate>,
+}
+
+/// A norm naming pair: the layer-relative key prefix in the local spec and in
+/// the TE spec (which the distributed checkpoint always uses).
+#[derive(Debug, Clone, Deserialize)]
+pub struct NormAlias {
+    /// Local-spec prefix (`input_layernorm.`).
+    pub local: String,
+    /// TE prefix (`self_attention.linear_qkv.layer_norm_`).
+    pub te: String,
+}
+
+/// The order of keys in a per-rank state dict, as data (`formats/*.yaml`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StateDictTemplate {
+    /// The per-layer key stem (`decoder.layers.`).
+    pub layers: String,
+    /// Key of the tied output copy on the last stage at PP>1.
+    #[serde(default)]
+    pub tied_output: Option<String>,
+    /// The tensor that `tied_output` copies.
+    #[serde(default)]
+    pub tied_source: Option<String>,
+    /// Objects (value None) always present on the last stage.
+    #[serde(default)]
+    pub last_stage_objects: Vec<String>,
+    /// First-stage keys before the layers.
+    #[serde(default)]
+    pub head: Vec<String>,
+    /// Layer-relative keys, local spec.
+    #[serde(default)]
+    pub layer_local: Vec<String>,
+    /// Layer-relative keys, TE spec.
+    #[serde(default)]
+    pub layer_te: Vec<String>,
+    /// Last-stage keys after the layers.
+    #[serde(default)]
+    pub tail: Vec<String>,
 }
 
 /// The result of matching one key.

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod bytes;
+pub mod canonical;
 pub mod checkpoint;
 pub mod checksum;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod members;
 pub mod mmap;
 pub mod outdir;
 pub mod output;
+pub mod plan;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;

@@ -28,3 +28,34 @@ pub fn map_file(file: &File) -> io::Result<Mmap> {
     }
     Ok(map)
 }
+
+/// Drops the resident pages of `[offset, offset+len)` of a read-only file
+/// mapping from this process (they are re-read from the file if touched
+/// again). Streaming writers call it after a source range has been written so
+/// that resident memory stays bounded while a multi-GB input streams through.
+/// Errors are ignored: this is only a hint.
+pub fn release(map: &Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 {
+        // SAFETY: `Mmap` is a read-only mapping of a file that we never write
+        // through; MADV_DONTNEED on such pages discards nothing that cannot be
+        // re-read from the file, and no Rust reference observes a change
+        // (the content after re-faulting is the same file content).
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
+}
+
+/// Asks the kernel to read `[offset, offset+len)` ahead sequentially: the range
+/// is about to be streamed (the whole map was advised random at open).
+pub fn prefetch(map: &Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 {
+        let _ = map.advise_range(memmap2::Advice::Sequential, offset, len);
+        let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
+}

@@ -1,0 +1,921 @@
+//! The canonical view of a checkpoint: every model tensor in TP=1 global
+//! coordinates, one entry per **global** layer, whatever the stored layout
+//! (per-rank files at any TP/PP, or a distributed checkpoint with stacked
+//! layers). Payloads are never copied: a canonical tensor knows the stored
+//! pieces it is made of, and [`Canonical::read`] returns the row-major bytes of
+//! a slice of it as [`Piece`]s that borrow the input mapping.
+//!
+//! Naming (documented contract for `reshard`, `validate`, `diff`, `convert`):
+//! - a per-layer entry has `layer = Some(global layer)` and a layer-relative
+//!   `name` (`self_attention.linear_qkv.weight`); other entries have
+//!   `layer = None` and the key without its family prefix
+//!   (`embedding.word_embeddings.weight`);
+//! - norms use the TE / distributed-checkpoint names
+//!   (`self_attention.linear_qkv.layer_norm_weight`,
+//!   `mlp.linear_fc1.layer_norm_weight`) even for local-spec files, whose
+//!   `input_layernorm.` / `pre_mlp_layernorm.` names are mapped by the family's
+//!   `norm_aliases`; [`Canonical::norm_style`] records what the source used;
+//! - vocab-parallel tensors keep the source's padded row count
+//!   ([`Canonical::vocab_rows`]); re-padding is the caller's business.
+//!
+//! Inverse partition rules (nemo-format.md §3.8): column, vocab and fused QKV
+//! concatenate dim 0; row concatenates the last dim; gated fc1 is
+//! `[all gate halves; all up halves]`; replicated takes TP rank 0; a stacked
+//! distributed tensor is read one layer box at a time.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::checkpoint::{Checkpoint, Weights};
+use crate::dist::DistCheckpoint;
+use crate::layout::Rule;
+use crate::torch::tensor::Piece;
+use crate::torch::{Dtype, Value};
+
+/// Errors building or reading the canonical view; each names the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config lacks or has an invalid architecture value.
+    #[error("model_config.yaml: {0}")]
+    Config(#[from] crate::config::Error),
+    /// A TP rank of a stage lacks a key that rank 0 has, or holds another kind of value.
+    #[error("{key}: missing or not a tensor in {member}")]
+    MissingShard {
+        /// The stored key.
+        key: String,
+        /// The rank file.
+        member: String,
+    },
+    /// Shards of one tensor disagree in dtype or in the dims that are not split.
+    #[error("{key}: shard in {member} has {found}, rank 0 has {expected}")]
+    ShardMismatch {
+        /// The stored key.
+        key: String,
+        /// The rank file.
+        member: String,
+        /// What this shard has.
+        found: String,
+        /// What rank 0 has.
+        expected: String,
+    },
+    /// A gated fc1 shard with an odd number of rows.
+    #[error("{key}: gated fc1 shard in {member} has {rows} rows, expected an even number")]
+    OddGatedShard {
+        /// The stored key.
+        key: String,
+        /// The rank file.
+        member: String,
+        /// Rows found.
+        rows: u64,
+    },
+    /// A tensor's bytes could not be viewed.
+    #[error("{key}: {source}")]
+    Tensor {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: crate::torch::tensor::Error,
+    },
+    /// The distributed checkpoint could not be read.
+    #[error("{key}: {source}")]
+    Dist {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: crate::dist::Error,
+    },
+    /// A slice outside the tensor, or along an axis the layout cannot serve.
+    #[error("{key}: cannot read {axis:?} slice {start}..{end} of a tensor of shape {shape:?}")]
+    BadSlice {
+        /// The key.
+        key: String,
+        /// The axis.
+        axis: Axis,
+        /// Slice start.
+        start: u64,
+        /// Slice end.
+        end: u64,
+        /// Global shape.
+        shape: Vec<u64>,
+    },
+    /// A stacked distributed tensor whose layer axis disagrees with the model.
+    #[error("{key}: stacked layer axis is {found}, other tensors say {expected} layers")]
+    LayerCount {
+        /// The key.
+        key: String,
+        /// Its leading dim.
+        found: u64,
+        /// The layer count.
+        expected: u64,
+    },
+}
+
+/// Which norm naming the source used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormStyle {
+    /// Separate `input_layernorm` / `pre_mlp_layernorm` modules (local spec).
+    Local,
+    /// Norms fused into the linear layers (TransformerEngine spec, and every
+    /// distributed checkpoint).
+    Te,
+}
+
+/// A slicing axis of a canonical tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Axis {
+    /// Dim 0 (whole rows).
+    First,
+    /// The last dim (for every index of the other dims).
+    Last,
+}
+
+/// One entry of the canonical model.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Global layer, for per-layer entries.
+    pub layer: Option<u64>,
+    /// Layer-relative name (per-layer entries) or prefix-less key.
+    pub name: String,
+    /// The tensor or object.
+    pub value: EntryValue,
+}
+
+/// A canonical tensor or an opaque object.
+#[derive(Debug, Clone)]
+pub enum EntryValue {
+    /// A tensor in TP=1 coordinates.
+    Tensor(Tensor),
+    /// An opaque object (`_extra_state`): the stored value of each source TP
+    /// rank in rank order (one value when the source stores it once).
+    Object(Vec<Value>),
+}
+
+/// A tensor in TP=1 coordinates.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Global (TP=1) shape of this layer's tensor.
+    pub shape: Vec<u64>,
+    /// Partition rule (resolved: `fc1` is `gated_fc1` or `column`);
+    /// `replicated` for keys no rule matches.
+    pub rule: Rule,
+    /// Where the bytes are.
+    pub source: Source,
+}
+
+/// Where a canonical tensor's bytes are.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The concatenation along `axis` of contiguous stored parts.
+    Parts {
+        /// Concatenation axis.
+        axis: Axis,
+        /// The parts, in order.
+        parts: Vec<Part>,
+    },
+    /// A box of a distributed-checkpoint tensor.
+    Dist {
+        /// Index into `DistCheckpoint::tensors`.
+        tensor: usize,
+        /// The layer index on a stacked tensor's leading axis.
+        layer: Option<u64>,
+    },
+}
+
+/// A contiguous stored block: row-major bytes of `shape`.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Its shape.
+    pub shape: Vec<u64>,
+    /// Its row-major bytes (usually one piece of the mapping).
+    pub pieces: Vec<Piece>,
+}
+
+/// The canonical view of a checkpoint (see the module docs).
+#[derive(Debug)]
+pub struct Canonical<'c> {
+    ckpt: &'c Checkpoint,
+    /// Key prefix of the stored state dict (`model.`).
+    pub prefix: String,
+    /// The per-layer key stem (`decoder.layers.`).
+    pub layer_stem: String,
+    /// Number of transformer layers.
+    pub num_layers: u64,
+    /// Norm naming of the source.
+    pub norm_style: NormStyle,
+    /// Stored (padded) rows of the vocab-parallel tensors, if any.
+    pub vocab_rows: Option<u64>,
+    /// Entries: non-layer entries before the layers, layers in global order,
+    /// then the other non-layer entries (source order within each group).
+    pub entries: Vec<Entry>,
+}
+
+impl Tensor {
+    /// Bytes of the whole tensor.
+    pub fn nbytes(&self) -> u64 {
+        self.shape
+            .iter()
+            .fold(self.dtype.size() as u64, |a, d| a.saturating_mul(*d))
+    }
+}
+
+impl<'c> Canonical<'c> {
+    /// Builds the view from the checkpoint's metadata (no payload is read).
+    ///
+    /// # Errors
+    /// Inconsistent shards ([`Error::MissingShard`], [`Error::ShardMismatch`],
+    /// [`Error::OddGatedShard`]), unreadable objects, a bad layer axis.
+    pub fn new(ckpt: &'c Checkpoint) -> Result<Canonical<'c>, Error> {
+        let layer_stem = ckpt
+            .family
+            .state_dict
+            .as_ref()
+            .map(|t| t.layers.clone())
+            .unwrap_or_else(|| "decoder.layers.".to_string());
+        let mut c = Canonical {
+            ckpt,
+            prefix: "model.".to_string(),
+            layer_stem,
+            num_layers: 0,
+            norm_style: NormStyle::Te,
+            vocab_rows: None,
+            entries: Vec::new(),
+        };
+        match &ckpt.weights {
+            Weights::PerRank(_) => c.build_per_rank()?,
+            Weights::Dist(dist) => c.build_dist(dist)?,
+        }
+        c.vocab_rows = c.entries.iter().find_map(|e| match &e.value {
+            EntryValue::Tensor(t) if t.rule == Rule::Vocab => t.shape.first().copied(),
+            _ => None,
+        });
+        Ok(c)
+    }
+
+    /// The checkpoint this view reads.
+    pub fn checkpoint(&self) -> &'c Checkpoint {
+        self.ckpt
+    }
+
+    /// The entry with this layer and name.
+    pub fn get(&self, layer: Option<u64>, name: &str) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.layer == layer && e.name == name)
+    }
+
+    /// Splits a prefix-less key into (layer, layer-relative name).
+    fn split_layer(&self, body: &str) -> (Option<u64>, String) {
+        if let Some(rest) = body.strip_prefix(self.layer_stem.as_str()) {
+            if let Some((num, name)) = rest.split_once('.') {
+                if let Ok(l) = num.parse::<u64>() {
+                    return (Some(l), self.to_te(name));
+                }
+            }
+        }
+        (None, body.to_string())
+    }
+
+    /// Local-spec norm names -> TE names (layer-relative).
+    fn to_te(&self, name: &str) -> String {
+        for a in &self.ckpt.family.norm_aliases {
+            if let Some(rest) = name.strip_prefix(a.local.as_str()) {
+                return format!("{}{rest}", a.te);
+            }
+        }
+        name.to_string()
+    }
+
+    /// A layer-relative canonical (TE) name in the given naming.
+    pub fn styled_name(&self, name: &str, style: NormStyle) -> String {
+        if style == NormStyle::Local {
+            for a in &self.ckpt.family.norm_aliases {
+                if let Some(rest) = name.strip_prefix(a.te.as_str()) {
+                    return format!("{}{rest}", a.local);
+                }
+            }
+        }
+        name.to_string()
+    }
+
+    fn rule_for(&self, key: &str) -> Rule {
+        let cfg = &self.ckpt.config;
+        self.ckpt
+            .family
+            .lookup(key)
+            .map(|m| {
+                self.ckpt
+                    .family
+                    .resolve(m.rule, cfg.activation(), cfg.is_gated())
+            })
+            .unwrap_or(Rule::Replicated)
+    }
+
+    fn build_per_rank(&mut self) -> Result<(), Error> {
+        let ranks = self.ckpt.rank_files();
+        let mut stages: BTreeMap<u64, Vec<&crate::checkpoint::RankFile>> = BTreeMap::new();
+        for r in ranks {
+            stages.entry(r.pp).or_default().push(r);
+        }
+        let mut head = Vec::new();
+        let mut layers = Vec::new();
+        let mut tail = Vec::new();
+        let mut offset = 0u64;
+        let mut prefix = None;
+        let mut local_norms = false;
+        for stage in stages.values() {
+            let Some(first) = stage.first() else { continue };
+            let mut stage_layers = 0u64;
+            for (key, value) in first.entries() {
+                let body = self.ckpt.family.strip_prefix(key);
+                if prefix.is_none() {
+                    prefix = Some(key[..key.len() - body.len()].to_string());
+                }
+                let (layer, name) = self.split_layer(body);
+                if layer.is_some()
+                    && self.ckpt.family.norm_aliases.iter().any(|a| {
+                        body.strip_prefix(self.layer_stem.as_str())
+                            .and_then(|r| r.split_once('.'))
+                            .is_some_and(|(_, n)| n.starts_with(a.local.as_str()))
+                    })
+                {
+                    local_norms = true;
+                }
+                let value = self.per_rank_value(key, value, stage)?;
+                let entry = Entry {
+                    layer: layer.map(|l| l + offset),
+                    name,
+                    value,
+                };
+                match layer {
+                    Some(l) => {
+                        stage_layers = stage_layers.max(l + 1);
+                        layers.push(entry);
+                    }
+                    None if layers.is_empty() && stage_layers == 0 && offset == 0 => {
+                        head.push(entry)
+                    }
+                    None => tail.push(entry),
+                }
+            }
+            offset += stage_layers;
+        }
+        // A tied copy on the last stage of a PP>1 source is a tail entry; a
+        // non-layer key on a later stage before its layers too.
+        self.num_layers = offset;
+        if let Some(p) = prefix {
+            self.prefix = p;
+        }
+        self.norm_style = if local_norms {
+            NormStyle::Local
+        } else {
+            NormStyle::Te
+        };
+        layers.sort_by_key(|e| e.layer);
+        self.entries = head;
+        self.entries.extend(layers);
+        self.entries.extend(tail);
+        Ok(())
+    }
+
+    fn per_rank_value(
+        &self,
+        key: &str,
+        value: &Value,
+        stage: &[&crate::checkpoint::RankFile],
+    ) -> Result<EntryValue, Error> {
+        let t0 = match value {
+            Value::Tensor(t) if self.rule_for(key) != Rule::ExtraState => Some(t),
+            _ => None,
+        };
+        let Some(t0) = t0 else {
+            let objs = stage
+                .iter()
+                .map(|r| {
+                    r.entries()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or(Value::None)
+                })
+                .collect();
+            return Ok(EntryValue::Object(objs));
+        };
+        let rule = self.rule_for(key);
+        let mut locals = Vec::with_capacity(stage.len());
+        for r in stage {
+            let t = match r.entries().find(|(k, _)| *k == key) {
+                Some((_, Value::Tensor(t))) => t,
+                _ => {
+                    return Err(Error::MissingShard {
+                        key: key.to_string(),
+                        member: r.member.clone(),
+                    })
+                }
+            };
+            let split = rule.split_dim(t.shape.len());
+            let same = t.dtype == t0.dtype
+                && t.shape.len() == t0.shape.len()
+                && t.shape
+                    .iter()
+                    .zip(&t0.shape)
+                    .enumerate()
+                    .all(|(d, (a, b))| a == b || Some(d) == split);
+            if !same {
+                return Err(Error::ShardMismatch {
+                    key: key.to_string(),
+                    member: r.member.clone(),
+                    found: format!("{}{:?}", t.dtype, t.shape),
+                    expected: format!("{}{:?}", t0.dtype, t0.shape),
+                });
+            }
+            let pieces = t.pieces().map_err(|source| Error::Tensor {
+                key: key.to_string(),
+                source,
+            })?;
+            locals.push((
+                r.member.clone(),
+                Part {
+                    shape: t.shape.clone(),
+                    pieces,
+                },
+            ));
+            if matches!(rule, Rule::Replicated) {
+                break; // rank 0 only
+            }
+        }
+        let dtype = t0.dtype;
+        let (axis, parts) = match rule {
+            Rule::Replicated | Rule::ExtraState => {
+                (Axis::First, locals.into_iter().map(|(_, p)| p).collect())
+            }
+            Rule::Row if t0.shape.len() >= 2 => {
+                (Axis::Last, locals.into_iter().map(|(_, p)| p).collect())
+            }
+            Rule::GatedFc1 => {
+                let mut gates = Vec::new();
+                let mut ups = Vec::new();
+                for (member, p) in locals {
+                    let rows = p.shape.first().copied().unwrap_or(0);
+                    if rows % 2 != 0 {
+                        return Err(Error::OddGatedShard {
+                            key: key.to_string(),
+                            member,
+                            rows,
+                        });
+                    }
+                    let (g, u) = split_rows(&p, rows / 2, dtype);
+                    gates.push(g);
+                    ups.push(u);
+                }
+                gates.extend(ups);
+                (Axis::First, gates)
+            }
+            _ => (Axis::First, locals.into_iter().map(|(_, p)| p).collect()),
+        };
+        let mut shape = t0.shape.clone();
+        let d = match axis {
+            Axis::First => 0,
+            Axis::Last => shape.len().saturating_sub(1),
+        };
+        if let Some(s) = shape.get_mut(d) {
+            *s = parts
+                .iter()
+                .map(|p: &Part| p.shape.get(d).copied().unwrap_or(1))
+                .sum();
+        }
+        Ok(EntryValue::Tensor(Tensor {
+            dtype,
+            shape,
+            rule,
+            source: Source::Parts { axis, parts },
+        }))
+    }
+
+    fn build_dist(&mut self, dist: &DistCheckpoint) -> Result<(), Error> {
+        let mut head = Vec::new();
+        let mut layers = Vec::new();
+        let mut num_layers: Option<u64> = None;
+        for (i, t) in dist.tensors.iter().enumerate() {
+            let body = self.ckpt.family.strip_prefix(&t.key);
+            if body.len() < t.key.len() {
+                self.prefix = t.key[..t.key.len() - body.len()].to_string();
+            }
+            let rule = self.rule_for(&t.key);
+            let stacked = self.ckpt.family.lookup(&t.key).is_some_and(|m| m.stacked);
+            if stacked {
+                let n = t.shape.first().copied().unwrap_or(0);
+                if let Some(prev) = num_layers {
+                    if prev != n {
+                        return Err(Error::LayerCount {
+                            key: t.key.clone(),
+                            found: n,
+                            expected: prev,
+                        });
+                    }
+                }
+                num_layers = Some(n);
+                let name = body
+                    .strip_prefix(self.layer_stem.as_str())
+                    .unwrap_or(body)
+                    .to_string();
+                for l in 0..n {
+                    layers.push(Entry {
+                        layer: Some(l),
+                        name: name.clone(),
+                        value: EntryValue::Tensor(Tensor {
+                            dtype: t.dtype,
+                            shape: t.shape.get(1..).unwrap_or(&[]).to_vec(),
+                            rule,
+                            source: Source::Dist {
+                                tensor: i,
+                                layer: Some(l),
+                            },
+                        }),
+                    });
+                }
+            } else {
+                let (layer, name) = self.split_layer(body);
+                let e = Entry {
+                    layer,
+                    name,
+                    value: EntryValue::Tensor(Tensor {
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        rule,
+                        source: Source::Dist {
+                            tensor: i,
+                            layer: None,
+                        },
+                    }),
+                };
+                if layer.is_some() {
+                    layers.push(e)
+                } else {
+                    head.push(e)
+                }
+            }
+        }
+        for o in &dist.objects {
+            let (key, shard) = o.key.split_once('/').unwrap_or((o.key.as_str(), ""));
+            let body = self.ckpt.family.strip_prefix(key);
+            let value = dist
+                .read_object(self.ckpt.archive(), o)
+                .map_err(|source| Error::Dist {
+                    key: o.key.clone(),
+                    source,
+                })?;
+            // torch_dist items hold Megatron's `[obj]`; zarr files the bare object.
+            let value = match value {
+                Value::List(mut l) if l.len() == 1 && o.key.contains('/') => l.remove(0),
+                v => v,
+            };
+            let layer = shard
+                .strip_prefix("shard_")
+                .and_then(|s| s.split(['_', '.']).next())
+                .and_then(|s| s.parse::<u64>().ok());
+            let stacked_name = body.strip_prefix(self.layer_stem.as_str());
+            let (layer, name) = match (stacked_name, layer) {
+                (Some(n), Some(l)) if !n.starts_with(|c: char| c.is_ascii_digit()) => {
+                    (Some(l), n.to_string())
+                }
+                _ => self.split_layer(body),
+            };
+            if let Some(Entry {
+                value: EntryValue::Object(_),
+                ..
+            }) = self.find_in(&layers, &head, layer, &name)
+            {
+                continue; // one object per layer (replicas of other ranks)
+            }
+            let e = Entry {
+                layer,
+                name,
+                value: EntryValue::Object(vec![value]),
+            };
+            if layer.is_some() {
+                layers.push(e)
+            } else {
+                head.push(e)
+            }
+        }
+        self.num_layers = num_layers
+            .or_else(|| layers.iter().filter_map(|e| e.layer).max().map(|l| l + 1))
+            .unwrap_or(0);
+        self.norm_style = NormStyle::Te;
+        layers.sort_by_key(|e| e.layer); // stable: metadata order within a layer
+        self.entries = head;
+        self.entries.extend(layers);
+        Ok(())
+    }
+
+    fn find_in<'a>(
+        &self,
+        a: &'a [Entry],
+        b: &'a [Entry],
+        layer: Option<u64>,
+        name: &str,
+    ) -> Option<&'a Entry> {
+        a.iter()
+            .chain(b)
+            .find(|e| e.layer == layer && e.name == name)
+    }
+
+    /// Row-major bytes of the slice `range` along `axis` of a canonical
+    /// tensor (all of the other dims), borrowed from the input.
+    ///
+    /// # Errors
+    /// [`Error::BadSlice`] for a range outside the tensor; unreadable
+    /// distributed chunks.
+    pub fn read(
+        &self,
+        name: &str,
+        t: &Tensor,
+        axis: Axis,
+        range: Range<u64>,
+    ) -> Result<Vec<Piece>, Error> {
+        let nd = t.shape.len();
+        let bad = || Error::BadSlice {
+            key: name.to_string(),
+            axis,
+            start: range.start,
+            end: range.end,
+            shape: t.shape.clone(),
+        };
+        let d = match axis {
+            Axis::First => 0,
+            Axis::Last => nd.saturating_sub(1),
+        };
+        let extent = if nd == 0 { 1 } else { t.shape[d] };
+        if range.start > range.end || range.end > extent {
+            return Err(bad());
+        }
+        let es = t.dtype.size() as u64;
+        match &t.source {
+            Source::Dist { tensor, layer } => {
+                let Weights::Dist(dist) = &self.ckpt.weights else {
+                    return Err(bad());
+                };
+                let dt = dist.tensors.get(*tensor).ok_or_else(bad)?;
+                let mut offsets = vec![0u64; nd];
+                let mut sizes = t.shape.clone();
+                if nd > 0 {
+                    offsets[d] = range.start;
+                    sizes[d] = range.end - range.start;
+                }
+                if let Some(l) = layer {
+                    offsets.insert(0, *l);
+                    sizes.insert(0, 1);
+                }
+                dist.read_box(self.ckpt.archive(), dt, &offsets, &sizes)
+                    .map_err(|source| Error::Dist {
+                        key: name.to_string(),
+                        source,
+                    })
+            }
+            Source::Parts { axis: cat, parts } => {
+                // Treat the tensor as [outer, last] (1-D: [1, n]; 0-D: [1, 1]).
+                let last = if nd == 0 { 1 } else { t.shape[nd - 1] };
+                let outer: u64 = if nd == 0 {
+                    1
+                } else {
+                    t.shape[..nd - 1].iter().product()
+                };
+                let dim0 = if nd == 0 { 1 } else { t.shape[0] };
+                // outer rows per dim-0 index (1-D: the single row spans dim 0)
+                let per0 = if nd <= 1 { 1 } else { outer / dim0.max(1) };
+                let mut out = Vec::new();
+                match (*cat, axis) {
+                    (Axis::First, Axis::First) => {
+                        // whole rows of dim 0: one byte range per part
+                        let row_bytes = if nd <= 1 { es } else { per0 * last * es };
+                        let mut start = 0u64;
+                        for p in parts {
+                            let n = p.shape.first().copied().unwrap_or(1);
+                            let (lo, hi) = (range.start.max(start), range.end.min(start + n));
+                            if lo < hi {
+                                out.extend(sub_pieces(
+                                    &p.pieces,
+                                    (lo - start) * row_bytes,
+                                    (hi - lo) * row_bytes,
+                                ));
+                            }
+                            start += n;
+                        }
+                    }
+                    (Axis::First, Axis::Last) if nd <= 1 => {
+                        return self.read(name, t, Axis::First, range);
+                    }
+                    (Axis::First, Axis::Last) => {
+                        // each outer row lives in the part holding its dim-0 index
+                        let w = range.end - range.start;
+                        let mut start = 0u64;
+                        for p in parts {
+                            let n = p.shape.first().copied().unwrap_or(1);
+                            for o in 0..n * per0 {
+                                out.extend(sub_pieces(
+                                    &p.pieces,
+                                    (o * last + range.start) * es,
+                                    w * es,
+                                ));
+                            }
+                            start += n;
+                        }
+                        let _ = start;
+                    }
+                    (Axis::Last, _) => {
+                        if nd < 2 {
+                            return Err(bad());
+                        }
+                        let (rows, cols) = match axis {
+                            Axis::First => (range.start * per0..range.end * per0, 0..last),
+                            Axis::Last => (0..outer, range.clone()),
+                        };
+                        for o in rows {
+                            let mut start = 0u64;
+                            for p in parts {
+                                let w = p.shape.last().copied().unwrap_or(1);
+                                let (lo, hi) = (cols.start.max(start), cols.end.min(start + w));
+                                if lo < hi {
+                                    out.extend(sub_pieces(
+                                        &p.pieces,
+                                        (o * w + lo - start) * es,
+                                        (hi - lo) * es,
+                                    ));
+                                }
+                                start += w;
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Splits a part into its first `rows` rows and the rest.
+fn split_rows(p: &Part, rows: u64, dtype: Dtype) -> (Part, Part) {
+    let row_bytes: u64 = p.shape.iter().skip(1).product::<u64>() * dtype.size() as u64;
+    let total: u64 = p.pieces.iter().map(Piece::len).sum();
+    let cut = rows * row_bytes;
+    let mut a = p.shape.clone();
+    let mut b = p.shape.clone();
+    if let (Some(x), Some(y)) = (a.first_mut(), b.first_mut()) {
+        *y = *x - rows;
+        *x = rows;
+    }
+    (
+        Part {
+            shape: a,
+            pieces: sub_pieces(&p.pieces, 0, cut),
+        },
+        Part {
+            shape: b,
+            pieces: sub_pieces(&p.pieces, cut, total.saturating_sub(cut)),
+        },
+    )
+}
+
+/// The byte range `[off, off+len)` of a piece list, as pieces (no copy).
+/// Ranges past the end are clipped (callers pass ranges computed from
+/// validated shapes).
+pub fn sub_pieces(pieces: &[Piece], off: u64, len: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (0u64, off.saturating_add(len));
+    for p in pieces {
+        let n = p.len();
+        let (lo, hi) = (off.max(pos), end.min(pos + n));
+        if lo < hi {
+            match p {
+                Piece::Bytes(b) => {
+                    if let Ok(s) = b.slice((lo - pos)..(hi - pos)) {
+                        out.push(Piece::Bytes(s));
+                    }
+                }
+                Piece::Zeros(_) => out.push(Piece::Zeros(hi - lo)),
+            }
+        }
+        pos += n;
+        if pos >= end {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes::ByteView;
+
+    fn fixture(rel: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    fn bytes(c: &Canonical, layer: Option<u64>, name: &str) -> Vec<u8> {
+        let e = c.get(layer, name).unwrap_or_else(|| panic!("{name}"));
+        let EntryValue::Tensor(t) = &e.value else {
+            panic!("{name} is not a tensor")
+        };
+        let n = t.shape.first().copied().unwrap_or(1);
+        crate::torch::tensor::concat(&c.read(name, t, Axis::First, 0..n).unwrap())
+    }
+
+    #[test]
+    fn tp2_tp1_and_dist_agree_everywhere() {
+        let tp1 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")).unwrap();
+        let tp2 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo")).unwrap();
+        let dist = Checkpoint::open(fixture(
+            "fixtures/mcore/llama/nemo/tiny_llama_dist_tp1.nemo",
+        ))
+        .unwrap();
+        let (c1, c2, cd) = (
+            Canonical::new(&tp1).unwrap(),
+            Canonical::new(&tp2).unwrap(),
+            Canonical::new(&dist).unwrap(),
+        );
+        assert_eq!((c1.num_layers, c2.num_layers, cd.num_layers), (2, 2, 2));
+        assert_eq!(c1.norm_style, NormStyle::Local);
+        assert_eq!(cd.norm_style, NormStyle::Te);
+        assert_eq!(c2.vocab_rows, Some(128));
+        let mut n = 0;
+        for e in &c1.entries {
+            if let EntryValue::Tensor(t) = &e.value {
+                let a = bytes(&c1, e.layer, &e.name);
+                assert_eq!(a.len() as u64, t.nbytes());
+                assert_eq!(a, bytes(&c2, e.layer, &e.name), "{:?} {}", e.layer, e.name);
+                assert_eq!(a, bytes(&cd, e.layer, &e.name), "{:?} {}", e.layer, e.name);
+                n += 1;
+            }
+        }
+        assert_eq!(n, 3 + 2 * 6);
+        // last-dim slices of a row-parallel tensor agree between layouts
+        let name = "self_attention.linear_proj.weight";
+        for c in [&c2, &cd] {
+            let EntryValue::Tensor(t) = &c.get(Some(1), name).unwrap().value else {
+                panic!()
+            };
+            let EntryValue::Tensor(t1) = &c1.get(Some(1), name).unwrap().value else {
+                panic!()
+            };
+            let a = crate::torch::tensor::concat(&c.read(name, t, Axis::Last, 16..48).unwrap());
+            let b = crate::torch::tensor::concat(&c1.read(name, t1, Axis::Last, 16..48).unwrap());
+            assert_eq!(a.len(), 64 * 32 * 4);
+            assert_eq!(a, b);
+        }
+        // extra state objects are None in every layout
+        let e = cd.get(Some(1), "mlp.linear_fc1._extra_state").unwrap();
+        assert!(matches!(&e.value, EntryValue::Object(v) if v == &vec![Value::None]));
+        let e = c2.get(Some(0), "mlp.linear_fc1._extra_state").unwrap();
+        assert!(matches!(&e.value, EntryValue::Object(v) if v.len() == 2));
+    }
+
+    #[test]
+    fn styled_names_round_trip() {
+        let tp1 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")).unwrap();
+        let c = Canonical::new(&tp1).unwrap();
+        assert!(c
+            .get(Some(0), "self_attention.linear_qkv.layer_norm_weight")
+            .is_some());
+        assert_eq!(
+            c.styled_name("mlp.linear_fc1.layer_norm_weight", NormStyle::Local),
+            "pre_mlp_layernorm.weight"
+        );
+        assert_eq!(
+            c.styled_name("mlp.linear_fc1.layer_norm_weight", NormStyle::Te),
+            "mlp.linear_fc1.layer_norm_weight"
+        );
+    }
+
+    #[test]
+    fn bad_slice_is_refused() {
+        let tp1 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")).unwrap();
+        let c = Canonical::new(&tp1).unwrap();
+        let e = c.get(None, "embedding.word_embeddings.weight").unwrap();
+        let EntryValue::Tensor(t) = &e.value else {
+            panic!()
+        };
+        let err = c.read(&e.name, t, Axis::First, 100..200).unwrap_err();
+        assert!(matches!(err, Error::BadSlice { end: 200, .. }), "{err}");
+    }
+
+    #[test]
+    fn sub_pieces_cross_boundaries() {
+        let p = vec![
+            Piece::Bytes(ByteView::from_vec(vec![1, 2, 3])),
+            Piece::Zeros(2),
+            Piece::Bytes(ByteView::from_vec(vec![4, 5])),
+        ];
+        let s = crate::torch::tensor::concat(&sub_pieces(&p, 2, 4));
+        assert_eq!(s, vec![3, 0, 0, 4]);
+    }
+}
