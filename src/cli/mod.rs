@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checksum;
+mod diff;
 mod inspect;
 mod pack;
+mod validate;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -30,8 +32,12 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Re-write a checkpoint as a .nemo tar in the same layout (pack a folder, un-gzip, re-serialize).
     Pack(pack::Args),
-    /// Print the sha256 of every stored tensor.
+    /// Print layout-independent tensor checksums and a model digest (--stored: as stored).
     Checksum(checksum::Args),
+    /// Check a checkpoint for CI (exit 0 valid, 1 invalid, 2 unreadable).
+    Validate(validate::Args),
+    /// Compare two checkpoints of any layouts logically (exit 0 same, 1 different).
+    Diff(diff::Args),
 }
 
 impl Cli {
@@ -41,6 +47,8 @@ impl Cli {
             Command::Inspect(args) => inspect::run(args),
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
+            Command::Validate(args) => validate::run(args),
+            Command::Diff(args) => diff::run(args),
         }
     }
 }

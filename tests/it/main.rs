@@ -1,6 +1,7 @@
 //! Integration tests: one binary, a module per concern.
 
 mod bad_input;
+mod fuzz_smoke;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;
