@@ -271,10 +271,10 @@ pub fn validate_path(path: &Path, opts: &Options) -> Report {
             use crate::archive::Error as A;
             match &e {
                 A::TruncatedData { member, .. } => {
-                    acc.error(Code::TruncatedMember, member.clone(), e.to_string())
+                    acc.error(Code::TruncatedMember, clean(member), e.to_string())
                 }
                 A::TruncatedHeader { after, offset, .. } if *offset > 0 => {
-                    acc.error(Code::TruncatedMember, after.clone(), e.to_string())
+                    acc.error(Code::TruncatedMember, clean(after), e.to_string())
                 }
                 A::Gzip { .. } => acc.error(
                     Code::TruncatedMember,
@@ -300,6 +300,15 @@ pub fn validate_path(path: &Path, opts: &Options) -> Report {
         Err(e) => open_error(&mut acc, &names, e),
     }
     finish(r, acc)
+}
+
+/// A tar member name as the archive index spells it (no leading `./`).
+fn clean(name: &str) -> String {
+    let mut n = name;
+    while let Some(rest) = n.strip_prefix("./") {
+        n = rest;
+    }
+    n.to_string()
 }
 
 /// Maps an error opening the checkpoint model to a finding.

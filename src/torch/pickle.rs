@@ -181,6 +181,21 @@ struct Vm<'a> {
     policy: &'a Policy,
 }
 
+impl Drop for Vm<'_> {
+    /// Breaks reference cycles (`l = []; l.append(l)` through the memo), which
+    /// `Rc` would otherwise leak: every cycle runs through a memoized node,
+    /// since a memo GET is the only way to refer to an existing object.
+    fn drop(&mut self) {
+        let mut pending = Vec::new();
+        for r in self.memo.values() {
+            if let Ok(mut n) = r.try_borrow_mut() {
+                n.take_children(&mut pending);
+            }
+        }
+        drop(pending); // Node's iterative drop
+    }
+}
+
 impl<'a> Vm<'a> {
     fn at(&self) -> u64 {
         self.op_at as u64

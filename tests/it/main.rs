@@ -2,6 +2,8 @@
 
 mod bad_input;
 mod fuzz_smoke;
+mod kill;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;
+mod validate;
