@@ -104,6 +104,27 @@ impl ByteView {
         self.slice(offset..end)
     }
 
+    /// Which shared buffer this view is over (an opaque identity) and its
+    /// byte range there: lets a streaming writer merge nearby views of one
+    /// mapping into a few spans for read-ahead and release hints.
+    pub fn location(&self) -> (usize, Range<usize>) {
+        (
+            Arc::as_ptr(&self.buf) as usize,
+            self.start..self.start + self.len,
+        )
+    }
+
+    /// A view over `range` of the same underlying buffer (buffer
+    /// coordinates, as [`ByteView::location`] gives them), checked.
+    pub fn rebase(&self, range: Range<usize>) -> Option<ByteView> {
+        let total = self.buf.as_slice().len();
+        (range.start <= range.end && range.end <= total).then(|| ByteView {
+            buf: self.buf.clone(),
+            start: range.start,
+            len: range.end - range.start,
+        })
+    }
+
     /// Drops this range's resident pages if it is memory-mapped (see
     /// [`crate::mmap::release`]); a no-op for owned bytes.
     pub fn release(&self) {

@@ -100,6 +100,14 @@ pub enum Error {
         /// Global shape.
         shape: Vec<u64>,
     },
+    /// A replicated tensor differs between TP ranks.
+    #[error("{key}: replicated tensor differs between TP rank 0 and {member}")]
+    ReplicaMismatch {
+        /// The key (canonical name).
+        key: String,
+        /// The rank file whose copy differs.
+        member: String,
+    },
     /// A stacked distributed tensor whose layer axis disagrees with the model.
     #[error("{key}: stacked layer axis is {found}, other tensors say {expected} layers")]
     LayerCount {
@@ -166,6 +174,9 @@ pub struct Tensor {
     pub rule: Rule,
     /// Where the bytes are.
     pub source: Source,
+    /// Replicated tensors of per-rank sources: the copies of TP ranks 1..
+    /// as (rank file, bytes), for [`Canonical::verify_replicas`].
+    pub replicas: Vec<(String, Part)>,
 }
 
 /// Where a canonical tensor's bytes are.
@@ -444,10 +455,14 @@ impl<'c> Canonical<'c> {
                     pieces,
                 },
             ));
-            if matches!(rule, Rule::Replicated) {
-                break; // rank 0 only
-            }
         }
+        // Replicated: rank 0 is the tensor; the other ranks' copies are kept
+        // aside for `verify_replicas`.
+        let replicas = if rule == Rule::Replicated && locals.len() > 1 {
+            locals.split_off(1)
+        } else {
+            Vec::new()
+        };
         let dtype = t0.dtype;
         let (axis, parts) = match rule {
             Rule::Replicated | Rule::ExtraState => {
@@ -493,6 +508,7 @@ impl<'c> Canonical<'c> {
             shape,
             rule,
             source: Source::Parts { axis, parts },
+            replicas,
         }))
     }
 
@@ -535,6 +551,7 @@ impl<'c> Canonical<'c> {
                                 tensor: i,
                                 layer: Some(l),
                             },
+                            replicas: Vec::new(),
                         }),
                     });
                 }
@@ -551,6 +568,7 @@ impl<'c> Canonical<'c> {
                             tensor: i,
                             layer: None,
                         },
+                        replicas: Vec::new(),
                     }),
                 };
                 if layer.is_some() {
@@ -623,6 +641,36 @@ impl<'c> Canonical<'c> {
         a.iter()
             .chain(b)
             .find(|e| e.layer == layer && e.name == name)
+    }
+
+    /// Checks that every replicated tensor is identical on all TP ranks of
+    /// its stage (reads those tensors' bytes; per-rank sources only).
+    ///
+    /// # Errors
+    /// [`Error::ReplicaMismatch`] for the first copy that differs.
+    pub fn verify_replicas(&self) -> Result<(), Error> {
+        for e in &self.entries {
+            let EntryValue::Tensor(t) = &e.value else {
+                continue;
+            };
+            let Source::Parts { parts, .. } = &t.source else {
+                continue;
+            };
+            let Some(first) = parts.first() else { continue };
+            let a = crate::torch::tensor::concat(&first.pieces);
+            for (member, p) in &t.replicas {
+                if crate::torch::tensor::concat(&p.pieces) != a {
+                    return Err(Error::ReplicaMismatch {
+                        key: match e.layer {
+                            Some(l) => format!("{}{l}.{}", self.layer_stem, e.name),
+                            None => e.name.clone(),
+                        },
+                        member: member.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Row-major bytes of the slice `range` along `axis` of a canonical
@@ -906,6 +954,102 @@ mod tests {
         };
         let err = c.read(&e.name, t, Axis::First, 100..200).unwrap_err();
         assert!(matches!(err, Error::BadSlice { end: 200, .. }), "{err}");
+    }
+
+    /// A TP=2 `.nemo` whose two rank files hold the given (key, shape) f32 tensors.
+    fn two_ranks(
+        dir: &std::path::Path,
+        r0: &[(&str, Vec<u64>)],
+        r1: &[(&str, Vec<u64>)],
+    ) -> Checkpoint {
+        use crate::torch::tensor::{StorageRef, TensorRef};
+        use crate::torch::value::{Construct, Global, Object};
+        let path = dir.join("x.nemo");
+        let mut tar = crate::tar_write::TarWriter::new(std::fs::File::create(&path).unwrap());
+        let cfg = crate::synth::Spec::tiny().config_yaml(2, 1);
+        tar.append_pieces("model_config.yaml", cfg.len() as u64, [cfg.as_bytes()])
+            .unwrap();
+        for (r, keys) in [r0, r1].iter().enumerate() {
+            let mut od = Object::new(
+                Global::new("collections", "OrderedDict"),
+                Construct::Reduce,
+                vec![],
+            );
+            for (k, shape) in keys.iter() {
+                let n: u64 = shape.iter().product::<u64>() * 4;
+                let st = StorageRef::from_view(*k, ByteView::from_vec(vec![1u8; n as usize]));
+                let t = TensorRef::contiguous(Dtype::F32, shape.clone(), st).unwrap();
+                od.items
+                    .push((Value::Str(k.to_string()), Value::Tensor(Box::new(t))));
+            }
+            let root = Value::Object(Box::new(od));
+            tar.append_streamed(&format!("mp_rank_0{r}/model_weights.ckpt"), |w| {
+                crate::torch::file::save(w, "model_weights", &root)
+                    .map(|_| ())
+                    .map_err(std::io::Error::other)
+            })
+            .unwrap();
+        }
+        tar.finish().unwrap();
+        Checkpoint::open(&path).unwrap()
+    }
+
+    #[test]
+    fn missing_shard_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.embedding.word_embeddings.weight";
+        let c = two_ranks(
+            tmp.path(),
+            &[(k, vec![4, 2])],
+            &[("model.other", vec![4, 2])],
+        );
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(
+            matches!(e, Error::MissingShard { ref key, ref member } if key == k && member.starts_with("mp_rank_01")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shard_mismatch_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.layers.0.self_attention.linear_qkv.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![4, 2])], &[(k, vec![4, 3])]);
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(
+            matches!(e, Error::ShardMismatch { ref found, .. } if found == "float32[4, 3]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replicas_are_verified() {
+        let tp2 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo")).unwrap();
+        Canonical::new(&tp2).unwrap().verify_replicas().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.final_layernorm.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![4])], &[(k, vec![4])]);
+        let mut canon = Canonical::new(&c).unwrap();
+        canon.verify_replicas().unwrap();
+        // make rank 1's copy differ
+        if let EntryValue::Tensor(t) = &mut canon.entries[0].value {
+            t.replicas[0].1.pieces = vec![Piece::Zeros(16)];
+        }
+        let e = canon.verify_replicas().unwrap_err();
+        assert!(
+            matches!(e, Error::ReplicaMismatch { ref member, .. } if member.starts_with("mp_rank_01")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn odd_gated_shard_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = "model.decoder.layers.0.mlp.linear_fc1.weight";
+        let c = two_ranks(tmp.path(), &[(k, vec![3, 2])], &[(k, vec![3, 2])]);
+        let e = Canonical::new(&c).unwrap_err();
+        assert!(matches!(e, Error::OddGatedShard { rows: 3, .. }), "{e}");
     }
 
     #[test]

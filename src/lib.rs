@@ -20,6 +20,7 @@ pub mod numeric;
 pub mod outdir;
 pub mod output;
 pub mod plan;
+pub mod reshard;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;

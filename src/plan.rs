@@ -350,6 +350,14 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
         .iter()
         .position(|e| e.layer.is_some())
         .unwrap_or(canon.entries.len());
+    // The template decides where known keys go (a distributed checkpoint has
+    // no stage order); unknown ones keep their place around the layers.
+    let is_head = |i: usize| {
+        let e = &canon.entries[i];
+        e.layer.is_none()
+            && (template.head.contains(&e.name)
+                || (!template.tail.contains(&e.name) && i < first_layer))
+    };
 
     let mut ranks = Vec::new();
     let mut total = 0u64;
@@ -357,7 +365,7 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
         // The canonical entries of this stage, in output order.
         let mut order: Vec<(String, Option<usize>)> = Vec::new();
         if p == 0 {
-            let head: Vec<usize> = (0..first_layer).collect();
+            let head: Vec<usize> = (0..canon.entries.len()).filter(|&i| is_head(i)).collect();
             push_ordered(canon, &template.head, &head, &mut order, |n| n.to_string());
         }
         for l in p * per_stage..(p + 1) * per_stage {
@@ -365,11 +373,22 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
             let idx: Vec<usize> = (0..canon.entries.len())
                 .filter(|&i| canon.entries[i].layer == Some(l))
                 .collect();
-            let names = match style {
-                NormStyle::Local => &template.layer_local,
-                NormStyle::Te => &template.layer_te,
+            let canon_names: Vec<String> = match &ckpt.weights {
+                // Per-rank sources keep their own per-layer order (layer 0's).
+                Weights::PerRank(_) => canon
+                    .entries
+                    .iter()
+                    .filter(|e| e.layer == Some(0))
+                    .map(|e| e.name.clone())
+                    .collect(),
+                Weights::Dist(_) => match style {
+                    NormStyle::Local => &template.layer_local,
+                    NormStyle::Te => &template.layer_te,
+                }
+                .iter()
+                .map(|n| te_name(canon, n))
+                .collect(),
             };
-            let canon_names: Vec<String> = names.iter().map(|n| te_name(canon, n)).collect();
             push_ordered(canon, &canon_names, &idx, &mut order, |n| {
                 format!(
                     "{}{local}.{}",
@@ -379,8 +398,8 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
             });
         }
         if p + 1 == pp {
-            let tail: Vec<usize> = (first_layer..canon.entries.len())
-                .filter(|&i| canon.entries[i].layer.is_none())
+            let tail: Vec<usize> = (0..canon.entries.len())
+                .filter(|&i| canon.entries[i].layer.is_none() && !is_head(i))
                 .collect();
             push_tail(canon, template, &tail, tied, pp, &mut order);
         }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::bytes::ByteView;
 use crate::checkpoint::Variant;
+use crate::layout::{renumber_layer, Family, Rule};
 use crate::output::OutputFile;
 use crate::tar_write::TarWriter;
 use crate::torch::tensor::{row_major_strides, Piece, StorageRef, TensorKind, TensorRef};
@@ -264,6 +265,83 @@ fn tensor(dtype: Dtype, shape: &[u64], key: &str, fill: Fill) -> TensorRef {
     }
 }
 
+/// Rank `t` of `tp`'s piece of a deterministic global (TP=1) tensor, cut by
+/// the mcore partition rules, so that the same [`Spec`] and seed give the same
+/// model at every TP/PP: replicated tensors are equal on every rank, and a
+/// reshard of the TP=a file equals the TP=b file. The global data depends
+/// only on the global key (global layer number); vocab rows past the true
+/// vocabulary are zero (as after any NeMo reshard, nemo-format.md §3.4).
+fn rank_tensor(
+    spec: &Spec,
+    rules: &Family,
+    tp: u64,
+    t: u64,
+    global_key: &str,
+    local: &[u64],
+    seed: u64,
+) -> TensorRef {
+    let dtype = spec.dtype;
+    let es = dtype.size();
+    let rule = rules
+        .lookup(global_key)
+        .map(|m| {
+            rules.resolve(
+                m.rule,
+                if spec.gated { "fast-swiglu" } else { "gelu" },
+                spec.gated,
+            )
+        })
+        .unwrap_or(Rule::Replicated);
+    let global = crate::layout::global_shape(rule, local, tp, false);
+    let numel = |s: &[u64]| s.iter().product::<u64>();
+    let row: usize = (numel(global.get(1..).unwrap_or(&[])) as usize) * es;
+    let h = global_key
+        .bytes()
+        .fold(seed ^ 0x9e37_79b9_7f4a_7c15, |a, b| {
+            a.rotate_left(5) ^ u64::from(b)
+        });
+    let data = if rule == Rule::Vocab {
+        let real = spec.vocab.min(global.first().copied().unwrap_or(0));
+        let mut g = random_bytes(dtype, real * row as u64 / es as u64, h);
+        g.resize(numel(&global) as usize * es, 0);
+        g
+    } else {
+        random_bytes(dtype, numel(&global), h)
+    };
+    let rows = local.first().copied().unwrap_or(1) as usize;
+    let bytes = match rule {
+        Rule::Row if local.len() >= 2 => {
+            let (gw, lw) = (
+                global[global.len() - 1] as usize * es,
+                local[local.len() - 1] as usize * es,
+            );
+            data.chunks(gw)
+                .flat_map(|r| r[t as usize * lw..(t as usize + 1) * lw].to_vec())
+                .collect()
+        }
+        Rule::GatedFc1 => {
+            let half = global[0] as usize / 2;
+            let n = rows / 2;
+            let (g0, u0) = (t as usize * n, half + t as usize * n);
+            let mut v = data[g0 * row..(g0 + n) * row].to_vec();
+            v.extend_from_slice(&data[u0 * row..(u0 + n) * row]);
+            v
+        }
+        Rule::Replicated | Rule::ExtraState => data,
+        _ if local.is_empty() => data,
+        _ => data[t as usize * rows * row..(t as usize + 1) * rows * row].to_vec(),
+    };
+    TensorRef {
+        dtype,
+        shape: local.to_vec(),
+        stride: row_major_strides(local),
+        storage_offset: 0,
+        storage: StorageRef::from_view(global_key, ByteView::from_vec(bytes)),
+        requires_grad: false,
+        kind: TensorKind::Plain,
+    }
+}
+
 /// A file writer that turns runs of zero bytes into holes (seeks), so sparse
 /// models cost no disk. Sets the final length on `finish`.
 struct SparseFile {
@@ -314,6 +392,7 @@ pub fn write_nemo(spec: &Spec, tp: u64, pp: u64, fill: Fill, out: &Path) -> io::
     tar.append_pieces("model_config.yaml", cfg.len() as u64, [cfg.as_bytes()])
         .map_err(io::Error::other)?;
     let variant = Variant::for_sizes(tp, pp);
+    let rules = Family::load("mcore-gpt").map_err(io::Error::other)?;
     for p in 0..pp {
         for t in 0..tp {
             let member = variant.rank_member(t, p);
@@ -327,12 +406,21 @@ pub fn write_nemo(spec: &Spec, tp: u64, pp: u64, fill: Fill, out: &Path) -> io::
             );
             for (key, shape) in spec.rank_keys(tp, pp, p) {
                 let v = match shape {
-                    Some(s) => Value::Tensor(Box::new(tensor(
-                        spec.dtype,
-                        &s,
-                        &format!("{member}:{key}"),
-                        fill,
-                    ))),
+                    Some(s) => Value::Tensor(Box::new(match fill {
+                        Fill::Sparse => tensor(spec.dtype, &s, &key, fill),
+                        Fill::Random(seed) => {
+                            let global_key = match rules.lookup(&key).and_then(|m| m.layer) {
+                                Some(l) => renumber_layer(&key, p * (spec.layers / pp) + l)
+                                    .unwrap_or_else(|| key.clone()),
+                                // tied: the last stage's output layer is a copy of the embedding
+                                None if spec.tied && key == "model.output_layer.weight" => {
+                                    "model.embedding.word_embeddings.weight".to_string()
+                                }
+                                None => key.clone(),
+                            };
+                            rank_tensor(spec, &rules, tp, t, &global_key, &s, seed)
+                        }
+                    })),
                     None => Value::None,
                 };
                 od.items.push((Value::Str(key), v));

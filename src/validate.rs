@@ -63,6 +63,8 @@ pub enum Code {
     CrcMismatch,
     /// A float tensor holds NaN or Inf (`--deep`).
     NanInf,
+    /// A replicated tensor differs between the TP ranks of a stage (`--deep`).
+    ReplicaMismatch,
     /// A tensor's bytes could not be read (`--deep`).
     UnreadableTensor,
     /// A tensor's canonical checksum differs from the manifest.
@@ -402,6 +404,9 @@ pub fn validate(ckpt: &Checkpoint, opts: &Options) -> Report {
     }
     if opts.deep {
         check_crcs(ckpt, &mut acc);
+        if let Err(e) = canon.verify_replicas() {
+            canonical_error(&mut acc, e);
+        }
     }
     if opts.deep || opts.manifest.is_some() {
         let copts = CanonicalOptions {
@@ -451,6 +456,9 @@ fn canonical_error(acc: &mut Acc, e: crate::canonical::Error) {
             acc.error(Code::ShardMismatch, format!("{member}:{key}"), msg)
         }
         E::LayerCount { key, .. } => acc.error(Code::LayerCount, key, msg),
+        E::ReplicaMismatch { key, member } => {
+            acc.error(Code::ReplicaMismatch, format!("{member}:{key}"), msg)
+        }
         E::Config(_) => acc.error(Code::BadConfig, crate::checkpoint::CONFIG_MEMBER, msg),
         E::Tensor { key, .. } | E::Dist { key, .. } | E::BadSlice { key, .. } => {
             acc.error(Code::UnreadableTensor, key, msg)

@@ -10,6 +10,7 @@ mod checksum;
 mod diff;
 mod inspect;
 mod pack;
+mod reshard;
 mod validate;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
@@ -38,6 +39,8 @@ pub enum Command {
     Validate(validate::Args),
     /// Compare two checkpoints of any layouts logically (exit 0 same, 1 different).
     Diff(diff::Args),
+    /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
+    Reshard(reshard::Args),
 }
 
 impl Cli {
@@ -49,6 +52,7 @@ impl Cli {
             Command::Checksum(args) => checksum::run(args),
             Command::Validate(args) => validate::run(args),
             Command::Diff(args) => diff::run(args),
+            Command::Reshard(args) => reshard::run(args),
         }
     }
 }

@@ -529,6 +529,48 @@ impl Resolver<'_, '_> {
 /// [`Error::BadArchiveName`], [`Error::Emit`] for unpicklable values,
 /// [`Error::Zip`] for I/O errors.
 pub fn save<W: Write>(out: W, archive_name: &str, root: &Value) -> Result<W, Error> {
+    save_with(out, archive_name, root, &mut |s, sink| {
+        for p in s.pieces() {
+            match p {
+                Piece::Bytes(b) => sink(b.as_slice())?,
+                Piece::Zeros(n) => write_zeros(sink, n)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes `n` zero bytes through a sink, a block at a time.
+pub fn write_zeros(
+    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    mut n: u64,
+) -> std::io::Result<()> {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        sink(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Produces one storage record's bytes: called with the storage and a sink
+/// that appends to its record; must write exactly `storage.nbytes()` bytes.
+pub type StorageFill<'a> = dyn FnMut(&StorageRef, &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()>
+    + 'a;
+
+/// Like [`save`], but each storage's bytes come from `fill`: lets a streaming
+/// writer prefetch and release source pages around each record, or convert
+/// element types chunk by chunk, without materialising a tensor.
+///
+/// # Errors
+/// As [`save`]; an error from `fill` is an [`Error::Zip`] I/O error.
+pub fn save_with<W: Write>(
+    out: W,
+    archive_name: &str,
+    root: &Value,
+    fill: &mut StorageFill<'_>,
+) -> Result<W, Error> {
     if archive_name.is_empty() || archive_name.contains('/') {
         return Err(Error::BadArchiveName {
             name: archive_name.to_string(),
@@ -542,12 +584,7 @@ pub fn save<W: Write>(out: W, archive_name: &str, root: &Value) -> Result<W, Err
     z.add("byteorder", b"little")?;
     for s in &e.storages {
         z.begin(&format!("data/{}", s.key), s.nbytes())?;
-        for p in s.pieces() {
-            match p {
-                Piece::Bytes(b) => z.write(b.as_slice())?,
-                Piece::Zeros(n) => z.write_zeros(n)?,
-            }
-        }
+        fill(s, &mut |b| z.write(b).map_err(std::io::Error::other)).map_err(zip::Error::Io)?;
         z.end()?;
     }
     z.add("version", b"3\n")?;

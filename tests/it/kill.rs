@@ -1,11 +1,11 @@
-//! Crash safety: writers killed with SIGKILL at 20 pseudo-random points
+//! Crash safety: writers (`pack`, `reshard`) killed with SIGKILL at 20 pseudo-random points
 //! never leave a partial archive at the destination path and never touch the
 //! input. A leftover is allowed only as a recognisable temporary
 //! (`.nemo-tool-tmp-*`, documented in docs/validate.md) beside it.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
@@ -97,5 +97,25 @@ fn pack_killed_at_20_points() {
             "--force".as_ref(),
         ],
     );
-    let _ = Duration::ZERO;
+}
+
+#[test]
+fn reshard_killed_at_20_points() {
+    let d = tempfile::tempdir().unwrap();
+    let inp = input(d.path());
+    let out = d.path().join("out.nemo");
+    kill_at_random_points(
+        &inp,
+        &out,
+        &[
+            "reshard".as_ref(),
+            inp.as_os_str(),
+            out.as_os_str(),
+            "--tp".as_ref(),
+            "4".as_ref(),
+            "--pp".as_ref(),
+            "2".as_ref(),
+            "--force".as_ref(),
+        ],
+    );
 }

@@ -3,6 +3,7 @@
 mod bad_input;
 mod fuzz_smoke;
 mod kill;
+mod reshard;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;

@@ -10,14 +10,21 @@ use anyhow::{bail, Result};
 type Bench = (&'static str, &'static str, fn(&[String]) -> Result<()>);
 
 /// Registered benches.
-const BENCHES: &[Bench] = &[(
-    "inspect",
-    "inspect a sparse Llama-70B-shaped TP8 .nemo (>100 GiB): time and bytes read",
-    inspect,
-)];
+const BENCHES: &[Bench] = &[
+    (
+        "inspect",
+        "inspect a sparse Llama-70B-shaped TP8 .nemo (>100 GiB): time and bytes read",
+        inspect,
+    ),
+    (
+        "reshard",
+        "reshard a 2.2 GB bf16 Llama-shaped TP2 .nemo to TP4: time vs cp and a PyTorch baseline, peak RSS",
+        crate::bench_reshard::reshard,
+    ),
+];
 
 /// Builds the release binary and the bench examples.
-fn build_release() -> Result<PathBuf> {
+pub(crate) fn build_release() -> Result<PathBuf> {
     crate::util::run(crate::util::cargo().args([
         "build",
         "--release",
@@ -123,7 +130,7 @@ fn inspect(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "PASS"
     } else {

@@ -6,6 +6,7 @@
 //! * `bench <name>`: benchmarks (see `bench.rs`).
 
 mod bench;
+mod bench_reshard;
 mod demo;
 mod sha256;
 mod test;

@@ -1,0 +1,216 @@
+//! `nemo-tool reshard`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use nemo_tool::canonical::Canonical;
+use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::plan::{plan_reshard, ReshardOptions};
+use nemo_tool::reshard::{write, WriteOptions};
+use nemo_tool::torch::Dtype;
+
+/// Change the tensor/pipeline parallel layout of a checkpoint, exactly and
+/// without a GPU: reads any layout (single file, mp_rank_XX/,
+/// tp_rank_XX_pp_rank_YYY/, torch_dist or zarr model_weights/) and writes the
+/// per-rank layout NeMo loads at the target TP/PP, streaming every tensor from
+/// the input with bounded memory. Config keys tensor_model_parallel_size and
+/// pipeline_model_parallel_size (and the others NeMo's script edits) are
+/// rewritten; everything else, artifacts included, is kept byte for byte.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+nemo-tool reshard llama_tp1.nemo llama_tp2.nemo --tp 2\n  \
+nemo-tool reshard llama_dist.nemo llama_tp4_pp2.nemo --tp 4 --pp 2\n  \
+nemo-tool reshard model.nemo out.nemo --target_tensor_model_parallel_size 8 --dry-run\n\n\
+Refuses a TP that does not divide the attention heads, the query groups (unless\n\
+--allow-partial-query-groups) or the FFN size, and a PP that does not divide the layers.")]
+pub struct Args {
+    /// Input: a .nemo (tar or tar.gz) or an extracted folder.
+    pub input: PathBuf,
+    /// Output .nemo file.
+    pub output: PathBuf,
+    /// Target tensor-parallel size.
+    #[arg(
+        long = "tp",
+        visible_alias = "target_tensor_model_parallel_size",
+        alias = "target-tensor-model-parallel-size",
+        value_name = "N"
+    )]
+    pub tp: u64,
+    /// Target pipeline-parallel size.
+    #[arg(
+        long = "pp",
+        visible_alias = "target_pipeline_model_parallel_size",
+        alias = "target-pipeline-model-parallel-size",
+        value_name = "M",
+        default_value_t = 1
+    )]
+    pub pp: u64,
+    /// Print the plan (per output rank: tensors, source slices, bytes) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the plan or the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Cast floating-point tensors (float32, float16, bfloat16); default keeps each dtype.
+    #[arg(long, value_name = "D", value_parser = parse_dtype)]
+    pub dtype: Option<Dtype>,
+    /// Allow a TP that does not divide num_query_groups (loads in megatron-core >= 0.16 only).
+    #[arg(long)]
+    pub allow_partial_query_groups: bool,
+    /// The true (unpadded) vocabulary size, when no tokenizer artifact in the archive says it.
+    #[arg(long, value_name = "V")]
+    pub vocab_size: Option<u64>,
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    let name = match s {
+        "fp32" | "f32" | "32" => "float32",
+        "fp16" | "f16" | "16" => "float16",
+        "bf16" => "bfloat16",
+        other => other,
+    };
+    match Dtype::from_torch_name(name) {
+        Some(d @ (Dtype::F32 | Dtype::F16 | Dtype::BF16)) => Ok(d),
+        _ => Err(format!(
+            "unknown dtype `{s}` (use float32/fp32, float16/fp16 or bfloat16/bf16)"
+        )),
+    }
+}
+
+/// Runs `reshard`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let ckpt = Checkpoint::open(&args.input)
+        .with_context(|| format!("opening {}", args.input.display()))?;
+    let canon =
+        Canonical::new(&ckpt).with_context(|| format!("reading {}", args.input.display()))?;
+    let opts = ReshardOptions {
+        tp: args.tp,
+        pp: args.pp,
+        dtype: args.dtype,
+        allow_partial_query_groups: args.allow_partial_query_groups,
+        vocab_size: args.vocab_size,
+    };
+    let plan = plan_reshard(&canon, &opts).with_context(|| {
+        format!(
+            "cannot reshard {} to TP={} PP={}",
+            args.input.display(),
+            args.tp,
+            args.pp
+        )
+    })?;
+    if args.dry_run {
+        if args.json {
+            super::print_json(&plan)?;
+        } else {
+            print!("{}", plan.describe());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.json {
+        for w in ckpt.warnings.iter().chain(&plan.warnings) {
+            eprintln!("warning: {w}");
+        }
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut last = std::time::Instant::now();
+    let mut bar = |done: u64, total: u64| {
+        if last.elapsed().as_millis() < 100 && done < total {
+            return;
+        }
+        last = std::time::Instant::now();
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        eprint!(
+            "\rresharding: {:5.1}% ({} / {} MiB)",
+            pct,
+            done >> 20,
+            total >> 20
+        );
+    };
+    let wopts = WriteOptions {
+        force: args.force,
+        progress: if tty { Some(&mut bar) } else { None },
+    };
+    let summary = write(&canon, &plan, &args.output, wopts)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    if tty {
+        eprintln!();
+    }
+    if args.json {
+        super::print_json(&summary)?;
+    } else {
+        eprintln!(
+            "wrote {} (TP={} PP={}: {} rank files, {} tensors, {} bytes in {:.2}s)",
+            summary.output.display(),
+            summary.tp,
+            summary.pp,
+            summary.rank_files,
+            summary.tensors,
+            summary.bytes,
+            summary.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> super::Args {
+        let mut v = vec!["nemo-tool", "reshard"];
+        v.extend(args);
+        let cli = crate::cli::Cli::try_parse_from(v).unwrap();
+        let crate::cli::Command::Reshard(a) = cli.command else {
+            panic!("not reshard")
+        };
+        a
+    }
+
+    #[test]
+    fn nemo_spellings_are_accepted() {
+        let a = parse(&["in", "out", "--tp", "2"]);
+        assert_eq!((a.tp, a.pp), (2, 1));
+        let a = parse(&[
+            "in",
+            "out",
+            "--target_tensor_model_parallel_size",
+            "4",
+            "--target_pipeline_model_parallel_size",
+            "2",
+        ]);
+        assert_eq!((a.tp, a.pp), (4, 2));
+        let a = parse(&[
+            "in",
+            "out",
+            "--target-tensor-model-parallel-size",
+            "8",
+            "--target-pipeline-model-parallel-size",
+            "1",
+            "--dtype",
+            "bf16",
+        ]);
+        assert_eq!((a.tp, a.pp), (8, 1));
+        assert_eq!(a.dtype, Some(nemo_tool::torch::Dtype::BF16));
+        assert!(crate::cli::Cli::try_parse_from(["nemo-tool", "reshard", "in", "out"]).is_err());
+        assert!(crate::cli::Cli::try_parse_from([
+            "nemo-tool",
+            "reshard",
+            "in",
+            "out",
+            "--tp",
+            "2",
+            "--dtype",
+            "int8"
+        ])
+        .is_err());
+    }
+}
