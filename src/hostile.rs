@@ -110,7 +110,8 @@ pub fn dcp_metadata(data: &[u8]) {
 }
 
 /// A `.zarray`: parsed, then opened as the only array of a zarr checkpoint
-/// with one small chunk file.
+/// with one small chunk file; then the same inside a `.nemo` with an mcore
+/// config, as a stacked layer tensor, through the whole checkpoint model.
 pub fn zarr_metadata(data: &[u8]) {
     let _ = crate::zarr::parse_zarray("w/.zarray", data);
     let mut m = MemoryMembers::default();
@@ -119,6 +120,37 @@ pub fn zarr_metadata(data: &[u8]) {
     m.insert("w/0", vec![0u8; 64]);
     m.insert("w/0.0", vec![0u8; 64]);
     open_dist(&m, data.len());
+    let dir = "model_weights/model.decoder.layers.self_attention.linear_proj.weight";
+    // One chunk file named for the declared dims (`0.0.0`), so the array opens.
+    let chunk = match crate::zarr::parse_zarray("x/.zarray", data) {
+        Ok(z) => vec!["0"; z.shape.len().clamp(1, 8)].join(&z.separator.to_string()),
+        Err(_) => "0".to_string(),
+    };
+    let files: [(&str, &[u8]); 4] = [
+        ("model_config.yaml", ZARR_CONFIG.as_bytes()),
+        (
+            "model_weights/metadata.json",
+            br#"{"sharded_backend": "zarr"}"#,
+        ),
+        (&format!("{dir}/.zarray"), data),
+        (&format!("{dir}/{chunk}"), &[0u8; 64]),
+    ];
+    if let Some(image) = tar_image(&files) {
+        tar_index(&image);
+    }
+}
+
+/// The config of the zarr checkpoint [`zarr_metadata`] builds.
+const ZARR_CONFIG: &str = "mcore_gpt: true\nnum_layers: 2\nhidden_size: 4\nffn_hidden_size: 8\n\
+num_attention_heads: 2\nnormalization: rmsnorm\nactivation: swiglu\nbias: false\n";
+
+/// An uncompressed tar of `files` (our own writer), or `None` if it refuses.
+fn tar_image(files: &[(&str, &[u8])]) -> Option<Vec<u8>> {
+    let mut t = crate::tar_write::TarWriter::new(Vec::new());
+    for (name, data) in files {
+        t.append_pieces(name, data.len() as u64, [*data]).ok()?;
+    }
+    t.finish().ok()
 }
 
 fn open_dist(m: &MemoryMembers, input_len: usize) {
@@ -169,6 +201,20 @@ pub fn config_reader(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_stacked_layer_axis_is_cheap() {
+        // 2^40 layers declared in 66 bytes: refused or bounded, never a loop over them.
+        let t = std::time::Instant::now();
+        zarr_metadata(
+            br#"{"zarr_format": 2, "shape": [1099511627776, 4, 4], "chunks": [1099511627776, 4, 4], "dtype": "<f4", "compressor": null, "fill_value": null, "order": "C", "filters": null}"#,
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 
     #[test]
     fn every_target_survives_empty_and_garbage_input() {

@@ -455,7 +455,9 @@ fn canonical_error(acc: &mut Acc, e: crate::canonical::Error) {
         E::ShardMismatch { key, member, .. } | E::OddGatedShard { key, member, .. } => {
             acc.error(Code::ShardMismatch, format!("{member}:{key}"), msg)
         }
-        E::LayerCount { key, .. } => acc.error(Code::LayerCount, key, msg),
+        E::LayerCount { key, .. } | E::TooManyLayers { key, .. } => {
+            acc.error(Code::LayerCount, key, msg)
+        }
         E::ReplicaMismatch { key, member } => {
             acc.error(Code::ReplicaMismatch, format!("{member}:{key}"), msg)
         }

@@ -339,7 +339,13 @@ pub(super) fn check_global(
     }
     for ((layer, name), _) in &exp.shapes {
         let layers: Vec<Option<u64>> = if *layer {
-            (0..exp.layers.min(canon.num_layers)).map(Some).collect()
+            // Bounded by the layers actually stored (and a cap: both numbers
+            // come from the input).
+            let n = exp
+                .layers
+                .min(canon.num_layers)
+                .min(crate::canonical::MAX_LAYERS);
+            (0..n).map(Some).collect()
         } else {
             vec![None]
         };
