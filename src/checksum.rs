@@ -50,7 +50,13 @@ pub enum Error {
     },
     /// The canonical view could not be built or read.
     #[error(transparent)]
-    Canonical(#[from] crate::canonical::Error),
+    Canonical(#[from] Box<crate::canonical::Error>),
+}
+
+impl From<crate::canonical::Error> for Error {
+    fn from(e: crate::canonical::Error) -> Error {
+        Error::Canonical(Box::new(e))
+    }
 }
 
 /// The checksum of one stored tensor or object.

@@ -33,7 +33,7 @@ pub enum Error {
         side: &'static str,
         /// Why.
         #[source]
-        source: crate::canonical::Error,
+        source: Box<crate::canonical::Error>,
     },
     /// The vocab rows could not be determined.
     #[error("{side}: {source}")]
@@ -228,10 +228,16 @@ pub fn diff(a: &Canonical, b: &Canonical, opts: &Options) -> Result<Report, Erro
         let max = if sa == sb {
             let pa = a
                 .read(na, xa, Axis::First, 0..*ra)
-                .map_err(|source| Error::Canonical { side: "a", source })?;
+                .map_err(|e| Error::Canonical {
+                    side: "a",
+                    source: Box::new(e),
+                })?;
             let pb = b
                 .read(nb, xb, Axis::First, 0..*rb)
-                .map_err(|source| Error::Canonical { side: "b", source })?;
+                .map_err(|e| Error::Canonical {
+                    side: "b",
+                    source: Box::new(e),
+                })?;
             crate::numeric::max_abs_diff((&pa, xa.dtype), (&pb, xb.dtype)).map(|(m, _)| m)
         } else {
             None

@@ -15,8 +15,11 @@ use crate::torch::Value;
 /// repeat storage (stride 0) could otherwise make a tiny file expensive.
 const READ_FACTOR: u64 = 16;
 
+/// One fuzz entry point.
+pub type Target = fn(&[u8]);
+
 /// The fuzzable parsers, by the name of their cargo-fuzz target.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("tar_index", tar_index),
     ("zip_reader", zip_reader),
     ("pickle_vm", pickle_vm),

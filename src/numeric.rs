@@ -257,7 +257,8 @@ mod tests {
             .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
             .collect();
         let b = Piece::Bytes(ByteView::from_vec(b));
-        let (d, n) = max_abs_diff((&[a.clone()], Dtype::F32), (&[b], Dtype::BF16)).unwrap();
+        let (d, n) =
+            max_abs_diff((std::slice::from_ref(&a), Dtype::F32), (&[b], Dtype::BF16)).unwrap();
         assert_eq!((d, n), (0.5, 3));
         let c = f32s(&[1.0, f32::NAN, 3.0]);
         let (d, _) = max_abs_diff((&[a], Dtype::F32), (&[c], Dtype::F32)).unwrap();

@@ -257,7 +257,7 @@ fn empty_report(path: &Path, opts: &Options) -> Report {
 
 fn finish(mut r: Report, acc: Acc) -> Report {
     r.findings = acc.findings;
-    r.findings.sort_by(|a, b| a.severity.cmp(&b.severity));
+    r.findings.sort_by_key(|f| f.severity);
     r.valid = !r.unreadable && !r.findings.iter().any(|f| f.severity == Severity::Error);
     r
 }

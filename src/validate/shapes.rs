@@ -337,7 +337,7 @@ pub(super) fn check_global(
             ),
         }
     }
-    for ((layer, name), _) in &exp.shapes {
+    for (layer, name) in exp.shapes.keys() {
         let layers: Vec<Option<u64>> = if *layer {
             // Bounded by the layers actually stored (and a cap: both numbers
             // come from the input).

@@ -33,7 +33,6 @@ pub fn extract(rel: &str) -> (tempfile::TempDir, PathBuf) {
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                 std::fs::write(&p, a.read(&m.name).unwrap().as_slice()).unwrap();
             }
-            _ => {}
         }
     }
     (dir, root)
