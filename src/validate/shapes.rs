@@ -230,6 +230,7 @@ pub(super) fn check_local(
         return flagged;
     };
     let cfg = &ckpt.config;
+    check_stage_layers(ckpt, exp.layers, sink);
     for r in ranks {
         for (key, v) in r.entries() {
             let Value::Tensor(t) = v else { continue };
@@ -281,6 +282,37 @@ pub(super) fn check_local(
         }
     }
     flagged
+}
+
+/// Each pipeline stage holds `num_layers / P` layers (NeMo's even split).
+fn check_stage_layers(ckpt: &Checkpoint, layers: u64, sink: Sink) {
+    let pp = ckpt.layout.pp.max(1);
+    if pp < 2 || layers % pp != 0 {
+        return; // P = 1: the total is checked on the canonical view
+    }
+    let mut per_stage: BTreeMap<u64, (String, u64)> = BTreeMap::new();
+    for r in ckpt.rank_files().iter().filter(|r| r.tp == 0) {
+        let n = r
+            .entries()
+            .filter_map(|(k, _)| ckpt.family.lookup(k).and_then(|m| m.layer))
+            .map(|l| l.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        per_stage.insert(r.pp, (r.member.clone(), n));
+    }
+    for (member, n) in per_stage.values() {
+        if *n != layers / pp {
+            sink(
+                Code::LayerCount,
+                Severity::Error,
+                member.clone(),
+                format!(
+                    "holds {n} layers, but num_layers {layers} over PP={pp} gives {} per stage",
+                    layers / pp
+                ),
+            );
+        }
+    }
 }
 
 /// Global checks on the canonical view: required tensors present, global

@@ -430,3 +430,44 @@ fn digest_survives_reshard_round_trips() {
     assert_eq!(v["compared"], 15);
     assert_eq!(v["max_abs_diff"], 0.0);
 }
+
+#[test]
+fn pp_stages_and_synthetic_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = nemo_tool::synth::Spec::tiny();
+    // Every synthetic layout is valid.
+    for (tp, pp) in [(1, 1), (2, 1), (2, 2), (4, 4)] {
+        let p = d.path().join(format!("m{tp}{pp}.nemo"));
+        nemo_tool::synth::write_nemo(&spec, tp, pp, nemo_tool::synth::Fill::Random(1), &p).unwrap();
+        let (code, r) = validate(&p, &["--deep"]);
+        // The synthetic config names a hub tokenizer: no artifact, so padding
+        // is only checked for divisibility.
+        assert_eq!(code, 0, "TP={tp} PP={pp}: {:?}", errors(&r));
+    }
+    // A config claiming more layers than the stages hold.
+    let p = d.path().join("m22.nemo");
+    let (_x, root) = {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("m");
+        let a = Archive::open(&p).unwrap();
+        for m in a.members() {
+            if m.kind == MemberKind::File {
+                let q = root.join(&m.name);
+                std::fs::create_dir_all(q.parent().unwrap()).unwrap();
+                std::fs::write(q, a.read(&m.name).unwrap().as_slice()).unwrap();
+            }
+        }
+        (dir, root)
+    };
+    let cfg = root.join("model_config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("num_layers: 4", "num_layers: 8")).unwrap();
+    let (code, r) = validate(&root, &[]);
+    assert_eq!(code, 1);
+    assert_finding(
+        &r,
+        "layer_count",
+        "tp_rank_00_pp_rank_000/model_weights.ckpt",
+    );
+    assert_finding(&r, "layer_count", "num_layers");
+}
