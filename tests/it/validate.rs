@@ -471,3 +471,59 @@ fn pp_stages_and_synthetic_layouts() {
     );
     assert_finding(&r, "layer_count", "num_layers");
 }
+
+/// The rank file path and the payload extent of the storage behind `key`.
+fn storage_of(root: &Path, member: &str, key_suffix: &str) -> (PathBuf, u64, u64) {
+    let ck = Checkpoint::open(root).unwrap();
+    let r = ck.rank_files().iter().find(|r| r.member == member).unwrap();
+    let skey = r
+        .entries()
+        .find(|(k, _)| k.ends_with(key_suffix))
+        .map(|(_, v)| match v {
+            Value::Tensor(t) => t.storage.key.clone(),
+            _ => panic!("{key_suffix} is not a tensor"),
+        })
+        .unwrap();
+    let file = root.join(member);
+    let (off, size) = record_offset(&file, &format!("/data/{skey}"));
+    (file, off, size)
+}
+
+fn patch(file: &Path, at: u64, bytes: &[u8]) {
+    let mut b = std::fs::read(file).unwrap();
+    b[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(file, b).unwrap();
+}
+
+#[test]
+fn deep_finds_nan_and_diverging_replicas() {
+    let (_d, root) = extract("mcore/llama/nemo/tiny_llama_tp2.nemo");
+    // A NaN in a vocabulary row of rank 1's embedding shard.
+    let (file, off, _) = storage_of(
+        &root,
+        "mp_rank_01/model_weights.ckpt",
+        "word_embeddings.weight",
+    );
+    patch(&file, off + 4 * 64 * 3, &f32::NAN.to_le_bytes());
+    // Rank 1's copy of the (replicated) final norm differs from rank 0's.
+    let (file, off, _) = storage_of(
+        &root,
+        "mp_rank_01/model_weights.ckpt",
+        "final_layernorm.weight",
+    );
+    patch(&file, off, &2.5f32.to_le_bytes());
+    assert_eq!(
+        validate(&root, &[]).0,
+        0,
+        "metadata checks cannot see either"
+    );
+    let (code, r) = validate(&root, &["--deep"]);
+    assert_eq!(code, 1);
+    assert_finding(&r, "nan_inf", "embedding.word_embeddings.weight");
+    assert_eq!(r["special"][0]["nan"], 1);
+    assert_finding(
+        &r,
+        "replica_mismatch",
+        "mp_rank_01/model_weights.ckpt:decoder.final_layernorm.weight",
+    );
+}
