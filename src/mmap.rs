@@ -54,6 +54,15 @@ pub fn prefetch(map: &Mmap, offset: usize, len: usize) {
     #[cfg(unix)]
     if len > 0 {
         let _ = map.advise_range(memmap2::Advice::Sequential, offset, len);
+        // Map the (usually cached) pages in one call instead of one fault per
+        // page; older kernels (< 5.14) refuse it and fall back to read-ahead.
+        #[cfg(target_os = "linux")]
+        if map
+            .advise_range(memmap2::Advice::PopulateRead, offset, len)
+            .is_ok()
+        {
+            return;
+        }
         let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
     }
     #[cfg(not(unix))]

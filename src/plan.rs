@@ -431,8 +431,9 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
                     },
                     EntryValue::Tensor(x) => {
                         let out_dtype = match opts.dtype {
-                            Some(d) if d != x.dtype => {
-                                if !castable(x.dtype) || !castable(d) {
+                            // only floating-point tensors are cast; others keep their type
+                            Some(d) if d != x.dtype && castable(x.dtype) => {
+                                if !castable(d) {
                                     return Err(Error::Cast {
                                         key: full_key,
                                         from: x.dtype,
@@ -1070,6 +1071,36 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn vocab_size_larger_than_the_rows_is_refused() {
+        let c1 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo")).unwrap();
+        let canon = Canonical::new(&c1).unwrap();
+        let mut o = opts(2, 1);
+        o.vocab_size = Some(200);
+        let e = plan_reshard(&canon, &o).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::VocabTooSmall {
+                    rows: 128,
+                    vocab: 200,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_without_config_cannot_be_planned() {
+        let c = Checkpoint::open(fixture("fixtures/zarr/llama_tp2/model_weights")).unwrap();
+        let canon = Canonical::new(&c).unwrap();
+        let e = plan_reshard(&canon, &opts(2, 1)).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        assert!(e.to_string().contains("num_attention_heads"), "{e}");
     }
 
     #[test]

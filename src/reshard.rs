@@ -194,7 +194,17 @@ pub fn write(
                     let mut fill = |s: &StorageRef,
                                     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>|
                      -> io::Result<()> {
-                        // Storages come in first-use order = tensor order.
+                        // A storage inside a kept object (a TE `_extra_state`
+                        // tensor) is written as it is; ours are composed
+                        // placeholders, met in first-use order = tensor order.
+                        if s.composed.is_empty() {
+                            for p in s.pieces() {
+                                if let Piece::Bytes(b) = p {
+                                    sink(b.as_slice())?;
+                                }
+                            }
+                            return Ok(());
+                        }
                         let job = jobs
                             .get(next)
                             .ok_or_else(|| io::Error::other("storage without a planned tensor"))?;

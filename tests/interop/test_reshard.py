@@ -87,7 +87,6 @@ def free_port() -> int:
 
 
 def test_tp1_output_loads_strictly_into_megatron_core(run_tool, root, tmp_path):
-    pytest.importorskip("megatron.core")
     out = tmp_path / "tp1.nemo"
     run_tool("reshard", LLAMA / "nemo/tiny_llama_tp2.nemo", out, "--tp", "1")
     env = dict(

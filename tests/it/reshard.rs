@@ -271,65 +271,57 @@ fn allowed_tp(spec: &Spec, partial: bool) -> Vec<u64> {
         .collect()
 }
 
-/// TPa -> TPb -> TPa reproduces every member byte for byte.
-#[test]
-fn tp_round_trips_are_byte_identical() {
+/// Reshards every generated model of `grid` to every other point and back:
+/// the way there gives exactly the generator's model at the target (every
+/// member byte for byte), and the way back reproduces the source byte for byte.
+fn round_trips(tag: &str, grid_of: impl Fn(&Spec, bool) -> Vec<(u64, u64)>) {
     let tmp = tempfile::tempdir().unwrap();
     for (name, spec, partial) in flavours() {
-        let tps = allowed_tp(&spec, partial);
-        assert!(tps.len() >= 3, "{name}: {tps:?}");
-        for &a in &tps {
-            let src = tmp.path().join(format!("{name}-tp{a}.nemo"));
-            write_nemo(&spec, a, 1, Fill::Random(7), &src).unwrap();
-            for &b in &tps {
+        let grid = grid_of(&spec, partial);
+        assert!(grid.len() >= 3, "{name}: {grid:?}");
+        let files: Vec<PathBuf> = grid
+            .iter()
+            .map(|&(t, p)| {
+                let f = tmp.path().join(format!("{tag}-{name}-{t}-{p}.nemo"));
+                write_nemo(&spec, t, p, Fill::Random(7), &f).unwrap();
+                f
+            })
+            .collect();
+        for (i, &(ta, pa)) in grid.iter().enumerate() {
+            for (j, &(tb, pb)) in grid.iter().enumerate() {
                 let mid = tmp.path().join("mid.nemo");
                 let back = tmp.path().join("back.nemo");
-                let mut o = opts(b, 1, Some(spec.vocab));
+                let mut o = opts(tb, pb, Some(spec.vocab));
                 o.allow_partial_query_groups = partial;
-                reshard(&src, &mid, &o);
-                let mut o = opts(a, 1, Some(spec.vocab));
+                reshard(&files[i], &mid, &o);
+                assert_same_members(&mid, &files[j]);
+                let mut o = opts(ta, pa, Some(spec.vocab));
                 o.allow_partial_query_groups = partial;
                 reshard(&mid, &back, &o);
-                assert_same_members(&src, &back);
-                // and the middle is what the generator writes at TP=b
-                let direct = tmp.path().join("direct.nemo");
-                write_nemo(&spec, b, 1, Fill::Random(7), &direct).unwrap();
-                assert_same_members(&mid, &direct);
+                assert_same_members(&back, &files[i]);
             }
         }
     }
 }
 
+/// TPa -> TPb -> TPa for every allowed a, b in {1, 2, 4, 8}.
+#[test]
+fn tp_round_trips_are_byte_identical() {
+    round_trips("tp", |spec, partial| {
+        allowed_tp(spec, partial)
+            .into_iter()
+            .map(|t| (t, 1))
+            .collect()
+    });
+}
+
 /// PP 1 <-> 2 <-> 4, and TP and PP changed together.
 #[test]
 fn pp_and_tp_pp_round_trips_are_byte_identical() {
-    let tmp = tempfile::tempdir().unwrap();
-    for (name, spec, partial) in flavours() {
-        let tps = allowed_tp(&spec, partial);
-        let grid: Vec<(u64, u64)> = [(1, 1), (1, 2), (1, 4), (2, 2), (tps[tps.len() - 1], 4)]
-            .into_iter()
-            .filter(|(t, _)| tps.contains(t))
-            .collect();
-        for &(ta, pa) in &grid {
-            let src = tmp.path().join(format!("{name}-{ta}-{pa}.nemo"));
-            write_nemo(&spec, ta, pa, Fill::Random(3), &src).unwrap();
-            for &(tb, pb) in &grid {
-                let mid = tmp.path().join("mid.nemo");
-                let back = tmp.path().join("back.nemo");
-                let mut o = opts(tb, pb, Some(spec.vocab));
-                o.allow_partial_query_groups = partial;
-                reshard(&src, &mid, &o);
-                let mut o = opts(ta, pa, Some(spec.vocab));
-                o.allow_partial_query_groups = partial;
-                reshard(&mid, &back, &o);
-                assert_same_members(&src, &back);
-                // the middle is the generator's model at (tb, pb), byte for byte
-                let direct = tmp.path().join("direct.nemo");
-                write_nemo(&spec, tb, pb, Fill::Random(3), &direct).unwrap();
-                assert_same_members(&mid, &direct);
-            }
-        }
-    }
+    round_trips("pp", |spec, partial| {
+        let tmax = *allowed_tp(spec, partial).last().unwrap();
+        vec![(1, 1), (1, 2), (1, 4), (tmax, 2)]
+    });
 }
 
 /// Tied embeddings: a copy of the embedding on the last stage at PP>1 only.
@@ -511,4 +503,60 @@ fn dry_run_writes_nothing_and_json_describes_the_plan() {
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["rank_files"], 2);
     assert_eq!(v["tensors"], 30);
+}
+
+/// TransformerEngine keeps `_extra_state` as a uint8 tensor (or BytesIO): it is
+/// an opaque object, copied verbatim to every rank, never split.
+#[test]
+fn tensor_extra_state_is_kept_verbatim() {
+    use nemo_tool::bytes::ByteView;
+    use nemo_tool::tar_write::TarWriter;
+    use nemo_tool::torch::tensor::{StorageRef, TensorRef};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(fixture("nemo/tiny_llama_tp1.nemo")).unwrap();
+    let key = "model.decoder.layers.1.mlp.linear_fc2._extra_state";
+    let blob: Vec<u8> = (0u8..37).collect();
+    let mut root = src.rank_files()[0].file.root.clone();
+    let Value::Object(od) = &mut root else {
+        panic!("not an OrderedDict")
+    };
+    let slot = od
+        .items
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap();
+    let st = StorageRef::from_view("blob", ByteView::from_vec(blob.clone()));
+    slot.1 = Value::Tensor(Box::new(
+        TensorRef::contiguous(Dtype::U8, vec![37], st).unwrap(),
+    ));
+    let path = tmp.path().join("te.nemo");
+    let mut tar = TarWriter::new(std::fs::File::create(&path).unwrap());
+    tar.append_dir("").unwrap();
+    for m in src.archive().members() {
+        if m.kind == MemberKind::File && m.name != "model_weights.ckpt" {
+            let b = src.read_member(&m.name).unwrap();
+            tar.append_pieces(&m.name, b.len() as u64, [b]).unwrap();
+        }
+    }
+    tar.append_streamed("model_weights.ckpt", |w| {
+        nemo_tool::torch::file::save(w, "model_weights", &root)
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    tar.finish().unwrap();
+
+    let tp2 = tmp.path().join("tp2.nemo");
+    reshard(&path, &tp2, &opts(2, 1, None));
+    let c = Checkpoint::open(&tp2).unwrap();
+    for r in c.rank_files() {
+        let (_, v) = r.entries().find(|(k, _)| *k == key).unwrap();
+        let Value::Tensor(t) = v else {
+            panic!("{}: {key} is not a tensor", r.member)
+        };
+        assert_eq!((t.dtype, t.to_vec().unwrap()), (Dtype::U8, blob.clone()));
+    }
+    let back = tmp.path().join("back.nemo");
+    reshard(&tp2, &back, &opts(1, 1, None));
+    assert_same_ranks(&back, &path);
 }
