@@ -35,6 +35,20 @@ pub fn map_file(file: &File) -> io::Result<Mmap> {
 /// that resident memory stays bounded while a multi-GB input streams through.
 /// Errors are ignored: this is only a hint.
 pub fn release(map: &Mmap, offset: usize, len: usize) {
+    // The kernel maps whole large folios (up to 2 MiB of page cache) on a
+    // fault or populate, i.e. also pages just outside the range: widen the
+    // release to 2 MiB boundaries so those are dropped too (dropping a
+    // mapping of pages we still need only costs a re-fault).
+    // Folios are aligned in file offsets, and the map starts at offset 0.
+    const FOLIO: usize = 2 << 20;
+    let start = offset & !(FOLIO - 1);
+    let end = offset
+        .saturating_add(len)
+        .checked_add(FOLIO - 1)
+        .map(|e| e & !(FOLIO - 1))
+        .unwrap_or(usize::MAX)
+        .min(map.len());
+    let (offset, len) = (start, end.saturating_sub(start));
     #[cfg(unix)]
     if len > 0 {
         // SAFETY: `Mmap` is a read-only mapping of a file that we never write

@@ -234,6 +234,9 @@ pub fn write(
                             }
                             Some((from, to)) => cast_pieces(&job.pieces, from, to, sink)?,
                         }
+                        // Drop the source pages again (widened to whole folios,
+                        // see `mmap::release`): resident memory stays at about
+                        // one tensor.
                         for s in &spans {
                             s.release();
                         }

@@ -361,6 +361,12 @@ impl ZipArchive {
         })?;
         signed(h, SIG_LOCAL, e.header_offset, "local header")?;
         let data = e.header_offset + 30 + u16_at(h, 26) as u64 + u16_at(h, 28) as u64;
+        // Reading 30 bytes maps the whole page-cache folio around them (up to
+        // 2 MiB): drop it again, or opening a file with thousands of tensors
+        // would make the resident set grow with the tensor count.
+        if let Ok(v) = self.view.slice_len(e.header_offset, 30) {
+            v.release();
+        }
         let stored = if e.method == 0 {
             e.size
         } else {
