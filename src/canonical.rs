@@ -118,7 +118,19 @@ pub enum Error {
         /// The layer count.
         expected: u64,
     },
+    /// A stacked layer axis longer than [`MAX_LAYERS`] (hostile metadata
+    /// could otherwise make the view loop over 2^40 layers).
+    #[error("{key}: stacked layer axis of {found} layers is over the {MAX_LAYERS} cap")]
+    TooManyLayers {
+        /// The key.
+        key: String,
+        /// Its leading dim.
+        found: u64,
+    },
 }
+
+/// Most layers a stacked distributed tensor may declare.
+pub const MAX_LAYERS: u64 = 1 << 16;
 
 /// Which norm naming the source used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -525,6 +537,12 @@ impl<'c> Canonical<'c> {
             let stacked = self.ckpt.family.lookup(&t.key).is_some_and(|m| m.stacked);
             if stacked {
                 let n = t.shape.first().copied().unwrap_or(0);
+                if n > MAX_LAYERS {
+                    return Err(Error::TooManyLayers {
+                        key: t.key.clone(),
+                        found: n,
+                    });
+                }
                 if let Some(prev) = num_layers {
                     if prev != n {
                         return Err(Error::LayerCount {

@@ -9,12 +9,14 @@ use clap::{Parser, Subcommand};
 mod checksum;
 mod convert;
 mod data;
+mod diff;
 mod distill;
 #[cfg(feature = "distill")]
 mod eval;
 mod inspect;
 mod pack;
 mod reshard;
+mod validate;
 
 /// Fast, exact, safe tools for NVIDIA NeMo / Megatron checkpoints.
 #[derive(Debug, Parser)]
@@ -36,12 +38,16 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Re-write a checkpoint as a .nemo tar in the same layout (pack a folder, un-gzip, re-serialize).
     Pack(pack::Args),
-    /// Print the sha256 of every stored tensor.
+    /// Print layout-independent tensor checksums and a model digest (--stored: as stored).
     Checksum(checksum::Args),
     /// Write or describe Megatron indexed datasets (.bin/.idx).
     Data(data::Args),
     /// Distill a teacher into a student: a drop-in for NeMo's distillation script (needs --features distill).
     Distill(distill::Args),
+    /// Check a checkpoint for CI (exit 0 valid, 1 invalid, 2 unreadable).
+    Validate(validate::Args),
+    /// Compare two checkpoints of any layouts logically (exit 0 same, 1 different).
+    Diff(diff::Args),
     /// Change TP/PP exactly, streaming with bounded memory (any input layout -> NeMo's per-rank layout).
     Reshard(reshard::Args),
     /// Convert Hugging Face <-> .nemo, and per-rank <-> torch_dist layouts.
@@ -59,6 +65,8 @@ impl Cli {
             Command::Pack(args) => pack::run(args),
             Command::Checksum(args) => checksum::run(args),
             Command::Data(args) => data::run(args),
+            Command::Validate(args) => validate::run(args),
+            Command::Diff(args) => diff::run(args),
             Command::Reshard(args) => reshard::run(args),
             Command::Convert(args) => convert::run(args),
             Command::Distill(args) => distill::run(args),

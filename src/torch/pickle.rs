@@ -162,6 +162,7 @@ pub fn parse_prefix(bytes: &[u8], policy: &Policy) -> Result<(Value, usize), Err
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        memoized: Vec::new(),
         policy,
     };
     let root = vm.run()?;
@@ -178,7 +179,26 @@ struct Vm<'a> {
     stack: Vec<R>,
     marks: Vec<usize>,
     memo: HashMap<u64, R>,
+    memoized: Vec<std::rc::Weak<std::cell::RefCell<Node>>>,
     policy: &'a Policy,
+}
+
+impl Drop for Vm<'_> {
+    /// Breaks reference cycles (`l = []; l.append(l)` through the memo or
+    /// DUP), which `Rc` would otherwise leak: every cycle runs through a node
+    /// that was memoized or DUP'd at some point, since those are the only
+    /// ways to refer to an existing object again.
+    fn drop(&mut self) {
+        let mut pending = Vec::new();
+        for w in &self.memoized {
+            if let Some(r) = w.upgrade() {
+                if let Ok(mut n) = r.try_borrow_mut() {
+                    n.take_children(&mut pending);
+                }
+            }
+        }
+        drop(pending); // Node's iterative drop
+    }
 }
 
 impl<'a> Vm<'a> {
@@ -295,6 +315,10 @@ impl<'a> Vm<'a> {
                 limit: MAX_MEMO as u64,
             });
         }
+        // Every node ever memoized (or DUP'd), so a cycle through an entry
+        // that a later PUT overwrote is still broken on drop (one per opcode:
+        // bounded by the input length).
+        self.memoized.push(std::rc::Rc::downgrade(&top));
         self.memo.insert(index, top);
         Ok(())
     }
@@ -594,6 +618,8 @@ impl<'a> Vm<'a> {
             }
             b'2' => {
                 let t = self.top()?;
+                // DUP aliases a node without the memo: it can close a cycle too.
+                self.memoized.push(std::rc::Rc::downgrade(&t));
                 self.push(t)?
             }
             // memo
@@ -735,3 +761,43 @@ impl<'a> Vm<'a> {
 #[cfg(test)]
 #[path = "pickle_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod cycle_tests {
+    use super::*;
+
+    /// Runs `bytes` on a VM; returns weak refs to every node it memoized or
+    /// DUP'd, after the VM and its result are gone.
+    fn survivors(bytes: &[u8]) -> usize {
+        let policy = Policy::torch();
+        let mut vm = Vm {
+            input: bytes,
+            pos: 0,
+            op_at: 0,
+            op: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            memoized: Vec::new(),
+            policy: &policy,
+        };
+        let root = vm.run();
+        let weak = vm.memoized.clone();
+        assert!(!weak.is_empty());
+        drop(root);
+        drop(vm);
+        weak.iter().filter(|w| w.upgrade().is_some()).count()
+    }
+
+    #[test]
+    fn cycles_are_freed() {
+        // l = []; l.append(l) via the memo
+        assert_eq!(survivors(b"]q\x00h\x00a."), 0);
+        // the same through DUP
+        assert_eq!(survivors(b"]2a."), 0);
+        // a cycle through a memo entry that a later PUT overwrites
+        assert_eq!(survivors(b"]q\x00h\x00a0}q\x00."), 0);
+        // and the parse itself is refused or bounded, never a hang
+        assert!(parse(b"]2a.", &Policy::torch()).is_err());
+    }
+}

@@ -31,7 +31,7 @@ pub(crate) enum Node {
 
 impl Node {
     /// Moves out the child references, leaving this node childless.
-    fn take_children(&mut self, out: &mut Vec<R>) {
+    pub(crate) fn take_children(&mut self, out: &mut Vec<R>) {
         match self {
             Node::Leaf(_) => {}
             Node::Tuple(v) | Node::List(v) | Node::Set(v) => out.append(v),

@@ -206,6 +206,18 @@ pub enum Error {
         /// Elements in the storage.
         numel: u64,
     },
+    /// A view with more bytes than its storage (overlapping strides, e.g.
+    /// stride 0): its logical bytes would be a multiple of the file, so a
+    /// few bytes could claim terabytes. Checkpoints never hold such views.
+    #[error("tensor over storage `{key}`: a view of {nbytes} bytes over a storage of {storage} bytes (overlapping strides) is refused")]
+    Overlapping {
+        /// Storage key.
+        key: String,
+        /// Logical bytes of the view.
+        nbytes: u64,
+        /// Bytes of the storage.
+        storage: u64,
+    },
     /// The storage was loaded metadata-only; its bytes are not available.
     #[error("tensor over storage `{key}`: loaded without its data (metadata only)")]
     Unmapped {
@@ -332,6 +344,13 @@ impl TensorRef {
             });
         }
         let es = self.dtype.size() as u64;
+        if self.nbytes() > self.storage.nbytes() {
+            return Err(Error::Overlapping {
+                key: self.storage.key.clone(),
+                nbytes: self.nbytes(),
+                storage: self.storage.nbytes(),
+            });
+        }
         let storage = self.storage.pieces();
         let index = PieceIndex::new(&storage);
         if self.numel() == 0 {
@@ -471,6 +490,24 @@ mod tests {
             requires_grad: false,
             kind: TensorKind::Plain,
         }
+    }
+
+    #[test]
+    fn overlapping_views_larger_than_their_storage_are_refused() {
+        // 2^40 elements out of 4 bytes: refused before any copy.
+        let t = view(&[1 << 40], &[0], 0, 1);
+        let e = t.pieces().unwrap_err();
+        assert_eq!(
+            e,
+            Error::Overlapping {
+                key: "0".into(),
+                nbytes: 4 << 40,
+                storage: 4
+            }
+        );
+        // An overlapping view that still fits its storage's size reads fine.
+        let t = view(&[2, 2], &[1, 1], 0, 4);
+        assert_eq!(floats(&t.to_vec().unwrap()), [0., 1., 1., 2.]);
     }
 
     #[test]

@@ -124,7 +124,7 @@ def fixtures(tmp_path_factory, root) -> list[Path]:
 
 
 def tool_sums(run_tool, path: Path) -> dict[tuple[str, str], dict]:
-    sums = json.loads(run_tool("checksum", path, "--json").stdout)
+    sums = json.loads(run_tool("checksum", path, "--stored", "--json").stdout)
     return {(s["member"], s["key"]): s for s in sums}
 
 

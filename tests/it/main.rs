@@ -2,8 +2,11 @@
 
 mod bad_input;
 mod convert;
+mod fuzz_smoke;
+mod kill;
 mod obs;
 mod reshard;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;
+mod validate;

@@ -30,6 +30,26 @@ enum Step {
 /// The demo, in order.
 const STEPS: &[(&str, Step)] = &[
     (
+        "layout-independent checksums: the model digest of the TP=2 .nemo ...",
+        Step::Run(&["checksum", "fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo"]),
+    ),
+    (
+        "... equals the torch_dist one's, and diff finds no difference across layouts",
+        Step::Run(&[
+            "diff",
+            "fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo",
+            "fixtures/mcore/llama/nemo/tiny_llama_dist_tp1.nemo",
+        ]),
+    ),
+    (
+        "validate it, reading every byte (CRCs, NaN/Inf, checksums)",
+        Step::Run(&[
+            "validate",
+            "fixtures/mcore/llama/nemo/tiny_llama_dist_tp1.nemo",
+            "--deep",
+        ]),
+    ),
+    (
         "inspect a TP=2 .nemo written by megatron-core 0.16.1 (tiny Llama, GQA, SwiGLU)",
         Step::Run(&["inspect", "fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo"]),
     ),
@@ -182,7 +202,12 @@ fn nemo_tool(args: &[String]) -> std::process::Command {
 }
 
 fn checksums(path: &str) -> Result<String> {
-    let out = nemo_tool(&["checksum".to_string(), path.to_string()]).output()?;
+    let out = nemo_tool(&[
+        "checksum".to_string(),
+        "--stored".to_string(),
+        path.to_string(),
+    ])
+    .output()?;
     if !out.status.success() {
         bail!("checksum {path}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -215,7 +240,7 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             Step::SameTensors(a, b) => {
                 let (a, b) = (out(a), out(b));
-                println!("$ nemo-tool checksum {a}\n$ nemo-tool checksum {b}");
+                println!("$ nemo-tool checksum --stored {a}\n$ nemo-tool checksum --stored {b}");
                 let (sa, sb) = (checksums(&a)?, checksums(&b)?);
                 // Members differ between layouts of the same weights; compare per key.
                 let key = |s: &str| -> Vec<String> {
