@@ -84,7 +84,7 @@ pub enum Error {
         key: String,
         /// Why.
         #[source]
-        source: crate::dist::Error,
+        source: Box<crate::dist::Error>,
     },
     /// A slice outside the tensor, or along an axis the layout cannot serve.
     #[error("{key}: cannot read {axis:?} slice {start}..{end} of a tensor of shape {shape:?}")]
@@ -603,7 +603,7 @@ impl<'c> Canonical<'c> {
                 .read_object(self.ckpt.archive(), o)
                 .map_err(|source| Error::Dist {
                     key: o.key.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             // torch_dist items hold Megatron's `[obj]`; zarr files the bare object.
             let value = match value {
@@ -740,7 +740,7 @@ impl<'c> Canonical<'c> {
                 dist.read_box(self.ckpt.archive(), dt, &offsets, &sizes)
                     .map_err(|source| Error::Dist {
                         key: name.to_string(),
-                        source,
+                        source: Box::new(source),
                     })
             }
             Source::Parts { axis: cat, parts } => {
