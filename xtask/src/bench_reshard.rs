@@ -10,7 +10,7 @@
 //! nemo-tool fsyncs its output before renaming it into place, so the `cp`
 //! it is judged against is `cp` followed by an fsync of the copy (plain `cp`,
 //! which leaves the data in the page cache, is printed too). Ours and `cp`
-//! alternate for `--rounds N` rounds (default 3) and each keeps its best time,
+//! alternate (in a rotating order) for `--rounds N` rounds (default 4) and each keeps its best time,
 //! because the machine may be shared.
 
 use std::path::{Path, PathBuf};
@@ -138,65 +138,66 @@ pub fn reshard(args: &[String]) -> Result<()> {
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(4);
     let (mut ours, mut ours_rss, mut cp, mut cp_sync) = (f64::MAX, 0u64, f64::MAX, f64::MAX);
     let mut ours_nosync = f64::MAX;
     let mut out_size = 0;
+    // The four measurements rotate their order every round: on a VM the first
+    // large write after deleting the previous output can be slow, and a fixed
+    // order would charge that to the same contender every time.
     for round in 1..=rounds {
-        warm(&input)?;
-        crate::util::step(&format!(
-            "round {round}/{rounds}: nemo-tool reshard TP2 -> TP4"
-        ));
-        let mut cmd = Command::new(release.join("nemo-tool"));
-        cmd.arg("reshard").arg(&input).arg(&ours_out).args([
-            "--tp",
-            "4",
-            "--vocab-size",
-            VOCAB,
-            "--force",
-        ]);
-        let (t, rss) = timed(&mut cmd, "ours")?;
-        (ours, ours_rss) = (ours.min(t), ours_rss.max(rss));
-        out_size = std::fs::metadata(&ours_out)?.len();
-        let _ = std::fs::remove_file(&ours_out);
-        sync()?;
-
-        // The same without the final fsync, to set against plain `cp`.
-        warm(&input)?;
-        let mut cmd = Command::new(release.join("nemo-tool"));
-        cmd.arg("reshard").arg(&input).arg(&ours_out).args([
-            "--tp",
-            "4",
-            "--vocab-size",
-            VOCAB,
-            "--force",
-            "--no-sync",
-        ]);
-        let (t, rss) = timed(&mut cmd, "ours --no-sync")?;
-        (ours_nosync, ours_rss) = (ours_nosync.min(t), ours_rss.max(rss));
-        let _ = std::fs::remove_file(&ours_out);
-        sync()?;
-
-        warm(&input)?;
-        crate::util::step(&format!(
-            "round {round}/{rounds}: cp, then cp + fsync of the copy"
-        ));
-        let mut cmd = Command::new("cp");
-        cmd.arg(&input).arg(&cp_out);
-        cp = cp.min(timed(&mut cmd, "cp")?.0);
-        let _ = std::fs::remove_file(&cp_out);
-        sync()?;
-        warm(&input)?;
-        // nemo-tool fsyncs its output before the rename (atomic and durable); this is the
-        // same work for cp.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("cp \"$0\" \"$1\" && sync \"$1\"")
-            .arg(&input)
-            .arg(&cp_out);
-        cp_sync = cp_sync.min(timed(&mut cmd, "cp+fsync")?.0);
-        let _ = std::fs::remove_file(&cp_out);
-        sync()?;
+        for k in 0..4 {
+            warm(&input)?;
+            match (k + round) % 4 {
+                0 | 1 => {
+                    let no_sync = (k + round) % 4 == 1;
+                    crate::util::step(&format!(
+                        "round {round}/{rounds}: nemo-tool reshard TP2 -> TP4{}",
+                        if no_sync { " --no-sync" } else { "" }
+                    ));
+                    let mut cmd = Command::new(release.join("nemo-tool"));
+                    cmd.arg("reshard").arg(&input).arg(&ours_out).args([
+                        "--tp",
+                        "4",
+                        "--vocab-size",
+                        VOCAB,
+                        "--force",
+                    ]);
+                    if no_sync {
+                        cmd.arg("--no-sync");
+                    }
+                    let (t, rss) = timed(&mut cmd, "ours")?;
+                    ours_rss = ours_rss.max(rss);
+                    if no_sync {
+                        ours_nosync = ours_nosync.min(t);
+                    } else {
+                        ours = ours.min(t);
+                    }
+                    out_size = std::fs::metadata(&ours_out)?.len();
+                    let _ = std::fs::remove_file(&ours_out);
+                }
+                2 => {
+                    crate::util::step(&format!("round {round}/{rounds}: cp"));
+                    let mut cmd = Command::new("cp");
+                    cmd.arg(&input).arg(&cp_out);
+                    cp = cp.min(timed(&mut cmd, "cp")?.0);
+                    let _ = std::fs::remove_file(&cp_out);
+                }
+                _ => {
+                    crate::util::step(&format!("round {round}/{rounds}: cp + fsync of the copy"));
+                    // nemo-tool fsyncs its output before the rename (atomic and
+                    // durable); this is the same work for cp.
+                    let mut cmd = Command::new("sh");
+                    cmd.arg("-c")
+                        .arg("cp \"$0\" \"$1\" && sync \"$1\"")
+                        .arg(&input)
+                        .arg(&cp_out);
+                    cp_sync = cp_sync.min(timed(&mut cmd, "cp+fsync")?.0);
+                    let _ = std::fs::remove_file(&cp_out);
+                }
+            }
+            sync()?;
+        }
     }
 
     warm(&input)?;
