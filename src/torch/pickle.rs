@@ -35,8 +35,10 @@ pub use crate::torch::value::{Construct, Global, Object, Value};
 pub const MAX_MEMO: usize = 1 << 24;
 /// Most items on the stack (all marks together).
 pub const MAX_STACK: usize = 1 << 24;
-/// Deepest nesting of containers in the result.
-pub const MAX_DEPTH: usize = 256;
+/// Deepest nesting of containers in the result. Real checkpoints nest a few
+/// levels; the converter recurses per level, and 100 levels stay well inside
+/// a 2 MiB thread stack even in debug builds (256 overflowed it).
+pub const MAX_DEPTH: usize = 100;
 
 /// Why a pickle could not be read. `offset` is the byte offset of the opcode
 /// inside the pickle; `opcode` its byte.
