@@ -23,6 +23,9 @@ use crate::torch::dtype::Dtype;
 /// The one data file this writer produces.
 pub const DATA_FILE: &str = "__0_0.distcp";
 
+/// The `metadata.json` megatron-core 0.16 writes for a torch_dist folder.
+pub const METADATA_JSON: &str = r#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+
 /// A minimal protocol-2 pickle emitter for the `Metadata` tree (no memo).
 struct Emit {
     b: Vec<u8>,
@@ -414,7 +417,7 @@ pub fn write_torch_dist(
         dist::write_bytes(out, "metadata.json", json.as_bytes())
             .map_err(|e| io_err("metadata.json", e))?;
     } else if ck.backend == dist::Backend::Zarr {
-        let json = br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+        let json = METADATA_JSON.as_bytes();
         dist::write_bytes(out, "metadata.json", json).map_err(|e| io_err("metadata.json", e))?;
     }
     Ok(())

@@ -9,7 +9,7 @@ pub mod detect;
 mod logical;
 pub mod write;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::archive::{Archive, ArchiveKind, MemberKind};
 use crate::bytes::ByteView;
@@ -210,11 +210,11 @@ impl Checkpoint {
         };
         let family = Family::load(family_name)?;
 
+        // A bare distributed-checkpoint folder holds nothing but weights.
+        let bare_dist = layout.variant == Variant::Distributed && layout.dist_dir.is_empty();
         let artifacts = names
             .iter()
-            .filter(|n| {
-                n.as_str() != CONFIG_MEMBER && !is_weights_member(n) && !in_dist_dir(&layout, n)
-            })
+            .filter(|n| !bare_dist && n.as_str() != CONFIG_MEMBER && !is_weights_member(n))
             .cloned()
             .collect();
 
@@ -279,11 +279,6 @@ impl Checkpoint {
     pub fn tensors(&self) -> Vec<LogicalTensor> {
         logical::build(self)
     }
-
-    /// The source path as given.
-    pub fn path_buf(&self) -> PathBuf {
-        self.archive.path().to_path_buf()
-    }
 }
 
 /// True for members that hold weights (rank folders, the dist folder, the single file).
@@ -292,11 +287,6 @@ pub fn is_weights_member(name: &str) -> bool {
         || name.starts_with(&format!("{}/", detect::DIST_DIR))
         || name.starts_with("mp_rank_")
         || name.starts_with("tp_rank_")
-}
-
-/// True for members of a bare distributed checkpoint folder.
-fn in_dist_dir(layout: &Detected, _name: &str) -> bool {
-    layout.variant == Variant::Distributed && layout.dist_dir.is_empty()
 }
 
 /// mcore keys have `decoder.`; legacy ones `language_model.`.

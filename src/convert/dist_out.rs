@@ -21,8 +21,7 @@ use crate::torch::value::Value;
 
 use super::canonical::{stack_name, te_name, Canonical, Item};
 
-/// The `metadata.json` megatron-core 0.16 writes for torch_dist.
-pub const METADATA_JSON: &str = r#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+pub use crate::dcp_write::METADATA_JSON;
 
 /// Errors writing the distributed `.nemo`; each names the member or key.
 #[derive(Debug, thiserror::Error)]
