@@ -251,7 +251,7 @@ impl Archive {
                 reason: "the file is empty".into(),
             });
         }
-        let data = ByteView::from_mmap(map_file(&file).map_err(io_err)?);
+        let data = ByteView::from_mapped_file(map_file(&file).map_err(io_err)?, file);
         let members = tar::read_index(data.as_slice())?
             .into_iter()
             .map(|e| Member {
@@ -559,7 +559,10 @@ fn read_folder_file(root: &Path, member: &Member) -> Result<ByteView, Error> {
         return Ok(ByteView::from_vec(Vec::new()));
     }
     let file = File::open(&path).map_err(io_err)?;
-    Ok(ByteView::from_mmap(map_file(&file).map_err(io_err)?))
+    Ok(ByteView::from_mapped_file(
+        map_file(&file).map_err(io_err)?,
+        file,
+    ))
 }
 
 #[cfg(test)]

@@ -2,20 +2,23 @@
 //! from a file or owned in memory (decompressed gzip, generated data).
 
 use std::fmt;
+use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::mmap::Mmap;
 
 enum Backing {
-    Mapped(Mmap),
+    /// A map of a whole file (from offset 0), with the file when we have it:
+    /// writers can then copy ranges file to file in the kernel.
+    Mapped(Mmap, Option<File>),
     Owned(Vec<u8>),
 }
 
 impl Backing {
     fn as_slice(&self) -> &[u8] {
         match self {
-            Backing::Mapped(m) => m,
+            Backing::Mapped(m, _) => m,
             Backing::Owned(v) => v,
         }
     }
@@ -46,9 +49,30 @@ impl ByteView {
     pub fn from_mmap(map: Mmap) -> Self {
         let len = map.len();
         ByteView {
-            buf: Arc::new(Backing::Mapped(map)),
+            buf: Arc::new(Backing::Mapped(map, None)),
             start: 0,
             len,
+        }
+    }
+
+    /// A view over a whole map of `file` (mapped from offset 0), which is
+    /// kept so that [`ByteView::file_range`] can name the bytes' source.
+    pub fn from_mapped_file(map: Mmap, file: File) -> Self {
+        let len = map.len();
+        ByteView {
+            buf: Arc::new(Backing::Mapped(map, Some(file))),
+            start: 0,
+            len,
+        }
+    }
+
+    /// The file these bytes are mapped from and their offset in it, when
+    /// known: lets a writer copy them in the kernel instead of through the
+    /// map (see [`crate::sink::Sink::append_view`]).
+    pub fn file_range(&self) -> Option<(&File, u64)> {
+        match &*self.buf {
+            Backing::Mapped(_, Some(f)) => Some((f, self.start as u64)),
+            _ => None,
         }
     }
 
@@ -128,7 +152,7 @@ impl ByteView {
     /// Drops this range's resident pages if it is memory-mapped (see
     /// [`crate::mmap::release`]); a no-op for owned bytes.
     pub fn release(&self) {
-        if let Backing::Mapped(m) = &*self.buf {
+        if let Backing::Mapped(m, _) = &*self.buf {
             crate::mmap::release(m, self.start, self.len);
         }
     }
@@ -136,7 +160,7 @@ impl ByteView {
     /// Advises sequential read-ahead of this range if it is memory-mapped (see
     /// [`crate::mmap::prefetch`]); a no-op for owned bytes.
     pub fn prefetch(&self) {
-        if let Backing::Mapped(m) = &*self.buf {
+        if let Backing::Mapped(m, _) = &*self.buf {
             crate::mmap::prefetch(m, self.start, self.len);
         }
     }
@@ -144,7 +168,7 @@ impl ByteView {
     /// True when both views are backed by a memory map (used by tests and benches
     /// that check we stay zero-copy).
     pub fn is_mapped(&self) -> bool {
-        matches!(*self.buf, Backing::Mapped(_))
+        matches!(*self.buf, Backing::Mapped(..))
     }
 }
 

@@ -455,7 +455,9 @@ fn save_chunk_with(
     let root = crate::torch::Value::Tensor(Box::new(t));
     let mut counting = CountingWrite { inner: w, n: 0 };
     let mut f = |_: &crate::torch::tensor::StorageRef,
-                 sink: &mut dyn FnMut(&[u8]) -> io::Result<()>| fill(sink);
+                 sink: &mut dyn crate::torch::file::RecordSink| {
+        fill(&mut |b: &[u8]| sink.bytes(b))
+    };
     crate::torch::file::save_with(&mut counting, "archive", &root, &mut f)
         .map_err(io::Error::other)?;
     Ok(counting.n)
@@ -465,6 +467,8 @@ struct CountingWrite<'a> {
     inner: &'a mut dyn io::Write,
     n: u64,
 }
+
+impl crate::sink::Sink for CountingWrite<'_> {}
 
 impl io::Write for CountingWrite<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {

@@ -30,6 +30,8 @@ pub mod reshard;
 pub mod runconfig;
 pub mod safetensors;
 pub mod schedule;
+pub mod sink;
+pub mod stream;
 pub mod synth;
 pub mod tar_write;
 pub mod tokenizer;

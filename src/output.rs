@@ -11,6 +11,13 @@ use std::path::{Path, PathBuf};
 
 use tempfile::{NamedTempFile, TempDir};
 
+/// Size of the writes (and write buffers) of large outputs. Larger writes
+/// let the kernel allocate the page cache in large folios, which on VMs with
+/// free-page reporting (their memory handed back to the host) must be
+/// faulted back in: 4 MiB `write`s of a 2 GiB output measured 1.6-4.9 s
+/// there against 0.4 s in 128 KiB ones (and 0.67 s for `cp`).
+pub const WRITE_BLOCK: usize = 128 << 10;
+
 /// Prefix of our temporaries, so a crash leaves recognisable leftovers.
 const TEMP_PREFIX: &str = ".nemo-tool-tmp-";
 

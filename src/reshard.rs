@@ -9,20 +9,20 @@
 //! Member order is what `tarfile.add` of NeMo's temp folder gives: the
 //! config, the artifacts byte for byte, and the rank folders, sorted.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::archive::MemberKind;
-use crate::bytes::ByteView;
 use crate::canonical::{Canonical, EntryValue};
 use crate::checkpoint::{is_weights_member, Weights, CONFIG_MEMBER};
 use crate::output::OutputFile;
 use crate::plan::{Plan, PlanItem, Segment};
 use crate::tar_write::{python_add_order, TarWriter};
-use crate::torch::tensor::{Piece, StorageRef, TensorRef};
+use crate::torch::file::RecordSink;
+use crate::torch::tensor::{spans, Piece, StorageRef, TensorRef};
 use crate::torch::value::{Construct, Global, Object};
 use crate::torch::{Dtype, Value};
 
@@ -123,7 +123,7 @@ pub fn write(
     if opts.no_sync {
         file = file.not_durable();
     }
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
     tar.append_dir("")?;
 
     // Members: everything that is not weights, plus the new rank files.
@@ -195,65 +195,76 @@ pub fn write(
                 tensors += jobs.len();
                 let mut next = 0usize;
                 let total = plan.bytes;
-                let written = tar.append_streamed(&rank.member, |w| {
-                    let mut fill = |s: &StorageRef,
-                                    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>|
-                     -> io::Result<()> {
-                        // A storage inside a kept object (a TE `_extra_state`
-                        // tensor) is written as it is; ours are composed
-                        // placeholders, met in first-use order = tensor order.
-                        if s.composed.is_empty() {
-                            for p in s.pieces() {
-                                if let Piece::Bytes(b) = p {
-                                    sink(b.as_slice())?;
-                                }
+                // Uncast tensors are read (and checksummed) on a second
+                // thread running ahead of this one, which only writes.
+                let uncast: Vec<&[Piece]> = jobs
+                    .iter()
+                    .filter(|j| j.cast.is_none())
+                    .map(|j| &j.pieces[..])
+                    .collect();
+                let written = std::thread::scope(|scope| {
+                    let mut ahead =
+                        crate::stream::Prefetch::start(scope, uncast).map_err(|source| {
+                            Error::Write {
+                                member: rank.member.clone(),
+                                source,
                             }
-                            return Ok(());
-                        }
-                        let job = jobs
-                            .get(next)
-                            .ok_or_else(|| io::Error::other("storage without a planned tensor"))?;
-                        next += 1;
-                        if job.nbytes != s.nbytes() {
-                            return Err(io::Error::other(format!(
-                                "{}: storage of {} bytes, planned {}",
-                                job.key,
-                                s.nbytes(),
-                                job.nbytes
-                            )));
-                        }
-                        let spans = spans(&job.pieces);
-                        for s in &spans {
-                            s.prefetch();
-                        }
-                        match job.cast {
-                            None => {
-                                for p in &job.pieces {
-                                    match p {
-                                        Piece::Bytes(b) => sink(b.as_slice())?,
-                                        Piece::Zeros(n) => {
-                                            crate::torch::file::write_zeros(sink, *n)?
+                        })?;
+                    tar.append_streamed(&rank.member, |w| {
+                        let mut fill =
+                            |s: &StorageRef, sink: &mut dyn RecordSink| -> io::Result<()> {
+                                // A storage inside a kept object (a TE `_extra_state`
+                                // tensor) is written as it is; ours are composed
+                                // placeholders, met in first-use order = tensor order.
+                                if s.composed.is_empty() {
+                                    for p in s.pieces() {
+                                        if let Piece::Bytes(b) = p {
+                                            sink.bytes(b.as_slice())?;
+                                        }
+                                    }
+                                    return Ok(());
+                                }
+                                let job = jobs.get(next).ok_or_else(|| {
+                                    io::Error::other("storage without a planned tensor")
+                                })?;
+                                next += 1;
+                                if job.nbytes != s.nbytes() {
+                                    return Err(io::Error::other(format!(
+                                        "{}: storage of {} bytes, planned {}",
+                                        job.key,
+                                        s.nbytes(),
+                                        job.nbytes
+                                    )));
+                                }
+                                match job.cast {
+                                    None => {
+                                        sink.streamed(job.nbytes, &mut |out| ahead.write_next(out))?
+                                    }
+                                    Some((from, to)) => {
+                                        let spans = spans(&job.pieces);
+                                        for s in &spans {
+                                            s.prefetch();
+                                        }
+                                        cast_pieces(&job.pieces, from, to, sink)?;
+                                        // Drop the source pages again (widened to whole
+                                        // folios, see `mmap::release`): resident memory
+                                        // stays at about one tensor.
+                                        for s in &spans {
+                                            s.release();
                                         }
                                     }
                                 }
-                            }
-                            Some((from, to)) => cast_pieces(&job.pieces, from, to, sink)?,
-                        }
-                        // Drop the source pages again (widened to whole folios,
-                        // see `mmap::release`): resident memory stays at about
-                        // one tensor.
-                        for s in &spans {
-                            s.release();
-                        }
-                        done += job.nbytes;
-                        if let Some(cb) = progress.as_mut() {
-                            cb(done, total);
-                        }
-                        Ok(())
-                    };
-                    crate::torch::file::save_with(w, &archive_name, &root, &mut fill)
-                        .map(|_| ())
-                        .map_err(io::Error::other)
+                                done += job.nbytes;
+                                if let Some(cb) = progress.as_mut() {
+                                    cb(done, total);
+                                }
+                                Ok(())
+                            };
+                        crate::torch::file::save_with(w, &archive_name, &root, &mut fill)
+                            .map(|_| ())
+                            .map_err(io::Error::other)
+                    })?;
+                    Ok::<_, Error>(())
                 });
                 written?;
             }
@@ -367,48 +378,12 @@ fn build_rank(canon: &Canonical, plan: &Plan, i: usize) -> Result<(Value, Vec<Jo
     Ok((Value::Object(Box::new(od)), jobs))
 }
 
-/// Mapped pieces merged into spans (gaps under 256 KiB joined), for
-/// read-ahead and release hints.
-pub(crate) fn spans(pieces: &[Piece]) -> Vec<ByteView> {
-    const GAP: usize = 256 << 10;
-    let mut locs: Vec<(usize, std::ops::Range<usize>, &ByteView)> = pieces
-        .iter()
-        .filter_map(|p| match p {
-            Piece::Bytes(b) if b.is_mapped() => {
-                let (id, r) = b.location();
-                Some((id, r, b))
-            }
-            _ => None,
-        })
-        .collect();
-    locs.sort_by_key(|(id, r, _)| (*id, r.start));
-    let mut out: Vec<ByteView> = Vec::new();
-    let mut cur: Option<(usize, std::ops::Range<usize>, &ByteView)> = None;
-    for (id, r, b) in locs {
-        match &mut cur {
-            Some((cid, cr, _)) if *cid == id && r.start <= cr.end.saturating_add(GAP) => {
-                cr.end = cr.end.max(r.end);
-            }
-            _ => {
-                if let Some((_, cr, cb)) = cur.take() {
-                    out.extend(cb.rebase(cr));
-                }
-                cur = Some((id, r, b));
-            }
-        }
-    }
-    if let Some((_, cr, cb)) = cur {
-        out.extend(cb.rebase(cr));
-    }
-    out
-}
-
 /// Converts float elements between f32, f16 and bf16, a block at a time.
 pub(crate) fn cast_pieces(
     pieces: &[Piece],
     from: Dtype,
     to: Dtype,
-    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    sink: &mut dyn RecordSink,
 ) -> io::Result<()> {
     const BLOCK: usize = 1 << 16; // elements
     let (fs, ts) = (from.size(), to.size());
@@ -448,7 +423,7 @@ pub(crate) fn cast_pieces(
                 let whole = block.len() / fs * fs;
                 convert(&block[..whole], &mut out)?;
                 carry.extend_from_slice(&block[whole..]);
-                sink(&out)?;
+                sink.bytes(&out)?;
                 out.clear();
             }
             Ok(())
@@ -466,7 +441,7 @@ pub(crate) fn cast_pieces(
         }
     }
     if !out.is_empty() {
-        sink(&out)?;
+        sink.bytes(&out)?;
     }
     Ok(())
 }
@@ -474,6 +449,7 @@ pub(crate) fn cast_pieces(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bytes::ByteView;
 
     #[test]
     fn casts_across_piece_boundaries() {
@@ -486,7 +462,7 @@ mod tests {
             Piece::Zeros(4),
         ];
         let mut out = Vec::new();
-        cast_pieces(&pieces, Dtype::F32, Dtype::BF16, &mut |b| {
+        cast_pieces(&pieces, Dtype::F32, Dtype::BF16, &mut |b: &[u8]| {
             out.extend_from_slice(b);
             Ok(())
         })
@@ -496,12 +472,5 @@ mod tests {
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect();
         assert_eq!(got, vec![1.5, -2.0, 0.25, 0.0]);
-    }
-
-    #[test]
-    fn spans_merge_nearby_views() {
-        let v = ByteView::from_vec(vec![0u8; 1 << 20]);
-        // owned views give no spans (nothing to advise)
-        assert!(spans(&[Piece::Bytes(v.slice(0..10).unwrap())]).is_empty());
     }
 }

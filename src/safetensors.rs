@@ -136,7 +136,7 @@ impl SafeTensors {
             // Converters stream whole tensors: let the kernel read ahead.
             #[cfg(unix)]
             let _ = map.advise(memmap2::Advice::Sequential);
-            ByteView::from_mmap(map)
+            ByteView::from_mapped_file(map, f)
         };
         SafeTensors::parse(&file, view)
     }

@@ -4,7 +4,7 @@
 //! Written with nemo-tool's own writers, in the per-rank layout NeMo uses.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::bytes::ByteView;
@@ -371,6 +371,8 @@ impl Write for SparseFile {
     }
 }
 
+impl crate::sink::Sink for SparseFile {}
+
 impl Seek for SparseFile {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.pos = self.file.seek(to)?;
@@ -386,7 +388,7 @@ pub fn write_nemo(spec: &Spec, tp: u64, pp: u64, fill: Fill, out: &Path) -> io::
         pos: 0,
         len: 0,
     };
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, sparse));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(sparse));
     let cfg = spec.config_yaml(tp, pp);
     tar.append_dir("").map_err(io::Error::other)?;
     tar.append_pieces("model_config.yaml", cfg.len() as u64, [cfg.as_bytes()])
@@ -436,7 +438,7 @@ pub fn write_nemo(spec: &Spec, tp: u64, pp: u64, fill: Fill, out: &Path) -> io::
     }
     let mut buf = tar.finish().map_err(io::Error::other)?;
     buf.flush()?;
-    let sparse = buf.into_inner().map_err(|e| e.into_error())?;
+    let sparse = buf.into_inner()?;
     sparse.file.set_len(sparse.len)?;
     drop(sparse);
     of.commit().map_err(io::Error::other)?;

@@ -13,6 +13,8 @@
 use std::cmp::Ordering;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
+use crate::sink::Sink;
+
 /// Tar block size.
 const BLOCK: usize = 512;
 /// Python's `tarfile.RECORDSIZE`: the archive is padded to a multiple of it.
@@ -383,7 +385,15 @@ impl<W: Write> Write for Counting<'_, W> {
     }
 }
 
-impl<W: Write + Seek> TarWriter<W> {
+impl<W: Sink> Sink for Counting<'_, W> {
+    fn append_view(&mut self, view: &crate::bytes::ByteView) -> io::Result<()> {
+        self.inner.append_view(view)?;
+        self.count += view.len() as u64;
+        Ok(())
+    }
+}
+
+impl<W: Sink + Seek> TarWriter<W> {
     /// Writes a file entry whose size is only known once `fill` has written
     /// it: the header goes out with size 0, the data streams through, then the
     /// header is patched in place. This lets a serializer stream straight
@@ -395,7 +405,7 @@ impl<W: Write + Seek> TarWriter<W> {
     /// A bad name, or a write/seek error from `fill` or the output.
     pub fn append_streamed<F>(&mut self, name: &str, fill: F) -> Result<u64, Error>
     where
-        F: FnOnce(&mut dyn Write) -> io::Result<()>,
+        F: FnOnce(&mut dyn Sink) -> io::Result<()>,
     {
         let header = entry_header(name, EntryKind::File, 0, self.mtime)?;
         self.write(name, &header)?;

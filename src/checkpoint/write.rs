@@ -5,7 +5,7 @@
 //! renamed only when everything was written.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -72,7 +72,7 @@ pub struct PackSummary {
 /// Writes `ckpt` to `out` as an uncompressed `.nemo` tar in the same layout.
 pub fn pack(ckpt: &Checkpoint, out: &Path, opts: &PackOptions) -> Result<PackSummary, Error> {
     let mut file = OutputFile::create(out, opts.force)?;
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
     tar.append_dir("")?;
     let mut count = 1;
     let ranks: BTreeMap<&str, &super::RankFile> = ckpt
@@ -132,7 +132,10 @@ pub fn pack(ckpt: &Checkpoint, out: &Path, opts: &PackOptions) -> Result<PackSum
     })
 }
 
-fn save_torch(w: &mut dyn Write, file: &crate::torch::file::TorchFile) -> io::Result<()> {
+fn save_torch(
+    w: &mut dyn crate::sink::Sink,
+    file: &crate::torch::file::TorchFile,
+) -> io::Result<()> {
     crate::torch::file::save(w, &file.archive_name, &file.root)
         .map(|_| ())
         .map_err(|e| io::Error::other(e.to_string()))
@@ -140,14 +143,14 @@ fn save_torch(w: &mut dyn Write, file: &crate::torch::file::TorchFile) -> io::Re
 
 /// Tar members as a distributed-checkpoint writer's output folder: each file
 /// streams straight into the archive.
-struct TarDir<'a, W: Write + io::Seek> {
+struct TarDir<'a, W: crate::sink::Sink + io::Seek> {
     tar: &'a mut TarWriter<W>,
     dir: &'a str,
     count: usize,
     dirs: BTreeSet<String>,
 }
 
-impl<W: Write + io::Seek> OutDir for TarDir<'_, W> {
+impl<W: crate::sink::Sink + io::Seek> OutDir for TarDir<'_, W> {
     fn write_file(
         &mut self,
         name: &str,
@@ -180,7 +183,7 @@ impl<W: Write + io::Seek> OutDir for TarDir<'_, W> {
         }
         let written = self
             .tar
-            .append_streamed(&member, |w| fill(w))
+            .append_streamed(&member, |mut w| fill(&mut w))
             .map_err(io::Error::other)?;
         if written != size {
             return Err(io::Error::other(format!(
@@ -193,7 +196,7 @@ impl<W: Write + io::Seek> OutDir for TarDir<'_, W> {
 }
 
 /// Writes the distributed checkpoint folder; returns the number of members.
-fn write_dist<W: Write + io::Seek>(
+fn write_dist<W: crate::sink::Sink + io::Seek>(
     tar: &mut TarWriter<W>,
     ckpt: &Checkpoint,
     dist: &DistCheckpoint,

@@ -52,6 +52,11 @@ pub struct Args {
     /// Replace OUTPUT if it exists.
     #[arg(long)]
     pub force: bool,
+    /// With --from hf: do not fsync the output before renaming it into place: still
+    /// atomic (never a partial file at OUTPUT), but not durable across a power loss.
+    /// Faster like `cp`.
+    #[arg(long)]
+    pub no_sync: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -102,6 +107,9 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 /// Runs `convert`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let to = args.to.as_deref();
+    if args.no_sync && args.from != "hf" {
+        bail!("--no-sync is only for --from hf");
+    }
     let summary = match (args.from.as_str(), to) {
         ("hf", None | Some("nemo") | Some("per-rank")) => convert::hf_to_nemo(
             &args.input,
@@ -112,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 dtype: args.dtype,
                 vocab_divisor: args.vocab_divisible_by,
                 force: args.force,
+                no_sync: args.no_sync,
             },
         ),
         ("hf", Some(other)) => bail!("--from hf writes a .nemo; --to {other} is not possible"),

@@ -8,7 +8,7 @@
 //! torch_dist `metadata.json`. megatron-core loads it at any TP.
 
 use std::collections::BTreeSet;
-use std::io::{self, BufWriter, Seek, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use crate::bytes::ByteView;
@@ -215,11 +215,11 @@ pub fn plan(
 }
 
 /// Tar members under `model_weights/` as the DCP writer's output folder.
-struct TarDir<'a, W: Write + Seek> {
+struct TarDir<'a, W: crate::sink::Sink + Seek> {
     tar: &'a mut TarWriter<W>,
 }
 
-impl<W: Write + Seek> OutDir for TarDir<'_, W> {
+impl<W: crate::sink::Sink + Seek> OutDir for TarDir<'_, W> {
     fn write_file(
         &mut self,
         name: &str,
@@ -229,7 +229,7 @@ impl<W: Write + Seek> OutDir for TarDir<'_, W> {
         let member = format!("{}/{name}", crate::checkpoint::detect::DIST_DIR);
         let n = self
             .tar
-            .append_streamed(&member, |w| fill(w))
+            .append_streamed(&member, |mut w| fill(&mut w))
             .map_err(io::Error::other)?;
         if n != size {
             return Err(io::Error::other(format!(
@@ -277,7 +277,7 @@ pub fn write(
     names.sort_by(|a, b| python_add_order(a, b));
     names.dedup();
     let mut file = OutputFile::create(out, force)?;
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
     tar.append_dir("")?;
     for name in &names {
         if name == crate::checkpoint::detect::DIST_DIR {
@@ -290,7 +290,7 @@ pub fn write(
                     .get(ti)
                     .and_then(|c| c.get(ci))
                     .ok_or_else(|| io::Error::other("chunk without pieces"))?;
-                super::write_nemo::stream_pieces(p, None, sink)
+                super::write_nemo::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
             };
             crate::dcp_write::write_torch_dist_streamed(
                 &dist,

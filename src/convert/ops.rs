@@ -2,7 +2,7 @@
 //! `.nemo` -> HF folder (sharded safetensors), `.nemo` -> torch_dist `.nemo`,
 //! and `.nemo` -> per-rank `.nemo` at any TP/PP (the reshard planner).
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -84,6 +84,8 @@ pub struct FromHf {
     pub vocab_divisor: Option<u64>,
     /// Replace the output.
     pub force: bool,
+    /// Skip the fsync before the rename (atomic, not durable).
+    pub no_sync: bool,
 }
 
 /// What a conversion wrote.
@@ -239,7 +241,15 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
             dtype,
         },
     );
-    let s = write_nemo::write(&m.canonical, &target, &config, &artifacts, out, opts.force)?;
+    let s = write_nemo::write(
+        &m.canonical,
+        &target,
+        &config,
+        &artifacts,
+        out,
+        opts.force,
+        opts.no_sync,
+    )?;
     Ok(Summary {
         output: s.output,
         direction: "hf -> nemo".into(),
@@ -385,7 +395,7 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
     for (name, idx) in &plan.files {
         let path = dir.path().join(name);
         let f = std::fs::File::create(&path).map_err(io_err(&path))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let mut w = crate::sink::BlockWriter::new(f);
         let sel: Vec<WriteTensor> = idx
             .iter()
             .filter_map(|&i| header_tensors.get(i).cloned())
@@ -396,7 +406,8 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
             let (Some(t), Some(cast)) = (tensors.get(i), casts.get(i)) else {
                 continue;
             };
-            stream_pieces(&t.pieces, *cast, &mut |b| w.write_all(b)).map_err(io_err(&path))?;
+            stream_pieces(&t.pieces, *cast, &mut crate::sink::Record(&mut w))
+                .map_err(io_err(&path))?;
         }
         w.flush().map_err(io_err(&path))?;
     }

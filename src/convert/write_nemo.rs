@@ -5,7 +5,7 @@
 //! before and released after each tensor so resident memory stays bounded.
 //! Config and artifacts go first; members are in `tarfile.add` order.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -16,6 +16,7 @@ use crate::layout::{Family, Rule};
 use crate::output::OutputFile;
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::dtype::Dtype;
+use crate::torch::file::RecordSink;
 use crate::torch::tensor::{Piece, StorageRef, TensorKind, TensorRef};
 use crate::torch::value::{Construct, Global, Object, Value};
 
@@ -96,9 +97,6 @@ struct Job {
     cast: Option<(Dtype, Dtype)>,
 }
 
-/// Bytes per write when streaming from a mapping.
-const WRITE_BLOCK: usize = 1 << 20;
-
 /// Source bytes read ahead, written and released at a time: bounds the
 /// resident pages of the mapping to about this much (plus the kernel's folio
 /// rounding), whatever the tensor size.
@@ -110,7 +108,7 @@ const WINDOW: u64 = 8 << 20;
 pub(crate) fn stream_pieces(
     pieces: &[Piece],
     cast: Option<(Dtype, Dtype)>,
-    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    sink: &mut dyn RecordSink,
 ) -> io::Result<()> {
     let mut group: Vec<Piece> = Vec::new();
     let mut size = 0u64;
@@ -149,36 +147,26 @@ pub(crate) fn stream_pieces(
 fn write_window(
     pieces: &[Piece],
     cast: Option<(Dtype, Dtype)>,
-    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    sink: &mut dyn RecordSink,
 ) -> io::Result<()> {
     if pieces.is_empty() {
         return Ok(());
     }
-    let spans = crate::reshard::spans(pieces);
-    for s in &spans {
-        s.prefetch();
-    }
     match cast {
-        Some((from, to)) if from != to => crate::reshard::cast_pieces(pieces, from, to, sink)?,
-        _ => {
-            for p in pieces {
-                match p {
-                    // Page-cache-sized writes: one huge write() from a mapping
-                    // is several times slower than 1 MiB ones on Linux.
-                    Piece::Bytes(b) => {
-                        for part in b.as_slice().chunks(WRITE_BLOCK) {
-                            sink(part)?;
-                        }
-                    }
-                    Piece::Zeros(n) => crate::torch::file::write_zeros(sink, *n)?,
-                }
+        Some((from, to)) if from != to => {
+            let spans = crate::torch::tensor::spans(pieces);
+            for s in &spans {
+                s.prefetch();
             }
+            crate::reshard::cast_pieces(pieces, from, to, sink)?;
+            for s in &spans {
+                s.release();
+            }
+            Ok(())
         }
+        // The sink prefetches and releases (see `RecordSink::pieces`).
+        _ => sink.pieces(pieces),
     }
-    for s in &spans {
-        s.release();
-    }
-    Ok(())
 }
 
 /// A float cast `from -> to`, checked.
@@ -340,6 +328,7 @@ pub fn write(
     artifacts: &[(String, ByteView)],
     out: &Path,
     force: bool,
+    no_sync: bool,
 ) -> Result<Summary, Error> {
     let family = Family::load("mcore-gpt")?;
     let variant = Variant::for_sizes(t.tp, t.pp);
@@ -366,7 +355,10 @@ pub fn write(
     }
     members.sort_by(|a, b| python_add_order(&a.0, &b.0));
     let mut file = OutputFile::create(out, force)?;
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
+    if no_sync {
+        file = file.not_durable();
+    }
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
     tar.append_dir("")?;
     let mut tensors = 0usize;
     for (name, m) in &members {
@@ -376,22 +368,43 @@ pub fn write(
             M::Rank(tp, pp) => {
                 let (root, jobs) = build_rank(canon, &family, t, *tp, *pp)?;
                 tensors += jobs.len();
-                let mut next = 0usize;
-                tar.append_streamed(name, |w| {
-                    let mut fill = |s: &StorageRef,
-                                    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>|
-                     -> io::Result<()> {
-                        // Storages come in first-use order = state-dict order = job order.
-                        let job = jobs
-                            .get(next)
-                            .ok_or_else(|| io::Error::other("storage without a tensor"))?;
-                        next += 1;
-                        let _ = s;
-                        stream_pieces(&job.pieces, job.cast, sink)
-                    };
-                    crate::torch::file::save_with(w, "model_weights", &root, &mut fill)
-                        .map(|_| ())
-                        .map_err(io::Error::other)
+                // Tensors without a cast are read (and checksummed) on a
+                // second thread running ahead of this one, which only writes.
+                let plain = |j: &Job| !matches!(j.cast, Some((a, b)) if a != b);
+                let uncast: Vec<&[Piece]> = jobs
+                    .iter()
+                    .filter(|j| plain(j))
+                    .map(|j| &j.pieces[..])
+                    .collect();
+                std::thread::scope(|scope| -> Result<(), Error> {
+                    let mut ahead =
+                        crate::stream::Prefetch::start(scope, uncast).map_err(|source| {
+                            Error::Write {
+                                member: name.clone(),
+                                source,
+                            }
+                        })?;
+                    let mut next = 0usize;
+                    tar.append_streamed(name, |w| {
+                        let mut fill =
+                            |_: &StorageRef, sink: &mut dyn RecordSink| -> io::Result<()> {
+                                // Storages come in first-use order = state-dict order = job order.
+                                let job = jobs
+                                    .get(next)
+                                    .ok_or_else(|| io::Error::other("storage without a tensor"))?;
+                                next += 1;
+                                if plain(job) {
+                                    let n = job.pieces.iter().map(Piece::len).sum();
+                                    sink.streamed(n, &mut |out| ahead.write_next(out))
+                                } else {
+                                    stream_pieces(&job.pieces, job.cast, sink)
+                                }
+                            };
+                        crate::torch::file::save_with(w, "model_weights", &root, &mut fill)
+                            .map(|_| ())
+                            .map_err(io::Error::other)
+                    })?;
+                    Ok(())
                 })?;
             }
         }

@@ -7,7 +7,7 @@
 //! distillation script saves (`name: modelopt`), with mcore's `_extra_state = None` entries
 //! for the linear layers.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -165,7 +165,7 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
     }
     let mut of = OutputFile::create(out, true).map_err(|e| io_err(io::Error::other(e)))?;
     let file = of.file().try_clone().map_err(io_err)?;
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file));
     let tp = a.ranks.len() as u64;
     let to_io = |e: crate::tar_write::Error| io::Error::other(e);
     tar.append_dir("").map_err(|e| io_err(to_io(e)))?;

@@ -13,9 +13,9 @@
 //! `_rebuild_tensor_v2` (conj/neg bits) is dropped.
 
 use std::collections::HashMap;
-use std::io::Write;
 
 use crate::bytes::ByteView;
+use crate::sink::Sink;
 use crate::torch::dtype::Dtype;
 use crate::torch::pickle::{self, Policy};
 use crate::torch::tensor::{self, Piece, StorageRef, TensorKind, TensorRef};
@@ -258,7 +258,7 @@ pub fn load_file(path: &std::path::Path, policy: &Policy) -> Result<TorchFile, E
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let map = crate::mmap::map_file(&f).map_err(io)?;
-    load(ByteView::from_mmap(map), policy)
+    load(ByteView::from_mapped_file(map, f), policy)
 }
 
 /// A storage record fetched by key.
@@ -528,27 +528,122 @@ impl Resolver<'_, '_> {
 /// # Errors
 /// [`Error::BadArchiveName`], [`Error::Emit`] for unpicklable values,
 /// [`Error::Zip`] for I/O errors.
-pub fn save<W: Write>(out: W, archive_name: &str, root: &Value) -> Result<W, Error> {
+pub fn save<W: Sink>(out: W, archive_name: &str, root: &Value) -> Result<W, Error> {
     save_with(out, archive_name, root, &mut |s, sink| {
-        for p in s.pieces() {
-            match p {
-                Piece::Bytes(b) => sink(b.as_slice())?,
-                Piece::Zeros(n) => write_zeros(sink, n)?,
-            }
-        }
-        Ok(())
+        sink.pieces(&s.pieces())
     })
 }
 
+/// Where a [`StorageFill`] puts the bytes of one storage record.
+pub trait RecordSink {
+    /// Appends `b`.
+    ///
+    /// # Errors
+    /// I/O errors of the output.
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()>;
+
+    /// Appends the `len` bytes that `write` writes (and checksums, so the
+    /// record writer need not read them again).
+    ///
+    /// # Errors
+    /// I/O errors; a length other than `len`.
+    fn streamed(&mut self, len: u64, write: &mut StreamedWrite<'_>) -> std::io::Result<()> {
+        let mut out = crate::sink::Counted::new(BytesOf(self));
+        write(&mut out)?;
+        check_streamed(len, out.count())
+    }
+
+    /// Appends `pieces` in order, reading their mapped source pages ahead
+    /// and dropping them from this process afterwards (so that streaming a
+    /// model keeps resident memory at about one tensor). The record writer
+    /// overrides this to read them on a second thread while it writes (see
+    /// [`zip::ZipWriter::write_pieces`]).
+    ///
+    /// # Errors
+    /// I/O errors of the output.
+    fn pieces(&mut self, pieces: &[Piece]) -> std::io::Result<()> {
+        let spans = tensor::spans(pieces);
+        for s in &spans {
+            s.prefetch();
+        }
+        for p in pieces {
+            match p {
+                Piece::Bytes(b) => self.bytes(b.as_slice())?,
+                Piece::Zeros(n) => write_zeros(self, *n)?,
+            }
+        }
+        for s in &spans {
+            s.release();
+        }
+        Ok(())
+    }
+}
+
+/// Writes bytes `write` produces and reports the CRC-32 of, e.g.
+/// [`crate::stream::Prefetch::write_next`].
+pub type StreamedWrite<'a> = dyn FnMut(&mut dyn Sink) -> std::io::Result<crc32fast::Hasher> + 'a;
+
+/// Checks that a streamed write produced exactly `len` bytes.
+fn check_streamed(len: u64, written: u64) -> std::io::Result<()> {
+    if written == len {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "a tensor streamed {written} bytes, {len} were planned"
+        )))
+    }
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()> + ?Sized> RecordSink for F {
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self(b)
+    }
+}
+
+/// A [`RecordSink`] as a [`Sink`].
+struct BytesOf<'a, R: RecordSink + ?Sized>(&'a mut R);
+
+impl<R: RecordSink + ?Sized> std::io::Write for BytesOf<'_, R> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.bytes(b)?;
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: RecordSink + ?Sized> Sink for BytesOf<'_, R> {}
+
+/// The open record of a [`zip::ZipWriter`] as a [`RecordSink`].
+struct RecordOf<'a, W: Sink>(&'a mut zip::ZipWriter<W>);
+
+impl<W: Sink> RecordSink for RecordOf<'_, W> {
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.write(b).map_err(std::io::Error::other)
+    }
+
+    fn pieces(&mut self, pieces: &[Piece]) -> std::io::Result<()> {
+        self.0.write_pieces(pieces).map_err(std::io::Error::other)
+    }
+
+    fn streamed(&mut self, len: u64, write: &mut StreamedWrite<'_>) -> std::io::Result<()> {
+        self.0
+            .write_streamed(len, write)
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// Writes `n` zero bytes through a sink, a block at a time.
-pub fn write_zeros(
-    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-    mut n: u64,
-) -> std::io::Result<()> {
+///
+/// # Errors
+/// I/O errors of the sink.
+pub fn write_zeros<S: RecordSink + ?Sized>(sink: &mut S, mut n: u64) -> std::io::Result<()> {
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
-        sink(&ZEROS[..k])?;
+        sink.bytes(&ZEROS[..k])?;
         n -= k as u64;
     }
     Ok(())
@@ -556,8 +651,7 @@ pub fn write_zeros(
 
 /// Produces one storage record's bytes: called with the storage and a sink
 /// that appends to its record; must write exactly `storage.nbytes()` bytes.
-pub type StorageFill<'a> = dyn FnMut(&StorageRef, &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()>
-    + 'a;
+pub type StorageFill<'a> = dyn FnMut(&StorageRef, &mut dyn RecordSink) -> std::io::Result<()> + 'a;
 
 /// Like [`save`], but each storage's bytes come from `fill`: lets a streaming
 /// writer prefetch and release source pages around each record, or convert
@@ -565,7 +659,7 @@ pub type StorageFill<'a> = dyn FnMut(&StorageRef, &mut dyn FnMut(&[u8]) -> std::
 ///
 /// # Errors
 /// As [`save`]; an error from `fill` is an [`Error::Zip`] I/O error.
-pub fn save_with<W: Write>(
+pub fn save_with<W: Sink>(
     out: W,
     archive_name: &str,
     root: &Value,
@@ -584,7 +678,7 @@ pub fn save_with<W: Write>(
     z.add("byteorder", b"little")?;
     for s in &e.storages {
         z.begin(&format!("data/{}", s.key), s.nbytes())?;
-        fill(s, &mut |b| z.write(b).map_err(std::io::Error::other)).map_err(zip::Error::Io)?;
+        fill(s, &mut RecordOf(&mut z)).map_err(zip::Error::Io)?;
         z.end()?;
     }
     z.add("version", b"3\n")?;

@@ -465,6 +465,42 @@ impl<'a> PieceIndex<'a> {
     }
 }
 
+/// Mapped pieces merged into spans (gaps under 256 KiB joined), for
+/// read-ahead and release hints.
+pub fn spans(pieces: &[Piece]) -> Vec<ByteView> {
+    const GAP: usize = 256 << 10;
+    let mut locs: Vec<(usize, std::ops::Range<usize>, &ByteView)> = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Bytes(b) if b.is_mapped() => {
+                let (id, r) = b.location();
+                Some((id, r, b))
+            }
+            _ => None,
+        })
+        .collect();
+    locs.sort_by_key(|(id, r, _)| (*id, r.start));
+    let mut out: Vec<ByteView> = Vec::new();
+    let mut cur: Option<(usize, std::ops::Range<usize>, &ByteView)> = None;
+    for (id, r, b) in locs {
+        match &mut cur {
+            Some((cid, cr, _)) if *cid == id && r.start <= cr.end.saturating_add(GAP) => {
+                cr.end = cr.end.max(r.end);
+            }
+            _ => {
+                if let Some((_, cr, cb)) = cur.take() {
+                    out.extend(cb.rebase(cr));
+                }
+                cur = Some((id, r, b));
+            }
+        }
+    }
+    if let Some((_, cr, cb)) = cur {
+        out.extend(cb.rebase(cr));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,5 +632,12 @@ mod tests {
         assert!(matches!(t.validate(), Err(Error::Overflow { .. })));
         let t = view(&[3], &[u64::MAX], 0, 12);
         assert!(matches!(t.validate(), Err(Error::Overflow { .. })));
+    }
+
+    #[test]
+    fn spans_merge_nearby_views() {
+        let v = ByteView::from_vec(vec![0u8; 1 << 20]);
+        // owned views give no spans (nothing to advise)
+        assert!(spans(&[Piece::Bytes(v.slice(0..10).unwrap())]).is_empty());
     }
 }

@@ -9,6 +9,8 @@
 use std::io::Write;
 
 use crate::bytes::ByteView;
+use crate::sink::Sink;
+use crate::torch::tensor::Piece;
 
 const SIG_LOCAL: u32 = 0x0403_4b50;
 const SIG_CENTRAL: u32 = 0x0201_4b50;
@@ -384,6 +386,41 @@ impl ZipArchive {
     }
 }
 
+/// The CRC-32 state of `n` zero bytes, built by combining power-of-two
+/// blocks so that multi-GiB runs stay cheap.
+fn zeros_crc(n: u64) -> crc32fast::Hasher {
+    let mut crc = crc32fast::Hasher::new();
+    let mut blocks = n / ZEROS.len() as u64;
+    let mut pow = crc32fast::Hasher::new();
+    if blocks > 0 {
+        pow.update(&ZEROS);
+    }
+    while blocks > 0 {
+        if blocks & 1 == 1 {
+            crc.combine(&pow);
+        }
+        let twice = pow.clone();
+        pow.combine(&twice);
+        blocks >>= 1;
+    }
+    crc.update(&ZEROS[..(n % ZEROS.len() as u64) as usize]);
+    crc
+}
+
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+
+fn write_zero_bytes<W: Write + ?Sized>(out: &mut W, mut n: u64) -> std::io::Result<()> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        out.write_all(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Payloads smaller than this are checksummed on the writing thread.
+const PARALLEL_CRC_MIN: u64 = 256 << 10;
+
 struct CdEntry {
     name: Vec<u8>,
     crc: u32,
@@ -513,8 +550,18 @@ impl<W: Write> ZipWriter<W> {
     /// # Errors
     /// As [`ZipWriter::write`].
     pub fn write_zeros(&mut self, n: u64) -> Result<(), Error> {
-        const BLOCK: usize = 1 << 16;
-        static ZEROS: [u8; BLOCK] = [0; BLOCK];
+        self.reserve(n)?;
+        let crc = zeros_crc(n);
+        if let Some(o) = self.open.as_mut() {
+            o.crc.combine(&crc);
+        }
+        write_zero_bytes(&mut self.out, n)?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Counts `n` more payload bytes against the open record's declared size.
+    fn reserve(&mut self, n: u64) -> Result<(), Error> {
         let o = self.open.as_mut().ok_or(Error::Usage {
             why: "write without an open record",
         })?;
@@ -527,27 +574,6 @@ impl<W: Write> ZipWriter<W> {
             });
         }
         o.written = written;
-        let mut blocks = n / BLOCK as u64;
-        let mut pow = crc32fast::Hasher::new();
-        if blocks > 0 {
-            pow.update(&ZEROS);
-        }
-        while blocks > 0 {
-            if blocks & 1 == 1 {
-                o.crc.combine(&pow);
-            }
-            let twice = pow.clone();
-            pow.combine(&twice);
-            blocks >>= 1;
-        }
-        o.crc.update(&ZEROS[..(n % BLOCK as u64) as usize]);
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(BLOCK as u64) as usize;
-            self.out.write_all(&ZEROS[..k])?;
-            left -= k as u64;
-        }
-        self.pos += n;
         Ok(())
     }
 
@@ -668,6 +694,79 @@ impl<W: Write> ZipWriter<W> {
         self.put(&t)?;
         self.out.flush()?;
         Ok(self.out)
+    }
+}
+
+impl<W: Sink> ZipWriter<W> {
+    /// Appends `pieces` to the open record. Large payloads are checksummed
+    /// on a second thread while this one writes, and large file-backed
+    /// views are copied file to file by the kernel ([`Sink::append_view`]):
+    /// together that moves tensor bytes at about the speed of `cp`. The
+    /// pieces' mapped source pages are dropped from this process afterwards
+    /// (see [`crate::mmap::release`]), so streaming a model keeps resident
+    /// memory at about one tensor.
+    ///
+    /// # Errors
+    /// As [`ZipWriter::write`].
+    pub fn write_pieces(&mut self, pieces: &[Piece]) -> Result<(), Error> {
+        let total: u64 = pieces.iter().map(Piece::len).sum();
+        if total < PARALLEL_CRC_MIN {
+            let spans = crate::torch::tensor::spans(pieces);
+            for s in &spans {
+                s.prefetch();
+            }
+            for p in pieces {
+                match p {
+                    Piece::Bytes(b) => self.write(b.as_slice())?,
+                    Piece::Zeros(n) => self.write_zeros(*n)?,
+                }
+            }
+            for s in &spans {
+                s.release();
+            }
+            return Ok(());
+        }
+        self.reserve(total)?;
+        let crc = crate::stream::write_checksummed(&mut self.out, pieces)?;
+        if let Some(o) = self.open.as_mut() {
+            o.crc.combine(&crc);
+        }
+        self.pos += total;
+        Ok(())
+    }
+
+    /// Appends the `len` bytes that `write` writes to the output and reports
+    /// the CRC-32 of (see [`crate::stream::Prefetch`]).
+    ///
+    /// # Errors
+    /// As [`ZipWriter::write`]; [`Error::SizeMismatch`] when `write` wrote
+    /// another length.
+    pub fn write_streamed(
+        &mut self,
+        len: u64,
+        write: &mut crate::torch::file::StreamedWrite<'_>,
+    ) -> Result<(), Error> {
+        self.reserve(len)?;
+        let mut out = crate::sink::Counted::new(&mut self.out);
+        let crc = write(&mut out)?;
+        let written = out.count();
+        if written != len {
+            let name = self
+                .open
+                .as_ref()
+                .map(|o| o.name.clone())
+                .unwrap_or_default();
+            return Err(Error::SizeMismatch {
+                name,
+                declared: len,
+                written,
+            });
+        }
+        if let Some(o) = self.open.as_mut() {
+            o.crc.combine(&crc);
+        }
+        self.pos += len;
+        Ok(())
     }
 }
 

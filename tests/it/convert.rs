@@ -36,6 +36,7 @@ fn from_hf(tp: u64, pp: u64) -> FromHf {
         dtype: None,
         vocab_divisor: None,
         force: false,
+        no_sync: false,
     }
 }
 
