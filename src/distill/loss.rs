@@ -103,8 +103,15 @@ impl KdLoss {
                 teacher.size()
             )));
         }
-        let s = student.to_kind(Kind::Float) / self.temperature;
-        let t = teacher.detach().to_kind(Kind::Float) / self.temperature;
+        let scale = |x: Tensor| {
+            if self.temperature == 1.0 {
+                x
+            } else {
+                x / self.temperature
+            }
+        };
+        let s = scale(student.to_kind(Kind::Float));
+        let t = scale(teacher.detach().to_kind(Kind::Float));
         let ls = log_softmax_tp(pg, &s)?;
         Ok(match self.kind {
             LossKind::ForwardKl => {

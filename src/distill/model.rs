@@ -90,6 +90,8 @@ pub struct Gpt {
     layers: Vec<Layer>,
     final_norm: NormW,
     output: Tensor,
+    /// The rotary tables of the last sequence length (training repeats one length).
+    rope: std::sync::Mutex<Option<(i64, rope::Rope)>>,
 }
 
 /// Where weights come from.
@@ -449,7 +451,22 @@ impl Gpt {
             layers,
             final_norm,
             output,
+            rope: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The rotary tables for sequence length `s` (cached), or None without rotary positions.
+    fn rope(&self, s: i64) -> Option<rope::Rope> {
+        let mut cache = self.rope.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cache {
+            Some((len, r)) if *len == s => Some(r.shallow_clone()),
+            _ => {
+                let r = rope::Rope::new(&self.spec.positions, s, self.device, self.kind)?;
+                let out = r.shallow_clone();
+                *cache = Some((s, r));
+                Some(out)
+            }
+        }
     }
 
     /// The parameter shards, in construction order (the tied output layer is not repeated).
@@ -559,7 +576,7 @@ impl Gpt {
             }
             x += pos.narrow(0, 0, s).unsqueeze(0);
         }
-        let rope = rope::Rope::new(&self.spec.positions, s, self.device, self.kind);
+        let rope = self.rope(s);
         let hpg = spec.heads_per_group();
         let gl = spec.groups / tp;
         let d = spec.head_dim;
@@ -574,10 +591,12 @@ impl Gpt {
                 q = r.apply(&q);
                 k = r.apply(&k);
             }
-            // [b, heads, s, d]; each group's k/v serves its hpg consecutive query heads
+            // [b, heads, s, d] and [b, groups, s, d]: each group's k/v serves its hpg
+            // consecutive query heads (SDPA's enable_gqa, which is repeat_interleave's
+            // grouping without materialising the copies)
             let q = q.transpose(1, 2);
-            let k = k.transpose(1, 2).repeat_interleave_self_int(hpg, 1, None);
-            let v = v.transpose(1, 2).repeat_interleave_self_int(hpg, 1, None);
+            let k = k.transpose(1, 2);
+            let v = v.transpose(1, 2);
             let ctx = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
@@ -586,7 +605,7 @@ impl Gpt {
                 0.0,
                 true,
                 None,
-                false,
+                hpg > 1,
             );
             let ctx = ctx.transpose(1, 2).reshape([b, s, gl * hpg * d]);
             let o = self

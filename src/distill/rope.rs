@@ -18,6 +18,16 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// Another handle to the same tables.
+    pub fn shallow_clone(&self) -> Rope {
+        Rope {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            rot: self.rot,
+            interleaved: self.interleaved,
+        }
+    }
+
     /// Tables for positions `0..seq`, or None when the model has no rotary embeddings.
     pub fn new(positions: &Positions, seq: i64, device: Device, kind: Kind) -> Option<Rope> {
         let Positions::Rope {

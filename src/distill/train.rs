@@ -583,6 +583,7 @@ pub fn run(
             on(Event::Info(s));
         }
     };
+    super::ffi::keep_freed_memory();
     let m = load_models(job, pg, device)?;
     say(
         on,
