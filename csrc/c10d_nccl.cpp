@@ -3,10 +3,12 @@
 // only creation and device selection live here.
 #include "shim.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 #include <chrono>
+#include <cstdio>
 
 using nemo_shim::guard;
 
@@ -22,6 +24,14 @@ void* nemo_shim_pg_nccl_new(void* store, int rank, int world_size, int64_t timeo
     out = nemo_shim::new_pg(pg, rank, world_size);
   });
   return out;
+}
+
+// torch.cuda.get_device_name(idx), for the MFU peak table.
+int nemo_shim_cuda_device_name(int idx, char* buf, size_t cap) {
+  return guard([&] {
+    const cudaDeviceProp* p = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(idx));
+    std::snprintf(buf, cap, "%s", p->name);
+  });
 }
 
 // torch.cuda.set_device(local_rank): must precede the NCCL group's first collective.

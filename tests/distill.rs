@@ -369,6 +369,12 @@ fn gpu_checks() {
     pg.all_reduce(&mut t, nemo_tool::distill::parallel::ReduceOp::Sum)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(t.sum(Kind::Float).double_value(&[]), 4.0);
+    let peak = nemo_tool::distill::flops::device_peak(dev, Kind::BFloat16)
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "GPU MFU peak (bf16 dense): {:?} TFLOP/s",
+        peak.map(|p| p / 1e12)
+    );
     let tokens = load_pt(&fixture("logits/tokens.pt")).to_device(dev);
     let want = load_pt(&fixture("logits/logits_tp1.pt"));
     let path = fixture("nemo/tiny_llama_tp1.nemo");

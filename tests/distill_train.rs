@@ -475,3 +475,62 @@ fn refuses_pipeline_parallelism_and_a_wrong_world_size() {
     assert!(run(&["trainer.devices=2"]).contains("torchrun --nproc_per_node=2"));
     assert!(run(&["model.bogus=1"]).contains("not in the config"));
 }
+
+/// MFU: with the device peak given (NEMO_TOOL_PEAK_TFLOPS; on a GPU the peak comes from its
+/// name) every step logs `mfu` = tokens/s × FLOPs per token / peak, the FLOPs counted by hand
+/// here for the fixture teacher and the test student; without a known peak (a CPU) there is
+/// no `mfu`; a bad value is refused.
+#[test]
+fn mfu_is_logged_when_the_peak_is_known() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 60);
+    let steps = ["trainer.max_steps=3", "trainer.limit_val_batches=0"];
+    let run = |name: &str, peak: Option<&str>| {
+        let exp = dir.path().join(name);
+        let mut a = common(&prefix, &exp, &dir.path().join(format!("{name}.nemo")));
+        a.extend(steps.iter().map(|s| s.to_string()));
+        let mut c = distill_cmd(&bin());
+        c.env_remove("NEMO_TOOL_PEAK_TFLOPS");
+        if let Some(p) = peak {
+            c.env("NEMO_TOOL_PEAK_TFLOPS", p);
+        }
+        let o = c
+            .arg("distill")
+            .args(&a)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (o, exp)
+    };
+    // multiply-adds per token at seq 32, then 2 FLOPs each; the student's is trained (x3)
+    let layer = |h: f64, q: f64, kv: f64, fc1: f64, ffn: f64| {
+        h * (q + 2.0 * kv) + q * h + h * fc1 + ffn * h + q * 33.0
+    };
+    let teacher = 2.0 * (2.0 * layer(64.0, 64.0, 16.0, 192.0, 96.0) + 64.0 * 128.0);
+    let student = 2.0 * (layer(32.0, 32.0, 16.0, 128.0, 64.0) + 32.0 * 128.0);
+    let per_token = 3.0 * student + teacher;
+    let (o, exp) = run("with_peak", Some("0.002"));
+    assert!(o.status.success(), "{}", show(&o));
+    let steps: Vec<_> = metrics(&exp)
+        .into_iter()
+        .filter(|v| v.get("kd_loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 3);
+    for v in &steps {
+        let (mfu, tps) = (v["mfu"].as_f64(), v["tokens_per_s"].as_f64());
+        let (Some(mfu), Some(tps)) = (mfu, tps) else {
+            panic!("no mfu/tokens_per_s in {v}");
+        };
+        let want = tps * per_token / 0.002e12;
+        assert!(
+            (mfu - want).abs() <= 1e-9 * want.max(1.0),
+            "mfu {mfu}, want {want}"
+        );
+    }
+    assert!(show(&o).contains(" mfu "), "{}", show(&o));
+    let (o, exp) = run("no_peak", None);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(metrics(&exp).iter().all(|v| v.get("mfu").is_none()));
+    let (o, _) = run("bad_peak", Some("fast"));
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(show(&o).contains("NEMO_TOOL_PEAK_TFLOPS"), "{}", show(&o));
+}

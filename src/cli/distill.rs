@@ -115,10 +115,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("distill: {s}");
         }
         Event::Step(r) => {
-            let line = format!(
+            let mut line = format!(
                 "step {}/{max} kd_loss {:.5} lr {:.3e} grad_norm {:.4} tokens/s {:.0}",
                 r.step, r.kd_loss, r.lr, r.grad_norm, r.tokens_per_s
             );
+            if let Some(m) = r.mfu {
+                line.push_str(&format!(" mfu {:.1}%", 100.0 * m));
+            }
             if tty {
                 let pct = 100.0 * r.step as f64 / max as f64;
                 eprint!("\r\x1b[K[{pct:5.1}%] {line}");

@@ -48,6 +48,8 @@ extern "C" {
     ) -> *mut c_void;
     #[cfg(feature = "cuda")]
     fn nemo_shim_cuda_set_device(idx: c_int) -> c_int;
+    #[cfg(feature = "cuda")]
+    fn nemo_shim_cuda_device_name(idx: c_int, buf: *mut c_char, cap: usize) -> c_int;
 }
 
 /// The shim's last error message on this thread.
@@ -230,6 +232,18 @@ impl Drop for RawPg {
 pub(crate) fn cuda_set_device(idx: i32) -> Result<(), String> {
     // SAFETY: plain call.
     check(unsafe { nemo_shim_cuda_set_device(idx) })
+}
+
+/// The CUDA device's name (`torch.cuda.get_device_name(idx)`).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_device_name(idx: i32) -> Result<String, String> {
+    let mut buf = vec![0 as c_char; 256];
+    // SAFETY: the shim writes at most `cap` bytes, NUL-terminated, into `buf`.
+    check(unsafe { nemo_shim_cuda_device_name(idx, buf.as_mut_ptr(), buf.len()) })?;
+    // SAFETY: NUL-terminated by the shim (snprintf).
+    Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// Copies the row-major little-endian bytes of a `kind` tensor shaped like `dst` into `dst`

@@ -6,6 +6,7 @@
 
 pub mod eval;
 mod ffi;
+pub mod flops;
 pub mod job;
 pub mod loss;
 pub mod model;

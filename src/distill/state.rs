@@ -49,6 +49,10 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Training tokens per second of the step.
     pub tokens_per_s: f64,
+    /// Model FLOPs utilisation of the step (0..1), where the device peak is known
+    /// (see [`crate::distill::flops`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
 }
 
 /// One validation's metrics.

@@ -85,6 +85,9 @@ pub enum Error {
     /// Writing the student.
     #[error(transparent)]
     Save(#[from] save::Error),
+    /// A setting from the environment that cannot be used.
+    #[error("{0}")]
+    Setting(String),
     /// Student and teacher that cannot be distilled into each other.
     #[error("student and teacher: {0}")]
     Mismatch(String),
@@ -546,6 +549,9 @@ impl Logs {
         ] {
             self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
         }
+        if let Some(v) = r.mfu {
+            self.tb.scalar("mfu", v as f32, s).map_err(io_err(&p))?;
+        }
         Ok(())
     }
 
@@ -646,6 +652,14 @@ pub fn run(
     }
     let accum = job.accumulation();
     let step_tokens = (job.global_batch * job.seq_length) as f64;
+    // MFU where the device peak is known (a known GPU, or NEMO_TOOL_PEAK_TFLOPS)
+    let peak = super::flops::device_peak(device, m.student.kind()).map_err(Error::Setting)?;
+    let step_flops = super::flops::step_flops(
+        &m.student.spec,
+        &m.teacher.spec,
+        job.seq_length as i64,
+        step_tokens,
+    );
     while hist.step < job.max_steps {
         let t0 = Instant::now();
         opt.zero_grad();
@@ -676,6 +690,7 @@ pub fn run(
             lr,
             grad_norm,
             tokens_per_s: step_tokens / dt.max(1e-9),
+            mfu: peak.map(|p| step_flops / dt.max(1e-9) / (p * f64::from(pg.world()))),
         };
         if let Some(l) = logs.as_mut() {
             l.step(&rec)?;
