@@ -6,12 +6,13 @@
 #   1. here (CPU box, repo venv):  scripts/gpu_check.sh build
 #        builds tests/distill.rs with `--features cuda` against the venv's torch 2.11.0 and
 #        copies the (debug-stripped) test binary to target/gpu-check/distill
-#        (needs CUDA headers: pip install "cuda-toolkit[crt,cccl]==13.0.2" into .venv, or
-#        NEMO_CUDA_INCLUDE=<dir with crt/ and nv/>)
+#        (CUDA headers: NEMO_CUDA_INCLUDE=<dir with crt/ and nv/>, else
+#        "cuda-toolkit[crt,cccl]==13.0.2" is pip-installed into target/cuda-hdrs)
 #   2. there (repo copy + target/gpu-check):  scripts/gpu_check.sh run
 #        runs the binary with that machine's torch libraries: CUDA fp32 logits of the mcore
 #        fixture vs logits_tp1.pt (<= 1e-4), NCCL at world size 1 (all_reduce + every TP
-#        mapping inside the forward), bf16 logits (<= 0.5) and a bf16 chunked KD backward.
+#        mapping inside the forward), bf16 logits (<= 0.5) and a bf16 chunked KD backward;
+#        prints the MFU peak the device's name gives.
 #        Expected last line: "GPU CHECKS OK".
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +25,13 @@ build)
     export LIBTORCH LIBTORCH_CXX11_ABI=1
     unset LIBTORCH_USE_PYTORCH
     mkdir -p "$OUT"
+    if [ -z "${NEMO_CUDA_INCLUDE:-}" ]; then
+        # cuda_runtime.h needs crt/ and nv/target, which torch's runtime deps lack
+        HDRS=target/cuda-hdrs
+        [ -d "$HDRS/nvidia/cu13/include/crt" ] ||
+            "$PY" -m pip install -q --target "$HDRS" "cuda-toolkit[crt,cccl]==13.0.2"
+        export NEMO_CUDA_INCLUDE=$PWD/$HDRS/nvidia/cu13/include
+    fi
     exe=$(cargo test --features cuda --test distill --no-run --message-format=json 2>/dev/null |
         "$PY" -c 'import json,sys
 for l in sys.stdin:
