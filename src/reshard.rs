@@ -123,7 +123,8 @@ pub fn write(
     if opts.no_sync {
         file = file.not_durable();
     }
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
+    let mut tar =
+        TarWriter::new(crate::sink::BlockWriter::new(file.file()).with_writeback(!opts.no_sync));
     tar.append_dir("")?;
 
     // Members: everything that is not weights, plus the new rank files.

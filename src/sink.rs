@@ -26,6 +26,12 @@ pub trait Sink: Write {
     fn append_view(&mut self, view: &ByteView) -> io::Result<()> {
         self.write_all(view.as_slice())
     }
+
+    /// Hints that `[offset, offset+len)` of the output is final and may go to disk now
+    /// (see [`crate::mmap::start_writeback`]); a no-op unless the sink is a file.
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 impl Sink for Vec<u8> {}
@@ -35,6 +41,10 @@ impl<T> Sink for Cursor<T> where Cursor<T>: Write {}
 impl<S: Sink + ?Sized> Sink for &mut S {
     fn append_view(&mut self, view: &ByteView) -> io::Result<()> {
         (**self).append_view(view)
+    }
+
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len);
     }
 }
 
@@ -52,6 +62,10 @@ impl Sink for File {
             }
             _ => self.write_all(view.as_slice()),
         }
+    }
+
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        crate::mmap::start_writeback(self, offset, len);
     }
 }
 
@@ -73,21 +87,49 @@ impl<W: Sink> Sink for BufWriter<W> {
 /// cache in whole aligned folios: 2 GiB in 128 KiB writes measured 0.41 s
 /// aligned against 0.55-0.58 s shifted by 64 bytes. Larger writes would be
 /// worse on VMs that hand free memory back to the host (see `WRITE_BLOCK`).
+///
+/// With [`BlockWriter::with_writeback`], every [`WRITEBACK_STEP`] written is handed to the
+/// kernel's writeback at once ([`Sink::start_writeback`]), so that the fsync of a durable
+/// output overlaps the writing instead of starting after it.
 #[derive(Debug)]
-pub struct BlockWriter<W: Write> {
+pub struct BlockWriter<W: Sink> {
     inner: W,
     buf: Vec<u8>,
     /// The file position of `buf[0]`.
     pos: u64,
+    /// Start writeback as we go.
+    writeback: bool,
+    /// Where the range not yet handed to writeback starts.
+    written_back: u64,
 }
 
-impl<W: Write> BlockWriter<W> {
+/// How much written output is handed to writeback at a time.
+pub const WRITEBACK_STEP: u64 = 32 << 20;
+
+impl<W: Sink> BlockWriter<W> {
     /// A writer over `inner`, which is at file position 0.
     pub fn new(inner: W) -> Self {
         BlockWriter {
             inner,
             buf: Vec::with_capacity(WRITE_BLOCK),
             pos: 0,
+            writeback: false,
+            written_back: 0,
+        }
+    }
+
+    /// Starts writeback of the output as it is written when `on` (for outputs that are
+    /// fsynced at the end).
+    pub fn with_writeback(mut self, on: bool) -> Self {
+        self.writeback = on;
+        self
+    }
+
+    fn after_write(&mut self) {
+        if self.writeback && self.pos >= self.written_back + WRITEBACK_STEP {
+            self.inner
+                .start_writeback(self.written_back, self.pos - self.written_back);
+            self.written_back = self.pos;
         }
     }
 
@@ -105,6 +147,7 @@ impl<W: Write> BlockWriter<W> {
             self.inner.write_all(&self.buf)?;
             self.pos += self.buf.len() as u64;
             self.buf.clear();
+            self.after_write();
         }
         Ok(())
     }
@@ -116,7 +159,7 @@ impl<W: Write> BlockWriter<W> {
     }
 }
 
-impl<W: Write> Write for BlockWriter<W> {
+impl<W: Sink> Write for BlockWriter<W> {
     fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
         let total = data.len();
         while !data.is_empty() {
@@ -129,6 +172,7 @@ impl<W: Write> Write for BlockWriter<W> {
                 }
                 self.pos += k as u64;
                 data = &data[k..];
+                self.after_write();
             } else {
                 let k = room.min(data.len());
                 self.buf.extend_from_slice(&data[..k]);
@@ -147,7 +191,7 @@ impl<W: Write> Write for BlockWriter<W> {
     }
 }
 
-impl<W: Write + Seek> Seek for BlockWriter<W> {
+impl<W: Sink + Seek> Seek for BlockWriter<W> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.flush_buf()?;
         self.pos = self.inner.seek(to)?;
@@ -161,6 +205,7 @@ impl<W: Sink> Sink for BlockWriter<W> {
             self.flush_buf()?;
             self.inner.append_view(view)?;
             self.pos += view.len() as u64;
+            self.after_write();
             Ok(())
         } else {
             self.write_all(view.as_slice())
@@ -314,6 +359,7 @@ mod tests {
             data: Vec<u8>,
             pos: usize,
             writes: Vec<(usize, usize)>,
+            hints: Vec<(u64, u64)>,
         }
         impl Write for Log {
             fn write(&mut self, b: &[u8]) -> io::Result<usize> {
@@ -328,6 +374,11 @@ mod tests {
             }
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
+            }
+        }
+        impl Sink for Log {
+            fn start_writeback(&mut self, offset: u64, len: u64) {
+                self.hints.push((offset, len));
             }
         }
         impl Seek for Log {
@@ -349,6 +400,7 @@ mod tests {
         w.seek(SeekFrom::Start(data.len() as u64)).unwrap();
         w.flush().unwrap();
         let log = w.inner;
+        assert!(log.hints.is_empty(), "no writeback unless asked");
         let mut want = data.clone();
         want[10..15].copy_from_slice(b"patch");
         assert!(log.data == want);
@@ -361,5 +413,51 @@ mod tests {
         );
         assert_eq!(log.writes[log.writes.len() - 2], (5 * WRITE_BLOCK, 77));
         assert_eq!(log.writes[log.writes.len() - 1], (10, 5));
+    }
+
+    /// With writeback on, each step of written output is handed to the kernel once, in
+    /// order, and the bytes are unchanged.
+    #[test]
+    fn block_writer_starts_writeback_as_it_goes() {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let mut w = BlockWriter::new(out.reopen().unwrap()).with_writeback(true);
+        let chunk = vec![7u8; 3 * WRITE_BLOCK + 1];
+        let mut n = 0u64;
+        while n < 3 * WRITEBACK_STEP {
+            w.write_all(&chunk).unwrap();
+            n += chunk.len() as u64;
+        }
+        w.flush().unwrap();
+        assert_eq!(std::fs::metadata(out.path()).unwrap().len(), n);
+        // (the hints themselves are only visible to the kernel; the logged ones are
+        // checked with a fake sink)
+        struct Hints(Vec<(u64, u64)>, u64);
+        impl Write for Hints {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.1 += b.len() as u64;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        impl Sink for Hints {
+            fn start_writeback(&mut self, offset: u64, len: u64) {
+                self.0.push((offset, len));
+            }
+        }
+        let mut w = BlockWriter::new(Hints(Vec::new(), 0)).with_writeback(true);
+        for _ in 0..(n / chunk.len() as u64) {
+            w.write_all(&chunk).unwrap();
+        }
+        let h = w.into_inner().unwrap();
+        assert!(h.0.len() >= 2, "{:?}", h.0);
+        let mut next = 0;
+        for &(off, len) in &h.0 {
+            assert_eq!(off, next);
+            assert!(len >= WRITEBACK_STEP);
+            next = off + len;
+        }
+        assert!(next <= h.1);
     }
 }

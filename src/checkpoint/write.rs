@@ -72,7 +72,7 @@ pub struct PackSummary {
 /// Writes `ckpt` to `out` as an uncompressed `.nemo` tar in the same layout.
 pub fn pack(ckpt: &Checkpoint, out: &Path, opts: &PackOptions) -> Result<PackSummary, Error> {
     let mut file = OutputFile::create(out, opts.force)?;
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()).with_writeback(true));
     tar.append_dir("")?;
     let mut count = 1;
     let ranks: BTreeMap<&str, &super::RankFile> = ckpt

@@ -277,7 +277,7 @@ pub fn write(
     names.sort_by(|a, b| python_add_order(a, b));
     names.dedup();
     let mut file = OutputFile::create(out, force)?;
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()).with_writeback(true));
     tar.append_dir("")?;
     for name in &names {
         if name == crate::checkpoint::detect::DIST_DIR {

@@ -358,7 +358,8 @@ pub fn write(
     if no_sync {
         file = file.not_durable();
     }
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file.file()));
+    let mut tar =
+        TarWriter::new(crate::sink::BlockWriter::new(file.file()).with_writeback(!no_sync));
     tar.append_dir("")?;
     let mut tensors = 0usize;
     for (name, m) in &members {

@@ -165,7 +165,7 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
     }
     let mut of = OutputFile::create(out, true).map_err(|e| io_err(io::Error::other(e)))?;
     let file = of.file().try_clone().map_err(io_err)?;
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file));
+    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file).with_writeback(true));
     let tp = a.ranks.len() as u64;
     let to_io = |e: crate::tar_write::Error| io::Error::other(e);
     tar.append_dir("").map_err(|e| io_err(to_io(e)))?;
