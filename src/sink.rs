@@ -269,6 +269,10 @@ impl<S: Sink> Sink for Counted<S> {
         self.count += view.len() as u64;
         Ok(())
     }
+
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len);
+    }
 }
 
 /// A [`Sink`] as the destination of a [`RecordSink`] stream (no checksum to

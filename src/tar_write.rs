@@ -367,32 +367,6 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
-/// Counts what passes through to the inner writer.
-struct Counting<'a, W: Write> {
-    inner: &'a mut W,
-    count: u64,
-}
-
-impl<W: Write> Write for Counting<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<W: Sink> Sink for Counting<'_, W> {
-    fn append_view(&mut self, view: &crate::bytes::ByteView) -> io::Result<()> {
-        self.inner.append_view(view)?;
-        self.count += view.len() as u64;
-        Ok(())
-    }
-}
-
 impl<W: Sink + Seek> TarWriter<W> {
     /// Writes a file entry whose size is only known once `fill` has written
     /// it: the header goes out with size 0, the data streams through, then the
@@ -414,12 +388,9 @@ impl<W: Sink + Seek> TarWriter<W> {
             name: name.to_string(),
             source,
         };
-        let mut counting = Counting {
-            inner: &mut self.out,
-            count: 0,
-        };
+        let mut counting = crate::sink::Counted::new(&mut self.out);
         let filled = fill(&mut counting);
-        let size = counting.count;
+        let size = counting.count();
         self.position += size;
         if let Err(e) = filled {
             self.poisoned = true;
