@@ -1,14 +1,14 @@
-//! Output sinks that can take a range of a memory-mapped input as a
-//! file-to-file copy in the kernel (`copy_file_range`, what `cp` does)
-//! instead of a `write` from the map: no page-table work for the source and
-//! one copy of the data, which is what keeps resharding at `cp` speed.
+//! Output sinks for large outputs: [`BlockWriter`] (aligned block writes and early
+//! writeback, what keeps reshard and convert at `cp` speed; see `src/stream.rs` for the
+//! reading side), and [`Sink::append_view`], which copies a range of a memory-mapped input
+//! file to file in the kernel (`copy_file_range`) where no checksum has to be computed on
+//! the way, e.g. the safetensors files of `convert --to hf`.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Cursor, Read, Seek, SeekFrom, Write};
-
-use crate::output::WRITE_BLOCK;
+use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 
 use crate::bytes::ByteView;
+use crate::output::WRITE_BLOCK;
 use crate::torch::file::RecordSink;
 use crate::torch::tensor::Piece;
 
@@ -48,12 +48,6 @@ impl<S: Sink + ?Sized> Sink for &mut S {
     }
 }
 
-impl<S: Sink + ?Sized> Sink for Box<S> {
-    fn append_view(&mut self, view: &ByteView) -> io::Result<()> {
-        (**self).append_view(view)
-    }
-}
-
 impl Sink for File {
     fn append_view(&mut self, view: &ByteView) -> io::Result<()> {
         match view.file_range() {
@@ -66,18 +60,6 @@ impl Sink for File {
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
         crate::mmap::start_writeback(self, offset, len);
-    }
-}
-
-impl<W: Sink> Sink for BufWriter<W> {
-    fn append_view(&mut self, view: &ByteView) -> io::Result<()> {
-        if view.len() >= KERNEL_COPY_MIN && view.file_range().is_some() {
-            // Buffered bytes go first so that the copy lands after them.
-            self.flush()?;
-            self.get_mut().append_view(view)
-        } else {
-            self.write_all(view.as_slice())
-        }
     }
 }
 
@@ -329,7 +311,7 @@ mod tests {
         let (_src, view) = mapped(&data);
         let part = view.slice(5..(2 * KERNEL_COPY_MIN + 5) as u64).unwrap();
         let out = tempfile::NamedTempFile::new().unwrap();
-        let mut w = BufWriter::new(out.reopen().unwrap());
+        let mut w = BlockWriter::new(out.reopen().unwrap());
         w.write_all(b"head").unwrap();
         w.append_view(&part).unwrap();
         // A small view goes through the buffer.

@@ -698,13 +698,12 @@ impl<W: Write> ZipWriter<W> {
 }
 
 impl<W: Sink> ZipWriter<W> {
-    /// Appends `pieces` to the open record. Large payloads are checksummed
-    /// on a second thread while this one writes, and large file-backed
-    /// views are copied file to file by the kernel ([`Sink::append_view`]):
-    /// together that moves tensor bytes at about the speed of `cp`. The
-    /// pieces' mapped source pages are dropped from this process afterwards
-    /// (see [`crate::mmap::release`]), so streaming a model keeps resident
-    /// memory at about one tensor.
+    /// Appends `pieces` to the open record. Large payloads are read and
+    /// checksummed on a second thread while this one writes
+    /// ([`crate::stream::write_checksummed`]). The pieces' mapped source
+    /// pages are dropped from this process afterwards (see
+    /// [`crate::mmap::release`]), so streaming a model keeps resident memory
+    /// at about one tensor.
     ///
     /// # Errors
     /// As [`ZipWriter::write`].
