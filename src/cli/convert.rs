@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, value_name = "M", default_value_t = 1)]
     pub pp: u64,
     /// Cast floating-point tensors (float32/fp32, float16/fp16, bfloat16/bf16).
-    #[arg(long, value_name = "D", value_parser = parse_dtype)]
+    #[arg(long, value_name = "D", value_parser = super::parse_dtype)]
     pub dtype: Option<Dtype>,
     /// Largest safetensors shard with --to hf (bytes, or with KB/MB/GB/KiB/MiB/GiB).
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
@@ -60,21 +60,6 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_dtype(s: &str) -> Result<Dtype, String> {
-    let name = match s {
-        "fp32" | "f32" | "32" => "float32",
-        "fp16" | "f16" | "16" => "float16",
-        "bf16" => "bfloat16",
-        other => other,
-    };
-    match Dtype::from_torch_name(name) {
-        Some(d @ (Dtype::F32 | Dtype::F16 | Dtype::BF16)) => Ok(d),
-        _ => Err(format!(
-            "unknown dtype `{s}` (use float32/fp32, float16/fp16 or bfloat16/bf16)"
-        )),
-    }
 }
 
 /// `5GB` = 5·10⁹ (as transformers counts), `5GiB` = 5·2³⁰, plain bytes.

@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nemo_tool::torch::Dtype;
 
 mod checksum;
 mod convert;
@@ -73,6 +74,22 @@ impl Cli {
             #[cfg(feature = "distill")]
             Command::Eval(args) => eval::run(*args),
         }
+    }
+}
+
+/// `--dtype` values: the torch names and the short spellings NeMo's scripts accept.
+pub(crate) fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    let name = match s {
+        "fp32" | "f32" | "32" => "float32",
+        "fp16" | "f16" | "16" => "float16",
+        "bf16" => "bfloat16",
+        other => other,
+    };
+    match Dtype::from_torch_name(name) {
+        Some(d @ (Dtype::F32 | Dtype::F16 | Dtype::BF16)) => Ok(d),
+        _ => Err(format!(
+            "unknown dtype `{s}` (use float32/fp32, float16/fp16 or bfloat16/bf16)"
+        )),
     }
 }
 

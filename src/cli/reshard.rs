@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long)]
     pub no_sync: bool,
     /// Cast floating-point tensors (float32, float16, bfloat16); default keeps each dtype.
-    #[arg(long, value_name = "D", value_parser = parse_dtype)]
+    #[arg(long, value_name = "D", value_parser = super::parse_dtype)]
     pub dtype: Option<Dtype>,
     /// Allow a TP that does not divide num_query_groups (loads in megatron-core >= 0.16 only).
     #[arg(long)]
@@ -69,21 +69,6 @@ pub struct Args {
     /// The true (unpadded) vocabulary size, when no tokenizer artifact in the archive says it.
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<u64>,
-}
-
-fn parse_dtype(s: &str) -> Result<Dtype, String> {
-    let name = match s {
-        "fp32" | "f32" | "32" => "float32",
-        "fp16" | "f16" | "16" => "float16",
-        "bf16" => "bfloat16",
-        other => other,
-    };
-    match Dtype::from_torch_name(name) {
-        Some(d @ (Dtype::F32 | Dtype::F16 | Dtype::BF16)) => Ok(d),
-        _ => Err(format!(
-            "unknown dtype `{s}` (use float32/fp32, float16/fp16 or bfloat16/bf16)"
-        )),
-    }
 }
 
 /// Runs `reshard`.
