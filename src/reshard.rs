@@ -9,7 +9,7 @@
 //! Member order is what `tarfile.add` of NeMo's temp folder gives: the
 //! config, the artifacts byte for byte, and the rank folders, sorted.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -272,12 +272,8 @@ pub fn write(
         }
     }
     let bytes = tar.position();
-    let mut buf = tar.finish()?;
-    buf.flush().map_err(|source| Error::Write {
-        member: "(end of archive)".into(),
-        source,
-    })?;
-    drop(buf);
+    // (finish flushes; the writer borrows the file until dropped)
+    drop(tar.finish()?);
     let output = file.commit()?;
     Ok(Summary {
         output,

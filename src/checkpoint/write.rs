@@ -118,12 +118,8 @@ pub fn pack(ckpt: &Checkpoint, out: &Path, opts: &PackOptions) -> Result<PackSum
         }
     }
     let bytes = tar.position();
-    let mut buf = tar.finish()?;
-    buf.flush().map_err(|source| Error::Serialize {
-        member: "(end of archive)".into(),
-        source,
-    })?;
-    drop(buf);
+    // (finish flushes; the writer borrows the file until dropped)
+    drop(tar.finish()?);
     let output = file.commit()?;
     Ok(PackSummary {
         output,

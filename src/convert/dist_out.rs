@@ -308,12 +308,8 @@ pub fn write(
             tar.append_pieces(name, b.len() as u64, [b])?;
         }
     }
-    let mut buf = tar.finish()?;
-    buf.flush().map_err(|source| Error::Write {
-        member: "(end of archive)".into(),
-        source,
-    })?;
-    drop(buf);
+    // (finish flushes; the writer borrows the file until dropped)
+    drop(tar.finish()?);
     let output = file.commit()?;
     Ok(Summary {
         output,

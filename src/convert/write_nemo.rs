@@ -5,7 +5,7 @@
 //! before and released after each tensor so resident memory stays bounded.
 //! Config and artifacts go first; members are in `tarfile.add` order.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -411,12 +411,8 @@ pub fn write(
         }
     }
     let bytes = tar.position();
-    let mut buf = tar.finish()?;
-    buf.flush().map_err(|source| Error::Write {
-        member: "(end of archive)".into(),
-        source,
-    })?;
-    drop(buf);
+    // (finish flushes; the writer borrows the file until dropped)
+    drop(tar.finish()?);
     let output = file.commit()?;
     Ok(Summary {
         output,

@@ -7,7 +7,7 @@
 //! distillation script saves (`name: modelopt`), with mcore's `_extra_state = None` entries
 //! for the linear layers.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -193,9 +193,8 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
         })
         .map_err(|e| io_err(to_io(e)))?;
     }
-    let mut buf = tar.finish().map_err(|e| io_err(to_io(e)))?;
-    buf.flush().map_err(io_err)?;
-    drop(buf);
+    // (finish flushes)
+    tar.finish().map_err(|e| io_err(to_io(e)))?;
     of.commit().map_err(|e| io_err(io::Error::other(e)))
 }
 
