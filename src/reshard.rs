@@ -22,7 +22,7 @@ use crate::output::OutputFile;
 use crate::plan::{Plan, PlanItem, Segment};
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::file::RecordSink;
-use crate::torch::tensor::{spans, Piece, StorageRef, TensorRef};
+use crate::torch::tensor::{with_pages_of, Piece, StorageRef, TensorRef};
 use crate::torch::value::{Construct, Global, Object};
 use crate::torch::{Dtype, Value};
 
@@ -241,19 +241,9 @@ pub fn write(
                                     None => {
                                         sink.streamed(job.nbytes, &mut |out| ahead.write_next(out))?
                                     }
-                                    Some((from, to)) => {
-                                        let spans = spans(&job.pieces);
-                                        for s in &spans {
-                                            s.prefetch();
-                                        }
-                                        cast_pieces(&job.pieces, from, to, sink)?;
-                                        // Drop the source pages again (widened to whole
-                                        // folios, see `mmap::release`): resident memory
-                                        // stays at about one tensor.
-                                        for s in &spans {
-                                            s.release();
-                                        }
-                                    }
+                                    Some((from, to)) => with_pages_of(&job.pieces, || {
+                                        cast_pieces(&job.pieces, from, to, sink)
+                                    })?,
                                 }
                                 done += job.nbytes;
                                 if let Some(cb) = progress.as_mut() {

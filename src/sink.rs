@@ -274,20 +274,15 @@ impl<S: Sink + ?Sized> RecordSink for Record<'_, S> {
             .filter(|p| !matches!(p, Piece::Bytes(b) if b.len() >= KERNEL_COPY_MIN && b.file_range().is_some()))
             .cloned()
             .collect();
-        let spans = crate::torch::tensor::spans(&read);
-        for s in &spans {
-            s.prefetch();
-        }
-        for p in pieces {
-            match p {
-                Piece::Bytes(b) => self.0.append_view(b)?,
-                Piece::Zeros(n) => crate::torch::file::write_zeros(self, *n)?,
+        crate::torch::tensor::with_pages_of(&read, || {
+            for p in pieces {
+                match p {
+                    Piece::Bytes(b) => self.0.append_view(b)?,
+                    Piece::Zeros(n) => crate::torch::file::write_zeros(self, *n)?,
+                }
             }
-        }
-        for s in &spans {
-            s.release();
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{mpsc, Mutex};
 
 use crate::bytes::ByteView;
 use crate::sink::Sink;
-use crate::torch::tensor::{spans, Piece};
+use crate::torch::tensor::{with_pages_of, Piece};
 
 /// Size of the buffers pieces are gathered into.
 const CHUNK: usize = 2 << 20;
@@ -151,25 +151,19 @@ fn read_side(
     let read = (|| -> io::Result<Option<()>> {
         for pieces in jobs {
             let mapped: Vec<Piece> = pieces.iter().filter(|p| !is_pread(p)).cloned().collect();
-            let sp = spans(&mapped);
-            for s in &sp {
-                s.prefetch();
-            }
-            let mut sent = Some(());
-            for p in pieces.iter() {
-                sent = match p {
-                    Piece::Bytes(b) if is_pread(p) => g.put_read(b)?,
-                    Piece::Bytes(b) => g.put(b.as_slice()),
-                    Piece::Zeros(n) => g.put_zeros(*n),
-                };
-                if sent.is_none() {
-                    break;
+            let sent = with_pages_of(&mapped, || -> io::Result<Option<()>> {
+                for p in pieces.iter() {
+                    let sent = match p {
+                        Piece::Bytes(b) if is_pread(p) => g.put_read(b)?,
+                        Piece::Bytes(b) => g.put(b.as_slice()),
+                        Piece::Zeros(n) => g.put_zeros(*n),
+                    };
+                    if sent.is_none() {
+                        return Ok(None);
+                    }
                 }
-            }
-            let sent = sent.and_then(|()| g.end_job());
-            for s in &sp {
-                s.release();
-            }
+                Ok(g.end_job())
+            })?;
             if sent.is_none() {
                 return Ok(None);
             }

@@ -153,17 +153,9 @@ fn write_window(
         return Ok(());
     }
     match cast {
-        Some((from, to)) if from != to => {
-            let spans = crate::torch::tensor::spans(pieces);
-            for s in &spans {
-                s.prefetch();
-            }
-            crate::reshard::cast_pieces(pieces, from, to, sink)?;
-            for s in &spans {
-                s.release();
-            }
-            Ok(())
-        }
+        Some((from, to)) if from != to => crate::torch::tensor::with_pages_of(pieces, || {
+            crate::reshard::cast_pieces(pieces, from, to, sink)
+        }),
         // The sink prefetches and releases (see `RecordSink::pieces`).
         _ => sink.pieces(pieces),
     }

@@ -562,20 +562,15 @@ pub trait RecordSink {
     /// # Errors
     /// I/O errors of the output.
     fn pieces(&mut self, pieces: &[Piece]) -> std::io::Result<()> {
-        let spans = tensor::spans(pieces);
-        for s in &spans {
-            s.prefetch();
-        }
-        for p in pieces {
-            match p {
-                Piece::Bytes(b) => self.bytes(b.as_slice())?,
-                Piece::Zeros(n) => write_zeros(self, *n)?,
+        tensor::with_pages_of(pieces, || {
+            for p in pieces {
+                match p {
+                    Piece::Bytes(b) => self.bytes(b.as_slice())?,
+                    Piece::Zeros(n) => write_zeros(self, *n)?,
+                }
             }
-        }
-        for s in &spans {
-            s.release();
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

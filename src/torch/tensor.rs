@@ -465,6 +465,22 @@ impl<'a> PieceIndex<'a> {
     }
 }
 
+/// Runs `f` with the mapped source pages of `pieces` read ahead (one populate per
+/// [`spans`] span instead of a fault per page) and drops them from the process
+/// afterwards (widened to whole folios, see [`crate::mmap::release`]), so that streaming
+/// a model keeps resident memory at about one tensor.
+pub fn with_pages_of<R>(pieces: &[Piece], f: impl FnOnce() -> R) -> R {
+    let spans = spans(pieces);
+    for s in &spans {
+        s.prefetch();
+    }
+    let r = f();
+    for s in &spans {
+        s.release();
+    }
+    r
+}
+
 /// Mapped pieces merged into spans (gaps under 256 KiB joined), for
 /// read-ahead and release hints.
 pub fn spans(pieces: &[Piece]) -> Vec<ByteView> {

@@ -710,20 +710,15 @@ impl<W: Sink> ZipWriter<W> {
     pub fn write_pieces(&mut self, pieces: &[Piece]) -> Result<(), Error> {
         let total: u64 = pieces.iter().map(Piece::len).sum();
         if total < PARALLEL_CRC_MIN {
-            let spans = crate::torch::tensor::spans(pieces);
-            for s in &spans {
-                s.prefetch();
-            }
-            for p in pieces {
-                match p {
-                    Piece::Bytes(b) => self.write(b.as_slice())?,
-                    Piece::Zeros(n) => self.write_zeros(*n)?,
+            return crate::torch::tensor::with_pages_of(pieces, || {
+                for p in pieces {
+                    match p {
+                        Piece::Bytes(b) => self.write(b.as_slice())?,
+                        Piece::Zeros(n) => self.write_zeros(*n)?,
+                    }
                 }
-            }
-            for s in &spans {
-                s.release();
-            }
-            return Ok(());
+                Ok(())
+            });
         }
         self.reserve(total)?;
         let crc = crate::stream::write_checksummed(&mut self.out, pieces)?;
