@@ -276,6 +276,27 @@ fn bad_inputs_fail_clearly() {
         "padded vocabulary 112 differs from the model's 128",
     );
     println!("teacher vocab: {err}");
+    // an existing output is kept without --force, replaced with it
+    let out = tmp.path().join("logits.npy");
+    std::fs::write(&out, b"keep me").unwrap_or_else(|e| panic!("{e}"));
+    let logits = |force: bool| {
+        let mut c = bin();
+        c.arg("eval")
+            .arg(&model)
+            .arg("--tokens")
+            .arg(&ok_tok)
+            .arg("--logits-out")
+            .arg(&out);
+        if force {
+            c.arg("--force");
+        }
+        c
+    };
+    run_err(&mut logits(false), "already exists");
+    assert_eq!(std::fs::read(&out).unwrap_or_default(), b"keep me");
+    run_ok(&mut logits(true));
+    let (header, _) = read_npy_f32(&out);
+    assert!(header.contains("'shape': (1, 4, 128)"), "{header}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ use nemo_tool::distill::model::{Gpt, InitFrom};
 use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
 use nemo_tool::distill::spec::GptSpec;
 use nemo_tool::distill::weights::Source;
+use nemo_tool::output::OutputFile;
 use tch::{Device, Kind};
 
 /// `eval` arguments.
@@ -84,6 +85,9 @@ pub struct Args {
     /// Print the numbers as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Replace existing --logits-out / --dump-windows files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn build_model(path: &Path, pg: &ProcessGroup, kind: Kind, dev: Device) -> anyhow::Result<Gpt> {
@@ -97,69 +101,6 @@ fn build_model(path: &Path, pg: &ProcessGroup, kind: Kind, dev: Device) -> anyho
         .with_context(|| format!("{}", path.display()))?;
     Gpt::new(spec, &InitFrom::Checkpoint(&src), pg, kind, dev, false)
         .with_context(|| format!("building the model of {}", path.display()))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, then renames.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
-
-/// Streams the gathered logits of `windows` (`micro_batch` rows per forward) into a `.npy` at
-/// `out`, through a temporary file renamed at the end (rank 0 writes; every rank computes).
-fn write_logits(
-    out: &Path,
-    model: &Gpt,
-    windows: &[Vec<i64>],
-    micro_batch: usize,
-    lead: bool,
-) -> anyhow::Result<()> {
-    let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
-    let vocab = usize::try_from(model.spec.padded_vocab)?;
-    let mut file = if lead {
-        let dir = match out.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut f = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-        f.write_all(&nemo_tool::npy::f32_header(&[b, s, vocab]))
-            .with_context(|| format!("writing {}", out.display()))?;
-        Some(std::io::BufWriter::new(f))
-    } else {
-        None
-    };
-    for batch in windows.chunks(micro_batch.max(1)) {
-        let t = eval::to_tensor(batch).to_device(model.device());
-        let l = tch::no_grad(|| model.forward_gathered(&t))?;
-        if let Some(w) = file.as_mut() {
-            let l = l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-            let n = l.numel();
-            let mut v = vec![0f32; n];
-            l.copy_data(&mut v, n);
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            w.write_all(&bytes)
-                .with_context(|| format!("writing {}", out.display()))?;
-        }
-    }
-    if let Some(w) = file {
-        let f = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("writing {}", out.display()))?;
-        f.persist(out)
-            .with_context(|| format!("renaming into {}", out.display()))?;
-    }
-    Ok(())
 }
 
 /// Runs `eval`.
@@ -190,6 +131,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let pg = ProcessGroup::init(&launch, backend).context("creating the process group")?;
     let lead = pg.rank() == 0;
+    // Outputs are claimed before the work (an existing file without --force fails fast),
+    // by rank 0 only: every rank computes, one writes.
+    let create = |p: &Option<PathBuf>| -> anyhow::Result<Option<OutputFile>> {
+        match p {
+            Some(p) if lead => Ok(Some(OutputFile::create(p, a.force)?)),
+            _ => Ok(None),
+        }
+    };
+    let windows_out = create(&a.dump_windows)?;
+    let logits_out = create(&a.logits_out)?;
     let kd = eval::kd_losses(a.temperature, a.jsd_beta, a.top_k)?;
 
     let model = build_model(&a.model, &pg, kind, dev)?;
@@ -246,13 +197,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give --data PREFIX|BLEND or --tokens FILE"),
     };
     eval::check_ids(&what, &windows, limit)?;
-    if let (Some(p), true) = (&a.dump_windows, lead) {
-        let text = serde_json::to_vec(&windows)?;
-        write_atomic(p, &text)?;
+    if let Some(mut f) = windows_out {
+        serde_json::to_writer(&mut f, &windows)
+            .with_context(|| format!("writing {}", f.target().display()))?;
+        f.commit()?;
     }
-
-    if let Some(out) = &a.logits_out {
-        write_logits(out, &model, &windows, a.micro_batch, lead)?;
+    if a.logits_out.is_some() {
+        eval::write_logits(logits_out, &model, &windows, a.micro_batch)?;
     }
 
     let tty = lead && !a.json && std::io::stderr().is_terminal();

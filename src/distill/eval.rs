@@ -10,12 +10,14 @@
 //! tokenizer's vocabulary, what Hugging Face models compute).
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use tch::{Kind, Tensor};
 
 use super::loss::{self, log_softmax_tp, KdLoss, LossKind};
 use super::model::{self, Gpt};
 use super::parallel::{self, ProcessGroup, ReduceOp};
+use crate::output::OutputFile;
 
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ pub enum Error {
         /// The vocabulary size checked against.
         vocab: i64,
     },
+    /// Writing an output file.
+    #[error(transparent)]
+    Output(#[from] crate::output::Error),
     /// Malformed token input or options.
     #[error("eval: {what}: {why}")]
     Input {
@@ -311,6 +316,58 @@ pub fn evaluate(
             BTreeMap::new()
         },
     })
+}
+
+/// Computes the gathered padded-vocab logits of `windows` (`micro_batch` rows per forward) and
+/// streams them as float32 `[batch, seq, vocab]` `.npy` into `out`, committed at the end. Every
+/// rank computes (the forward is collective); the rank holding `out` writes.
+///
+/// # Errors
+/// The forward, or writing/committing `out` (named).
+pub fn write_logits(
+    out: Option<OutputFile>,
+    model: &Gpt,
+    windows: &[Vec<i64>],
+    micro_batch: usize,
+) -> Result<(), Error> {
+    let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
+    let vocab = usize::try_from(model.spec.padded_vocab)
+        .map_err(|_| input("logits", "negative vocabulary"))?;
+    let io = |f: &OutputFile, e: std::io::Error| {
+        Error::Output(crate::output::Error::Io {
+            path: f.target().to_path_buf(),
+            op: "writing",
+            source: e,
+        })
+    };
+    let mut out = out.map(std::io::BufWriter::new);
+    if let Some(w) = out.as_mut() {
+        w.write_all(&crate::npy::f32_header(&[b, s, vocab]))
+            .map_err(|e| io(w.get_ref(), e))?;
+    }
+    for batch in windows.chunks(micro_batch.max(1)) {
+        let t = to_tensor(batch).to_device(model.device());
+        let l = tch::no_grad(|| model.forward_gathered(&t))?;
+        if let Some(w) = out.as_mut() {
+            let l = l
+                .to_device(tch::Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous();
+            let n = l.numel();
+            let mut v = vec![0f32; n];
+            l.copy_data(&mut v, n);
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.write_all(&bytes).map_err(|e| io(w.get_ref(), e))?;
+        }
+    }
+    if let Some(w) = out {
+        let f = w.into_inner().map_err(|e| {
+            let (e, w) = e.into_parts();
+            io(w.get_ref(), e)
+        })?;
+        f.commit()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
