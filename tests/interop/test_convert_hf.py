@@ -142,7 +142,7 @@ def test_hf_nemo_tp2_hf_round_trip_is_exact(tmp_path, run_tool, root, tied, dtyp
     ).input_ids
 
 
-def test_fixture_hf_converts_to_the_mcore_fixture(tmp_path, run_tool, root):
+def test_fixture_hf_converts_to_the_mcore_fixture(tmp_path, run_tool, root, mcore_reference_logits):
     src = tmp_path / "hf"
     shutil.copytree(root / FIX / "llama/hf", src)
     shutil.copy(root / FIX / "tokenizer/tokenizer.model", src / "tokenizer.model")
@@ -177,18 +177,23 @@ def test_fixture_hf_converts_to_the_mcore_fixture(tmp_path, run_tool, root):
     ref = ca["tokenizer"]["model"]
     assert ref.startswith("nemo:") and ours[ref.removeprefix("nemo:")] == theirs[cb["tokenizer"]["model"].removeprefix("nemo:")]
 
-    # Back to HF: transformers gives the fixture's logits.
+    # Back to HF: transformers gives the logits of the fixture's HF model, bit for bit (both
+    # computed here, in this process).
     back = tmp_path / "back"
     run_tool("convert", nemo, "--to", "hf", back)
     tokens = torch.load(root / FIX / "llama/logits/tokens.pt")
-    want = torch.load(root / FIX / "llama/logits/logits_hf.pt")
     orig = AutoModelForCausalLM.from_pretrained(root / FIX / "llama/hf").eval()
     again = AutoModelForCausalLM.from_pretrained(back).eval()
     with torch.no_grad():
         lo = orig(tokens).logits
         lb = again(tokens).logits
     assert torch.equal(lb, lo)
-    assert torch.equal(lb, want), (lb - want).abs().max()
+    # And megatron-core, run on the fixture in this session, computes the same function: two
+    # implementations of the same fp32 math round differently (1.9e-6 where the fixture was
+    # made, logits/diff_hf_vs_mcore.json); the mapping errors that json lists as negative
+    # controls (QKV block order, fc1 gate/up order, a RoPE permute) move the logits by 2.1 to 3.0.
+    diff = (lb - mcore_reference_logits[..., :100]).abs().max().item()
+    assert diff <= 1e-4, diff
     # The fixture .nemo (TP1 and TP2, padded to 128 rows) goes to the same HF model.
     for name in ("tiny_llama_tp1.nemo", "tiny_llama_tp2.nemo", "tiny_llama_dist_tp1.nemo"):
         out = tmp_path / ("hf_" + name)

@@ -4,7 +4,8 @@
   dtypes, shapes and values of megatron-core's own TP=2 shards (fixtures/mcore/llama/tp2), from a
   TP=1 .nemo and from the torch_dist .nemo.
 * A TP=2 -> TP=1 reshard loads into megatron-core's GPTModel at TP=1 with
-  load_state_dict(strict=True) and reproduces the reference logits.
+  load_state_dict(strict=True) and gives bit for bit the logits that megatron-core's own TP=1
+  checkpoint gives in the same process.
 """
 
 from __future__ import annotations
@@ -65,18 +66,23 @@ sys.path.insert(0, sys.argv[1])
 import mcore_common as mc
 mc.init_dist()
 mc.init_mp(1)
-model = mc.build_model("llama", 1)
+
+def logits_of(sd, seed):
+    torch.manual_seed(seed)  # each model its own random init: a tensor not loaded shows
+    model = mc.build_model("llama", 1)
+    sd = {k[len("model."):]: v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    return mc.forward_logits(model, torch.load(sys.argv[3], weights_only=True))
+
 with tarfile.open(sys.argv[2]) as tf:
     data = tf.extractfile("./model_weights.ckpt").read()
-sd = torch.load(io.BytesIO(data), weights_only=True)
-sd = {k[len("model."):]: v for k, v in sd.items()}
-missing, unexpected = model.load_state_dict(sd, strict=True)
-assert not missing and not unexpected, (missing, unexpected)
-logits = mc.forward_logits(model, torch.load(sys.argv[3], weights_only=True))
-ref = torch.load(sys.argv[4], weights_only=True)
-diff = (logits - ref).abs().max().item()
-print("max_abs_diff", diff)
-assert diff < 1e-5, diff
+ours = logits_of(torch.load(io.BytesIO(data), weights_only=True), 1)
+# ground truth in this process: megatron-core's own TP=1 checkpoint of the same model
+theirs = logits_of(torch.load(sys.argv[4], weights_only=True), 2)
+print("max_abs_diff", (ours - theirs).abs().max().item())
+# same weights, same code, same process: bit-identical
+assert torch.equal(ours, theirs)
 """
 
 
@@ -105,7 +111,7 @@ def test_tp1_output_loads_strictly_into_megatron_core(run_tool, root, tmp_path):
             str(root / "fixtures/mcore/scripts"),
             str(out),
             str(root / LLAMA / "logits/tokens.pt"),
-            str(root / LLAMA / "logits/logits_tp1.pt"),
+            str(root / LLAMA / "tp1/mp_rank_00/model_weights.ckpt"),
         ],
         capture_output=True,
         text=True,

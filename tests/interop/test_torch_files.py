@@ -3,7 +3,7 @@
 The files are written by the Rust test `torch_samples::write_interop_files`:
 
     NEMO_TOOL_INTEROP_OUT=/tmp/interop cargo test --test it write_interop_files
-    /work/main/.venv/bin/python tests/interop/test_torch_files.py /tmp/interop
+    .venv/bin/python tests/interop/test_torch_files.py /tmp/interop
     # or: NEMO_TOOL_INTEROP_OUT=/tmp/interop python -m pytest tests/interop/test_torch_files.py
 
 Each fixture in fixtures/torch-samples/pt was read by the Rust reader and saved

@@ -1,12 +1,17 @@
-"""Loads a torch_dist folder with megatron-core's own `dist_checkpointing.load` into a
-local-spec Llama GPTModel at TP=world size (CPU over gloo) and saves the logits on rank 0.
-usage: torchrun --nproc_per_node=TP mcore_load_dist.py CKPT_DIR TOKENS.pt OUT.pt [REF_TP1_CKPT]
+"""Loads torch_dist folders with megatron-core's own `dist_checkpointing.load` into a
+local-spec Llama GPTModel at TP=world size (CPU over gloo) and saves their logits on rank 0.
+usage: torchrun --nproc_per_node=TP mcore_load_dist.py TOKENS.pt OUT.pt [--ref REF_TP1_CKPT] CKPT_DIR...
+
+OUT.pt is a list with one logits tensor per CKPT_DIR, in order, all computed by this one run:
+a test passes the fixture's own checkpoint (the reference) and ours, and compares the two, so
+the comparison never involves floats computed on another machine. Each checkpoint goes into a
+freshly built model with its own random init, so a tensor that is not loaded shows.
 
 The model is the tiny Llama of fixtures/mcore (2 layers, hidden 64, ffn 96, 8 heads, 2 query
 groups, vocab 100 padded to 128). CPU workarounds as in fixtures/mcore/README.md ("Running
 megatron-core on CPU"), copied here so the test does not import the fixture scripts. With a
-reference per-rank checkpoint (TP=1 model_weights.ckpt) rank r also checks that every loaded
-tensor equals the reference's TP split, as megatron-core computes it.
+reference per-rank checkpoint (--ref, a TP=1 model_weights.ckpt) rank r also checks that every
+loaded tensor equals the reference's TP split, as megatron-core computes it.
 """
 import os
 import sys
@@ -45,18 +50,14 @@ def build(tp):
     return model.eval()
 
 
-def main():
-    ckpt, tokens_path, out = sys.argv[1:4]
-    torch.distributed.init_process_group(backend="gloo")
-    rank, tp = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
-    torch.manual_seed(999 + rank)  # random init: a tensor that is not loaded shows in the logits
+def load_and_run(ckpt, seed, tokens, ref, rank, tp):
+    torch.manual_seed(seed + rank)  # random init: a tensor that is not loaded shows in the logits
     model = build(tp)
     loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="model."), ckpt)
     model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
-    if len(sys.argv) > 4:
-        ref = torch.load(sys.argv[4], weights_only=True)
+    if ref is not None:
         got = model.state_dict()
+        bad = []
         for k, v in ref.items():
             if v is None:
                 continue
@@ -71,13 +72,33 @@ def main():
                     exp = v.chunk(tp, dim)[rank]
             else:
                 exp = v
-            assert torch.equal(mine, exp), k
-    tokens = torch.load(tokens_path)
+            if not torch.equal(mine, exp):
+                bad.append(k)
+        # every rank stops here, with every rank's names (not one here and another in a collective)
+        everyone = [None] * tp
+        torch.distributed.all_gather_object(everyone, bad)
+        assert not any(everyone), f"{ckpt}: loaded tensors differ from the reference, by rank: {everyone}"
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
     with torch.no_grad():
-        logits = model(input_ids=tokens, position_ids=pos, attention_mask=mask)
+        return model(input_ids=tokens, position_ids=pos, attention_mask=mask)
+
+
+def main():
+    args = sys.argv[1:]
+    ref = None
+    if "--ref" in args:
+        i = args.index("--ref")
+        ref = torch.load(args[i + 1], weights_only=True)
+        del args[i:i + 2]
+    tokens_path, out, ckpts = args[0], args[1], args[2:]
+    assert ckpts, __doc__
+    torch.distributed.init_process_group(backend="gloo")
+    rank, tp = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    tokens = torch.load(tokens_path)
+    logits = [load_and_run(c, 999 + 1000 * i, tokens, ref, rank, tp) for i, c in enumerate(ckpts)]
     if rank == 0:
         torch.save(logits, out)
     torch.distributed.barrier()
