@@ -696,18 +696,22 @@ mod tests {
         assert_eq!(listing(dir.path()), ["out"]);
     }
 
-    #[test]
-    fn dir_force_replaces_without_rename_exchange() {
+    /// Replaces a folder output with `--force`, swapping with `swap`.
+    fn force_replace_dir_with(swap: fn(&Path, &Path) -> io::Result<()>) {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out");
         fs::create_dir(&target).unwrap();
         fs::write(target.join("old"), b"0").unwrap();
         let out = OutputDir::create(&target, true).unwrap();
         fs::write(out.path().join("new"), b"1").unwrap();
-        let unsupported = |_: &Path, _: &Path| Err(io::ErrorKind::Unsupported.into());
-        out.commit_with(unsupported).unwrap();
+        out.commit_with(swap).unwrap();
         assert_eq!(listing(&target), ["new"]);
         assert_eq!(listing(dir.path()), ["out"]);
+    }
+
+    #[test]
+    fn dir_force_replaces_without_rename_exchange() {
+        force_replace_dir_with(|_, _| Err(io::ErrorKind::Unsupported.into()));
     }
 
     /// A temporary nobody holds the lock of, as a killed run leaves it.
@@ -778,15 +782,7 @@ mod tests {
             assert!(exists(a), "a cleaner took the old output mid-commit");
             Ok(())
         }
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("out");
-        fs::create_dir(&target).unwrap();
-        fs::write(target.join("old"), b"0").unwrap();
-        let out = OutputDir::create(&target, true).unwrap();
-        fs::write(out.path().join("x"), b"1").unwrap();
-        out.commit_with(exchange_then_clean).unwrap();
-        assert_eq!(listing(dir.path()), ["out"]);
-        assert_eq!(listing(&target), ["x"]);
+        force_replace_dir_with(exchange_then_clean);
     }
 
     #[test]

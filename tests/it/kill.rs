@@ -103,42 +103,25 @@ fn input(dir: &Path) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn pack_killed_at_20_points() {
+/// `nemo-tool COMMAND in.nemo out.nemo EXTRA... --force`, killed at 20 points.
+fn killed_at_20_points(command: &str, extra: &[&str]) {
     let d = tempfile::tempdir().unwrap();
     let inp = input(d.path());
     let out = d.path().join("out.nemo");
-    kill_at_random_points(
-        &inp,
-        &out,
-        &[
-            "pack".as_ref(),
-            inp.as_os_str(),
-            out.as_os_str(),
-            "--force".as_ref(),
-        ],
-    );
+    let mut args: Vec<&std::ffi::OsStr> = vec![command.as_ref(), inp.as_os_str(), out.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push("--force".as_ref());
+    kill_at_random_points(&inp, &out, &args);
+}
+
+#[test]
+fn pack_killed_at_20_points() {
+    killed_at_20_points("pack", &[]);
 }
 
 #[test]
 fn reshard_killed_at_20_points() {
-    let d = tempfile::tempdir().unwrap();
-    let inp = input(d.path());
-    let out = d.path().join("out.nemo");
-    kill_at_random_points(
-        &inp,
-        &out,
-        &[
-            "reshard".as_ref(),
-            inp.as_os_str(),
-            out.as_os_str(),
-            "--tp".as_ref(),
-            "4".as_ref(),
-            "--pp".as_ref(),
-            "2".as_ref(),
-            "--force".as_ref(),
-        ],
-    );
+    killed_at_20_points("reshard", &["--tp", "4", "--pp", "2"]);
 }
 
 /// A live writer for [`a_killed_writers_temporary_is_removed_by_the_next_run`], run as a
