@@ -25,7 +25,7 @@ use tempfile::{NamedTempFile, TempDir};
 pub const WRITE_BLOCK: usize = 128 << 10;
 
 /// Prefix of our temporaries, so a crash leaves recognisable leftovers.
-pub const TEMP_PREFIX: &str = ".nemo-tool-tmp-";
+const TEMP_PREFIX: &str = ".nemo-tool-tmp-";
 
 /// Errors from creating or committing an output.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +190,7 @@ mod owner {
 /// Removes the temporaries in `dir` that a killed run left behind (their
 /// owner's lock is free), naming each on stderr. Best effort: it fails
 /// nothing, and leaves whatever it cannot prove abandoned.
-pub fn remove_stale(dir: &Path) {
+fn remove_stale(dir: &Path) {
     let Some(scan) = owner::scanning(dir) else {
         return;
     };
