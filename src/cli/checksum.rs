@@ -79,21 +79,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "nemo-tool",
+        let args = [
             "checksum",
             "m.nemo",
             "--json",
             "--stored",
             "--vocab-size",
             "100",
-        ])
-        .unwrap();
-        let crate::cli::Command::Checksum(a) = cli.command else {
+        ];
+        let Ok(Command::Checksum(a)) = parse(&args) else {
             panic!("not checksum")
         };
         assert!(a.json && a.stored);

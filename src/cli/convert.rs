@@ -159,24 +159,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "convert",
-            "--from",
-            "hf",
-            "in",
-            "out.nemo",
-            "--tp",
-            "2",
-            "--dtype",
-            "bf16",
-        ])
-        .unwrap();
-        let crate::cli::Command::Convert(a) = cli.command else {
+        let args = [
+            "convert", "--from", "hf", "in", "out.nemo", "--tp", "2", "--dtype", "bf16",
+        ];
+        let Ok(Command::Convert(a)) = parse(&args) else {
             panic!("not convert")
         };
         assert_eq!(
@@ -184,15 +174,7 @@ mod tests {
             ("hf", 2, Some(Dtype::BF16))
         );
         assert_eq!(a.shard_size, 5_000_000_000);
-        assert!(crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "convert",
-            "in",
-            "out",
-            "--to",
-            "x"
-        ])
-        .is_err());
+        assert!(parse(&["convert", "in", "out", "--to", "x"]).is_err());
     }
 
     #[test]

@@ -46,12 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         vocab_size: args.vocab_size,
     };
     let report = diff(&ca, &cb, &opts).context("comparing")?;
-    if args.json {
-        super::print_json(&report)?;
-    } else {
-        use std::io::Write;
-        write!(std::io::stdout().lock(), "{}", report.render())?;
-    }
+    super::print_report(args.json, &report, |r| r.render())?;
     Ok(if report.same {
         ExitCode::SUCCESS
     } else {
@@ -61,21 +56,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "diff",
-            "a.nemo",
-            "b",
-            "--atol",
-            "1e-3",
-            "--json",
-        ])
-        .unwrap();
-        let crate::cli::Command::Diff(a) = cli.command else {
+        let Ok(Command::Diff(a)) = parse(&["diff", "a.nemo", "b", "--atol", "1e-3", "--json"])
+        else {
             panic!("not diff")
         };
         assert!(a.json);

@@ -43,23 +43,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses_flags() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "inspect",
-            "a.nemo",
-            "--json",
-            "--tensors",
-        ])
-        .unwrap();
-        let crate::cli::Command::Inspect(a) = cli.command else {
+        let Ok(Command::Inspect(a)) = parse(&["inspect", "a.nemo", "--json", "--tensors"]) else {
             panic!("not inspect")
         };
         assert!(a.json && a.tensors);
         assert_eq!(a.path, PathBuf::from("a.nemo"));
-        assert!(crate::cli::Cli::try_parse_from(["nemo-tool", "inspect"]).is_err());
+        assert!(parse(&["inspect"]).is_err());
     }
 }

@@ -103,6 +103,27 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a report: as JSON with `--json`, else its human rendering.
+pub(crate) fn print_report<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    use std::io::Write;
+    write!(std::io::stdout().lock(), "{}", render(report))?;
+    Ok(())
+}
+
+/// `nemo-tool ARGS` parsed to its subcommand, for the commands' parse tests.
+#[cfg(test)]
+pub(crate) fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+    let argv = std::iter::once("nemo-tool").chain(args.iter().copied());
+    Cli::try_parse_from(argv).map(|cli| cli.command)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

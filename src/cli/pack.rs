@@ -53,17 +53,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses() {
-        let cli =
-            crate::cli::Cli::try_parse_from(["nemo-tool", "pack", "in", "out.nemo", "--force"])
-                .unwrap();
-        let crate::cli::Command::Pack(a) = cli.command else {
+        let Ok(Command::Pack(a)) = parse(&["pack", "in", "out.nemo", "--force"]) else {
             panic!("not pack")
         };
         assert!(a.force && !a.json);
-        assert!(crate::cli::Cli::try_parse_from(["nemo-tool", "pack", "in"]).is_err());
+        assert!(parse(&["pack", "in"]).is_err());
     }
 }

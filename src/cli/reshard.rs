@@ -153,13 +153,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use crate::cli::Command;
 
     fn parse(args: &[&str]) -> super::Args {
-        let mut v = vec!["nemo-tool", "reshard"];
-        v.extend(args);
-        let cli = crate::cli::Cli::try_parse_from(v).unwrap();
-        let crate::cli::Command::Reshard(a) = cli.command else {
+        let argv = [&["reshard"], args].concat();
+        let Ok(Command::Reshard(a)) = crate::cli::parse(&argv) else {
             panic!("not reshard")
         };
         a
@@ -190,17 +188,8 @@ mod tests {
         ]);
         assert_eq!((a.tp, a.pp), (8, 1));
         assert_eq!(a.dtype, Some(nemo_tool::torch::Dtype::BF16));
-        assert!(crate::cli::Cli::try_parse_from(["nemo-tool", "reshard", "in", "out"]).is_err());
-        assert!(crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "reshard",
-            "in",
-            "out",
-            "--tp",
-            "2",
-            "--dtype",
-            "int8"
-        ])
-        .is_err());
+        let bad = |args: &[&str]| crate::cli::parse(&[&["reshard"], args].concat()).is_err();
+        assert!(bad(&["in", "out"]));
+        assert!(bad(&["in", "out", "--tp", "2", "--dtype", "int8"]));
     }
 }

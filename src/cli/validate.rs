@@ -66,31 +66,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             vocab_size: args.vocab_size,
         },
     );
-    if args.json {
-        super::print_json(&report)?;
-    } else {
-        use std::io::Write;
-        write!(std::io::stdout().lock(), "{}", report.render())?;
-    }
+    super::print_report(args.json, &report, |r| r.render())?;
     Ok(ExitCode::from(report.exit_code()))
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use crate::cli::{parse, Command};
 
     #[test]
     fn parses() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "nemo-tool",
-            "validate",
-            "m.nemo",
-            "--deep",
-            "--manifest",
-            "m.json",
-        ])
-        .unwrap();
-        let crate::cli::Command::Validate(a) = cli.command else {
+        let args = ["validate", "m.nemo", "--deep", "--manifest", "m.json"];
+        let Ok(Command::Validate(a)) = parse(&args) else {
             panic!("not validate")
         };
         assert!(a.deep && !a.json);

@@ -2,9 +2,9 @@
 
 The files are written by the Rust test `torch_samples::write_interop_files`:
 
-    NEMO_TOOL_INTEROP_OUT=/tmp/interop cargo test --test it write_interop_files
-    .venv/bin/python tests/interop/test_torch_files.py /tmp/interop
-    # or: NEMO_TOOL_INTEROP_OUT=/tmp/interop python -m pytest tests/interop/test_torch_files.py
+    NEMO_TOOL_INTEROP_OUT=target/interop/torch_files cargo test --test it write_interop_files
+    .venv/bin/python tests/interop/test_torch_files.py target/interop/torch_files
+    # or: NEMO_TOOL_INTEROP_OUT=target/interop/torch_files .venv/bin/python -m pytest tests/interop/test_torch_files.py
 
 Each fixture in fixtures/torch-samples/pt was read by the Rust reader and saved
 again by the Rust writer; here torch loads both the original (weights_only=False)

@@ -201,3 +201,38 @@ fn missing_input_and_existing_output() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
+
+/// An I/O error names its OS cause once, though our error types put their
+/// source in their own message and expose it as `source()` too.
+#[test]
+fn an_io_error_names_its_cause_once() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nope.nemo");
+    let out_in_missing_dir = d.path().join("no/such/dir/out.nemo");
+    let fixture = fixture("mcore/llama/nemo/tiny_llama_tp1.nemo");
+    for args in [
+        vec!["inspect".as_ref(), missing.as_os_str()],
+        vec!["checksum".as_ref(), missing.as_os_str()],
+        vec![
+            "pack".as_ref(),
+            fixture.as_os_str(),
+            out_in_missing_dir.as_os_str(),
+        ],
+        vec![
+            "reshard".as_ref(),
+            fixture.as_os_str(),
+            out_in_missing_dir.as_os_str(),
+            "--tp".as_ref(),
+            "2".as_ref(),
+        ],
+    ] {
+        let o = tool().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.matches("(os error 2)").count(),
+            1,
+            "{args:?}: the cause should appear once in: {err}"
+        );
+    }
+}

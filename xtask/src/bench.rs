@@ -204,18 +204,7 @@ fn distill(args: &[String]) -> Result<()> {
     let root = crate::util::root();
     let venv = root.join(".venv");
     let python = crate::test::venv_python(&venv);
-    let libtorch = crate::test::libtorch_dir(&venv)?
-        .context("no .venv with torch (run `cargo xtask test` once) and no LIBTORCH")?;
-    let mut build = crate::util::cargo();
-    build.args(["build", "--features", "distill", "--bin", "nemo-tool"]);
-    if release {
-        build.arg("--release");
-    }
-    crate::test::with_libtorch(&mut build, &libtorch);
-    crate::util::run(&mut build)?;
-    let tool = crate::util::target_dir()
-        .join(if release { "release" } else { "debug" })
-        .join("nemo-tool");
+    let tool = crate::test::build_distill_tool(&venv, release)?;
     let dir = crate::util::target_dir().join("bench/distill");
     std::fs::create_dir_all(&dir)?;
     let docs = dir.join("docs.jsonl");

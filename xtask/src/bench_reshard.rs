@@ -1,4 +1,5 @@
-//! `cargo xtask bench reshard [--regen] [--python PY]`: generates (once, under
+//! `cargo xtask bench reshard [--regen] [--python PY]` (PY defaults to `$NEMO_TOOL_PYTHON`, then
+//! the repository's `.venv`, then `python3`): generates (once, under
 //! target/bench) a bf16 Llama-shaped TP2 `.nemo` of more than 2 GiB with random
 //! data, then times in one run, with the archive warm in the page cache:
 //! `nemo-tool reshard` TP2 -> TP4 (release build), `cp` of the same archive,
@@ -84,16 +85,16 @@ fn python(args: &[String]) -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    let root = crate::util::root();
-    for cand in [
-        root.join(".venv/bin/python"),
-        PathBuf::from("/work/main/.venv/bin/python"),
-    ] {
-        if cand.exists() {
-            return cand;
-        }
+    if let Some(p) = std::env::var_os("NEMO_TOOL_PYTHON") {
+        return PathBuf::from(p);
     }
-    PathBuf::from("python3")
+    // the repository's pinned venv (`cargo xtask test` builds it), else the system python
+    let venv = crate::test::venv_python(&crate::util::root().join(".venv"));
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
 }
 
 fn sync() -> Result<()> {

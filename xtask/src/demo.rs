@@ -2,10 +2,13 @@
 //!
 //! Steps are data ([`STEPS`]): `nemo-tool` arguments, where `{out}` stands for the demo's output
 //! folder (`<target>/demo`), a check that two checksum listings are identical, or a file the
-//! demo writes. nemo-tool is built with `--features distill` against the venv's libtorch (as
-//! `cargo xtask test` does); without a venv or LIBTORCH the distillation steps are skipped.
+//! demo writes. The demo first sets up the pinned `.venv` exactly as `cargo xtask test` does
+//! ([`crate::test::pinned_venv`]), then builds nemo-tool once with `--features distill` against
+//! the venv's libtorch, so every step runs: none is skipped, so none can depend on a skipped one.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
@@ -21,8 +24,6 @@ enum Step {
     WriteDocs(&'static str),
     /// Remove a folder left by an earlier demo (so the distillation starts afresh).
     Clean(&'static str),
-    /// Run `nemo-tool` (built with `--features distill`) with these arguments.
-    Distill(&'static [&'static str]),
     /// A file the previous steps must have written; its path is printed.
     Show(&'static str, &'static str),
 }
@@ -96,7 +97,7 @@ const STEPS: &[(&str, Step)] = &[
     ),
     (
         "make a Megatron indexed dataset from them (EOD = 2)",
-        Step::Distill(&[
+        Step::Run(&[
             "data",
             "make",
             "--input",
@@ -113,7 +114,7 @@ const STEPS: &[(&str, Step)] = &[
     ("start the distillation afresh", Step::Clean("{out}/distill_exp")),
     (
         "distill a 1-layer student (from the config) from the 2-layer tiny teacher: 300 steps on CPU",
-        Step::Distill(&[
+        Step::Run(&[
             "distill",
             "model.restore_from_path=None",
             "model.kd_teacher_restore_from_path=fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo",
@@ -183,31 +184,37 @@ pub fn token_docs(n: usize) -> String {
     out
 }
 
-/// `nemo-tool ARGS` through cargo; with `libtorch`, built with `--features distill`.
-fn nemo_tool_with(args: &[String], libtorch: Option<&Path>) -> std::process::Command {
-    let mut cmd = util::cargo();
-    cmd.args(["run", "--quiet", "--bin", "nemo-tool"]);
-    if let Some(lt) = libtorch {
-        cmd.args(["--features", "distill"]);
-        crate::test::with_libtorch(&mut cmd, lt);
-        // one thread per process: the demo shares small machines well
-        cmd.env("OMP_NUM_THREADS", "1");
-    }
-    cmd.arg("--").args(args);
+/// `tool ARGS`, run from the repository root (the steps name fixtures relative to it), one
+/// thread per process: the demo shares small machines well.
+fn nemo_tool(tool: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.args(args)
+        .current_dir(util::root())
+        .env("OMP_NUM_THREADS", "1");
     cmd
 }
 
-fn nemo_tool(args: &[String]) -> std::process::Command {
-    nemo_tool_with(args, None)
+/// Runs `cmd`, passing its stderr on line by line, and returns its exit code (-1 if killed by a
+/// signal). Through a pipe, `distill` logs its loss every `trainer.log_every_n_steps` steps as
+/// lines, where on a terminal it would redraw one progress line.
+fn run_logged(cmd: &mut Command) -> Result<i32> {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{}`", util::show(cmd)))?;
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            eprintln!("{}", line.context("reading nemo-tool's stderr")?);
+        }
+    }
+    let st = child.wait().context("waiting for nemo-tool")?;
+    Ok(st.code().unwrap_or(-1))
 }
 
-fn checksums(path: &str) -> Result<String> {
-    let out = nemo_tool(&[
-        "checksum".to_string(),
-        "--stored".to_string(),
-        path.to_string(),
-    ])
-    .output()?;
+fn checksums(tool: &Path, path: &str) -> Result<String> {
+    let out = nemo_tool(tool, &["checksum".into(), "--stored".into(), path.into()])
+        .output()
+        .with_context(|| format!("running nemo-tool checksum --stored {path}"))?;
     if !out.status.success() {
         bail!("checksum {path}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -219,20 +226,19 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(a) = args.first() {
         bail!("demo: unexpected argument {a:?}");
     }
+    let venv = crate::test::pinned_venv()?;
+    step("build nemo-tool with --features distill (libtorch from the venv)");
+    let tool = crate::test::build_distill_tool(&venv, false)?;
     let out_dir = util::target_dir().join("demo");
-    std::fs::create_dir_all(&out_dir)?;
-    let libtorch = crate::test::libtorch_dir(&util::root().join(".venv"))?;
-    if libtorch.is_none() {
-        println!("note: no .venv with torch and no LIBTORCH: the distillation steps are skipped");
-    }
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = |s: &str| s.replace("{out}", &out_dir.display().to_string());
     for (i, (title, what)) in STEPS.iter().enumerate() {
         step(&format!("[{}/{}] {title}", i + 1, STEPS.len()));
         match what {
             Step::Run(tool_args) => {
                 let tool_args: Vec<String> = tool_args.iter().map(|a| out(a)).collect();
-                println!("$ nemo-tool {}", tool_args.join(" "));
-                let code = util::status_quiet(&mut nemo_tool_with(&tool_args, libtorch.as_deref()))
+                println!("$ OMP_NUM_THREADS=1 nemo-tool {}", tool_args.join(" "));
+                let code = run_logged(&mut nemo_tool(&tool, &tool_args))
                     .with_context(|| format!("demo step {title:?}"))?;
                 if code != 0 {
                     bail!("demo step {title:?}: nemo-tool exited with code {code}");
@@ -241,7 +247,7 @@ pub fn run(args: &[String]) -> Result<()> {
             Step::SameTensors(a, b) => {
                 let (a, b) = (out(a), out(b));
                 println!("$ nemo-tool checksum --stored {a}\n$ nemo-tool checksum --stored {b}");
-                let (sa, sb) = (checksums(&a)?, checksums(&b)?);
+                let (sa, sb) = (checksums(&tool, &a)?, checksums(&tool, &b)?);
                 // Members differ between layouts of the same weights; compare per key.
                 let key = |s: &str| -> Vec<String> {
                     let mut v: Vec<String> = s
@@ -274,22 +280,9 @@ pub fn run(args: &[String]) -> Result<()> {
                     println!("removed {p}");
                 }
             }
-            Step::Distill(tool_args) => {
-                let Some(lt) = libtorch.as_deref() else {
-                    println!("skipped (no libtorch)");
-                    continue;
-                };
-                let tool_args: Vec<String> = tool_args.iter().map(|a| out(a)).collect();
-                println!("$ OMP_NUM_THREADS=1 nemo-tool {}", tool_args.join(" "));
-                let code = util::status_quiet(&mut nemo_tool_with(&tool_args, Some(lt)))
-                    .with_context(|| format!("demo step {title:?}"))?;
-                if code != 0 {
-                    bail!("demo step {title:?}: nemo-tool exited with code {code}");
-                }
-            }
             Step::Show(what, path) => {
                 let p = out(path);
-                if libtorch.is_some() && !Path::new(&p).is_file() {
+                if !Path::new(&p).is_file() {
                     bail!("demo step {title:?}: {p} was not written");
                 }
                 println!("{what}: {p}");
@@ -313,7 +306,7 @@ mod tests {
         let root = crate::util::root();
         for (title, what) in STEPS {
             let paths: Vec<&str> = match what {
-                Step::Run(args) | Step::Distill(args) => args.to_vec(),
+                Step::Run(args) => args.to_vec(),
                 Step::SameTensors(a, b) => vec![a, b],
                 Step::WriteDocs(_) | Step::Clean(_) | Step::Show(..) => vec![],
             };

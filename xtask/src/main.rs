@@ -2,7 +2,8 @@
 //!
 //! * `test`: the whole suite: Rust unit/integration tests, then the Python interop tests in a
 //!   pinned `.venv` (created or refreshed from `tests/interop/requirements.txt` as needed).
-//! * `demo`: runs the main commands on the built-in tiny fixtures.
+//! * `demo`: runs the main commands on the built-in tiny fixtures, distillation included (it sets
+//!   up the same `.venv` as `test` first).
 //! * `bench <name>`: benchmarks (see `bench.rs`).
 
 mod bench;
@@ -22,7 +23,8 @@ commands:
   test [--no-python | --python-only] [--no-distill] [-- <pytest args>]
         build, run `cargo test --workspace`, then `cargo test --features distill` against
         the venv's libtorch (skip with --no-distill), then the Python interop tests in .venv
-  demo  run nemo-tool on the built-in tiny fixtures
+  demo  run nemo-tool on the built-in tiny fixtures (sets up .venv as `test` does, builds
+        with --features distill, distills a tiny student)
   bench <name> [args]
         run a benchmark (`cargo xtask bench list` shows them)
 ";

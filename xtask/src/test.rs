@@ -51,11 +51,11 @@ fn parse(args: &[String]) -> Result<Options> {
 pub fn run(args: &[String]) -> Result<()> {
     let o = parse(args)?;
     let root = root();
-    let venv = root.join(".venv");
-    if !o.no_python {
-        step("python venv");
-        ensure_venv(&root, &venv)?;
-    }
+    let venv = if o.no_python {
+        root.join(".venv")
+    } else {
+        pinned_venv()?
+    };
 
     step("cargo build --workspace --bins");
     util::run(util::cargo().args(["build", "--workspace", "--bins"]))?;
@@ -98,6 +98,38 @@ pub fn venv_python(venv: &Path) -> PathBuf {
     } else {
         venv.join("bin").join("python")
     }
+}
+
+/// The repository's `.venv`, created or refreshed first unless it matches the pins: the one
+/// set-up step of both `cargo xtask test` and `cargo xtask demo`.
+pub fn pinned_venv() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv");
+    step("python venv");
+    ensure_venv(&root, &venv)?;
+    Ok(venv)
+}
+
+/// Builds the `nemo-tool` binary with `--features distill` against the venv's libtorch (or
+/// `$LIBTORCH`) and returns its path. The build script sets an rpath to libtorch, so the
+/// binary runs directly, without cargo.
+pub fn build_distill_tool(venv: &Path, release: bool) -> Result<PathBuf> {
+    let libtorch = libtorch_dir(venv)?.with_context(|| {
+        format!(
+            "no {} with torch and no LIBTORCH (`cargo xtask test` or `cargo xtask demo` creates the venv)",
+            venv_python(venv).display()
+        )
+    })?;
+    let mut build = util::cargo();
+    build.args(["build", "--features", "distill", "--bin", "nemo-tool"]);
+    if release {
+        build.arg("--release");
+    }
+    with_libtorch(&mut build, &libtorch);
+    util::run(&mut build)?;
+    Ok(util::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join(format!("nemo-tool{}", std::env::consts::EXE_SUFFIX)))
 }
 
 /// Creates or refreshes `.venv` unless its stamp matches the requirements file.
