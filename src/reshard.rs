@@ -19,7 +19,7 @@ use crate::archive::MemberKind;
 use crate::canonical::{Canonical, EntryValue};
 use crate::checkpoint::{is_weights_member, Weights, CONFIG_MEMBER};
 use crate::output::OutputFile;
-use crate::plan::{Plan, PlanItem, Segment};
+use crate::plan::{Plan, PlanItem};
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::file::RecordSink;
 use crate::torch::tensor::{with_pages_of, Piece, StorageRef, TensorRef};
@@ -322,15 +322,7 @@ fn build_rank(canon: &Canonical, plan: &Plan, i: usize) -> Result<(Value, Vec<Jo
                     continue;
                 };
                 let name = &canon.entries[*ci].name;
-                let mut pieces = Vec::new();
-                for s in segments {
-                    match s {
-                        Segment::Slice { axis, start, end } => {
-                            pieces.extend(canon.read(name, x, *axis, *start..*end)?)
-                        }
-                        Segment::Zeros { bytes } => pieces.push(Piece::Zeros(*bytes)),
-                    }
-                }
+                let pieces = canon.read_segments(name, x, segments)?;
                 let src_bytes: u64 = pieces.iter().map(Piece::len).sum();
                 let numel: u64 = shape.iter().product();
                 let expected = numel * source_dtype.size() as u64;
