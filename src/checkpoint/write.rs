@@ -138,12 +138,25 @@ fn save_torch(
 }
 
 /// Tar members as a distributed-checkpoint writer's output folder: each file
-/// streams straight into the archive.
-struct TarDir<'a, W: crate::sink::Sink + io::Seek> {
+/// streams straight into the archive (under `dir/`). Shared by `pack` and
+/// `convert --to dist`.
+pub(crate) struct TarDir<'a, W: crate::sink::Sink + io::Seek> {
     tar: &'a mut TarWriter<W>,
     dir: &'a str,
     count: usize,
     dirs: BTreeSet<String>,
+}
+
+impl<'a, W: crate::sink::Sink + io::Seek> TarDir<'a, W> {
+    /// Members go under `dir/` (the caller appends `dir` itself).
+    pub(crate) fn new(tar: &'a mut TarWriter<W>, dir: &'a str) -> Self {
+        TarDir {
+            tar,
+            dir,
+            count: 0,
+            dirs: BTreeSet::new(),
+        }
+    }
 }
 
 impl<W: crate::sink::Sink + io::Seek> OutDir for TarDir<'_, W> {
@@ -203,12 +216,7 @@ fn write_dist<W: crate::sink::Sink + io::Seek>(
         tar.append_dir(dir)?;
         n += 1;
     }
-    let mut out = TarDir {
-        tar,
-        dir,
-        count: 0,
-        dirs: BTreeSet::new(),
-    };
+    let mut out = TarDir::new(tar, dir);
     let written = match dist.backend {
         Backend::TorchDist => crate::dcp_write::write_torch_dist(dist, ckpt.archive(), &mut out),
         Backend::Zarr => crate::zarr::write_zarr(dist, ckpt.archive(), &mut out),

@@ -8,12 +8,13 @@
 //! torch_dist `metadata.json`. megatron-core loads it at any TP.
 
 use std::collections::BTreeSet;
-use std::io::{self, Seek, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::bytes::ByteView;
+use crate::checkpoint::write::TarDir;
 use crate::checkpoint::{Checkpoint, CONFIG_MEMBER};
-use crate::dist::{Backend, Chunk, DistCheckpoint, DistTensor, Location, OutDir};
+use crate::dist::{Backend, Chunk, DistCheckpoint, DistTensor, Location};
 use crate::output::OutputFile;
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::tensor::Piece;
@@ -214,32 +215,6 @@ pub fn plan(
     Ok((tensors, pieces, objects, warnings))
 }
 
-/// Tar members under `model_weights/` as the DCP writer's output folder.
-struct TarDir<'a, W: crate::sink::Sink + Seek> {
-    tar: &'a mut TarWriter<W>,
-}
-
-impl<W: crate::sink::Sink + Seek> OutDir for TarDir<'_, W> {
-    fn write_file(
-        &mut self,
-        name: &str,
-        size: u64,
-        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let member = format!("{}/{name}", crate::checkpoint::detect::DIST_DIR);
-        let n = self
-            .tar
-            .append_streamed(&member, |mut w| fill(&mut w))
-            .map_err(io::Error::other)?;
-        if n != size {
-            return Err(io::Error::other(format!(
-                "{member}: {size} bytes declared, {n} written"
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Writes `canon` (from `ck`, whose config and artifacts are copied) as a
 /// distributed `.nemo` at `out`.
 ///
@@ -296,7 +271,7 @@ pub fn write(
                 &dist,
                 &objects,
                 &mut fill,
-                &mut TarDir { tar: &mut tar },
+                &mut TarDir::new(&mut tar, crate::checkpoint::detect::DIST_DIR),
             )?;
         } else if dirs.contains(name) {
             tar.append_dir(name)?;
