@@ -29,15 +29,10 @@ use crate::torch::{Dtype, Value};
 /// Errors writing the resharded checkpoint; each names the member or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
+    Write(#[from] crate::output::WriteError),
     /// Reading a canonical slice.
     #[error(transparent)]
     Canonical(#[from] crate::canonical::Error),
@@ -60,16 +55,9 @@ pub enum Error {
         #[source]
         source: crate::torch::tensor::Error,
     },
-    /// Writing a rank file.
-    #[error("{member}: {source}")]
-    Write {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// What [`write`] wrote.
 #[derive(Debug, Clone, Serialize)]
@@ -206,10 +194,10 @@ pub fn write(
                 let written = std::thread::scope(|scope| {
                     let mut ahead =
                         crate::stream::Prefetch::start(scope, uncast).map_err(|source| {
-                            Error::Write {
+                            Error::Write(crate::output::WriteError::Member {
                                 member: rank.member.clone(),
                                 source,
-                            }
+                            })
                         })?;
                     tar.append_streamed(&rank.member, |w| {
                         let mut fill =

@@ -20,15 +20,10 @@ use super::{Checkpoint, Weights, CONFIG_MEMBER};
 /// Errors writing a checkpoint; each names the member being written.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
+    Write(#[from] crate::output::WriteError),
     /// Writing the distributed checkpoint.
     #[error("{dir}/: {source}")]
     Dist {
@@ -38,16 +33,9 @@ pub enum Error {
         #[source]
         source: Box<crate::dist::Error>,
     },
-    /// Serializing a member.
-    #[error("{member}: {source}")]
-    Serialize {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// Options for [`pack`].
 #[derive(Debug, Clone, Default)]

@@ -27,12 +27,10 @@ pub use crate::dcp_write::METADATA_JSON;
 /// Errors writing the distributed `.nemo`; each names the member or key.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
+    Write(#[from] crate::output::WriteError),
     /// Writing the DCP folder.
     #[error("model_weights/: {0}")]
     Dist(#[from] crate::dist::Error),
@@ -52,19 +50,9 @@ pub enum Error {
         /// Why.
         why: String,
     },
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
-    /// Writing a member.
-    #[error("{member}: {source}")]
-    Write {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// What was written.
 #[derive(Debug, Clone)]
