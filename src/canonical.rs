@@ -1243,6 +1243,75 @@ mod tests {
     }
 
     #[test]
+    fn rank_slices_follow_megatron_rules() {
+        let sl = |axis, start, end| Segment::Slice { axis, start, end };
+        let f32 = Dtype::F32;
+        // gated fc1 [gate 4; up 4] at TP2, rank 1: [gate 2..4; up 6..8]
+        let (s, v) = rank_slices("fc1", &[8, 3], f32, Rule::GatedFc1, 1, 2, None).unwrap();
+        assert_eq!(s, vec![4, 3]);
+        assert_eq!(v, vec![sl(Axis::First, 2, 4), sl(Axis::First, 6, 8)]);
+        // row: the last dim
+        let (s, v) = rank_slices("proj", &[4, 6], f32, Rule::Row, 2, 3, None).unwrap();
+        assert_eq!((s, v), (vec![4, 2], vec![sl(Axis::Last, 4, 6)]));
+        // 1-D row-parallel bias: dim 0
+        let (s, v) = rank_slices("b", &[6], f32, Rule::Row, 1, 2, None).unwrap();
+        assert_eq!((s, v), (vec![3], vec![sl(Axis::First, 3, 6)]));
+        // replicated: all of it on every rank
+        let (s, v) = rank_slices("n", &[5], f32, Rule::Replicated, 1, 2, None).unwrap();
+        assert_eq!((s, v), (vec![5], vec![sl(Axis::First, 0, 5)]));
+        // vocab padded from 10 stored rows to 16 at TP2: rank 1 has rows 8..10 and 6 zero rows
+        let (s, v) = rank_slices("emb", &[10, 2], f32, Rule::Vocab, 1, 2, Some(16)).unwrap();
+        assert_eq!(s, vec![8, 2]);
+        assert_eq!(
+            v,
+            vec![sl(Axis::First, 8, 10), Segment::Zeros { bytes: 6 * 2 * 4 }]
+        );
+        // rows past the stored ones only: all zeros
+        let (_, v) = rank_slices("emb", &[10, 2], f32, Rule::Vocab, 3, 4, Some(16)).unwrap();
+        assert_eq!(v, vec![Segment::Zeros { bytes: 4 * 2 * 4 }]);
+        // a scalar is whole
+        let (s, v) = rank_slices("x", &[], f32, Rule::Column, 0, 2, None).unwrap();
+        assert_eq!((s, v), (vec![], vec![sl(Axis::First, 0, 1)]));
+        // indivisible dims and odd gated rows are refused, naming the tensor
+        for (shape, rule, tp) in [
+            (vec![6u64, 4], Rule::Qkv, 4u64),
+            (vec![4, 6], Rule::Row, 4),
+            (vec![7, 2], Rule::GatedFc1, 1),
+            (vec![4, 2], Rule::Column, 0),
+        ] {
+            let e = rank_slices("k", &shape, f32, rule, 0, tp, None).unwrap_err();
+            assert!(matches!(&e, Error::Indivisible { key, .. } if key == "k"), "{e}");
+        }
+    }
+
+    #[test]
+    fn read_segments_of_tp2_equal_the_tp2_rank_files() {
+        // the forward rule inverts the merge: cutting the canonical view of the TP2
+        // fixture by rank_slices gives back each rank file's own bytes
+        let tp2 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo")).unwrap();
+        let c = Canonical::new(&tp2).unwrap();
+        let ranks = tp2.rank_files();
+        let mut n = 0;
+        for (rank, r) in ranks.iter().enumerate() {
+            for (key, v) in r.entries() {
+                let Value::Tensor(stored) = v else { continue };
+                let body = tp2.family.strip_prefix(key);
+                let Some((_, t)) = c.tensor(body) else {
+                    panic!("{key} not in the view")
+                };
+                let (shape, segs) =
+                    rank_slices(key, &t.shape, t.dtype, t.rule, rank as u64, 2, None).unwrap();
+                assert_eq!(shape, stored.shape, "{key}");
+                let got = crate::torch::tensor::concat(&c.read_segments(body, t, &segs).unwrap());
+                assert_eq!(got, stored.to_vec().unwrap(), "{key} rank {rank}");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 2 * 15);
+    }
+
+    #[test]
     fn sub_pieces_cross_boundaries() {
         let p = vec![
             Piece::Bytes(ByteView::from_vec(vec![1, 2, 3])),
