@@ -22,6 +22,12 @@
 //! concatenate dim 0; row concatenates the last dim; gated fc1 is
 //! `[all gate halves; all up halves]`; replicated takes TP rank 0; a stacked
 //! distributed tensor is read one layer box at a time.
+//!
+//! The forward rules live here too: [`rank_slices`] says which slices of a
+//! canonical tensor (plus vocab zero padding) make TP rank `r`'s local tensor,
+//! and [`Canonical::read_segments`] reads them. This module is the one owner
+//! of the TP/PP partition rules: `reshard` (via `plan`), `convert`,
+//! `validate`/`checksum`/`diff` and the distill weight loader all go through it.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -118,6 +124,18 @@ pub enum Error {
         /// The layer count.
         expected: u64,
     },
+    /// A tensor whose split dim the target TP does not divide.
+    #[error("{key}: dim {dim} of shape {shape:?} is not divisible by the target TP = {tp}")]
+    Indivisible {
+        /// The tensor.
+        key: String,
+        /// The dim.
+        dim: usize,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// Target TP.
+        tp: u64,
+    },
     /// A stacked layer axis longer than [`MAX_LAYERS`] (hostile metadata
     /// could otherwise make the view loop over 2^40 layers).
     #[error("{key}: stacked layer axis of {found} layers is over the {MAX_LAYERS} cap")]
@@ -151,6 +169,119 @@ pub enum Axis {
     First,
     /// The last dim (for every index of the other dims).
     Last,
+}
+
+/// One slice of a rank-local tensor's bytes, in output order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Segment {
+    /// `start..end` along `axis` of the canonical tensor (all other dims).
+    Slice {
+        /// The axis.
+        axis: Axis,
+        /// First index.
+        start: u64,
+        /// End index (exclusive).
+        end: u64,
+    },
+    /// Zero bytes (vocab padding rows).
+    Zeros {
+        /// Byte count.
+        bytes: u64,
+    },
+}
+
+/// The partition rules forward: the local shape of TP rank `rank` of `tp`
+/// and the [`Segment`]s of the canonical tensor (`shape`, `dtype`, `rule`)
+/// it is made of (nemo-format.md §3.1). Column, vocab and QKV take a
+/// contiguous dim-0 block; row the last dim; gated fc1 `[gate_r; up_r]`;
+/// replicated all of it. Vocab tensors are cut from `vocab_rows` rows
+/// (default: the stored ones): rows past the stored ones are zero fill.
+///
+/// # Errors
+/// [`Error::Indivisible`] when `tp` does not divide the split dim.
+pub fn rank_slices(
+    key: &str,
+    shape: &[u64],
+    dtype: Dtype,
+    rule: Rule,
+    rank: u64,
+    tp: u64,
+    vocab_rows: Option<u64>,
+) -> Result<(Vec<u64>, Vec<Segment>), Error> {
+    let mut local = shape.to_vec();
+    let nd = local.len();
+    let indivisible = |dim| Error::Indivisible {
+        key: key.to_string(),
+        dim,
+        shape: shape.to_vec(),
+        tp,
+    };
+    let slice = |axis, r: Range<u64>| Segment::Slice {
+        axis,
+        start: r.start,
+        end: r.end,
+    };
+    let whole = || slice(Axis::First, 0..shape.first().copied().unwrap_or(1));
+    let chunk = |n: u64, dim: usize| -> Result<Range<u64>, Error> {
+        if tp == 0 || n % tp != 0 {
+            return Err(indivisible(dim));
+        }
+        let w = n / tp;
+        Ok(rank * w..(rank + 1) * w)
+    };
+    if nd == 0 {
+        return Ok((local, vec![whole()]));
+    }
+    let segs = match rule {
+        Rule::Replicated | Rule::ExtraState => vec![whole()],
+        Rule::Row if nd >= 2 => {
+            let r = chunk(local[nd - 1], nd - 1)?;
+            local[nd - 1] = r.end - r.start;
+            vec![slice(Axis::Last, r)]
+        }
+        Rule::GatedFc1 => {
+            // An odd row count has no [gate; up] halves.
+            if local[0] % 2 != 0 {
+                return Err(indivisible(0));
+            }
+            let f = local[0] / 2;
+            let r = chunk(f, 0)?;
+            local[0] = 2 * (r.end - r.start);
+            vec![
+                slice(Axis::First, r.clone()),
+                slice(Axis::First, f + r.start..f + r.end),
+            ]
+        }
+        Rule::Vocab => {
+            let stored = local[0];
+            let rows = vocab_rows.unwrap_or(stored);
+            let r = chunk(rows, 0)?;
+            local[0] = r.end - r.start;
+            let row_bytes: u64 = shape[1..]
+                .iter()
+                .fold(dtype.size() as u64, |a, d| a.saturating_mul(*d));
+            let have = r.start.min(stored)..r.end.min(stored);
+            let mut v = Vec::new();
+            if have.start < have.end {
+                v.push(slice(Axis::First, have.clone()));
+            }
+            let zero_rows = (r.end - r.start) - (have.end - have.start);
+            if zero_rows > 0 {
+                v.push(Segment::Zeros {
+                    bytes: zero_rows * row_bytes,
+                });
+            }
+            v
+        }
+        // column, qkv, plain fc1, 1-D row
+        _ => {
+            let r = chunk(local[0], 0)?;
+            local[0] = r.end - r.start;
+            vec![slice(Axis::First, r)]
+        }
+    };
+    Ok((local, segs))
 }
 
 /// One entry of the canonical model.
@@ -302,6 +433,47 @@ impl<'c> Canonical<'c> {
             }
         }
         (None, body.to_string())
+    }
+
+    /// The (layer, canonical name) of a prefix-less key as a per-rank file
+    /// names it (`decoder.layers.3.input_layernorm.weight` ->
+    /// `(Some(3), self_attention.linear_qkv.layer_norm_weight)`): what
+    /// [`Canonical::get`] takes.
+    pub fn locate(&self, body: &str) -> (Option<u64>, String) {
+        self.split_layer(body)
+    }
+
+    /// The tensor entry of a prefix-less key ([`Canonical::locate`]d).
+    pub fn tensor(&self, body: &str) -> Option<(&Entry, &Tensor)> {
+        let (layer, name) = self.locate(body);
+        let e = self.get(layer, &name)?;
+        match &e.value {
+            EntryValue::Tensor(t) => Some((e, t)),
+            EntryValue::Object(_) => None,
+        }
+    }
+
+    /// Row-major bytes of `segments` of a canonical tensor (see
+    /// [`rank_slices`]), borrowed from the input; zero fill as `Zeros`.
+    ///
+    /// # Errors
+    /// As [`Canonical::read`].
+    pub fn read_segments(
+        &self,
+        name: &str,
+        t: &Tensor,
+        segments: &[Segment],
+    ) -> Result<Vec<Piece>, Error> {
+        let mut pieces = Vec::new();
+        for s in segments {
+            match s {
+                Segment::Slice { axis, start, end } => {
+                    pieces.extend(self.read(name, t, *axis, *start..*end)?)
+                }
+                Segment::Zeros { bytes } => pieces.push(Piece::Zeros(*bytes)),
+            }
+        }
+        Ok(pieces)
     }
 
     /// Local-spec norm names -> TE names (layer-relative).
@@ -1068,6 +1240,75 @@ mod tests {
         let c = two_ranks(tmp.path(), &[(k, vec![3, 2])], &[(k, vec![3, 2])]);
         let e = Canonical::new(&c).unwrap_err();
         assert!(matches!(e, Error::OddGatedShard { rows: 3, .. }), "{e}");
+    }
+
+    #[test]
+    fn rank_slices_follow_megatron_rules() {
+        let sl = |axis, start, end| Segment::Slice { axis, start, end };
+        let f32 = Dtype::F32;
+        // gated fc1 [gate 4; up 4] at TP2, rank 1: [gate 2..4; up 6..8]
+        let (s, v) = rank_slices("fc1", &[8, 3], f32, Rule::GatedFc1, 1, 2, None).unwrap();
+        assert_eq!(s, vec![4, 3]);
+        assert_eq!(v, vec![sl(Axis::First, 2, 4), sl(Axis::First, 6, 8)]);
+        // row: the last dim
+        let (s, v) = rank_slices("proj", &[4, 6], f32, Rule::Row, 2, 3, None).unwrap();
+        assert_eq!((s, v), (vec![4, 2], vec![sl(Axis::Last, 4, 6)]));
+        // 1-D row-parallel bias: dim 0
+        let (s, v) = rank_slices("b", &[6], f32, Rule::Row, 1, 2, None).unwrap();
+        assert_eq!((s, v), (vec![3], vec![sl(Axis::First, 3, 6)]));
+        // replicated: all of it on every rank
+        let (s, v) = rank_slices("n", &[5], f32, Rule::Replicated, 1, 2, None).unwrap();
+        assert_eq!((s, v), (vec![5], vec![sl(Axis::First, 0, 5)]));
+        // vocab padded from 10 stored rows to 16 at TP2: rank 1 has rows 8..10 and 6 zero rows
+        let (s, v) = rank_slices("emb", &[10, 2], f32, Rule::Vocab, 1, 2, Some(16)).unwrap();
+        assert_eq!(s, vec![8, 2]);
+        assert_eq!(
+            v,
+            vec![sl(Axis::First, 8, 10), Segment::Zeros { bytes: 6 * 2 * 4 }]
+        );
+        // rows past the stored ones only: all zeros
+        let (_, v) = rank_slices("emb", &[10, 2], f32, Rule::Vocab, 3, 4, Some(16)).unwrap();
+        assert_eq!(v, vec![Segment::Zeros { bytes: 4 * 2 * 4 }]);
+        // a scalar is whole
+        let (s, v) = rank_slices("x", &[], f32, Rule::Column, 0, 2, None).unwrap();
+        assert_eq!((s, v), (vec![], vec![sl(Axis::First, 0, 1)]));
+        // indivisible dims and odd gated rows are refused, naming the tensor
+        for (shape, rule, tp) in [
+            (vec![6u64, 4], Rule::Qkv, 4u64),
+            (vec![4, 6], Rule::Row, 4),
+            (vec![7, 2], Rule::GatedFc1, 1),
+            (vec![4, 2], Rule::Column, 0),
+        ] {
+            let e = rank_slices("k", &shape, f32, rule, 0, tp, None).unwrap_err();
+            assert!(matches!(&e, Error::Indivisible { key, .. } if key == "k"), "{e}");
+        }
+    }
+
+    #[test]
+    fn read_segments_of_tp2_equal_the_tp2_rank_files() {
+        // the forward rule inverts the merge: cutting the canonical view of the TP2
+        // fixture by rank_slices gives back each rank file's own bytes
+        let tp2 =
+            Checkpoint::open(fixture("fixtures/mcore/llama/nemo/tiny_llama_tp2.nemo")).unwrap();
+        let c = Canonical::new(&tp2).unwrap();
+        let ranks = tp2.rank_files();
+        let mut n = 0;
+        for (rank, r) in ranks.iter().enumerate() {
+            for (key, v) in r.entries() {
+                let Value::Tensor(stored) = v else { continue };
+                let body = tp2.family.strip_prefix(key);
+                let Some((_, t)) = c.tensor(body) else {
+                    panic!("{key} not in the view")
+                };
+                let (shape, segs) =
+                    rank_slices(key, &t.shape, t.dtype, t.rule, rank as u64, 2, None).unwrap();
+                assert_eq!(shape, stored.shape, "{key}");
+                let got = crate::torch::tensor::concat(&c.read_segments(body, t, &segs).unwrap());
+                assert_eq!(got, stored.to_vec().unwrap(), "{key} rank {rank}");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 2 * 15);
     }
 
     #[test]

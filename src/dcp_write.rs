@@ -245,6 +245,26 @@ enum Source<'a> {
     },
 }
 
+/// An item already stored in a torch_dist data file is copied as it is:
+/// its length and source; `None` for other locations.
+fn verbatim(loc: &Location) -> Option<(u64, Source<'_>)> {
+    match loc {
+        Location::Item {
+            member,
+            offset,
+            length,
+        } => Some((
+            *length,
+            Source::Verbatim {
+                member,
+                offset: *offset,
+                length: *length,
+            },
+        )),
+        _ => None,
+    }
+}
+
 /// Serializes chunk `chunk` of `t` as a `torch.save` stream of one contiguous tensor.
 fn save_chunk(
     ck: &DistCheckpoint,
@@ -284,20 +304,9 @@ pub fn write_torch_dist(
     let mut plan: Vec<(Item<'_>, Source<'_>)> = Vec::new();
     let mut pos = 0u64;
     for o in &ck.objects {
-        let (length, source) = match &o.location {
-            Location::Item {
-                member,
-                offset,
-                length,
-            } => (
-                *length,
-                Source::Verbatim {
-                    member,
-                    offset: *offset,
-                    length: *length,
-                },
-            ),
-            _ => {
+        let (length, source) = match verbatim(&o.location) {
+            Some(v) => v,
+            None => {
                 let b = ck.object_bytes_for(src, o, dist::Backend::TorchDist)?;
                 (b.len() as u64, Source::Owned(b))
             }
@@ -315,20 +324,9 @@ pub fn write_torch_dist(
     }
     for t in &ck.tensors {
         for (i, c) in t.chunks.iter().enumerate() {
-            let (length, source) = match &c.location {
-                Location::Item {
-                    member,
-                    offset,
-                    length,
-                } => (
-                    *length,
-                    Source::Verbatim {
-                        member,
-                        offset: *offset,
-                        length: *length,
-                    },
-                ),
-                _ => (
+            let (length, source) = match verbatim(&c.location) {
+                Some(v) => v,
+                None => (
                     save_chunk(ck, src, t, i)?.len() as u64,
                     Source::Save {
                         tensor: t,
@@ -453,7 +451,7 @@ fn save_chunk_with(
     )
     .map_err(io::Error::other)?;
     let root = crate::torch::Value::Tensor(Box::new(t));
-    let mut counting = CountingWrite { inner: w, n: 0 };
+    let mut counting = crate::outdir::Counting { inner: w, n: 0 };
     let mut f = |_: &crate::torch::tensor::StorageRef,
                  sink: &mut dyn crate::torch::file::RecordSink| {
         fill(&mut |b: &[u8]| sink.bytes(b))
@@ -461,24 +459,6 @@ fn save_chunk_with(
     crate::torch::file::save_with(&mut counting, "archive", &root, &mut f)
         .map_err(io::Error::other)?;
     Ok(counting.n)
-}
-
-struct CountingWrite<'a> {
-    inner: &'a mut dyn io::Write,
-    n: u64,
-}
-
-impl crate::sink::Sink for CountingWrite<'_> {}
-
-impl io::Write for CountingWrite<'_> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let k = self.inner.write(b)?;
-        self.n += k as u64;
-        Ok(k)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Writes a torch_dist folder whose tensor chunks stream from `fill` (no

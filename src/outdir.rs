@@ -42,10 +42,14 @@ impl FsDir {
     }
 }
 
-struct Counting<W> {
-    inner: W,
-    n: u64,
+/// A writer that counts the bytes written through it (also used by the
+/// torch_dist writer, hence a [`crate::sink::Sink`]).
+pub(crate) struct Counting<W> {
+    pub(crate) inner: W,
+    pub(crate) n: u64,
 }
+
+impl<W: Write> crate::sink::Sink for Counting<W> {}
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {

@@ -49,6 +49,53 @@ pub enum Error {
     },
 }
 
+/// The failures every archive writer (pack, reshard, convert) has in
+/// common; each writer's error wraps it as its `Write` variant.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Creating or committing the output.
+    #[error(transparent)]
+    Output(#[from] Error),
+    /// Writing the tar.
+    #[error(transparent)]
+    Tar(#[from] crate::tar_write::Error),
+    /// Reading a source member.
+    #[error(transparent)]
+    Archive(#[from] crate::archive::Error),
+    /// Writing a member's bytes.
+    #[error("{member}: {source}")]
+    Member {
+        /// The member.
+        member: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `From` each [`WriteError`] cause for a writer's error type with a
+/// `Write(WriteError)` variant, so `?` works on them directly.
+macro_rules! from_write_errors {
+    ($t:ty) => {
+        impl From<crate::output::Error> for $t {
+            fn from(e: crate::output::Error) -> Self {
+                Self::Write(e.into())
+            }
+        }
+        impl From<crate::tar_write::Error> for $t {
+            fn from(e: crate::tar_write::Error) -> Self {
+                Self::Write(e.into())
+            }
+        }
+        impl From<crate::archive::Error> for $t {
+            fn from(e: crate::archive::Error) -> Self {
+                Self::Write(e.into())
+            }
+        }
+    };
+}
+pub(crate) use from_write_errors;
+
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> Error {
     let path = path.to_path_buf();
     move |source| Error::Io { path, op, source }

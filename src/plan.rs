@@ -13,7 +13,6 @@
 //! last stage at PP>1 only; layers are renumbered per stage; `_extra_state`
 //! objects are kept verbatim.
 
-use std::ops::Range;
 
 use serde::Serialize;
 
@@ -97,18 +96,6 @@ pub enum Error {
         /// From the weights.
         found: u64,
     },
-    /// A tensor whose split dim the target TP does not divide.
-    #[error("{key}: dim {dim} of shape {shape:?} is not divisible by the target TP = {tp}")]
-    Indivisible {
-        /// The tensor.
-        key: String,
-        /// The dim.
-        dim: usize,
-        /// Its shape.
-        shape: Vec<u64>,
-        /// Target TP.
-        tp: u64,
-    },
     /// `--dtype` asks for a cast between types we do not convert.
     #[error("{key}: cannot cast {from} to {to} (only float32, float16 and bfloat16 convert)")]
     Cast {
@@ -139,25 +126,7 @@ pub struct ReshardOptions {
     pub vocab_size: Option<u64>,
 }
 
-/// One slice of the output bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Segment {
-    /// `start..end` along `axis` of the canonical tensor (all other dims).
-    Slice {
-        /// The axis.
-        axis: Axis,
-        /// First index.
-        start: u64,
-        /// End index (exclusive).
-        end: u64,
-    },
-    /// Zero bytes (vocab padding rows).
-    Zeros {
-        /// Byte count.
-        bytes: u64,
-    },
-}
+pub use crate::canonical::Segment;
 
 /// One output state-dict entry.
 #[derive(Debug, Clone, Serialize)]
@@ -444,7 +413,8 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
                             }
                             _ => x.dtype,
                         };
-                        let (shape, segments) = split(&full_key, x, t, tp, target_rows)?;
+                        let (shape, segments) =
+                            canonical::rank_slices(&full_key, &x.shape, x.dtype, x.rule, t, tp, target_rows)?;
                         let n = shape
                             .iter()
                             .fold(out_dtype.size() as u64, |a, d| a.saturating_mul(*d));
@@ -605,85 +575,6 @@ fn push_tail(
         }
     }
     order.extend(names);
-}
-
-/// The local shape and source segments of rank `t` of `x` at `tp` ranks.
-fn split(
-    key: &str,
-    x: &canonical::Tensor,
-    t: u64,
-    tp: u64,
-    vocab_rows: Option<u64>,
-) -> Result<(Vec<u64>, Vec<Segment>), Error> {
-    let mut shape = x.shape.clone();
-    let nd = shape.len();
-    let indivisible = |dim| Error::Indivisible {
-        key: key.to_string(),
-        dim,
-        shape: x.shape.clone(),
-        tp,
-    };
-    let slice = |axis, r: Range<u64>| Segment::Slice {
-        axis,
-        start: r.start,
-        end: r.end,
-    };
-    let whole = || slice(Axis::First, 0..x.shape.first().copied().unwrap_or(1));
-    let chunk = |n: u64, dim: usize| -> Result<Range<u64>, Error> {
-        if n % tp != 0 {
-            return Err(indivisible(dim));
-        }
-        let w = n / tp;
-        Ok(t * w..(t + 1) * w)
-    };
-    if nd == 0 {
-        return Ok((shape, vec![whole()]));
-    }
-    let segs = match x.rule {
-        Rule::Replicated | Rule::ExtraState => vec![whole()],
-        Rule::Row if nd >= 2 => {
-            let r = chunk(shape[nd - 1], nd - 1)?;
-            shape[nd - 1] = r.end - r.start;
-            vec![slice(Axis::Last, r)]
-        }
-        Rule::GatedFc1 => {
-            let f = shape[0] / 2;
-            let r = chunk(f, 0)?;
-            shape[0] = 2 * (r.end - r.start);
-            vec![
-                slice(Axis::First, r.clone()),
-                slice(Axis::First, f + r.start..f + r.end),
-            ]
-        }
-        Rule::Vocab => {
-            let stored = shape[0];
-            let rows = vocab_rows.unwrap_or(stored);
-            let r = chunk(rows, 0)?;
-            shape[0] = r.end - r.start;
-            let row_bytes: u64 = x.shape[1..]
-                .iter()
-                .fold(x.dtype.size() as u64, |a, d| a.saturating_mul(*d));
-            let have = r.start.min(stored)..r.end.min(stored);
-            let mut v = Vec::new();
-            if have.start < have.end {
-                v.push(slice(Axis::First, have.clone()));
-            }
-            let zero_rows = (r.end - r.start) - (have.end - have.start);
-            if zero_rows > 0 {
-                v.push(Segment::Zeros {
-                    bytes: zero_rows * row_bytes,
-                });
-            }
-            v
-        }
-        // column, qkv, plain fc1, 1-D row
-        _ => {
-            let r = chunk(shape[0], 0)?;
-            shape[0] = r.end - r.start;
-            vec![slice(Axis::First, r)]
-        }
-    };
-    Ok((shape, segs))
 }
 
 /// Decides the target vocab rows; checks rows to be dropped are zero.

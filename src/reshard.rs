@@ -19,7 +19,7 @@ use crate::archive::MemberKind;
 use crate::canonical::{Canonical, EntryValue};
 use crate::checkpoint::{is_weights_member, Weights, CONFIG_MEMBER};
 use crate::output::OutputFile;
-use crate::plan::{Plan, PlanItem, Segment};
+use crate::plan::{Plan, PlanItem};
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::file::RecordSink;
 use crate::torch::tensor::{with_pages_of, Piece, StorageRef, TensorRef};
@@ -29,15 +29,10 @@ use crate::torch::{Dtype, Value};
 /// Errors writing the resharded checkpoint; each names the member or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
+    Write(#[from] crate::output::WriteError),
     /// Reading a canonical slice.
     #[error(transparent)]
     Canonical(#[from] crate::canonical::Error),
@@ -60,16 +55,9 @@ pub enum Error {
         #[source]
         source: crate::torch::tensor::Error,
     },
-    /// Writing a rank file.
-    #[error("{member}: {source}")]
-    Write {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// What [`write`] wrote.
 #[derive(Debug, Clone, Serialize)]
@@ -206,10 +194,10 @@ pub fn write(
                 let written = std::thread::scope(|scope| {
                     let mut ahead =
                         crate::stream::Prefetch::start(scope, uncast).map_err(|source| {
-                            Error::Write {
+                            Error::Write(crate::output::WriteError::Member {
                                 member: rank.member.clone(),
                                 source,
-                            }
+                            })
                         })?;
                     tar.append_streamed(&rank.member, |w| {
                         let mut fill =
@@ -322,15 +310,7 @@ fn build_rank(canon: &Canonical, plan: &Plan, i: usize) -> Result<(Value, Vec<Jo
                     continue;
                 };
                 let name = &canon.entries[*ci].name;
-                let mut pieces = Vec::new();
-                for s in segments {
-                    match s {
-                        Segment::Slice { axis, start, end } => {
-                            pieces.extend(canon.read(name, x, *axis, *start..*end)?)
-                        }
-                        Segment::Zeros { bytes } => pieces.push(Piece::Zeros(*bytes)),
-                    }
-                }
+                let pieces = canon.read_segments(name, x, segments)?;
                 let src_bytes: u64 = pieces.iter().map(Piece::len).sum();
                 let numel: u64 = shape.iter().product();
                 let expected = numel * source_dtype.size() as u64;

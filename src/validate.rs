@@ -462,9 +462,10 @@ fn canonical_error(acc: &mut Acc, e: crate::canonical::Error) {
             acc.error(Code::ReplicaMismatch, format!("{member}:{key}"), msg)
         }
         E::Config(_) => acc.error(Code::BadConfig, crate::checkpoint::CONFIG_MEMBER, msg),
-        E::Tensor { key, .. } | E::Dist { key, .. } | E::BadSlice { key, .. } => {
-            acc.error(Code::UnreadableTensor, key, msg)
-        }
+        E::Tensor { key, .. }
+        | E::Dist { key, .. }
+        | E::BadSlice { key, .. }
+        | E::Indivisible { key, .. } => acc.error(Code::UnreadableTensor, key, msg),
     }
 }
 

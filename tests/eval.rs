@@ -395,3 +395,41 @@ fn dataset_kd_is_independent_of_chunk_and_micro_batch() {
         assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{k}: {x} vs {y}");
     }
 }
+
+/// Eval reads any layout through the canonical view: the TP1 fixture resharded to PP2 and
+/// TP2 x PP2 (tp_rank_XX_pp_rank_YYY members) gives exactly the TP1 logits.
+#[test]
+fn pipeline_parallel_checkpoints_give_the_tp1_logits() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let tokens = tmp.path().join("tokens.json");
+    std::fs::write(&tokens, serde_json::to_string(&fixture_tokens()).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let src = fixture("nemo/tiny_llama_tp1.nemo");
+    let logits = |ckpt: &Path, tag: &str| {
+        let out = tmp.path().join(format!("{tag}.npy"));
+        run_ok(
+            bin()
+                .arg("eval")
+                .arg(ckpt)
+                .arg("--tokens")
+                .arg(&tokens)
+                .arg("--logits-out")
+                .arg(&out)
+                .args(["--chunk", "5", "--micro-batch", "1", "--json"]),
+        );
+        std::fs::read(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()))
+    };
+    let want = logits(&src, "tp1");
+    for (tp, pp) in [(1, 2), (2, 2)] {
+        let ck = tmp.path().join(format!("tp{tp}_pp{pp}.nemo"));
+        run_ok(
+            bin()
+                .arg("reshard")
+                .arg(&src)
+                .arg(&ck)
+                .args(["--tp", &tp.to_string(), "--pp", &pp.to_string()]),
+        );
+        let got = logits(&ck, &format!("tp{tp}_pp{pp}"));
+        assert!(got == want, "TP{tp} x PP{pp}: logits differ from TP1");
+    }
+}

@@ -20,15 +20,10 @@ use super::{Checkpoint, Weights, CONFIG_MEMBER};
 /// Errors writing a checkpoint; each names the member being written.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
+    Write(#[from] crate::output::WriteError),
     /// Writing the distributed checkpoint.
     #[error("{dir}/: {source}")]
     Dist {
@@ -38,16 +33,9 @@ pub enum Error {
         #[source]
         source: Box<crate::dist::Error>,
     },
-    /// Serializing a member.
-    #[error("{member}: {source}")]
-    Serialize {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// Options for [`pack`].
 #[derive(Debug, Clone, Default)]
@@ -138,12 +126,25 @@ fn save_torch(
 }
 
 /// Tar members as a distributed-checkpoint writer's output folder: each file
-/// streams straight into the archive.
-struct TarDir<'a, W: crate::sink::Sink + io::Seek> {
+/// streams straight into the archive (under `dir/`). Shared by `pack` and
+/// `convert --to dist`.
+pub(crate) struct TarDir<'a, W: crate::sink::Sink + io::Seek> {
     tar: &'a mut TarWriter<W>,
     dir: &'a str,
     count: usize,
     dirs: BTreeSet<String>,
+}
+
+impl<'a, W: crate::sink::Sink + io::Seek> TarDir<'a, W> {
+    /// Members go under `dir/` (the caller appends `dir` itself).
+    pub(crate) fn new(tar: &'a mut TarWriter<W>, dir: &'a str) -> Self {
+        TarDir {
+            tar,
+            dir,
+            count: 0,
+            dirs: BTreeSet::new(),
+        }
+    }
 }
 
 impl<W: crate::sink::Sink + io::Seek> OutDir for TarDir<'_, W> {
@@ -203,12 +204,7 @@ fn write_dist<W: crate::sink::Sink + io::Seek>(
         tar.append_dir(dir)?;
         n += 1;
     }
-    let mut out = TarDir {
-        tar,
-        dir,
-        count: 0,
-        dirs: BTreeSet::new(),
-    };
+    let mut out = TarDir::new(tar, dir);
     let written = match dist.backend {
         Backend::TorchDist => crate::dcp_write::write_torch_dist(dist, ckpt.archive(), &mut out),
         Backend::Zarr => crate::zarr::write_zarr(dist, ckpt.archive(), &mut out),

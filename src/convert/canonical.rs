@@ -1,14 +1,14 @@
 //! The converters' common model: every tensor of a Megatron-Core GPT in
 //! global TP=1 coordinates, one entry per global layer, named with the
 //! local layer spec's per-rank keys (`model.decoder.layers.3.input_layernorm.weight`)
-//! and held as zero-copy pieces; `_extra_state` objects as values. Built
-//! from any checkpoint layout (per-rank files merged by partition rule,
-//! distributed checkpoints unstacked per layer) and written out by the
-//! per-rank, torch_dist and Hugging Face writers.
+//! and held as zero-copy pieces; `_extra_state` objects as values. A
+//! `.nemo` of any layout is read through [`crate::canonical::Canonical`]
+//! (which owns the partition rules and the merge of per-rank and
+//! distributed layouts); an HF folder is mapped in by [`super::hf`]. The
+//! per-rank, torch_dist and Hugging Face writers write it out.
 
-use std::collections::HashMap;
-
-use crate::checkpoint::{Checkpoint, Weights};
+use crate::canonical::{Axis, EntryValue};
+use crate::checkpoint::Checkpoint;
 use crate::layout::{Family, Rule};
 use crate::torch::value::Value;
 
@@ -20,24 +20,9 @@ pub enum Error {
     /// A tensor's pieces or shapes are inconsistent.
     #[error(transparent)]
     Tensor(#[from] tensor::Error),
-    /// A stored tensor could not be read.
-    #[error("{key}: {why}")]
-    Read {
-        /// The key.
-        key: String,
-        /// Why.
-        why: String,
-    },
-    /// A rank is missing a key that rank 0 has.
-    #[error("{key}: missing on TP rank {tp} of stage {pp}")]
-    Missing {
-        /// The key.
-        key: String,
-        /// TP rank.
-        tp: u64,
-        /// PP rank.
-        pp: u64,
-    },
+    /// The checkpoint's canonical view could not be built or read.
+    #[error(transparent)]
+    Canonical(#[from] crate::canonical::Error),
 }
 
 /// A tensor or an opaque object.
@@ -194,148 +179,33 @@ impl Canonical {
             .unwrap_or(Rule::Replicated)
     }
 
-    /// Builds the TP=1 view of an opened checkpoint.
+    /// Builds the TP=1 view of an opened checkpoint from its
+    /// [`crate::canonical::Canonical`] view, keyed by local-spec names.
     ///
     /// # Errors
     /// [`Error`] for unreadable or inconsistent tensors.
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<Canonical, Error> {
-        let mut c = match &ck.weights {
-            Weights::PerRank(_) => from_per_rank(ck)?,
-            Weights::Dist(d) => from_dist(ck, d)?,
-        };
-        c.sort();
-        Ok(c)
-    }
-}
-
-fn from_per_rank(ck: &Checkpoint) -> Result<Canonical, Error> {
-    let ranks = ck.rank_files();
-    let index: HashMap<(u64, u64), HashMap<&str, &Value>> = ranks
-        .iter()
-        .map(|r| ((r.tp, r.pp), r.entries().collect()))
-        .collect();
-    let mut out = Canonical::default();
-    for lt in ck.tensors() {
-        let name = local_name(&lt.name);
-        let Some(first) = lt.shards.first() else {
-            continue;
-        };
-        let pp = first.pp.unwrap_or(0);
-        let get = |tp: u64| -> Result<&Value, Error> {
-            index
-                .get(&(tp, pp))
-                .and_then(|m| m.get(first.key.as_str()))
-                .copied()
-                .ok_or_else(|| Error::Missing {
-                    key: first.key.clone(),
-                    tp,
-                    pp,
-                })
-        };
-        if lt.dtype.is_none() {
-            out.entries.push(Entry {
-                name,
-                item: Item::Object(get(0)?.clone()),
-            });
-            continue;
-        }
-        let rule = lt.rule.unwrap_or(Rule::Replicated);
-        let tps: Vec<u64> = if matches!(rule, Rule::Replicated | Rule::ExtraState) {
-            vec![0]
-        } else {
-            (0..ck.layout.tp).collect()
-        };
-        let mut parts = Vec::with_capacity(tps.len());
-        for tp in tps {
-            let Value::Tensor(t) = get(tp)? else {
-                return Err(Error::Read {
-                    key: first.key.clone(),
-                    why: format!("not a tensor on TP rank {tp}"),
-                });
+        let core = crate::canonical::Canonical::new(ck)?;
+        let mut out = Canonical::default();
+        for e in &core.entries {
+            let body = match e.layer {
+                Some(l) => format!("{}{l}.{}", core.layer_stem, e.name),
+                None => e.name.clone(),
             };
-            let pieces = t.pieces().map_err(|e| Error::Read {
-                key: first.key.clone(),
-                why: e.to_string(),
-            })?;
-            parts.push(Flat::new(&name, t.dtype, t.shape.clone(), pieces)?);
+            let name = local_name(&format!("model.{body}"));
+            let item = match &e.value {
+                // TP rank 0's copy, as mcore loads it.
+                EntryValue::Object(v) => Item::Object(v.first().cloned().unwrap_or(Value::None)),
+                EntryValue::Tensor(t) => {
+                    let rows = t.shape.first().copied().unwrap_or(1);
+                    let pieces = core.read(&body, t, Axis::First, 0..rows)?;
+                    Item::Tensor(Flat::new(&name, t.dtype, t.shape.clone(), pieces)?)
+                }
+            };
+            out.entries.push(Entry { name, item });
         }
-        let merged = tensor::merge(&name, rule, &parts)?;
-        out.entries.push(Entry {
-            name,
-            item: Item::Tensor(merged),
-        });
-    }
-    Ok(out)
-}
-
-fn from_dist(ck: &Checkpoint, d: &crate::dist::DistCheckpoint) -> Result<Canonical, Error> {
-    let rd = |key: &str, e: crate::dist::Error| Error::Read {
-        key: key.to_string(),
-        why: e.to_string(),
-    };
-    let mut out = Canonical::default();
-    for t in &d.tensors {
-        let m = ck.family.lookup(&t.key);
-        let stacked = m.map(|m| m.stacked).unwrap_or(false);
-        if !stacked {
-            let pieces = d
-                .read_box(ck.archive(), t, &vec![0; t.shape.len()], &t.shape)
-                .map_err(|e| rd(&t.key, e))?;
-            let name = local_name(&t.key);
-            out.entries.push(Entry {
-                item: Item::Tensor(Flat::new(&name, t.dtype, t.shape.clone(), pieces)?),
-                name,
-            });
-            continue;
-        }
-        let layers = t.shape.first().copied().unwrap_or(0);
-        let rest: Vec<u64> = t.shape.get(1..).unwrap_or_default().to_vec();
-        for l in 0..layers {
-            let mut offsets = vec![0; t.shape.len()];
-            let mut sizes = t.shape.clone();
-            if let (Some(o), Some(s)) = (offsets.first_mut(), sizes.first_mut()) {
-                *o = l;
-                *s = 1;
-            }
-            let pieces = d
-                .read_box(ck.archive(), t, &offsets, &sizes)
-                .map_err(|e| rd(&t.key, e))?;
-            let name = local_name(&unstack(&t.key, l));
-            out.entries.push(Entry {
-                item: Item::Tensor(Flat::new(&name, t.dtype, rest.clone(), pieces)?),
-                name,
-            });
-        }
-    }
-    for o in &d.objects {
-        // `<key>/shard_<l>_<L>` holds `[obj]` for global layer l.
-        let (key, shard) = o.key.split_once('/').unwrap_or((&o.key, ""));
-        let layer = shard
-            .strip_prefix("shard_")
-            .and_then(|s| s.split('_').next())
-            .and_then(|s| s.parse::<u64>().ok());
-        let name = match layer {
-            Some(l) if key.contains(".layers.") => local_name(&unstack(key, l)),
-            _ => local_name(key),
-        };
-        let v = d.read_object(ck.archive(), o).map_err(|e| rd(&o.key, e))?;
-        let v = match v {
-            Value::List(mut items) if items.len() == 1 => items.pop().unwrap_or(Value::None),
-            other => other,
-        };
-        out.entries.push(Entry {
-            name,
-            item: Item::Object(v),
-        });
-    }
-    Ok(out)
-}
-
-/// `…layers.rest` -> `…layers.{l}.rest`.
-fn unstack(key: &str, l: u64) -> String {
-    match key.split_once("layers.") {
-        Some((head, rest)) => format!("{head}layers.{l}.{rest}"),
-        None => key.to_string(),
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -366,10 +236,6 @@ mod tests {
         assert_eq!(
             te_name("model.decoder.final_layernorm.weight"),
             "model.decoder.final_layernorm.weight"
-        );
-        assert_eq!(
-            unstack("model.decoder.layers.mlp.linear_fc1.weight", 3),
-            "model.decoder.layers.3.mlp.linear_fc1.weight"
         );
         assert_eq!(
             stack_name("model.decoder.layers.3.mlp.linear_fc1.weight"),
@@ -467,7 +333,8 @@ mod tests {
         });
         let e = Canonical::from_checkpoint(&ck).unwrap_err();
         assert!(
-            matches!(&e, Error::Missing { key, tp: 1, pp: 0 } if key.ends_with("layers.1.mlp.linear_fc2.weight")),
+            matches!(&e, Error::Canonical(crate::canonical::Error::MissingShard { key, member })
+                if key.ends_with("layers.1.mlp.linear_fc2.weight") && member.starts_with("mp_rank_01")),
             "{e}"
         );
     }
@@ -483,7 +350,8 @@ mod tests {
         });
         let e = Canonical::from_checkpoint(&ck).unwrap_err();
         assert!(
-            matches!(&e, Error::Read { key, .. } if key.ends_with("layers.0.self_attention.linear_qkv.weight")),
+            matches!(&e, Error::Canonical(crate::canonical::Error::MissingShard { key, member })
+                if key.ends_with("layers.0.self_attention.linear_qkv.weight") && member.starts_with("mp_rank_01")),
             "{e}"
         );
     }

@@ -8,12 +8,13 @@
 //! torch_dist `metadata.json`. megatron-core loads it at any TP.
 
 use std::collections::BTreeSet;
-use std::io::{self, Seek, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::bytes::ByteView;
+use crate::checkpoint::write::TarDir;
 use crate::checkpoint::{Checkpoint, CONFIG_MEMBER};
-use crate::dist::{Backend, Chunk, DistCheckpoint, DistTensor, Location, OutDir};
+use crate::dist::{Backend, Chunk, DistCheckpoint, DistTensor, Location};
 use crate::output::OutputFile;
 use crate::tar_write::{python_add_order, TarWriter};
 use crate::torch::tensor::Piece;
@@ -26,12 +27,10 @@ pub use crate::dcp_write::METADATA_JSON;
 /// Errors writing the distributed `.nemo`; each names the member or key.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
+    Write(#[from] crate::output::WriteError),
     /// Writing the DCP folder.
     #[error("model_weights/: {0}")]
     Dist(#[from] crate::dist::Error),
@@ -51,19 +50,9 @@ pub enum Error {
         /// Why.
         why: String,
     },
-    /// Reading a source member.
-    #[error(transparent)]
-    Archive(#[from] crate::archive::Error),
-    /// Writing a member.
-    #[error("{member}: {source}")]
-    Write {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// What was written.
 #[derive(Debug, Clone)]
@@ -214,32 +203,6 @@ pub fn plan(
     Ok((tensors, pieces, objects, warnings))
 }
 
-/// Tar members under `model_weights/` as the DCP writer's output folder.
-struct TarDir<'a, W: crate::sink::Sink + Seek> {
-    tar: &'a mut TarWriter<W>,
-}
-
-impl<W: crate::sink::Sink + Seek> OutDir for TarDir<'_, W> {
-    fn write_file(
-        &mut self,
-        name: &str,
-        size: u64,
-        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let member = format!("{}/{name}", crate::checkpoint::detect::DIST_DIR);
-        let n = self
-            .tar
-            .append_streamed(&member, |mut w| fill(&mut w))
-            .map_err(io::Error::other)?;
-        if n != size {
-            return Err(io::Error::other(format!(
-                "{member}: {size} bytes declared, {n} written"
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Writes `canon` (from `ck`, whose config and artifacts are copied) as a
 /// distributed `.nemo` at `out`.
 ///
@@ -296,7 +259,7 @@ pub fn write(
                 &dist,
                 &objects,
                 &mut fill,
-                &mut TarDir { tar: &mut tar },
+                &mut TarDir::new(&mut tar, crate::checkpoint::detect::DIST_DIR),
             )?;
         } else if dirs.contains(name) {
             tar.append_dir(name)?;

@@ -5,6 +5,7 @@
 //! tensor bytes: every result is a list of [`Piece`]s borrowing from the
 //! inputs (or zero fill).
 
+use crate::canonical::{Axis, Segment};
 use crate::layout::Rule;
 use crate::torch::dtype::Dtype;
 use crate::torch::tensor::Piece;
@@ -205,127 +206,36 @@ impl Flat {
         Ok(out)
     }
 
-    /// Rank `rank`'s local tensor at tensor-parallel size `tp` under `rule`
-    /// (nemo-format.md §3.1; the fixtures README facts 4-6): its shape and
-    /// pieces. Vocab tensors must already be padded to a multiple of `tp`.
+    /// Rank `rank`'s local tensor at tensor-parallel size `tp` under `rule`:
+    /// its shape and pieces. The rule is [`crate::canonical::rank_slices`]'s;
+    /// vocab tensors must already be padded to a multiple of `tp`.
     ///
     /// # Errors
     /// [`Error::Shape`] when the split dimension does not divide by `tp`.
     pub fn split(&self, rule: Rule, tp: u64, rank: u64) -> Result<(Vec<u64>, Vec<Piece>), Error> {
-        let mut shape = self.shape.clone();
-        if tp == 1 || matches!(rule, Rule::Replicated | Rule::ExtraState) {
-            return Ok((shape, self.pieces.clone()));
-        }
-        let part = |n: u64| {
-            if n % tp == 0 {
-                Ok(n / tp)
-            } else {
-                Err(self.shape_err(format!("{} ({n}) does not split into {tp}", rule.name())))
-            }
-        };
-        match rule {
-            Rule::Row => {
-                let n = shape.last().copied().unwrap_or(0);
-                let k = part(n)?;
-                if let Some(l) = shape.last_mut() {
-                    *l = k;
-                }
-                let p = self.cols(rank * k, (rank + 1) * k)?;
-                Ok((shape, p))
-            }
-            Rule::GatedFc1 => {
-                let n = shape.first().copied().unwrap_or(0);
-                if n % 2 != 0 {
-                    return Err(self.shape_err(format!("gated fc1 has an odd {n} rows")));
-                }
-                let f = n / 2;
-                let k = part(f)?;
-                if let Some(d) = shape.first_mut() {
-                    *d = 2 * k;
-                }
-                let mut p = self.rows(rank * k, (rank + 1) * k)?;
-                p.extend(self.rows(f + rank * k, f + (rank + 1) * k)?);
-                Ok((shape, p))
-            }
-            _ => {
-                let n = shape.first().copied().unwrap_or(0);
-                let k = part(n)?;
-                if let Some(d) = shape.first_mut() {
-                    *d = k;
-                }
-                let p = self.rows(rank * k, (rank + 1) * k)?;
-                Ok((shape, p))
+        let (shape, segments) =
+            crate::canonical::rank_slices(&self.name, &self.shape, self.dtype, rule, rank, tp, None)
+                .map_err(|e| self.shape_err(e.to_string()))?;
+        let mut pieces = Vec::new();
+        for s in segments {
+            match s {
+                Segment::Slice {
+                    axis: Axis::First,
+                    start,
+                    end,
+                } if !self.shape.is_empty() => pieces.extend(self.rows(start, end)?),
+                Segment::Slice {
+                    axis: Axis::Last,
+                    start,
+                    end,
+                } => pieces.extend(self.cols(start, end)?),
+                // a scalar is one whole "row"
+                Segment::Slice { .. } => pieces.extend(self.pieces.iter().cloned()),
+                Segment::Zeros { bytes } => pieces.push(Piece::Zeros(bytes)),
             }
         }
+        Ok((shape, pieces))
     }
-}
-
-/// The global tensor from the `tp` rank-local tensors `parts` (in rank
-/// order) under `rule`: the inverse of [`Flat::split`].
-///
-/// # Errors
-/// [`Error::Shape`] when the parts disagree in shape or dtype.
-pub fn merge(name: &str, rule: Rule, parts: &[Flat]) -> Result<Flat, Error> {
-    let bad = |why: String| Error::Shape {
-        name: name.to_string(),
-        why,
-    };
-    let first = parts.first().ok_or_else(|| bad("no rank tensors".into()))?;
-    if parts
-        .iter()
-        .any(|p| p.shape != first.shape || p.dtype != first.dtype)
-    {
-        return Err(bad("rank tensors differ in shape or dtype".into()));
-    }
-    let tp = parts.len() as u64;
-    let mut shape = first.shape.clone();
-    if tp == 1 || matches!(rule, Rule::Replicated | Rule::ExtraState) {
-        return first.renamed(name, shape);
-    }
-    let mut pieces = Vec::new();
-    match rule {
-        Rule::Row => {
-            let n = shape.last().copied().unwrap_or(0);
-            let outer: u64 = shape
-                .get(..shape.len().saturating_sub(1))
-                .unwrap_or_default()
-                .iter()
-                .product();
-            let es = first.dtype.size() as u64;
-            for r in 0..outer {
-                for p in parts {
-                    pieces.extend(p.bytes(r * n * es, n * es)?);
-                }
-            }
-            if let Some(l) = shape.last_mut() {
-                *l = n * tp;
-            }
-        }
-        Rule::GatedFc1 => {
-            let n = shape.first().copied().unwrap_or(0);
-            if n % 2 != 0 {
-                return Err(bad(format!("gated fc1 part has an odd {n} rows")));
-            }
-            for p in parts {
-                pieces.extend(p.rows(0, n / 2)?);
-            }
-            for p in parts {
-                pieces.extend(p.rows(n / 2, n)?);
-            }
-            if let Some(d) = shape.first_mut() {
-                *d = n * tp;
-            }
-        }
-        _ => {
-            for p in parts {
-                pieces.extend(p.pieces().iter().cloned());
-            }
-            if let Some(d) = shape.first_mut() {
-                *d *= tp;
-            }
-        }
-    }
-    Flat::new(name, first.dtype, shape, pieces)
 }
 
 /// Attention geometry: heads, query groups, head size.
@@ -529,37 +439,35 @@ mod tests {
     }
 
     #[test]
-    fn split_and_merge_are_inverse_for_every_rule() {
+    fn split_follows_the_canonical_rules() {
         let t = counting("t", &[8, 6], 0);
-        for rule in [
-            Rule::Column,
-            Rule::Row,
-            Rule::Vocab,
-            Rule::Qkv,
-            Rule::GatedFc1,
-            Rule::Replicated,
-        ] {
-            for tp in [1u64, 2] {
-                let parts: Vec<Flat> = (0..tp)
-                    .map(|r| {
-                        let (s, p) = t.split(rule, tp, r).unwrap();
-                        Flat::new("p", Dtype::U8, s, p).unwrap()
-                    })
-                    .collect();
-                let back = merge("t", rule, &parts).unwrap();
-                assert_eq!(back.shape, t.shape, "{rule:?}");
-                assert_eq!(
-                    concat(back.pieces()),
-                    concat(t.pieces()),
-                    "{rule:?} tp {tp}"
-                );
+        let all = concat(t.pieces());
+        // Every rule at TP2: the ranks' bytes, put back by the rule, are the tensor.
+        for rule in [Rule::Column, Rule::Vocab, Rule::Qkv] {
+            let mut back = Vec::new();
+            for r in 0..2 {
+                let (s, p) = t.split(rule, 2, r).unwrap();
+                assert_eq!(s, vec![4, 6], "{rule:?}");
+                back.extend(concat(&p));
             }
+            assert_eq!(back, all, "{rule:?}");
         }
+        let (s, p) = t.split(Rule::Replicated, 2, 1).unwrap();
+        assert_eq!((s, concat(&p)), (vec![8, 6], all.clone()));
+        // Row: rank 1 holds columns 3..6 of every row.
+        let (s, p) = t.split(Rule::Row, 2, 1).unwrap();
+        assert_eq!(s, vec![8, 3]);
+        let want: Vec<u8> = (0..8u8).flat_map(|r| (3..6u8).map(move |c| r * 6 + c)).collect();
+        assert_eq!(concat(&p), want);
         // Gated fc1 at TP2: rank 1 holds gate rows 2..4 then up rows 6..8.
         let (_, p) = t.split(Rule::GatedFc1, 2, 1).unwrap();
         let want: Vec<u8> = (12..24).chain(36..48).collect();
         assert_eq!(concat(&p), want);
         assert!(matches!(t.split(Rule::Row, 4, 0), Err(Error::Shape { .. })));
+        assert!(matches!(
+            counting("odd", &[3, 2], 0).split(Rule::GatedFc1, 1, 0),
+            Err(Error::Shape { .. })
+        ));
     }
 
     #[test]
@@ -599,7 +507,5 @@ mod tests {
         let trimmed = resize_rows(&c, "p", 1).unwrap();
         assert_eq!(concat(trimmed.pieces()), [0, 1]);
         assert!(cat_rows("c", &a, &counting("x", &[3], 0)).is_err());
-        let e = merge("m", Rule::Column, &[a.clone(), b.clone()]).unwrap_err();
-        assert!(matches!(e, Error::Shape { .. }));
     }
 }

@@ -26,12 +26,10 @@ use super::tensor::{self, resize_rows, Flat};
 /// Errors writing a `.nemo`; each names the member or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Creating or committing the output.
+    /// Creating or committing the output, the tar stream, a source member,
+    /// a member's bytes (the failures every archive writer shares).
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
-    /// Writing the tar.
-    #[error(transparent)]
-    Tar(#[from] crate::tar_write::Error),
+    Write(#[from] crate::output::WriteError),
     /// Tensor arithmetic (a split that does not divide).
     #[error(transparent)]
     Tensor(#[from] tensor::Error),
@@ -48,16 +46,9 @@ pub enum Error {
     /// Partition rules.
     #[error(transparent)]
     Rules(#[from] crate::layout::Error),
-    /// Writing a member.
-    #[error("{member}: {source}")]
-    Write {
-        /// The member.
-        member: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
 }
+
+crate::output::from_write_errors!(Error);
 
 /// How to lay the model out.
 #[derive(Debug, Clone)]
@@ -372,10 +363,10 @@ pub fn write(
                 std::thread::scope(|scope| -> Result<(), Error> {
                     let mut ahead =
                         crate::stream::Prefetch::start(scope, uncast).map_err(|source| {
-                            Error::Write {
+                            Error::Write(crate::output::WriteError::Member {
                                 member: name.clone(),
                                 source,
-                            }
+                            })
                         })?;
                     let mut next = 0usize;
                     tar.append_streamed(name, |w| {

@@ -173,7 +173,6 @@ impl Builder<'_> {
     fn param(
         &mut self,
         names: &[String],
-        layer: Option<usize>,
         rule: Rule,
         global: &[i64],
         init: Init,
@@ -188,7 +187,6 @@ impl Builder<'_> {
             InitFrom::Checkpoint(src) => {
                 let p = Param {
                     names: names.to_vec(),
-                    layer,
                     rule,
                     local_shape: &local,
                     padded_rows: (rule == Rule::Vocab).then_some(self.spec.padded_vocab),
@@ -228,7 +226,7 @@ impl Builder<'_> {
         Ok(t)
     }
 
-    fn norm(&mut self, names: &[(&str, &str)], layer: Option<usize>) -> Result<NormW, Error> {
+    fn norm(&mut self, names: &[(&str, &str)]) -> Result<NormW, Error> {
         let h = self.spec.hidden;
         let one = if self.spec.norm == Norm::LayerNorm1p {
             Init::Zeros
@@ -236,12 +234,12 @@ impl Builder<'_> {
             Init::Ones
         };
         let wn: Vec<String> = names.iter().map(|(w, _)| w.to_string()).collect();
-        let w = self.param(&wn, layer, Rule::Replicated, &[h], one)?;
+        let w = self.param(&wn, Rule::Replicated, &[h], one)?;
         let b = if self.spec.norm == Norm::Rms {
             None
         } else {
             let bn: Vec<String> = names.iter().map(|(_, b)| b.to_string()).collect();
-            Some(self.param(&bn, layer, Rule::Replicated, &[h], Init::Zeros)?)
+            Some(self.param(&bn, Rule::Replicated, &[h], Init::Zeros)?)
         };
         Ok(NormW { w, b })
     }
@@ -291,7 +289,6 @@ impl Gpt {
         let n = |x: &str| vec![x.to_string()];
         let emb = b.param(
             &n("embedding.word_embeddings.weight"),
-            None,
             Rule::Vocab,
             &[s.padded_vocab, s.hidden],
             Init::Normal(std),
@@ -299,7 +296,6 @@ impl Gpt {
         let pos = match s.positions {
             Positions::Learned { max } => Some(b.param(
                 &n("embedding.position_embeddings.weight"),
-                None,
                 Rule::Replicated,
                 &[max as i64, s.hidden],
                 Init::Normal(std),
@@ -315,7 +311,6 @@ impl Gpt {
         let mut layers = Vec::with_capacity(s.num_layers);
         for i in 0..s.num_layers {
             let p = |x: &str| format!("decoder.layers.{i}.{x}");
-            let l = Some(i);
             let ln1 = b.norm(
                 &[
                     (&p("input_layernorm.weight"), &p("input_layernorm.bias")),
@@ -324,11 +319,9 @@ impl Gpt {
                         &p("self_attention.linear_qkv.layer_norm_bias"),
                     ),
                 ],
-                l,
             )?;
             let qkv_w = b.param(
                 &[p("self_attention.linear_qkv.weight")],
-                l,
                 Rule::Qkv,
                 &[s.qkv_rows(), s.hidden],
                 Init::Normal(std),
@@ -336,7 +329,6 @@ impl Gpt {
             let qkv_b = match s.bias {
                 true => Some(b.param(
                     &[p("self_attention.linear_qkv.bias")],
-                    l,
                     Rule::Qkv,
                     &[s.qkv_rows()],
                     Init::Zeros,
@@ -345,7 +337,6 @@ impl Gpt {
             };
             let proj_w = b.param(
                 &[p("self_attention.linear_proj.weight")],
-                l,
                 Rule::Row,
                 &[s.hidden, s.heads * s.head_dim],
                 Init::Normal(out_std),
@@ -353,7 +344,6 @@ impl Gpt {
             let proj_b = match s.bias {
                 true => Some(b.param(
                     &[p("self_attention.linear_proj.bias")],
-                    l,
                     Rule::Replicated,
                     &[s.hidden],
                     Init::Zeros,
@@ -368,11 +358,9 @@ impl Gpt {
                         &p("mlp.linear_fc1.layer_norm_bias"),
                     ),
                 ],
-                l,
             )?;
             let fc1_w = b.param(
                 &[p("mlp.linear_fc1.weight")],
-                l,
                 fc1_rule,
                 &[fc1_rows, s.hidden],
                 Init::Normal(std),
@@ -380,7 +368,6 @@ impl Gpt {
             let fc1_b = match s.bias {
                 true => Some(b.param(
                     &[p("mlp.linear_fc1.bias")],
-                    l,
                     fc1_rule,
                     &[fc1_rows],
                     Init::Zeros,
@@ -389,7 +376,6 @@ impl Gpt {
             };
             let fc2_w = b.param(
                 &[p("mlp.linear_fc2.weight")],
-                l,
                 Rule::Row,
                 &[s.hidden, s.ffn],
                 Init::Normal(out_std),
@@ -397,7 +383,6 @@ impl Gpt {
             let fc2_b = match s.bias {
                 true => Some(b.param(
                     &[p("mlp.linear_fc2.bias")],
-                    l,
                     Rule::Replicated,
                     &[s.hidden],
                     Init::Zeros,
@@ -422,14 +407,12 @@ impl Gpt {
                 "decoder.final_layernorm.weight",
                 "decoder.final_layernorm.bias",
             )],
-            None,
         )?;
         let output = if s.tied {
             emb.shallow_clone()
         } else {
             b.param(
                 &n("output_layer.weight"),
-                None,
                 Rule::Vocab,
                 &[s.padded_vocab, s.hidden],
                 Init::Normal(std),
