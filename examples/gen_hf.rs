@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use nemo_tool::bytes::ByteView;
-use nemo_tool::safetensors::{self, WriteTensor};
-use nemo_tool::torch::tensor::Piece;
-use nemo_tool::torch::Dtype;
+use nemo_tool::formats::safetensors::{self, WriteTensor};
+use nemo_tool::formats::torch::Dtype;
+use nemo_tool::io::bytes::ByteView;
+use nemo_tool::io::piece::Piece;
 
 fn random_bf16(n: u64, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -12,8 +12,8 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::torch::zip::ZipArchive;
+use nemo_tool::formats::torch::zip::ZipArchive;
+use nemo_tool::model::checkpoint::Checkpoint;
 
 fn resident_pages(file: &File, len: usize) -> anyhow::Result<Vec<u8>> {
     let page = 4096usize;
@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
 
     let t = Instant::now();
     let ckpt = Checkpoint::open_metadata(&path)?;
-    let report = nemo_tool::inspect::report(&ckpt)?;
+    let report = nemo_tool::ops::inspect::report(&ckpt)?;
     let secs = t.elapsed().as_secs_f64();
     let resident = resident_pages(&file, len)?;
 

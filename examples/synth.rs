@@ -1,4 +1,4 @@
-//! Writes a synthetic Megatron-Core GPT `.nemo` (see `nemo_tool::synth`).
+//! Writes a synthetic Megatron-Core GPT `.nemo` (see `nemo_tool::testkit::synth`).
 //!
 //! ```text
 //! cargo run --release --example synth -- --shape llama-70b --tp 8 --fill sparse --out big.nemo
@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use nemo_tool::synth::{write_nemo, Fill, Spec};
+use nemo_tool::testkit::synth::{write_nemo, Fill, Spec};
 
 fn main() -> anyhow::Result<()> {
     let mut spec = Spec::tiny();
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
             "--vocab" => spec.vocab = val()?.parse()?,
             "--dtype" => {
                 let v = val()?;
-                spec.dtype = nemo_tool::torch::Dtype::from_torch_name(&v)
+                spec.dtype = nemo_tool::formats::torch::Dtype::from_torch_name(&v)
                     .ok_or_else(|| anyhow::anyhow!("unknown dtype {v}"))?
             }
             "--tp" => tp = val()?.parse()?,

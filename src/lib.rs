@@ -1,40 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod archive;
-pub mod bytes;
-pub mod canonical;
-pub mod checkpoint;
-pub mod checksum;
-pub mod config;
-pub mod convert;
-pub mod data;
-pub mod dcp;
-pub mod dcp_write;
-pub mod diff;
-pub mod dist;
-#[cfg(feature = "distill")]
+// The data path, in order: bytes on disk (`io`) are parsed by `formats`
+// (containers and serializations) into a layout-independent `model` of the
+// checkpoint, which the commands in `ops` read, plan and write; `distill` is
+// the libtorch training/eval job on top.
+
 pub mod distill;
-pub mod hostile;
-pub mod inspect;
-pub mod layout;
-pub mod members;
-pub mod mmap;
-pub mod npy;
-pub mod numeric;
-pub mod obs;
-pub mod outdir;
-pub mod output;
-pub mod plan;
-pub mod reshard;
-pub mod runconfig;
-pub mod safetensors;
-pub mod schedule;
-pub mod sink;
-pub mod stream;
-pub mod synth;
-pub mod tar_write;
-pub mod tokenizer;
-pub mod torch;
-pub mod validate;
-pub mod zarr;
+pub mod formats;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod testkit;

@@ -12,13 +12,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nemo_tool::checkpoint::Checkpoint;
 use nemo_tool::distill::loss::{KdLoss, LossKind};
 use nemo_tool::distill::model::{Gpt, InitFrom};
 use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
 use nemo_tool::distill::spec::GptSpec;
 use nemo_tool::distill::weights::Source;
-use nemo_tool::torch::{Dtype, TorchFile};
+use nemo_tool::formats::torch::{Dtype, TorchFile};
+use nemo_tool::model::checkpoint::Checkpoint;
 use tch::{Device, Kind, Tensor};
 
 /// Our logits against `fixtures/mcore/llama/logits/logits_tp1.pt`, megatron-core's logits computed
@@ -48,8 +48,9 @@ fn fixture(rel: &str) -> PathBuf {
 
 /// A tensor saved by torch.save as the whole file.
 fn load_pt(path: &Path) -> Tensor {
-    let f: TorchFile = nemo_tool::torch::load_file(path, &nemo_tool::checkpoint::weights_policy())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let f: TorchFile =
+        nemo_tool::formats::torch::load_file(path, &nemo_tool::model::checkpoint::weights_policy())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let t = f
         .root
         .as_tensor()
@@ -315,7 +316,7 @@ fn mem_probe() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let cfg = nemo_tool::config::ModelConfig::parse(
+    let cfg = nemo_tool::model::config::ModelConfig::parse(
         "num_layers: 1\nhidden_size: 64\nffn_hidden_size: 128\nnum_attention_heads: 4\n\
          normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n\
          share_embeddings_and_output_weights: false\n",

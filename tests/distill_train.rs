@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::data::{Builder, TokenType};
 use nemo_tool::distill::model::{Gpt, InitFrom};
 use nemo_tool::distill::parallel::ProcessGroup;
 use nemo_tool::distill::spec::GptSpec;
 use nemo_tool::distill::weights::Source;
+use nemo_tool::formats::indexed::{Builder, TokenType};
+use nemo_tool::model::checkpoint::Checkpoint;
 use tch::{Device, Kind};
 
 fn root() -> PathBuf {

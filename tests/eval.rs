@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nemo_tool::synth::{self, Fill, Spec};
-use nemo_tool::torch::{Dtype, TorchFile};
+use nemo_tool::formats::torch::{Dtype, TorchFile};
+use nemo_tool::testkit::synth::{self, Fill, Spec};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,8 +60,9 @@ fn run_err(c: &mut Command, needle: &str) -> String {
 
 /// f32 / i64 tensor saved whole by torch.save: (shape, values as f64).
 fn load_pt(path: &Path) -> (Vec<u64>, Vec<f64>) {
-    let f: TorchFile = nemo_tool::torch::load_file(path, &nemo_tool::checkpoint::weights_policy())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let f: TorchFile =
+        nemo_tool::formats::torch::load_file(path, &nemo_tool::model::checkpoint::weights_policy())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let t = f.root.as_tensor().unwrap_or_else(|| panic!("not a tensor"));
     let bytes = t.to_vec().unwrap_or_else(|e| panic!("{e}"));
     let vals = match t.dtype {
@@ -402,8 +403,11 @@ fn dataset_kd_is_independent_of_chunk_and_micro_batch() {
 fn pipeline_parallel_checkpoints_give_the_tp1_logits() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let tokens = tmp.path().join("tokens.json");
-    std::fs::write(&tokens, serde_json::to_string(&fixture_tokens()).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &tokens,
+        serde_json::to_string(&fixture_tokens()).unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let src = fixture("nemo/tiny_llama_tp1.nemo");
     let logits = |ckpt: &Path, tag: &str| {
         let out = tmp.path().join(format!("{tag}.npy"));
@@ -422,13 +426,12 @@ fn pipeline_parallel_checkpoints_give_the_tp1_logits() {
     let want = logits(&src, "tp1");
     for (tp, pp) in [(1, 2), (2, 2)] {
         let ck = tmp.path().join(format!("tp{tp}_pp{pp}.nemo"));
-        run_ok(
-            bin()
-                .arg("reshard")
-                .arg(&src)
-                .arg(&ck)
-                .args(["--tp", &tp.to_string(), "--pp", &pp.to_string()]),
-        );
+        run_ok(bin().arg("reshard").arg(&src).arg(&ck).args([
+            "--tp",
+            &tp.to_string(),
+            "--pp",
+            &pp.to_string(),
+        ]));
         let got = logits(&ck, &format!("tp{tp}_pp{pp}"));
         assert!(got == want, "TP{tp} x PP{pp}: logits differ from TP1");
     }

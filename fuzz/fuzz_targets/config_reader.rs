@@ -1,3 +1,3 @@
 #![no_main]
-//! Fuzz target: see `nemo_tool::hostile::config_reader`.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nemo_tool::hostile::config_reader(data));
+//! Fuzz target: see `nemo_tool::testkit::hostile::config_reader`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nemo_tool::testkit::hostile::config_reader(data));

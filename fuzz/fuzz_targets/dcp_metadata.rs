@@ -1,3 +1,3 @@
 #![no_main]
-//! Fuzz target: see `nemo_tool::hostile::dcp_metadata`.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nemo_tool::hostile::dcp_metadata(data));
+//! Fuzz target: see `nemo_tool::testkit::hostile::dcp_metadata`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nemo_tool::testkit::hostile::dcp_metadata(data));

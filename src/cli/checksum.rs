@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::canonical::Canonical;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::checksum::CanonicalOptions;
+use nemo_tool::model::canonical::Canonical;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::ops::checksum::CanonicalOptions;
 
 /// Print layout-independent checksums: the sha256 of every logical tensor in
 /// its canonical unsharded (TP=1) layout, vocab padding rows excluded, and one
@@ -41,7 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Checkpoint::open(&args.path).with_context(|| format!("opening {}", args.path.display()))?;
     let reading = || format!("reading {}", args.path.display());
     if args.stored {
-        let sums = nemo_tool::checksum::stored(&ckpt).with_context(reading)?;
+        let sums = nemo_tool::ops::checksum::stored(&ckpt).with_context(reading)?;
         if args.json {
             super::print_json(&sums)?;
         } else {
@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         vocab_size: args.vocab_size,
         count_special: false,
     };
-    let manifest = nemo_tool::checksum::canonical(&canon, &opts).with_context(reading)?;
+    let manifest = nemo_tool::ops::checksum::canonical(&canon, &opts).with_context(reading)?;
     if args.json {
         super::print_json(&manifest)?;
     } else {

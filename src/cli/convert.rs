@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use nemo_tool::convert::{self, FromHf, ToHf};
-use nemo_tool::torch::Dtype;
+use nemo_tool::formats::torch::Dtype;
+use nemo_tool::ops::convert::{self, FromHf, ToHf};
 
 /// Convert between Hugging Face Llama-family folders and .nemo, and between
 /// the per-rank and distributed (torch_dist) .nemo weight layouts. Tensors

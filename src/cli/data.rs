@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use nemo_tool::data::{Builder, IndexedDataset, TokenType};
+use nemo_tool::formats::indexed::{Builder, IndexedDataset, TokenType};
 
 /// Megatron indexed datasets (`<prefix>.bin` + `<prefix>.idx`), as `distill` and `eval` read them.
 #[derive(Debug, clap::Args)]

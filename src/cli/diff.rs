@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::canonical::Canonical;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::diff::{diff, Options};
+use nemo_tool::model::canonical::Canonical;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::ops::diff::{diff, Options};
 
 /// Compare two checkpoints logically, whatever their layouts (TP, PP,
 /// per-rank files or distributed): tensors only in one, shape and dtype

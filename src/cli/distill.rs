@@ -55,9 +55,9 @@ fn peak_rss_kib() -> u64 {
 }
 
 #[cfg(feature = "distill")]
-fn load_config(args: &Args) -> anyhow::Result<nemo_tool::runconfig::RunConfig> {
+fn load_config(args: &Args) -> anyhow::Result<nemo_tool::distill::runconfig::RunConfig> {
     use anyhow::Context;
-    use nemo_tool::runconfig::RunConfig;
+    use nemo_tool::distill::runconfig::RunConfig;
     let mut cfg = match &args.config {
         Some(p) => {
             let text =

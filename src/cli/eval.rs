@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::data::{Blend, BlendedSamples, Split};
 use nemo_tool::distill::eval::{self, Options};
 use nemo_tool::distill::model::{Gpt, InitFrom};
 use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
+use nemo_tool::distill::sampling::{Blend, BlendedSamples, Split};
 use nemo_tool::distill::spec::GptSpec;
 use nemo_tool::distill::weights::Source;
-use nemo_tool::output::OutputFile;
+use nemo_tool::io::output::OutputFile;
+use nemo_tool::model::checkpoint::Checkpoint;
 use tch::{Device, Kind};
 
 /// `eval` arguments.

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::inspect;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::ops::inspect;
 
 /// Show a checkpoint's layout, architecture, tensors and artifacts. Reads
 /// metadata only: tensor payloads are never touched.

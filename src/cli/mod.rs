@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nemo_tool::torch::Dtype;
+use nemo_tool::formats::torch::Dtype;
 
 mod checksum;
 mod convert;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::checkpoint::write::{pack, PackOptions};
-use nemo_tool::checkpoint::Checkpoint;
+use nemo_tool::model::checkpoint::write::{pack, PackOptions};
+use nemo_tool::model::checkpoint::Checkpoint;
 
 /// Re-write a checkpoint as an uncompressed `.nemo` tar in the same layout:
 /// packs an extracted folder, decompresses a .tar.gz, and re-serializes every

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::canonical::Canonical;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::plan::{plan_reshard, ReshardOptions};
-use nemo_tool::reshard::{write, WriteOptions};
-use nemo_tool::torch::Dtype;
+use nemo_tool::formats::torch::Dtype;
+use nemo_tool::model::canonical::Canonical;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::model::plan::{plan_reshard, ReshardOptions};
+use nemo_tool::ops::reshard::{write, WriteOptions};
 
 /// Change the tensor/pipeline parallel layout of a checkpoint, exactly and
 /// without a GPU: reads any layout (single file, mp_rank_XX/,
@@ -187,7 +187,7 @@ mod tests {
             "bf16",
         ]);
         assert_eq!((a.tp, a.pp), (8, 1));
-        assert_eq!(a.dtype, Some(nemo_tool::torch::Dtype::BF16));
+        assert_eq!(a.dtype, Some(nemo_tool::formats::torch::Dtype::BF16));
         let bad = |args: &[&str]| crate::cli::parse(&[&["reshard"], args].concat()).is_err();
         assert!(bad(&["in", "out"]));
         assert!(bad(&["in", "out", "--tp", "2", "--dtype", "int8"]));

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use nemo_tool::checksum::Manifest;
-use nemo_tool::validate::{validate_path, Options};
+use nemo_tool::ops::checksum::Manifest;
+use nemo_tool::ops::validate::{validate_path, Options};
 
 /// Check a checkpoint for CI: every expected rank file present, key sets
 /// consistent across ranks and with the config's architecture, local shapes
@@ -46,12 +46,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
             let m: Manifest = serde_json::from_slice(&text)
                 .with_context(|| format!("{}: not a checksum manifest", p.display()))?;
-            if m.format != nemo_tool::checksum::MANIFEST_FORMAT {
+            if m.format != nemo_tool::ops::checksum::MANIFEST_FORMAT {
                 anyhow::bail!(
                     "{}: manifest format `{}`, expected `{}`",
                     p.display(),
                     m.format,
-                    nemo_tool::checksum::MANIFEST_FORMAT
+                    nemo_tool::ops::checksum::MANIFEST_FORMAT
                 );
             }
             Some(m)

@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 use super::loss::{self, log_softmax_tp, KdLoss, LossKind};
 use super::model::{self, Gpt};
 use super::parallel::{self, ProcessGroup, ReduceOp};
-use crate::output::OutputFile;
+use crate::io::output::OutputFile;
 
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub enum Error {
     },
     /// Writing an output file.
     #[error(transparent)]
-    Output(#[from] crate::output::Error),
+    Output(#[from] crate::io::output::Error),
     /// Malformed token input or options.
     #[error("eval: {what}: {why}")]
     Input {
@@ -72,8 +72,8 @@ fn input(what: &str, why: impl Into<String>) -> Error {
 /// [`Error::Input`] for malformed content, ragged or empty sequences.
 pub fn parse_tokens(what: &str, bytes: &[u8]) -> Result<Vec<Vec<i64>>, Error> {
     let rows: Vec<Vec<i64>> = if bytes.starts_with(b"\x93NUMPY") {
-        let crate::npy::IntArray { shape, data } =
-            crate::npy::read_ints(bytes).map_err(|e| input(what, e.to_string()))?;
+        let crate::formats::npy::IntArray { shape, data } =
+            crate::formats::npy::read_ints(bytes).map_err(|e| input(what, e.to_string()))?;
         match shape[..] {
             [_] => vec![data],
             [b, s] if b > 0 && s > 0 => data.chunks(s).map(<[i64]>::to_vec).collect(),
@@ -334,7 +334,7 @@ pub fn write_logits(
     let vocab = usize::try_from(model.spec.padded_vocab)
         .map_err(|_| input("logits", "negative vocabulary"))?;
     let io = |f: &OutputFile, e: std::io::Error| {
-        Error::Output(crate::output::Error::Io {
+        Error::Output(crate::io::output::Error::Io {
             path: f.target().to_path_buf(),
             op: "writing",
             source: e,
@@ -342,7 +342,7 @@ pub fn write_logits(
     };
     let mut out = out.map(std::io::BufWriter::new);
     if let Some(w) = out.as_mut() {
-        w.write_all(&crate::npy::f32_header(&[b, s, vocab]))
+        w.write_all(&crate::formats::npy::f32_header(&[b, s, vocab]))
             .map_err(|e| io(w.get_ref(), e))?;
     }
     for batch in windows.chunks(micro_batch.max(1)) {

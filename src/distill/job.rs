@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use super::loss::{self, KdLoss, LossKind};
 use super::optim::AdamWConfig;
-use crate::data::Blend;
-use crate::runconfig::{self, RunConfig};
-use crate::schedule::CosineAnnealing;
+use crate::distill::runconfig::{self, RunConfig};
+use crate::distill::sampling::Blend;
+use crate::distill::schedule::CosineAnnealing;
 
 /// Errors resolving the job.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum Error {
     Loss(#[from] loss::Error),
     /// The data blend.
     #[error(transparent)]
-    Data(#[from] crate::data::sampling::Error),
+    Data(#[from] crate::distill::sampling::Error),
 }
 
 fn invalid(key: &'static str, value: impl ToString, why: impl Into<String>) -> Error {

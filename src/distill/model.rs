@@ -11,7 +11,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::layout::Rule;
+use crate::model::layout::Rule;
 
 use super::parallel::{self, ProcessGroup};
 use super::rope;
@@ -311,15 +311,13 @@ impl Gpt {
         let mut layers = Vec::with_capacity(s.num_layers);
         for i in 0..s.num_layers {
             let p = |x: &str| format!("decoder.layers.{i}.{x}");
-            let ln1 = b.norm(
-                &[
-                    (&p("input_layernorm.weight"), &p("input_layernorm.bias")),
-                    (
-                        &p("self_attention.linear_qkv.layer_norm_weight"),
-                        &p("self_attention.linear_qkv.layer_norm_bias"),
-                    ),
-                ],
-            )?;
+            let ln1 = b.norm(&[
+                (&p("input_layernorm.weight"), &p("input_layernorm.bias")),
+                (
+                    &p("self_attention.linear_qkv.layer_norm_weight"),
+                    &p("self_attention.linear_qkv.layer_norm_bias"),
+                ),
+            ])?;
             let qkv_w = b.param(
                 &[p("self_attention.linear_qkv.weight")],
                 Rule::Qkv,
@@ -350,15 +348,13 @@ impl Gpt {
                 )?),
                 false => None,
             };
-            let ln2 = b.norm(
-                &[
-                    (&p("pre_mlp_layernorm.weight"), &p("pre_mlp_layernorm.bias")),
-                    (
-                        &p("mlp.linear_fc1.layer_norm_weight"),
-                        &p("mlp.linear_fc1.layer_norm_bias"),
-                    ),
-                ],
-            )?;
+            let ln2 = b.norm(&[
+                (&p("pre_mlp_layernorm.weight"), &p("pre_mlp_layernorm.bias")),
+                (
+                    &p("mlp.linear_fc1.layer_norm_weight"),
+                    &p("mlp.linear_fc1.layer_norm_bias"),
+                ),
+            ])?;
             let fc1_w = b.param(
                 &[p("mlp.linear_fc1.weight")],
                 fc1_rule,
@@ -402,12 +398,10 @@ impl Gpt {
                 fc2_b,
             });
         }
-        let final_norm = b.norm(
-            &[(
-                "decoder.final_layernorm.weight",
-                "decoder.final_layernorm.bias",
-            )],
-        )?;
+        let final_norm = b.norm(&[(
+            "decoder.final_layernorm.weight",
+            "decoder.final_layernorm.bias",
+        )])?;
         let output = if s.tied {
             emb.shallow_clone()
         } else {
@@ -672,7 +666,7 @@ impl Gpt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
+    use crate::model::config::ModelConfig;
 
     fn tiny(cfg: &str, tp: u64) -> GptSpec {
         let base = "num_layers: 1\nhidden_size: 16\nffn_hidden_size: 24\nnum_attention_heads: 4\n\

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::model::{Gpt, NamedParam};
 use super::parallel::{self, ProcessGroup};
-use crate::layout::Rule;
+use crate::model::layout::Rule;
 
 /// Errors of the optimizer.
 #[derive(Debug, thiserror::Error)]
@@ -264,9 +264,9 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use crate::distill::model::InitFrom;
     use crate::distill::spec::GptSpec;
+    use crate::model::config::ModelConfig;
     use tch::Device;
 
     fn tiny() -> Gpt {

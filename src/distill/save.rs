@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
-use crate::bytes::ByteView;
-use crate::checkpoint::Variant;
-use crate::output::OutputFile;
-use crate::tar_write::TarWriter;
-use crate::torch::tensor::{row_major_strides, StorageRef, TensorKind, TensorRef};
-use crate::torch::{Construct, Dtype, Global, Object, Value};
+use crate::formats::tar_write::TarWriter;
+use crate::formats::torch::tensor::{row_major_strides, StorageRef, TensorKind, TensorRef};
+use crate::formats::torch::{Construct, Dtype, Global, Object, Value};
+use crate::io::bytes::ByteView;
+use crate::io::output::OutputFile;
+use crate::model::checkpoint::Variant;
 
 /// Errors writing the student.
 #[derive(Debug, thiserror::Error)]
@@ -165,9 +165,9 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
     }
     let mut of = OutputFile::create(out, true).map_err(|e| io_err(io::Error::other(e)))?;
     let file = of.file().try_clone().map_err(io_err)?;
-    let mut tar = TarWriter::new(crate::sink::BlockWriter::new(file).with_writeback(true));
+    let mut tar = TarWriter::new(crate::io::sink::BlockWriter::new(file).with_writeback(true));
     let tp = a.ranks.len() as u64;
-    let to_io = |e: crate::tar_write::Error| io::Error::other(e);
+    let to_io = |e: crate::formats::tar_write::Error| io::Error::other(e);
     tar.append_dir("").map_err(|e| io_err(to_io(e)))?;
     for (name, bytes) in &a.artifacts {
         tar.append_pieces(name, bytes.len() as u64, [bytes.as_slice()])
@@ -187,7 +187,7 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
         }
         let root = state_dict(params, a.te_norm_names)?;
         tar.append_streamed(&member, |w| {
-            crate::torch::file::save(w, "model_weights", &root)
+            crate::formats::torch::file::save(w, "model_weights", &root)
                 .map(|_| ())
                 .map_err(io::Error::other)
         })
@@ -201,7 +201,7 @@ pub fn write(a: &StudentArchive, out: &Path) -> Result<PathBuf, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Checkpoint;
+    use crate::model::checkpoint::Checkpoint;
 
     #[test]
     fn writes_a_checkpoint_our_reader_opens() {

@@ -4,7 +4,7 @@
 
 use serde_yaml_ng::Value;
 
-use crate::config::{self, ModelConfig};
+use crate::model::config::{self, ModelConfig};
 
 /// Errors reading an architecture.
 #[derive(Debug, thiserror::Error)]

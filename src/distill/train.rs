@@ -22,12 +22,12 @@ use super::save::{self, StudentArchive};
 use super::spec::{self, GptSpec};
 use super::state::{self, StepRecord, TrainState, ValRecord};
 use super::weights::{self, Source};
-use crate::bytes::ByteView;
-use crate::checkpoint::{self as ckpt, Checkpoint};
-use crate::config::{self, ModelConfig};
-use crate::data::sampling::{self, BlendedSamples, Split};
-use crate::obs::plot::{self, Series};
-use crate::obs::tensorboard::EventWriter;
+use crate::distill::obs::plot::{self, Series};
+use crate::distill::obs::tensorboard::EventWriter;
+use crate::distill::sampling::{self, BlendedSamples, Split};
+use crate::io::bytes::ByteView;
+use crate::model::checkpoint::{self as ckpt, Checkpoint};
+use crate::model::config::{self, ModelConfig};
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
@@ -152,12 +152,14 @@ fn true_vocab(job: &Job, teacher: &Checkpoint) -> Option<u64> {
     if let Some(f) = &job.tokenizer_file {
         let bytes = std::fs::read(f).ok()?;
         let name = f.file_name()?.to_string_lossy().into_owned();
-        return crate::tokenizer::vocab_size(&name, &bytes).ok().flatten();
+        return crate::model::tokenizer::vocab_size(&name, &bytes)
+            .ok()
+            .flatten();
     }
     let name = teacher.config.tokenizer().model.clone()?;
     let member = name.strip_prefix("nemo:")?;
     let bytes = teacher.read_member(member).ok()?;
-    crate::tokenizer::vocab_size(member, bytes.as_slice())
+    crate::model::tokenizer::vocab_size(member, bytes.as_slice())
         .ok()
         .flatten()
 }

@@ -1,20 +1,20 @@
 //! Reading one parameter's launch-TP shard from any checkpoint layout, straight from the
 //! mapped checkpoint bytes into a tch tensor.
 //!
-//! The checkpoint is seen through [`crate::canonical::Canonical`], the one TP=1 global view
+//! The checkpoint is seen through [`crate::model::canonical::Canonical`], the one TP=1 global view
 //! (per-rank files at any TP/PP, distributed checkpoints): a parameter is addressed by its
-//! canonical name, [`crate::canonical::rank_slices`] gives the launch rank's slices of it
+//! canonical name, [`crate::model::canonical::rank_slices`] gives the launch rank's slices of it
 //! under its partition rule (vocab zero padding included), and their bytes are copied once,
 //! into the destination tensor. Nothing larger than one tensor's slice is ever staged on the
 //! host, and usually nothing is (contiguous slices are single mapped pieces).
 
 use tch::{Kind, Tensor};
 
-use crate::canonical::{self, Canonical};
-use crate::checkpoint::Checkpoint;
-use crate::layout::Rule;
-use crate::torch::tensor::Piece;
-use crate::torch::Dtype;
+use crate::formats::torch::Dtype;
+use crate::io::piece::Piece;
+use crate::model::canonical::{self, Canonical};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::layout::Rule;
 
 use super::ffi;
 
@@ -221,11 +221,7 @@ impl<'a> Source<'a> {
         // buffer of this slice.
         let copied = match &pieces[..] {
             [Piece::Bytes(b)] => ffi::copy_bytes_into(&mut dst, b.as_slice(), src_kind),
-            _ => ffi::copy_bytes_into(
-                &mut dst,
-                &crate::torch::tensor::concat(&pieces),
-                src_kind,
-            ),
+            _ => ffi::copy_bytes_into(&mut dst, &crate::io::piece::concat(&pieces), src_kind),
         };
         copied.map_err(|why| Error::Read {
             path: self.path.clone(),
@@ -341,9 +337,9 @@ mod tests {
     fn resharded(dir: &std::path::Path, tp: u64, pp: u64) -> Checkpoint {
         let src = open("tiny_llama_tp1.nemo");
         let canon = Canonical::new(&src).unwrap_or_else(|e| panic!("{e}"));
-        let plan = crate::plan::plan_reshard(
+        let plan = crate::model::plan::plan_reshard(
             &canon,
-            &crate::plan::ReshardOptions {
+            &crate::model::plan::ReshardOptions {
                 tp,
                 pp,
                 ..Default::default()
@@ -351,11 +347,11 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let out = dir.join(format!("tp{tp}_pp{pp}.nemo"));
-        crate::reshard::write(
+        crate::ops::reshard::write(
             &canon,
             &plan,
             &out,
-            crate::reshard::WriteOptions {
+            crate::ops::reshard::WriteOptions {
                 force: true,
                 progress: None,
                 no_sync: true,
@@ -382,17 +378,37 @@ mod tests {
             .map(|c| Source::new(c).unwrap_or_else(|e| panic!("{e}")))
             .collect();
         let mut params: Vec<(String, Rule, Vec<i64>)> = vec![
-            ("embedding.word_embeddings.weight".into(), Rule::Vocab, vec![128, 64]),
+            (
+                "embedding.word_embeddings.weight".into(),
+                Rule::Vocab,
+                vec![128, 64],
+            ),
             ("output_layer.weight".into(), Rule::Vocab, vec![128, 64]),
-            ("decoder.final_layernorm.weight".into(), Rule::Replicated, vec![64]),
+            (
+                "decoder.final_layernorm.weight".into(),
+                Rule::Replicated,
+                vec![64],
+            ),
         ];
         for l in 0..2 {
             let p = |x: &str| format!("decoder.layers.{l}.{x}");
             params.extend([
                 (p("input_layernorm.weight"), Rule::Replicated, vec![64]),
-                (p("self_attention.linear_qkv.layer_norm_weight"), Rule::Replicated, vec![64]),
-                (p("self_attention.linear_qkv.weight"), Rule::Qkv, vec![96, 64]),
-                (p("self_attention.linear_proj.weight"), Rule::Row, vec![64, 64]),
+                (
+                    p("self_attention.linear_qkv.layer_norm_weight"),
+                    Rule::Replicated,
+                    vec![64],
+                ),
+                (
+                    p("self_attention.linear_qkv.weight"),
+                    Rule::Qkv,
+                    vec![96, 64],
+                ),
+                (
+                    p("self_attention.linear_proj.weight"),
+                    Rule::Row,
+                    vec![64, 64],
+                ),
                 (p("pre_mlp_layernorm.weight"), Rule::Replicated, vec![64]),
                 (p("mlp.linear_fc1.weight"), Rule::GatedFc1, vec![192, 64]),
                 (p("mlp.linear_fc2.weight"), Rule::Row, vec![64, 96]),
@@ -438,8 +454,13 @@ mod tests {
             padded_rows: Some(160),
         };
         // launch TP2 rank 1 holds rows 80..160: 48 stored, 32 of padding
-        let t = src.read(&p, 1, 2, Kind::Float).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(t.narrow(0, 48, 32).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let t = src
+            .read(&p, 1, 2, Kind::Float)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.narrow(0, 48, 32).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
         assert!(t.narrow(0, 0, 48).abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

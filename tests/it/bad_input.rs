@@ -136,7 +136,7 @@ fn pickle_calling_os_system() {
     pkl.extend_from_slice(b"cos\nsystem\nX\x0a\x00\x00\x00echo pwned\x85R");
     pkl.extend_from_slice(b"s.");
     let mut zip = Vec::new();
-    let mut zw = nemo_tool::torch::zip::ZipWriter::new(&mut zip, "archive");
+    let mut zw = nemo_tool::formats::torch::zip::ZipWriter::new(&mut zip, "archive");
     zw.add("data.pkl", &pkl).unwrap();
     zw.add("version", b"3\n").unwrap();
     zw.finish().unwrap();

@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::convert::canonical::{Canonical, Item};
-use nemo_tool::convert::{hf_to_nemo, nemo_to_dist, nemo_to_hf, FromHf, ToHf};
-use nemo_tool::safetensors;
-use nemo_tool::torch::tensor::concat;
+use nemo_tool::formats::safetensors;
+use nemo_tool::io::piece::concat;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::ops::convert::canonical::{Canonical, Item};
+use nemo_tool::ops::convert::{hf_to_nemo, nemo_to_dist, nemo_to_hf, FromHf, ToHf};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -156,7 +156,7 @@ fn dtype_cast_to_bf16() {
     let hf = hf_dir(tmp.path());
     let nemo = tmp.path().join("bf16.nemo");
     let mut o = from_hf(2, 1);
-    o.dtype = Some(nemo_tool::torch::Dtype::BF16);
+    o.dtype = Some(nemo_tool::formats::torch::Dtype::BF16);
     hf_to_nemo(&hf, &nemo, &o).unwrap();
     let ck = Checkpoint::open(&nemo).unwrap();
     assert_eq!(ck.config.precision(), Some("bf16"));
@@ -181,7 +181,7 @@ fn to_dist_reads_back_equal() {
         let ck = Checkpoint::open(&out).unwrap();
         assert_eq!(
             ck.layout.variant,
-            nemo_tool::checkpoint::Variant::Distributed
+            nemo_tool::model::checkpoint::Variant::Distributed
         );
         assert_eq!(
             ck.config.text(),
@@ -193,7 +193,7 @@ fn to_dist_reads_back_equal() {
             "{src}"
         );
         // Objects: one per layer module, holding None.
-        let nemo_tool::checkpoint::Weights::Dist(d) = &ck.weights else {
+        let nemo_tool::model::checkpoint::Weights::Dist(d) = &ck.weights else {
             panic!("not dist")
         };
         assert_eq!(d.objects.len(), 8);
@@ -222,8 +222,8 @@ fn bad_requests_are_refused_and_leave_nothing() {
 
 #[test]
 fn tied_embeddings_at_pp2_copy_the_embedding_to_the_last_stage() {
-    use nemo_tool::safetensors::WriteTensor;
-    use nemo_tool::torch::tensor::Piece;
+    use nemo_tool::formats::safetensors::WriteTensor;
+    use nemo_tool::io::piece::Piece;
     let tmp = tempfile::tempdir().unwrap();
     let hf = hf_dir(tmp.path());
     // The fixture as a tied model: drop lm_head, say so in config.json.
@@ -279,7 +279,7 @@ fn tied_embeddings_at_pp2_copy_the_embedding_to_the_last_stage() {
                 .iter()
                 .find(|x| x.pp == 0 && x.tp == r.tp)
                 .unwrap();
-            let get = |rf: &nemo_tool::checkpoint::RankFile, k: &str| {
+            let get = |rf: &nemo_tool::model::checkpoint::RankFile, k: &str| {
                 rf.entries()
                     .find(|(n, _)| *n == k)
                     .and_then(|(_, v)| v.as_tensor().cloned())

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nemo_tool::hostile::TARGETS;
+use nemo_tool::testkit::hostile::TARGETS;
 
 /// Mutations per target (spread over its seeds).
 const MUTATIONS: usize = 3000;

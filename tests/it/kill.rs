@@ -93,13 +93,20 @@ fn kill_at_random_points(input: &Path, out: &Path, args: &[&std::ffi::OsStr]) {
 
 /// A synthetic model big enough that a write takes a while.
 fn input(dir: &Path) -> std::path::PathBuf {
-    let mut spec = nemo_tool::synth::Spec::tiny();
+    let mut spec = nemo_tool::testkit::synth::Spec::tiny();
     spec.layers = 4;
     spec.hidden = 256;
     spec.ffn = 512;
     spec.kv_channels = 32;
     let p = dir.join("in.nemo");
-    nemo_tool::synth::write_nemo(&spec, 2, 1, nemo_tool::synth::Fill::Random(3), &p).unwrap();
+    nemo_tool::testkit::synth::write_nemo(
+        &spec,
+        2,
+        1,
+        nemo_tool::testkit::synth::Fill::Random(3),
+        &p,
+    )
+    .unwrap();
     p
 }
 
@@ -133,7 +140,7 @@ fn hold_an_output_helper() {
     let Some(target) = std::env::var_os("NEMO_TOOL_HOLD_OUTPUT") else {
         return;
     };
-    let out = nemo_tool::output::OutputFile::create(&target, false).unwrap();
+    let out = nemo_tool::io::output::OutputFile::create(&target, false).unwrap();
     println!("holding {}", out.temp_path().display());
     let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
 }

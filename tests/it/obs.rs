@@ -1,7 +1,7 @@
 //! Observability outputs for the Python checks: a TensorBoard event file
 //! (read by tensorboard's own reader in `tests/interop/test_obs.py`).
 
-use nemo_tool::obs::tensorboard::EventWriter;
+use nemo_tool::distill::obs::tensorboard::EventWriter;
 
 /// Writes `$NEMO_TOOL_INTEROP_OUT/tensorboard/events.*` with known scalars.
 #[test]

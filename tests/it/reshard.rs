@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nemo_tool::archive::{Archive, MemberKind};
-use nemo_tool::canonical::Canonical;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::plan::{plan_reshard, ReshardOptions};
-use nemo_tool::reshard::{write, WriteOptions};
-use nemo_tool::synth::{write_nemo, Fill, Spec};
-use nemo_tool::torch::{Dtype, Value};
+use nemo_tool::formats::archive::{Archive, MemberKind};
+use nemo_tool::formats::torch::{Dtype, Value};
+use nemo_tool::model::canonical::Canonical;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::model::plan::{plan_reshard, ReshardOptions};
+use nemo_tool::ops::reshard::{write, WriteOptions};
+use nemo_tool::testkit::synth::{write_nemo, Fill, Spec};
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -510,9 +510,9 @@ fn dry_run_writes_nothing_and_json_describes_the_plan() {
 /// an opaque object, copied verbatim to every rank, never split.
 #[test]
 fn tensor_extra_state_is_kept_verbatim() {
-    use nemo_tool::bytes::ByteView;
-    use nemo_tool::tar_write::TarWriter;
-    use nemo_tool::torch::tensor::{StorageRef, TensorRef};
+    use nemo_tool::formats::tar_write::TarWriter;
+    use nemo_tool::formats::torch::tensor::{StorageRef, TensorRef};
+    use nemo_tool::io::bytes::ByteView;
     let tmp = tempfile::tempdir().unwrap();
     let src = Checkpoint::open(fixture("nemo/tiny_llama_tp1.nemo")).unwrap();
     let key = "model.decoder.layers.1.mlp.linear_fc2._extra_state";
@@ -540,7 +540,7 @@ fn tensor_extra_state_is_kept_verbatim() {
         }
     }
     tar.append_streamed("model_weights.ckpt", |w| {
-        nemo_tool::torch::file::save(w, "model_weights", &root)
+        nemo_tool::formats::torch::file::save(w, "model_weights", &root)
             .map(|_| ())
             .map_err(std::io::Error::other)
     })

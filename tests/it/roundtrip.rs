@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use nemo_tool::checkpoint::write::{pack, PackOptions};
-use nemo_tool::checkpoint::{Checkpoint, Variant, Weights};
-use nemo_tool::checksum;
-use nemo_tool::config::ModelConfig;
-use nemo_tool::dist::Location;
-use nemo_tool::tar_write::TarWriter;
-use nemo_tool::torch::file::{load, save};
-use nemo_tool::torch::pickle::Policy;
-use nemo_tool::torch::value::{Construct, Global, Object};
-use nemo_tool::torch::Value;
+use nemo_tool::formats::dist::Location;
+use nemo_tool::formats::tar_write::TarWriter;
+use nemo_tool::formats::torch::file::{load, save};
+use nemo_tool::formats::torch::pickle::Policy;
+use nemo_tool::formats::torch::value::{Construct, Global, Object};
+use nemo_tool::formats::torch::Value;
+use nemo_tool::model::checkpoint::write::{pack, PackOptions};
+use nemo_tool::model::checkpoint::{Checkpoint, Variant, Weights};
+use nemo_tool::model::config::ModelConfig;
+use nemo_tool::ops::checksum;
 
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -213,7 +213,7 @@ pub fn make_pp2(dir: &Path) -> PathBuf {
         save(&mut buf, "model_weights", &Value::Object(Box::new(od))).unwrap();
         // The bytes we wrote must read back as what we put in.
         load(
-            nemo_tool::bytes::ByteView::from_vec(buf.clone()),
+            nemo_tool::io::bytes::ByteView::from_vec(buf.clone()),
             &Policy::torch(),
         )
         .unwrap();

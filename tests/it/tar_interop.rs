@@ -10,8 +10,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nemo_tool::archive::{Archive, ArchiveKind, MemberKind};
-use nemo_tool::tar_write::{entry_header, EntryKind, TarWriter};
+use nemo_tool::formats::archive::{Archive, ArchiveKind, MemberKind};
+use nemo_tool::formats::tar_write::{entry_header, EntryKind, TarWriter};
 use sha2::{Digest, Sha256};
 
 fn python() -> Option<PathBuf> {

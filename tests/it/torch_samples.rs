@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 
 use half::{bf16, f16};
-use nemo_tool::bytes::ByteView;
-use nemo_tool::torch::{
-    self, file, pickle, zip, Dtype, Piece, Policy, StorageRef, TensorRef, TorchFile, Value,
+use nemo_tool::formats::torch::{
+    self, file, pickle, zip, Dtype, Policy, StorageRef, TensorRef, TorchFile, Value,
 };
+use nemo_tool::io::bytes::ByteView;
+use nemo_tool::io::piece::Piece;
 use serde_json::Value as Json;
 
 fn samples() -> PathBuf {

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nemo_tool::archive::{Archive, MemberKind};
-use nemo_tool::bytes::ByteView;
-use nemo_tool::canonical::Canonical;
-use nemo_tool::checkpoint::Checkpoint;
-use nemo_tool::checksum::{canonical, CanonicalOptions};
-use nemo_tool::torch::pickle::Policy;
-use nemo_tool::torch::Value;
+use nemo_tool::formats::archive::{Archive, MemberKind};
+use nemo_tool::formats::torch::pickle::Policy;
+use nemo_tool::formats::torch::Value;
+use nemo_tool::io::bytes::ByteView;
+use nemo_tool::model::canonical::Canonical;
+use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::ops::checksum::{canonical, CanonicalOptions};
 
 use crate::roundtrip::fixture;
 
@@ -93,9 +93,10 @@ fn manifest(path: &Path, dir: &Path) -> PathBuf {
 
 /// Byte offset of a stored zip record's payload inside a rank file.
 fn record_offset(file: &Path, suffix: &str) -> (u64, u64) {
-    let z =
-        nemo_tool::torch::zip::ZipArchive::open(ByteView::from_vec(std::fs::read(file).unwrap()))
-            .unwrap();
+    let z = nemo_tool::formats::torch::zip::ZipArchive::open(ByteView::from_vec(
+        std::fs::read(file).unwrap(),
+    ))
+    .unwrap();
     let e = z
         .entries()
         .iter()
@@ -107,7 +108,7 @@ fn record_offset(file: &Path, suffix: &str) -> (u64, u64) {
 /// Rewrites a rank file with one tensor's shape changed by `f`.
 fn reshape(file: &Path, key: &str, f: impl Fn(&mut Vec<u64>)) {
     let bytes = ByteView::from_vec(std::fs::read(file).unwrap());
-    let mut tf = nemo_tool::torch::file::load(bytes, &Policy::torch()).unwrap();
+    let mut tf = nemo_tool::formats::torch::file::load(bytes, &Policy::torch()).unwrap();
     let Value::Object(od) = &mut tf.root else {
         panic!("not an OrderedDict")
     };
@@ -118,7 +119,8 @@ fn reshape(file: &Path, key: &str, f: impl Fn(&mut Vec<u64>)) {
         .unwrap();
     let Value::Tensor(t) = v else { panic!("{key}") };
     f(&mut t.shape);
-    let out = nemo_tool::torch::file::save(Vec::new(), &tf.archive_name, &tf.root).unwrap();
+    let out =
+        nemo_tool::formats::torch::file::save(Vec::new(), &tf.archive_name, &tf.root).unwrap();
     std::fs::write(file, out).unwrap();
 }
 
@@ -152,8 +154,15 @@ fn missing_rank_file() {
 fn missing_rank_in_the_middle_of_a_grid() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.nemo");
-    let spec = nemo_tool::synth::Spec::tiny();
-    nemo_tool::synth::write_nemo(&spec, 2, 2, nemo_tool::synth::Fill::Random(7), &p).unwrap();
+    let spec = nemo_tool::testkit::synth::Spec::tiny();
+    nemo_tool::testkit::synth::write_nemo(
+        &spec,
+        2,
+        2,
+        nemo_tool::testkit::synth::Fill::Random(7),
+        &p,
+    )
+    .unwrap();
     // Extract, drop tp_rank_01_pp_rank_000: the grid on disk has a hole.
     let a = Archive::open(&p).unwrap();
     let root = dir.path().join("x");
@@ -434,11 +443,18 @@ fn digest_survives_reshard_round_trips() {
 #[test]
 fn pp_stages_and_synthetic_layouts() {
     let d = tempfile::tempdir().unwrap();
-    let spec = nemo_tool::synth::Spec::tiny();
+    let spec = nemo_tool::testkit::synth::Spec::tiny();
     // Every synthetic layout is valid.
     for (tp, pp) in [(1, 1), (2, 1), (2, 2), (4, 4)] {
         let p = d.path().join(format!("m{tp}{pp}.nemo"));
-        nemo_tool::synth::write_nemo(&spec, tp, pp, nemo_tool::synth::Fill::Random(1), &p).unwrap();
+        nemo_tool::testkit::synth::write_nemo(
+            &spec,
+            tp,
+            pp,
+            nemo_tool::testkit::synth::Fill::Random(1),
+            &p,
+        )
+        .unwrap();
         let (code, r) = validate(&p, &["--deep"]);
         // The synthetic config names a hub tokenizer: no artifact, so padding
         // is only checked for divisibility.

@@ -1,0 +1,312 @@
+//! The layout-independent checkpoint model: config, artifacts, layout and
+//! tensors that know their per-rank pieces, over any of the four layouts.
+//!
+//! Opening reads only metadata: the tar index, `model_config.yaml`, each rank
+//! file's zip directory and pickle, or the distributed checkpoint's
+//! `.metadata`. Tensor payloads stay in the mapping until someone asks.
+
+pub mod detect;
+mod logical;
+pub mod write;
+
+use std::path::Path;
+
+use crate::formats::archive::{Archive, ArchiveKind, MemberKind};
+use crate::formats::dist::DistCheckpoint;
+use crate::formats::members::{MemberError, Members};
+use crate::formats::torch::file::TorchFile;
+use crate::formats::torch::pickle::Policy;
+use crate::formats::torch::Value;
+use crate::io::bytes::ByteView;
+use crate::model::config::ModelConfig;
+use crate::model::layout::Family;
+
+pub use detect::{Detected, Variant};
+pub use logical::{LogicalTensor, Shard};
+
+/// The config member every `.nemo` has.
+pub const CONFIG_MEMBER: &str = "model_config.yaml";
+
+/// Errors opening a checkpoint; each names the member it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The container could not be read.
+    #[error(transparent)]
+    Archive(#[from] crate::formats::archive::Error),
+    /// `model_config.yaml` is not UTF-8 text.
+    #[error("model_config.yaml: not UTF-8 text")]
+    ConfigNotUtf8,
+    /// The config did not parse.
+    #[error("model_config.yaml: {0}")]
+    Config(#[from] crate::model::config::Error),
+    /// The weights layout is not recognised.
+    #[error(transparent)]
+    Layout(#[from] detect::Error),
+    /// A rank's weights file did not parse.
+    #[error("{member}: {source}")]
+    Torch {
+        /// The weights member.
+        member: String,
+        /// Why.
+        #[source]
+        source: crate::formats::torch::file::Error,
+    },
+    /// A rank's weights file is not a state dict.
+    #[error("{member}: expected a state dict (a dict of tensors), found {found}")]
+    NotStateDict {
+        /// The weights member.
+        member: String,
+        /// What the pickle holds.
+        found: String,
+    },
+    /// The distributed checkpoint did not parse.
+    #[error("model_weights/: {0}")]
+    Dist(#[from] crate::formats::dist::Error),
+    /// Partition rules.
+    #[error(transparent)]
+    Rules(#[from] crate::model::layout::Error),
+}
+
+/// One rank's weights file of a per-rank layout.
+#[derive(Debug, Clone)]
+pub struct RankFile {
+    /// TP rank.
+    pub tp: u64,
+    /// PP rank.
+    pub pp: u64,
+    /// Archive member (`mp_rank_01/model_weights.ckpt`).
+    pub member: String,
+    /// The parsed file (tensors are views into the archive mapping).
+    pub file: TorchFile,
+}
+
+impl RankFile {
+    /// `(key, value)` pairs of the state dict, in file order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.file
+            .root
+            .dict_items()
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?, v)))
+    }
+}
+
+/// Where the weights are.
+#[derive(Debug)]
+pub enum Weights {
+    /// Variants A-C: one torch.save file per (TP, PP) rank, sorted by (pp, tp).
+    PerRank(Vec<RankFile>),
+    /// Variant D: a distributed checkpoint under `model_weights/`.
+    Dist(DistCheckpoint),
+}
+
+/// An opened checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    archive: Archive,
+    /// The config.
+    pub config: ModelConfig,
+    /// Layout found on disk.
+    pub layout: Detected,
+    /// Partition rules for this model family.
+    pub family: Family,
+    /// The weights.
+    pub weights: Weights,
+    /// Non-weight, non-config file members (tokenizer files ...), in archive order.
+    pub artifacts: Vec<String>,
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+impl Members for Archive {
+    fn read_member(&self, name: &str) -> Result<ByteView, MemberError> {
+        Ok(self.read(name)?)
+    }
+
+    fn member_names(&self) -> Vec<String> {
+        self.members()
+            .iter()
+            .filter(|m| m.kind == MemberKind::File)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+}
+
+/// The pickle allowlist for `model_weights.ckpt` files: torch's weights_only
+/// set (what `Policy::torch` allows, `_io.BytesIO` extra state included).
+pub fn weights_policy() -> Policy {
+    Policy::torch()
+}
+
+impl Checkpoint {
+    /// Opens a `.nemo` (tar, tar.gz) or an extracted folder and reads its
+    /// metadata; tensors are zero-copy views ready to be read.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
+        Checkpoint::from_archive(Archive::open(path.as_ref())?, true)
+    }
+
+    /// Like [`Checkpoint::open`], but rank files are read metadata-only: the
+    /// zip directory and pickle, never a storage page (tensors know their
+    /// dtype and shape, not their bytes). What `inspect` uses.
+    pub fn open_metadata(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
+        Checkpoint::from_archive(Archive::open(path.as_ref())?, false)
+    }
+
+    /// Reads the metadata of an opened archive; `with_data` maps tensor storages.
+    pub fn from_archive(archive: Archive, with_data: bool) -> Result<Checkpoint, Error> {
+        let names = archive.member_names();
+        let layout = detect::detect(&names)?;
+        let mut warnings = Vec::new();
+        // Bare weight folders (rank folders, a DCP folder) have no config: we
+        // still read them, with an empty config and a warning.
+        let text = if names.iter().any(|n| n == CONFIG_MEMBER) {
+            let bytes = archive.read(CONFIG_MEMBER)?;
+            String::from_utf8(bytes.as_slice().to_vec()).map_err(|_| Error::ConfigNotUtf8)?
+        } else {
+            warnings.push(
+                "no model_config.yaml: not a complete .nemo; architecture unknown".to_string(),
+            );
+            String::from("{}\n")
+        };
+        let config = ModelConfig::parse(&text)?;
+
+        let weights = if layout.variant == Variant::Distributed {
+            Weights::Dist(DistCheckpoint::open(&archive, &layout.dist_dir)?)
+        } else {
+            let policy = weights_policy();
+            let mut ranks = Vec::with_capacity(layout.ranks.len());
+            for (tp, pp, member) in &layout.ranks {
+                let bytes = archive.read(member)?;
+                let loaded = if with_data {
+                    crate::formats::torch::file::load(bytes, &policy)
+                } else {
+                    crate::formats::torch::file::load_metadata(bytes, &policy)
+                };
+                let file = loaded.map_err(|source| Error::Torch {
+                    member: member.clone(),
+                    source,
+                })?;
+                if file.root.dict_items().is_none() {
+                    return Err(Error::NotStateDict {
+                        member: member.clone(),
+                        found: value_kind(&file.root),
+                    });
+                }
+                ranks.push(RankFile {
+                    tp: *tp,
+                    pp: *pp,
+                    member: member.clone(),
+                    file,
+                });
+            }
+            Weights::PerRank(ranks)
+        };
+
+        let family_name = if config.mcore_gpt() || looks_mcore(&weights) {
+            "mcore-gpt"
+        } else {
+            "legacy-gpt"
+        };
+        let family = Family::load(family_name)?;
+
+        // A bare distributed-checkpoint folder holds nothing but weights.
+        let bare_dist = layout.variant == Variant::Distributed && layout.dist_dir.is_empty();
+        let artifacts = names
+            .iter()
+            .filter(|n| !bare_dist && n.as_str() != CONFIG_MEMBER && !is_weights_member(n))
+            .cloned()
+            .collect();
+
+        let (ctp, cpp) = (
+            config.tensor_model_parallel_size(),
+            config.pipeline_model_parallel_size(),
+        );
+        let has_config = names.iter().any(|n| n == CONFIG_MEMBER);
+        if has_config
+            && layout.variant != Variant::Distributed
+            && (ctp, cpp) != (layout.tp, layout.pp)
+        {
+            warnings.push(format!(
+                "config says TP={ctp} PP={cpp} but the weights on disk are TP={} PP={}; NeMo will refuse to restore this",
+                layout.tp, layout.pp
+            ));
+        }
+        Ok(Checkpoint {
+            archive,
+            config,
+            layout,
+            family,
+            weights,
+            artifacts,
+            warnings,
+        })
+    }
+
+    /// The underlying archive.
+    pub fn archive(&self) -> &Archive {
+        &self.archive
+    }
+
+    /// Path it was opened from.
+    pub fn path(&self) -> &Path {
+        self.archive.path()
+    }
+
+    /// `tar`, `tar.gz` or `folder`.
+    pub fn container(&self) -> &'static str {
+        match self.archive.kind() {
+            ArchiveKind::Tar => "tar",
+            ArchiveKind::GzipTar => "tar.gz",
+            ArchiveKind::Folder => "folder",
+        }
+    }
+
+    /// The bytes of a member (artifacts, config).
+    pub fn read_member(&self, name: &str) -> Result<ByteView, crate::formats::archive::Error> {
+        self.archive.read(name)
+    }
+
+    /// Rank files (per-rank layouts only).
+    pub fn rank_files(&self) -> &[RankFile] {
+        match &self.weights {
+            Weights::PerRank(r) => r,
+            Weights::Dist(_) => &[],
+        }
+    }
+
+    /// The logical tensors (global names and shapes, per-rank pieces).
+    pub fn tensors(&self) -> Vec<LogicalTensor> {
+        logical::build(self)
+    }
+}
+
+/// True for members that hold weights (rank folders, the dist folder, the single file).
+pub fn is_weights_member(name: &str) -> bool {
+    name == detect::WEIGHTS_FILE
+        || name.starts_with(&format!("{}/", detect::DIST_DIR))
+        || name.starts_with("mp_rank_")
+        || name.starts_with("tp_rank_")
+}
+
+/// mcore keys have `decoder.`; legacy ones `language_model.`.
+fn looks_mcore(weights: &Weights) -> bool {
+    match weights {
+        Weights::PerRank(ranks) => ranks
+            .first()
+            .map(|r| r.entries().any(|(k, _)| k.contains(".decoder.")))
+            .unwrap_or(false),
+        Weights::Dist(_) => true,
+    }
+}
+
+/// A short description of a value's type, for errors.
+fn value_kind(v: &Value) -> String {
+    match v {
+        Value::Object(o) => format!("{}.{}", o.class.module, o.class.name),
+        Value::Tensor(_) => "a tensor".into(),
+        Value::List(_) => "a list".into(),
+        Value::Tuple(_) => "a tuple".into(),
+        other => format!("{other:?}").chars().take(40).collect(),
+    }
+}

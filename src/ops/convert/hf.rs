@@ -1,0 +1,481 @@
+//! Reading a Hugging Face Llama folder (`config.json`, safetensors shards,
+//! tokenizer files) into the canonical TP=1 model (nemo-format.md §4.1:
+//! fused QKV per query group, fc1 = `[gate; up]`, norms and embeddings as
+//! they are), and the inverse: the HF tensors of a canonical model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::formats::safetensors::{self, WriteTensor};
+use crate::formats::torch::value::Value;
+use crate::io::bytes::ByteView;
+
+use super::canonical::{Canonical, Entry, Item};
+use super::hf_config::LlamaArch;
+use super::tensor::{self, cat_rows, interleave_qkv, resize_rows, split_qkv, Flat, Heads};
+
+/// Files besides weights and `config.json` that travel with a model: kept
+/// byte for byte as `.nemo` artifacts and restored on the way back.
+pub const SIDE_FILES: &[&str] = &[
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Errors reading or mapping an HF model; each names the file or tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The weights did not parse.
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::Error),
+    /// `config.json` did not map.
+    #[error(transparent)]
+    Config(#[from] super::hf_config::Error),
+    /// Tensor arithmetic.
+    #[error(transparent)]
+    Tensor(#[from] tensor::Error),
+    /// A tensor the mapping needs is absent.
+    #[error("{dir}: tensor `{name}` is missing")]
+    Missing {
+        /// The folder.
+        dir: String,
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor the mapping does not know (it would be lost).
+    #[error("{dir}: unexpected tensor `{name}` (not part of a Llama model)")]
+    Unexpected {
+        /// The folder.
+        dir: String,
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor appears in two files.
+    #[error("{dir}: tensor `{name}` is stored twice")]
+    Duplicate {
+        /// The folder.
+        dir: String,
+        /// The tensor.
+        name: String,
+    },
+}
+
+/// An HF model folder, read.
+#[derive(Debug)]
+pub struct HfModel {
+    /// The architecture from `config.json`.
+    pub arch: LlamaArch,
+    /// The model at TP=1 (vocab tensors unpadded).
+    pub canonical: Canonical,
+    /// Side files present (name, bytes), in [`SIDE_FILES`] order.
+    pub side_files: Vec<(String, ByteView)>,
+    /// `_name_or_path`, if `config.json` has one.
+    pub name_or_path: Option<String>,
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+fn heads(arch: &LlamaArch) -> Heads {
+    Heads {
+        heads: arch.heads,
+        groups: arch.groups,
+        head_dim: arch.head_dim,
+    }
+}
+
+/// Reads `dir`: config, weights (mapped, not copied) and side files.
+///
+/// # Errors
+/// [`Error`] for unreadable files, unknown models, missing or unexpected tensors.
+pub fn read_dir(dir: &Path) -> Result<HfModel, Error> {
+    let d = dir.display().to_string();
+    let cfg_path = dir.join("config.json");
+    let cfg = std::fs::read(&cfg_path).map_err(|source| Error::Io {
+        file: cfg_path.display().to_string(),
+        source,
+    })?;
+    let arch = LlamaArch::from_hf(&cfg)?;
+    let name_or_path = serde_json::from_slice::<serde_json::Value>(&cfg)
+        .ok()
+        .and_then(|v| v.get("_name_or_path")?.as_str().map(str::to_string));
+    let mut warnings = Vec::new();
+    let mut all: HashMap<String, Flat> = HashMap::new();
+    for (_, st) in safetensors::open_dir(dir)? {
+        for t in st.tensors {
+            let f = Flat::new(
+                &t.name,
+                t.dtype,
+                t.shape,
+                vec![crate::io::piece::Piece::Bytes(t.data)],
+            )?;
+            if all.insert(t.name.clone(), f).is_some() {
+                return Err(Error::Duplicate {
+                    dir: d.clone(),
+                    name: t.name,
+                });
+            }
+        }
+    }
+    let canonical = canonical_from_hf(&d, &arch, &mut all)?;
+    let mut left: Vec<String> = all.into_keys().collect();
+    left.sort();
+    for name in left {
+        // Rotary inverse frequencies are derived from the config, not weights.
+        if name.ends_with("rotary_emb.inv_freq") {
+            warnings.push(format!("ignored `{name}` (recomputed from rope_theta)"));
+            continue;
+        }
+        return Err(Error::Unexpected { dir: d, name });
+    }
+    let mut side_files = Vec::new();
+    for name in SIDE_FILES {
+        let p = dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).map_err(|source| Error::Io {
+                file: p.display().to_string(),
+                source,
+            })?;
+            side_files.push((name.to_string(), ByteView::from_vec(bytes)));
+        }
+    }
+    Ok(HfModel {
+        arch,
+        canonical,
+        side_files,
+        name_or_path,
+        warnings,
+    })
+}
+
+/// Moves the HF tensors out of `all` into canonical entries (state-dict order).
+fn canonical_from_hf(
+    dir: &str,
+    arch: &LlamaArch,
+    all: &mut HashMap<String, Flat>,
+) -> Result<Canonical, Error> {
+    let mut take = |name: &str| {
+        all.remove(name).ok_or_else(|| Error::Missing {
+            dir: dir.to_string(),
+            name: name.to_string(),
+        })
+    };
+    let mut entries = Vec::new();
+    let mut push = |name: String, t: Flat| -> Result<(), Error> {
+        let shape = t.shape.clone();
+        let f = t.renamed(name.clone(), shape)?;
+        entries.push(Entry {
+            name,
+            item: Item::Tensor(f),
+        });
+        Ok(())
+    };
+    let h = heads(arch);
+    push(
+        "model.embedding.word_embeddings.weight".into(),
+        take("model.embed_tokens.weight")?,
+    )?;
+    let mut layers: Vec<Entry> = Vec::new();
+    for l in 0..arch.num_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let mc = |s: &str| format!("model.decoder.layers.{l}.{s}");
+        let mut layer: Vec<(String, Flat)> = Vec::new();
+        layer.push((
+            mc("input_layernorm.weight"),
+            take(&hf("input_layernorm.weight"))?,
+        ));
+        layer.push((
+            mc("self_attention.linear_proj.weight"),
+            take(&hf("self_attn.o_proj.weight"))?,
+        ));
+        if arch.bias {
+            layer.push((
+                mc("self_attention.linear_proj.bias"),
+                take(&hf("self_attn.o_proj.bias"))?,
+            ));
+        }
+        for kind in ["weight", "bias"] {
+            if kind == "bias" && !arch.bias {
+                continue;
+            }
+            let q = take(&hf(&format!("self_attn.q_proj.{kind}")))?;
+            let k = take(&hf(&format!("self_attn.k_proj.{kind}")))?;
+            let v = take(&hf(&format!("self_attn.v_proj.{kind}")))?;
+            let name = mc(&format!("self_attention.linear_qkv.{kind}"));
+            let fused = interleave_qkv(&name, h, &q, &k, &v)?;
+            layer.push((name, fused));
+        }
+        layer.push((
+            mc("pre_mlp_layernorm.weight"),
+            take(&hf("post_attention_layernorm.weight"))?,
+        ));
+        for kind in ["weight", "bias"] {
+            if kind == "bias" && !arch.bias {
+                continue;
+            }
+            let g = take(&hf(&format!("mlp.gate_proj.{kind}")))?;
+            let u = take(&hf(&format!("mlp.up_proj.{kind}")))?;
+            let name = mc(&format!("mlp.linear_fc1.{kind}"));
+            let fc1 = cat_rows(&name, &g, &u)?;
+            layer.push((name, fc1));
+        }
+        layer.push((
+            mc("mlp.linear_fc2.weight"),
+            take(&hf("mlp.down_proj.weight"))?,
+        ));
+        if arch.bias {
+            layer.push((mc("mlp.linear_fc2.bias"), take(&hf("mlp.down_proj.bias"))?));
+        }
+        for (name, t) in layer {
+            let shape = t.shape.clone();
+            layers.push(Entry {
+                item: Item::Tensor(t.renamed(name.clone(), shape)?),
+                name,
+            });
+        }
+        for m in [
+            "self_attention.linear_proj",
+            "self_attention.linear_qkv",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ] {
+            layers.push(Entry {
+                name: mc(&format!("{m}._extra_state")),
+                item: Item::Object(Value::None),
+            });
+        }
+    }
+    entries.extend(layers);
+    let norm = take("model.norm.weight")?;
+    let shape = norm.shape.clone();
+    entries.push(Entry {
+        name: "model.decoder.final_layernorm.weight".into(),
+        item: Item::Tensor(norm.renamed("model.decoder.final_layernorm.weight", shape)?),
+    });
+    if arch.tied {
+        // Some tied checkpoints still store lm_head (equal to the embedding).
+        all.remove("lm_head.weight");
+    } else {
+        let out = take("lm_head.weight")?;
+        let shape = out.shape.clone();
+        entries.push(Entry {
+            name: "model.output_layer.weight".into(),
+            item: Item::Tensor(out.renamed("model.output_layer.weight", shape)?),
+        });
+    }
+    entries.push(Entry {
+        name: "model.output_layer._extra_state".into(),
+        item: Item::Object(Value::None),
+    });
+    let mut c = Canonical { entries };
+    c.sort();
+    Ok(c)
+}
+
+/// The HF tensors of a canonical model, vocab tensors trimmed (or padded)
+/// to `arch.vocab_size` rows, in transformers' module order.
+///
+/// # Errors
+/// [`Error::Missing`] when the canonical model lacks a tensor; shape errors.
+pub fn hf_tensors(canon: &Canonical, arch: &LlamaArch) -> Result<Vec<WriteTensor>, Error> {
+    let get = |name: &str| {
+        canon.tensor(name).ok_or_else(|| Error::Missing {
+            dir: "(checkpoint)".into(),
+            name: name.to_string(),
+        })
+    };
+    let mut out = Vec::new();
+    let mut push = |t: Flat| {
+        out.push(WriteTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            pieces: t.pieces().to_vec(),
+        })
+    };
+    let v = arch.vocab_size;
+    push(resize_rows(
+        get("model.embedding.word_embeddings.weight")?,
+        "model.embed_tokens.weight",
+        v,
+    )?);
+    let h = heads(arch);
+    for l in 0..arch.num_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let mc = |s: &str| format!("model.decoder.layers.{l}.{s}");
+        let same = |from: &str, to: &str| -> Result<Flat, Error> {
+            let t = get(&mc(from))?;
+            Ok(t.renamed(hf(to), t.shape.clone())?)
+        };
+        push(same("input_layernorm.weight", "input_layernorm.weight")?);
+        for kind in ["weight", "bias"] {
+            if kind == "bias" && !arch.bias {
+                continue;
+            }
+            let qkv = get(&mc(&format!("self_attention.linear_qkv.{kind}")))?;
+            let names =
+                ["q_proj", "k_proj", "v_proj"].map(|p| hf(&format!("self_attn.{p}.{kind}")));
+            let [q, k, vv] = split_qkv(qkv, h, [&names[0], &names[1], &names[2]])?;
+            push(q);
+            push(k);
+            push(vv);
+        }
+        push(same(
+            "self_attention.linear_proj.weight",
+            "self_attn.o_proj.weight",
+        )?);
+        if arch.bias {
+            push(same(
+                "self_attention.linear_proj.bias",
+                "self_attn.o_proj.bias",
+            )?);
+        }
+        for kind in ["weight", "bias"] {
+            if kind == "bias" && !arch.bias {
+                continue;
+            }
+            let fc1 = get(&mc(&format!("mlp.linear_fc1.{kind}")))?;
+            let f = fc1.shape.first().copied().unwrap_or(0) / 2;
+            let mut half = fc1.shape.clone();
+            if let Some(r) = half.first_mut() {
+                *r = f;
+            }
+            for (i, p) in ["gate_proj", "up_proj"].iter().enumerate() {
+                let i = i as u64;
+                push(Flat::new(
+                    hf(&format!("mlp.{p}.{kind}")),
+                    fc1.dtype,
+                    half.clone(),
+                    fc1.rows(i * f, (i + 1) * f)?,
+                )?);
+            }
+        }
+        push(same("mlp.linear_fc2.weight", "mlp.down_proj.weight")?);
+        if arch.bias {
+            push(same("mlp.linear_fc2.bias", "mlp.down_proj.bias")?);
+        }
+        push(same(
+            "pre_mlp_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )?);
+    }
+    let norm = get("model.decoder.final_layernorm.weight")?;
+    push(norm.renamed("model.norm.weight", norm.shape.clone())?);
+    if !arch.tied {
+        push(resize_rows(
+            get("model.output_layer.weight")?,
+            "lm_head.weight",
+            v,
+        )?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_hf() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcore/llama/hf")
+    }
+
+    #[test]
+    fn fixture_hf_maps_to_the_tp1_fixture_tensors() {
+        let m = read_dir(&fixture_hf()).unwrap();
+        let ck = crate::model::checkpoint::Checkpoint::open(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo"),
+        )
+        .unwrap();
+        let want = Canonical::from_checkpoint(&ck).unwrap();
+        let names = |c: &Canonical| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&m.canonical), names(&want));
+        for e in &want.entries {
+            let Item::Tensor(t) = &e.item else { continue };
+            let ours = m.canonical.tensor(&e.name).unwrap();
+            let a = crate::io::piece::concat(ours.pieces());
+            let b = crate::io::piece::concat(t.pieces());
+            // Vocab tensors: the fixture pads 100 -> 128 rows.
+            assert_eq!(a[..], b[..a.len()], "{}", e.name);
+        }
+        // And back to HF: byte-identical to the fixture's safetensors tensors.
+        let hf = hf_tensors(&m.canonical, &m.arch).unwrap();
+        let orig = safetensors::open_dir(&fixture_hf()).unwrap();
+        let orig: HashMap<_, _> = orig[0]
+            .1
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        assert_eq!(hf.len(), orig.len());
+        for t in &hf {
+            let o = orig[&t.name];
+            assert_eq!((t.dtype, &t.shape), (o.dtype, &o.shape), "{}", t.name);
+            assert_eq!(
+                crate::io::piece::concat(&t.pieces),
+                o.data.as_slice(),
+                "{}",
+                t.name
+            );
+        }
+    }
+
+    #[test]
+    fn missing_and_unexpected_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixture_hf().join("config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        let st = safetensors::open_dir(&fixture_hf()).unwrap().remove(0).1;
+        let write = |tensors: Vec<WriteTensor>| {
+            let mut f = std::fs::File::create(dir.path().join("model.safetensors")).unwrap();
+            safetensors::write(&mut f, "m", &tensors, &Default::default()).unwrap();
+        };
+        let as_write = |t: &safetensors::StTensor| WriteTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            pieces: vec![crate::io::piece::Piece::Bytes(t.data.clone())],
+        };
+        let mut ts: Vec<_> = st
+            .tensors
+            .iter()
+            .filter(|t| t.name != "model.norm.weight")
+            .map(as_write)
+            .collect();
+        write(ts.clone());
+        let e = read_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Missing { name, .. } if name == "model.norm.weight"),
+            "{e}"
+        );
+        ts = st.tensors.iter().map(as_write).collect();
+        let mut extra = ts[0].clone();
+        extra.name = "model.extra.weight".into();
+        ts.push(extra);
+        write(ts);
+        let e = read_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unexpected { name, .. } if name == "model.extra.weight"),
+            "{e}"
+        );
+        let e = read_dir(&dir.path().join("nope")).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+    }
+}

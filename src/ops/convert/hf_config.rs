@@ -1,0 +1,733 @@
+//! Hugging Face Llama `config.json` <-> NeMo `model_config.yaml`
+//! (nemo-format.md §4.4): the architecture keys, `head_dim` as
+//! `kv_channels`, `rope_theta` as `rotary_base`, Llama-3 rope scaling as
+//! `scale_positional_embedding` + its factors, linear scaling as
+//! `seq_len_interpolation_factor`, `rms_norm_eps`, tied embeddings and
+//! biases. The NeMo side is written as the megatron_gpt keys the fixture
+//! checkpoints carry (local layer spec, `mcore_gpt: true`).
+
+use serde_json::{json, Map, Value};
+
+use crate::formats::torch::dtype::Dtype;
+use crate::model::config::ModelConfig;
+
+/// Errors mapping configs; each names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A required key is missing or has the wrong type.
+    #[error("config.json: `{key}`: {why}")]
+    Key {
+        /// The key.
+        key: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// The model is not one this converter knows how to map exactly.
+    #[error("config.json: unsupported model: {why}")]
+    Unsupported {
+        /// Why.
+        why: String,
+    },
+    /// A NeMo config key is missing or unusable.
+    #[error("model_config.yaml: `{key}`: {why}")]
+    Nemo {
+        /// The key.
+        key: String,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// None.
+    None,
+    /// Position interpolation by `factor`.
+    Linear {
+        /// The factor.
+        factor: f64,
+    },
+    /// Llama-3.1 frequency-dependent scaling.
+    Llama3 {
+        /// `factor`.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: u64,
+    },
+}
+
+/// The architecture of a Llama-family model, as both sides need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaArch {
+    /// Transformer layers.
+    pub num_layers: u64,
+    /// Hidden size.
+    pub hidden_size: u64,
+    /// MLP hidden size (per gate/up half).
+    pub ffn_hidden_size: u64,
+    /// Attention heads.
+    pub heads: u64,
+    /// KV heads / query groups.
+    pub groups: u64,
+    /// Channels per head.
+    pub head_dim: u64,
+    /// The true vocabulary (HF `vocab_size`).
+    pub vocab_size: u64,
+    /// Maximum sequence length.
+    pub max_position_embeddings: u64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Input and output embeddings shared.
+    pub tied: bool,
+    /// Linear layers have biases (attention and MLP alike).
+    pub bias: bool,
+    /// `initializer_range`.
+    pub init_std: f64,
+    /// Weight dtype, if stated.
+    pub dtype: Option<Dtype>,
+    /// Token ids (`bos_token_id`, `eos_token_id`, `pad_token_id`) as stated.
+    pub token_ids: Map<String, Value>,
+}
+
+fn get_u64(c: &Map<String, Value>, key: &str) -> Result<u64, Error> {
+    c.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::Key {
+            key: key.into(),
+            why: "missing or not a non-negative integer".into(),
+        })
+}
+
+fn opt_u64(c: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| Error::Key {
+            key: key.into(),
+            why: format!("not a non-negative integer: {v}"),
+        }),
+    }
+}
+
+fn opt_f64(c: &Map<String, Value>, key: &str) -> Result<Option<f64>, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::Key {
+            key: key.into(),
+            why: format!("not a number: {v}"),
+        }),
+    }
+}
+
+fn opt_bool(c: &Map<String, Value>, key: &str) -> Result<Option<bool>, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| Error::Key {
+            key: key.into(),
+            why: format!("not a boolean: {v}"),
+        }),
+    }
+}
+
+/// torch dtype names as transformers writes them (`bfloat16`).
+fn dtype_from_hf(name: &str) -> Option<Dtype> {
+    Dtype::from_torch_name(name)
+}
+
+impl LlamaArch {
+    /// Reads a transformers `config.json` (4.x `rope_scaling`/`rope_theta` or
+    /// 5.x `rope_parameters`).
+    ///
+    /// # Errors
+    /// [`Error::Key`] for missing/mistyped keys, [`Error::Unsupported`] for
+    /// models whose mapping would not be exact.
+    pub fn from_hf(text: &[u8]) -> Result<LlamaArch, Error> {
+        let v: Value = serde_json::from_slice(text).map_err(|e| Error::Key {
+            key: "<root>".into(),
+            why: format!("not JSON: {e}"),
+        })?;
+        let c = v.as_object().ok_or_else(|| Error::Key {
+            key: "<root>".into(),
+            why: "not an object".into(),
+        })?;
+        let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if model_type != "llama" {
+            return Err(Error::Unsupported {
+                why: format!("model_type `{model_type}` (only `llama` is mapped)"),
+            });
+        }
+        let act = c
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(Error::Unsupported {
+                why: format!("hidden_act `{act}` (NeMo's fast-swiglu is silu)"),
+            });
+        }
+        let hidden_size = get_u64(c, "hidden_size")?;
+        let heads = get_u64(c, "num_attention_heads")?;
+        if heads == 0 {
+            return Err(Error::Key {
+                key: "num_attention_heads".into(),
+                why: "is 0".into(),
+            });
+        }
+        let groups = opt_u64(c, "num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = opt_u64(c, "head_dim")?.unwrap_or(hidden_size / heads);
+        let attention_bias = opt_bool(c, "attention_bias")?.unwrap_or(false);
+        let mlp_bias = opt_bool(c, "mlp_bias")?.unwrap_or(false);
+        if attention_bias != mlp_bias {
+            return Err(Error::Unsupported {
+                why: format!(
+                    "attention_bias={attention_bias} with mlp_bias={mlp_bias}: mcore's `bias` covers every linear layer"
+                ),
+            });
+        }
+        // transformers 5 keeps theta and scaling together in `rope_parameters`.
+        let empty = Map::new();
+        let params = c
+            .get("rope_parameters")
+            .and_then(Value::as_object)
+            .or_else(|| c.get("rope_scaling").and_then(Value::as_object))
+            .unwrap_or(&empty);
+        let rope_theta = opt_f64(params, "rope_theta")?
+            .or(opt_f64(c, "rope_theta")?)
+            .unwrap_or(10000.0);
+        let rope_type = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let factor = |k: &str| -> Result<f64, Error> {
+            opt_f64(params, k)?.ok_or_else(|| Error::Key {
+                key: format!("rope_parameters.{k}"),
+                why: "missing".into(),
+            })
+        };
+        let rope_scaling = match rope_type {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: factor("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor("factor")?,
+                low_freq_factor: factor("low_freq_factor")?,
+                high_freq_factor: factor("high_freq_factor")?,
+                original_max_position_embeddings: get_u64(
+                    params,
+                    "original_max_position_embeddings",
+                )?,
+            },
+            other => {
+                return Err(Error::Unsupported {
+                    why: format!("rope type `{other}` (default, linear and llama3 are mapped)"),
+                })
+            }
+        };
+        let dtype = c
+            .get("dtype")
+            .or_else(|| c.get("torch_dtype"))
+            .and_then(Value::as_str)
+            .and_then(dtype_from_hf);
+        let mut token_ids = Map::new();
+        for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(v) = c.get(k) {
+                token_ids.insert(k.to_string(), v.clone());
+            }
+        }
+        Ok(LlamaArch {
+            num_layers: get_u64(c, "num_hidden_layers")?,
+            hidden_size,
+            ffn_hidden_size: get_u64(c, "intermediate_size")?,
+            heads,
+            groups,
+            head_dim,
+            vocab_size: get_u64(c, "vocab_size")?,
+            max_position_embeddings: opt_u64(c, "max_position_embeddings")?.unwrap_or(4096),
+            rms_norm_eps: opt_f64(c, "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tied: opt_bool(c, "tie_word_embeddings")?.unwrap_or(false),
+            bias: attention_bias,
+            init_std: opt_f64(c, "initializer_range")?.unwrap_or(0.02),
+            dtype,
+            token_ids,
+        })
+    }
+
+    /// Reads the architecture from a NeMo config (mcore GPT, RMSNorm, SwiGLU,
+    /// RoPE); `vocab_size` is the caller's true vocabulary.
+    ///
+    /// # Errors
+    /// [`Error::Nemo`] for a config that is not a Llama-family model.
+    pub fn from_nemo(cfg: &ModelConfig, vocab_size: u64) -> Result<LlamaArch, Error> {
+        let nemo = |key: &str, why: String| Error::Nemo {
+            key: key.into(),
+            why,
+        };
+        let req = |key: &'static str, r: Result<u64, crate::model::config::Error>| {
+            r.map_err(|e| nemo(key, e.to_string()))
+        };
+        if cfg.normalization() != "rmsnorm" {
+            return Err(nemo(
+                "normalization",
+                format!("`{}` (Llama uses rmsnorm)", cfg.normalization()),
+            ));
+        }
+        if !matches!(cfg.activation(), "fast-swiglu" | "swiglu") {
+            return Err(nemo(
+                "activation",
+                format!("`{}` (Llama uses fast-swiglu)", cfg.activation()),
+            ));
+        }
+        if cfg.position_embedding_type() != "rope" {
+            return Err(nemo(
+                "position_embedding_type",
+                format!("`{}` (Llama uses rope)", cfg.position_embedding_type()),
+            ));
+        }
+        let f = |key: &str| -> Option<f64> {
+            let v = cfg.get(key)?;
+            v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
+        };
+        let truthy = |key: &str| cfg.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
+        let rope_scaling = if truthy("scale_positional_embedding") {
+            RopeScaling::Llama3 {
+                factor: f("scale_factor").unwrap_or(8.0),
+                low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
+                high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
+                original_max_position_embeddings: f("old_context_len").unwrap_or(8192.0) as u64,
+            }
+        } else if let Some(factor) = f("seq_len_interpolation_factor") {
+            RopeScaling::Linear { factor }
+        } else {
+            RopeScaling::None
+        };
+        let dtype = match cfg.precision() {
+            Some("bf16" | "bf16-mixed") => Some(Dtype::BF16),
+            Some("16" | "16-mixed") => Some(Dtype::F16),
+            Some("32" | "32-true") => Some(Dtype::F32),
+            _ => None,
+        };
+        let max_pos = f("max_position_embeddings")
+            .or_else(|| f("encoder_seq_length"))
+            .unwrap_or(4096.0) as u64;
+        Ok(LlamaArch {
+            num_layers: req("num_layers", cfg.num_layers())?,
+            hidden_size: req("hidden_size", cfg.hidden_size())?,
+            ffn_hidden_size: req("ffn_hidden_size", cfg.ffn_hidden_size())?,
+            heads: req("num_attention_heads", cfg.num_attention_heads())?,
+            groups: req("num_query_groups", cfg.num_query_groups())?,
+            head_dim: req("kv_channels", cfg.kv_channels())?,
+            vocab_size,
+            max_position_embeddings: max_pos,
+            rms_norm_eps: f("layernorm_epsilon").unwrap_or(1e-5),
+            rope_theta: f("rotary_base").unwrap_or(10000.0),
+            rope_scaling,
+            tied: cfg.share_embeddings_and_output_weights(),
+            bias: cfg.bias(),
+            init_std: f("init_method_std").unwrap_or(0.02),
+            dtype,
+            token_ids: Map::new(),
+        })
+    }
+
+    /// The HF `config.json` text (transformers 5 keys plus the legacy
+    /// `rope_theta`/`rope_scaling`/`torch_dtype` for older readers).
+    pub fn to_hf_json(&self) -> String {
+        let mut rope = Map::new();
+        rope.insert("rope_theta".into(), json!(self.rope_theta));
+        match &self.rope_scaling {
+            RopeScaling::None => {
+                rope.insert("rope_type".into(), json!("default"));
+            }
+            RopeScaling::Linear { factor } => {
+                rope.insert("rope_type".into(), json!("linear"));
+                rope.insert("factor".into(), json!(factor));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                rope.insert("rope_type".into(), json!("llama3"));
+                rope.insert("factor".into(), json!(factor));
+                rope.insert("low_freq_factor".into(), json!(low_freq_factor));
+                rope.insert("high_freq_factor".into(), json!(high_freq_factor));
+                rope.insert(
+                    "original_max_position_embeddings".into(),
+                    json!(original_max_position_embeddings),
+                );
+            }
+        }
+        let dtype = self
+            .dtype
+            .map(|d| d.torch_name())
+            .unwrap_or("float32")
+            .to_string();
+        let mut c = Map::new();
+        c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        c.insert("attention_bias".into(), json!(self.bias));
+        c.insert("attention_dropout".into(), json!(0.0));
+        c.insert("dtype".into(), json!(dtype));
+        c.insert("head_dim".into(), json!(self.head_dim));
+        c.insert("hidden_act".into(), json!("silu"));
+        c.insert("hidden_size".into(), json!(self.hidden_size));
+        c.insert("initializer_range".into(), json!(self.init_std));
+        c.insert("intermediate_size".into(), json!(self.ffn_hidden_size));
+        c.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        c.insert("mlp_bias".into(), json!(self.bias));
+        c.insert("model_type".into(), json!("llama"));
+        c.insert("num_attention_heads".into(), json!(self.heads));
+        c.insert("num_hidden_layers".into(), json!(self.num_layers));
+        c.insert("num_key_value_heads".into(), json!(self.groups));
+        c.insert("pretraining_tp".into(), json!(1));
+        c.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        if self.rope_scaling != RopeScaling::None {
+            let mut legacy = rope.clone();
+            legacy.remove("rope_theta");
+            c.insert("rope_scaling".into(), Value::Object(legacy));
+        }
+        c.insert("rope_parameters".into(), Value::Object(rope));
+        c.insert("rope_theta".into(), json!(self.rope_theta));
+        c.insert("tie_word_embeddings".into(), json!(self.tied));
+        c.insert("torch_dtype".into(), json!(dtype));
+        c.insert("use_cache".into(), json!(true));
+        c.insert("vocab_size".into(), json!(self.vocab_size));
+        for (k, v) in &self.token_ids {
+            c.insert(k.clone(), v.clone());
+        }
+        let mut s = serde_json::to_string_pretty(&Value::Object(c)).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+
+    /// `make_vocab_size_divisible_by` as NeMo's converter picks it: the largest
+    /// power of two up to 128 that divides the vocabulary, so `Vp(1) = V`.
+    pub fn natural_divisor(&self) -> u64 {
+        let mut m = 128u64;
+        while m > 1 && self.vocab_size % m != 0 {
+            m /= 2;
+        }
+        m
+    }
+}
+
+/// A YAML float PyYAML (and so OmegaConf/NeMo) reads as a float: always a
+/// `.` in the mantissa and a signed exponent (`1.0e-05`, not `1e-5`).
+pub fn yaml_float(x: f64) -> String {
+    let s = format!("{x:?}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let m = if m.contains('.') {
+                m.to_string()
+            } else {
+                format!("{m}.0")
+            };
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e.trim_start_matches('+')),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None if s.contains('.') || s.contains("inf") || s.contains("NaN") => s,
+        None => format!("{s}.0"),
+    }
+}
+
+/// Everything [`nemo_config_yaml`] needs beyond the architecture.
+#[derive(Debug, Clone)]
+pub struct NemoTarget {
+    /// Tensor-parallel size.
+    pub tp: u64,
+    /// Pipeline-parallel size.
+    pub pp: u64,
+    /// `make_vocab_size_divisible_by`.
+    pub vocab_divisor: u64,
+    /// `override_vocab_size`, when the tokenizer's vocabulary differs from the model's.
+    pub override_vocab_size: Option<u64>,
+    /// The `tokenizer:` section lines (already indented by two spaces).
+    pub tokenizer_yaml: String,
+    /// Weight dtype written.
+    pub dtype: Dtype,
+}
+
+/// The NeMo `model_config.yaml` text for `arch` (megatron_gpt keys in the
+/// order NeMo writes them; local layer spec).
+pub fn nemo_config_yaml(arch: &LlamaArch, t: &NemoTarget) -> String {
+    let precision = match t.dtype {
+        Dtype::BF16 => "bf16",
+        Dtype::F16 => "16",
+        _ => "32",
+    };
+    let (interp, scaling) = match &arch.rope_scaling {
+        RopeScaling::None => ("null".to_string(), String::new()),
+        RopeScaling::Linear { factor } => (yaml_float(*factor), String::new()),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => (
+            "null".to_string(),
+            format!(
+                "scale_positional_embedding: true\nscale_factor: {}\nlow_freq_factor: {}\nhigh_freq_factor: {}\nold_context_len: {}\n",
+                yaml_float(*factor),
+                yaml_float(*low_freq_factor),
+                yaml_float(*high_freq_factor),
+                original_max_position_embeddings
+            ),
+        ),
+    };
+    let override_line = match t.override_vocab_size {
+        Some(v) => format!("override_vocab_size: {v}\n"),
+        None => String::new(),
+    };
+    let gbs = t.tp * t.pp;
+    format!(
+        "mcore_gpt: true
+micro_batch_size: 1
+global_batch_size: {gbs}
+rampup_batch_size: null
+tensor_model_parallel_size: {tp}
+pipeline_model_parallel_size: {pp}
+virtual_pipeline_model_parallel_size: null
+encoder_seq_length: {maxpos}
+max_position_embeddings: {maxpos}
+num_layers: {layers}
+hidden_size: {hidden}
+ffn_hidden_size: {ffn}
+num_attention_heads: {heads}
+num_query_groups: {groups}
+kv_channels: {kv}
+init_method_std: {std}
+use_scaled_init_method: true
+hidden_dropout: 0.0
+attention_dropout: 0.0
+ffn_dropout: 0.0
+apply_query_key_layer_scaling: false
+normalization: rmsnorm
+layernorm_epsilon: {eps}
+do_layer_norm_weight_decay: false
+make_vocab_size_divisible_by: {div}
+{override_line}pre_process: true
+post_process: true
+persist_layer_norm: false
+bias: {bias}
+qkv_bias: false
+activation: fast-swiglu
+headscale: false
+transformer_block_type: pre_ln
+openai_gelu: false
+normalize_attention_scores: true
+position_embedding_type: rope
+rotary_percentage: 1.0
+rotary_base: {theta}
+seq_len_interpolation_factor: {interp}
+{scaling}apply_rope_fusion: false
+attention_type: multihead
+share_embeddings_and_output_weights: {tied}
+tokenizer:
+{tok}native_amp_init_scale: 4294967296
+native_amp_growth_interval: 1000
+hysteresis: 2
+fp32_residual_connection: false
+fp16_lm_cross_entropy: false
+megatron_amp_O2: false
+grad_div_ar_fusion: true
+gradient_accumulation_fusion: false
+bias_activation_fusion: false
+bias_dropout_add_fusion: false
+masked_softmax_fusion: false
+seed: 1234
+use_cpu_initialization: false
+onnx_safe: false
+gradient_as_bucket_view: true
+sync_batch_comm: false
+activations_checkpoint_granularity: null
+activations_checkpoint_method: null
+activations_checkpoint_num_layers: null
+sequence_parallel: false
+transformer_engine: false
+fp8: false
+dist_ckpt_format: torch_dist
+precision: {precision}
+target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel
+",
+        tp = t.tp,
+        pp = t.pp,
+        maxpos = arch.max_position_embeddings,
+        layers = arch.num_layers,
+        hidden = arch.hidden_size,
+        ffn = arch.ffn_hidden_size,
+        heads = arch.heads,
+        groups = arch.groups,
+        kv = arch.head_dim,
+        std = yaml_float(arch.init_std),
+        eps = yaml_float(arch.rms_norm_eps),
+        div = t.vocab_divisor,
+        bias = arch.bias,
+        theta = yaml_float(arch.rope_theta),
+        tied = arch.tied,
+        tok = t.tokenizer_yaml,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE_HF: &str = include_str!("../../../fixtures/mcore/llama/hf/config.json");
+
+    fn llama3() -> String {
+        FIXTURE_HF.replace(
+            "\"rope_type\": \"default\"",
+            "\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 16",
+        )
+    }
+
+    fn target() -> NemoTarget {
+        NemoTarget {
+            tp: 2,
+            pp: 1,
+            vocab_divisor: 32,
+            override_vocab_size: None,
+            tokenizer_yaml: "  library: sentencepiece\n  model: nemo:ab_tokenizer.model\n".into(),
+            dtype: Dtype::F32,
+        }
+    }
+
+    #[test]
+    fn fixture_config_maps_to_the_fixture_nemo_semantics() {
+        let a = LlamaArch::from_hf(FIXTURE_HF.as_bytes()).unwrap();
+        assert_eq!(
+            (
+                a.num_layers,
+                a.hidden_size,
+                a.ffn_hidden_size,
+                a.heads,
+                a.groups,
+                a.head_dim
+            ),
+            (2, 64, 96, 8, 2, 8)
+        );
+        assert_eq!((a.vocab_size, a.tied, a.bias), (100, false, false));
+        assert_eq!(a.natural_divisor(), 4);
+        let text = nemo_config_yaml(&a, &target());
+        let cfg = ModelConfig::parse(&text).unwrap();
+        let fixture = ModelConfig::parse(include_str!("testdata/tiny_llama_config.yaml")).unwrap();
+        for key in [
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "normalization",
+            "layernorm_epsilon",
+            "activation",
+            "bias",
+            "position_embedding_type",
+            "rotary_base",
+            "share_embeddings_and_output_weights",
+            "mcore_gpt",
+            "transformer_engine",
+            "max_position_embeddings",
+            "make_vocab_size_divisible_by",
+            "tokenizer.library",
+        ] {
+            let (x, y) = (cfg.get(key).unwrap(), fixture.get(key).unwrap());
+            let num = |v: &serde_yaml_ng::Value| v.as_f64();
+            assert!(x == y || num(x) == num(y), "{key}: {x:?} vs {y:?}");
+        }
+        assert_eq!(cfg.tensor_model_parallel_size(), 2);
+        // And back.
+        let b = LlamaArch::from_nemo(&cfg, 100).unwrap();
+        assert_eq!(b.rope_theta, 10000.0);
+        assert_eq!(b.rms_norm_eps, 1e-5);
+        let back = LlamaArch::from_hf(b.to_hf_json().as_bytes()).unwrap();
+        assert_eq!(back.head_dim, 8);
+        assert_eq!(back.rope_scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn llama3_scaling_round_trips() {
+        let a = LlamaArch::from_hf(llama3().as_bytes()).unwrap();
+        assert!(
+            matches!(a.rope_scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 16, .. } if factor == 8.0)
+        );
+        let cfg = ModelConfig::parse(&nemo_config_yaml(&a, &target())).unwrap();
+        assert_eq!(
+            cfg.get("scale_positional_embedding")
+                .and_then(|v| v.as_bool()),
+            Some(true)
+        );
+        let b = LlamaArch::from_nemo(&cfg, 100).unwrap();
+        assert_eq!(b.rope_scaling, a.rope_scaling);
+        let json: Value = serde_json::from_str(&b.to_hf_json()).unwrap();
+        assert_eq!(json["rope_parameters"]["rope_type"], "llama3");
+        assert_eq!(json["rope_parameters"]["low_freq_factor"], 1.0);
+    }
+
+    #[test]
+    fn key_errors() {
+        let e = LlamaArch::from_hf(
+            FIXTURE_HF
+                .replace("\"hidden_size\": 64", "\"hidden_size\": \"x\"")
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::Key { key, .. } if key == "hidden_size"),
+            "{e}"
+        );
+        let e = LlamaArch::from_hf(b"[]").unwrap_err();
+        assert!(matches!(e, Error::Key { .. }));
+    }
+
+    #[test]
+    fn unsupported_models() {
+        for (from, to) in [
+            ("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\""),
+            ("\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\""),
+            ("\"mlp_bias\": false", "\"mlp_bias\": true"),
+            ("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""),
+        ] {
+            let e = LlamaArch::from_hf(FIXTURE_HF.replace(from, to).as_bytes()).unwrap_err();
+            assert!(matches!(e, Error::Unsupported { .. }), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn nemo_errors() {
+        let cfg = ModelConfig::parse("normalization: layernorm\n").unwrap();
+        let e = LlamaArch::from_nemo(&cfg, 10).unwrap_err();
+        assert!(
+            matches!(&e, Error::Nemo { key, .. } if key == "normalization"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn yaml_floats_are_pyyaml_floats() {
+        assert_eq!(yaml_float(1e-5), "1.0e-05");
+        assert_eq!(yaml_float(1e-6), "1.0e-06");
+        assert_eq!(yaml_float(500000.0), "500000.0");
+        assert_eq!(yaml_float(0.02), "0.02");
+        assert_eq!(yaml_float(1e20), "1.0e+20");
+        assert_eq!(yaml_float(8.0), "8.0");
+    }
+}

@@ -1,0 +1,581 @@
+//! The four conversions end to end: HF folder -> `.nemo` at any TP/PP,
+//! `.nemo` -> HF folder (sharded safetensors), `.nemo` -> torch_dist `.nemo`,
+//! and `.nemo` -> per-rank `.nemo` at any TP/PP (the reshard planner).
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::formats::safetensors::{self, WriteTensor};
+use crate::formats::torch::dtype::Dtype;
+use crate::io::bytes::ByteView;
+use crate::io::output::OutputDir;
+use crate::io::piece::Piece;
+use crate::model::checkpoint::Checkpoint;
+
+use super::canonical::{Canonical, Item};
+use super::hf::{self, SIDE_FILES};
+use super::hf_config::{nemo_config_yaml, LlamaArch, NemoTarget};
+use super::write_nemo::{self, cast_of, check_target, stream_pieces, Target};
+
+/// Errors of a conversion; each wraps the step's own error, which names
+/// the file, member or tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the HF folder.
+    #[error(transparent)]
+    Hf(#[from] hf::Error),
+    /// Config mapping.
+    #[error(transparent)]
+    Config(#[from] super::hf_config::Error),
+    /// Opening the `.nemo`.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::model::checkpoint::Error),
+    /// Building the canonical view.
+    #[error(transparent)]
+    Canonical(#[from] super::canonical::Error),
+    /// Tensor arithmetic.
+    #[error(transparent)]
+    Tensor(#[from] super::tensor::Error),
+    /// Writing the per-rank `.nemo`.
+    #[error(transparent)]
+    WriteNemo(#[from] write_nemo::Error),
+    /// Writing safetensors.
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::Error),
+    /// Creating or committing the output.
+    #[error(transparent)]
+    Output(#[from] crate::io::output::Error),
+    /// Writing the distributed checkpoint.
+    #[error(transparent)]
+    Dist(#[from] super::dist_out::Error),
+    /// Planning the per-rank layout.
+    #[error(transparent)]
+    Plan(Box<crate::model::plan::Error>),
+    /// Writing the per-rank layout.
+    #[error(transparent)]
+    Reshard(Box<crate::ops::reshard::Error>),
+    /// A request that cannot be honoured exactly.
+    #[error("{0}")]
+    Invalid(String),
+    /// I/O on an output file.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `convert --from hf` options.
+#[derive(Debug, Clone)]
+pub struct FromHf {
+    /// Tensor-parallel size.
+    pub tp: u64,
+    /// Pipeline-parallel size.
+    pub pp: u64,
+    /// Cast to this type (default: keep).
+    pub dtype: Option<Dtype>,
+    /// `make_vocab_size_divisible_by` (default: NeMo's converter's choice, Vp(1) = V).
+    pub vocab_divisor: Option<u64>,
+    /// Replace the output.
+    pub force: bool,
+    /// Skip the fsync before the rename (atomic, not durable).
+    pub no_sync: bool,
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The output path.
+    pub output: PathBuf,
+    /// What was converted (`hf -> nemo`, ...).
+    pub direction: String,
+    /// TP size of the output (1 for HF).
+    pub tp: u64,
+    /// PP size of the output (1 for HF).
+    pub pp: u64,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Output files written (rank files, safetensors shards, DCP files).
+    pub files: usize,
+    /// Artifact / tokenizer files carried over.
+    pub artifacts: Vec<String>,
+    /// The vocabulary: true size and rows stored.
+    pub vocab: (u64, u64),
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+/// NeMo's artifact naming: `<32 hex>_<file name>` (content-derived here, so
+/// the same input gives the same archive).
+pub fn artifact_name(name: &str, bytes: &[u8]) -> String {
+    let h = Sha256::digest(bytes);
+    format!("{}_{name}", hex::encode(h.get(..16).unwrap_or_default()))
+}
+
+/// The original name of an artifact member (`<32 hex>_tokenizer.model` ->
+/// `tokenizer.model`; a plain name is returned as it is).
+pub fn artifact_original(member: &str) -> &str {
+    let base = member.rsplit('/').next().unwrap_or(member);
+    match base.split_once('_') {
+        Some((h, rest)) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => rest,
+        _ => base,
+    }
+}
+
+/// The one dtype of every tensor, or the requested cast.
+fn model_dtype(canon: &Canonical, want: Option<Dtype>) -> Result<Dtype, Error> {
+    let mut found: Option<Dtype> = None;
+    for e in &canon.entries {
+        if let Item::Tensor(t) = &e.item {
+            cast_of(&e.name, t.dtype, want)?;
+            match found {
+                Some(d) if d != t.dtype && want.is_none() => {
+                    return Err(Error::Invalid(format!(
+                        "mixed dtypes ({d} and {} at `{}`): pass --dtype",
+                        t.dtype, e.name
+                    )))
+                }
+                _ => found = Some(t.dtype),
+            }
+        }
+    }
+    want.or(found)
+        .ok_or_else(|| Error::Invalid("the model has no tensors".into()))
+}
+
+/// HF folder -> `.nemo` (per-rank layout at `opts.tp` x `opts.pp`).
+///
+/// # Errors
+/// [`Error`]; the output appears only on success.
+pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Error> {
+    let m = hf::read_dir(dir)?;
+    let mut warnings = m.warnings.clone();
+    let dtype = model_dtype(&m.canonical, opts.dtype)?;
+    let v = m.arch.vocab_size;
+    // The tokenizer's own count decides whether NeMo would size the
+    // embedding right by itself; if not, `override_vocab_size` pins it.
+    let tok_vocab = m
+        .side_files
+        .iter()
+        .find_map(|(n, b)| tokenizer_vocab(n, b.as_slice()));
+    let override_vocab_size = (tok_vocab != Some(v)).then_some(v);
+    let divisor = opts
+        .vocab_divisor
+        .unwrap_or_else(|| m.arch.natural_divisor());
+    if divisor == 0 {
+        return Err(Error::Invalid(
+            "--vocab-divisible-by must be at least 1".into(),
+        ));
+    }
+    let vocab_rows = match override_vocab_size {
+        Some(v) => v,
+        None => v.div_ceil(divisor * opts.tp) * divisor * opts.tp,
+    };
+    if override_vocab_size.is_some() {
+        warnings.push(format!(
+            "tokenizer vocabulary ({}) differs from vocab_size {v}: wrote override_vocab_size: {v}",
+            tok_vocab
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        ));
+    }
+    let target = Target {
+        tp: opts.tp,
+        pp: opts.pp,
+        vocab_rows,
+        tied: m.arch.tied,
+        dtype: Some(dtype),
+    };
+    check_target(
+        &m.canonical,
+        m.arch.heads,
+        m.arch.groups,
+        m.arch.ffn_hidden_size,
+        &target,
+    )?;
+
+    let mut artifacts: Vec<(String, ByteView)> = Vec::new();
+    let mut refs: Vec<(String, String)> = Vec::new();
+    for (name, bytes) in &m.side_files {
+        let member = artifact_name(name, bytes.as_slice());
+        refs.push((name.clone(), format!("nemo:{member}")));
+        artifacts.push((member, bytes.clone()));
+    }
+    let r = |n: &str| {
+        refs.iter()
+            .find(|(x, _)| x == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "null".into())
+    };
+    let tokenizer_yaml = if m.side_files.iter().any(|(n, _)| n == "tokenizer.model") {
+        format!(
+            "  library: sentencepiece\n  type: null\n  model: {}\n  vocab_file: null\n  merge_file: null\n  delimiter: null\n  sentencepiece_legacy: false\n",
+            r("tokenizer.model")
+        )
+    } else {
+        let ty = m
+            .name_or_path
+            .as_deref()
+            .map(|s| serde_json::to_string(s).unwrap_or_default())
+            .unwrap_or_else(|| "null".into());
+        format!(
+            "  library: huggingface\n  type: {ty}\n  model: null\n  vocab_file: {}\n  merge_file: {}\n  delimiter: null\n  use_fast: true\n",
+            r("vocab.json"),
+            r("merges.txt")
+        )
+    };
+    let config = nemo_config_yaml(
+        &m.arch,
+        &NemoTarget {
+            tp: opts.tp,
+            pp: opts.pp,
+            vocab_divisor: divisor,
+            override_vocab_size,
+            tokenizer_yaml,
+            dtype,
+        },
+    );
+    let s = write_nemo::write(
+        &m.canonical,
+        &target,
+        &config,
+        &artifacts,
+        out,
+        opts.force,
+        opts.no_sync,
+    )?;
+    Ok(Summary {
+        output: s.output,
+        direction: "hf -> nemo".into(),
+        tp: s.tp,
+        pp: s.pp,
+        tensors: s.tensors,
+        files: s.rank_files,
+        artifacts: artifacts.into_iter().map(|(n, _)| n).collect(),
+        vocab: (v, vocab_rows),
+        warnings,
+    })
+}
+
+/// `convert --to hf` options.
+#[derive(Debug, Clone)]
+pub struct ToHf {
+    /// Largest safetensors shard, in bytes of tensor data.
+    pub shard_size: u64,
+    /// Cast to this type (default: keep).
+    pub dtype: Option<Dtype>,
+    /// Replace the output.
+    pub force: bool,
+}
+
+/// The true vocabulary of a `.nemo`: `override_vocab_size`, else the
+/// tokenizer artifact's count; `None` when neither says.
+pub fn true_vocab(ck: &Checkpoint) -> Option<u64> {
+    if let Some(v) = ck.config.override_vocab_size() {
+        return Some(v);
+    }
+    let from_refs = ck.config.artifact_refs().iter().find_map(|r| {
+        let b = ck.read_member(&r.name).ok()?;
+        tokenizer_vocab(artifact_original(&r.name), b.as_slice())
+    });
+    from_refs.or_else(|| {
+        ck.artifacts
+            .iter()
+            .filter(|a| artifact_original(a) == "tokenizer.json")
+            .find_map(|a| {
+                let b = ck.read_member(a).ok()?;
+                tokenizer_vocab("tokenizer.json", b.as_slice())
+            })
+    })
+}
+
+/// The vocabulary a tokenizer file defines: SentencePiece pieces, or for an
+/// HF `tokenizer.json` one more than the highest id of its vocabulary and
+/// added tokens (added special tokens live outside `model.vocab`).
+pub fn tokenizer_vocab(name: &str, bytes: &[u8]) -> Option<u64> {
+    match name {
+        "tokenizer.model" => crate::model::tokenizer::vocab_size(name, bytes)
+            .ok()
+            .flatten(),
+        "tokenizer.json" => {
+            let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+            let vocab = v.get("model")?.get("vocab")?.as_object()?;
+            let mut top = vocab.values().filter_map(|x| x.as_u64()).max()?;
+            if let Some(added) = v.get("added_tokens").and_then(|a| a.as_array()) {
+                for t in added {
+                    if let Some(id) = t.get("id").and_then(|x| x.as_u64()) {
+                        top = top.max(id);
+                    }
+                }
+            }
+            top.checked_add(1)
+        }
+        _ => None,
+    }
+}
+
+/// `.nemo` (any layout) -> HF folder.
+///
+/// # Errors
+/// [`Error`]; the folder appears only on success.
+pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Error> {
+    let ck = Checkpoint::open(input)?;
+    let canon = Canonical::from_checkpoint(&ck)?;
+    let mut warnings = ck.warnings.clone();
+    let rows = canon
+        .tensor("model.embedding.word_embeddings.weight")
+        .and_then(|t| t.shape.first().copied())
+        .ok_or_else(|| Error::Invalid("no word embedding in the checkpoint".into()))?;
+    let v = match true_vocab(&ck) {
+        Some(v) if v <= rows => v,
+        Some(v) => {
+            return Err(Error::Invalid(format!(
+                "the tokenizer has {v} tokens but the embedding only {rows} rows"
+            )))
+        }
+        None => {
+            warnings.push(format!(
+                "true vocabulary unknown (no override_vocab_size, no readable tokenizer artifact): kept all {rows} rows"
+            ));
+            rows
+        }
+    };
+    let dtype = model_dtype(&canon, opts.dtype)?;
+    let mut arch = LlamaArch::from_nemo(&ck.config, v)?;
+    arch.dtype = Some(dtype);
+    // Side files: artifacts whose original name is a known HF file.
+    let mut side: Vec<(String, ByteView)> = Vec::new();
+    for a in &ck.artifacts {
+        let orig = artifact_original(a);
+        if SIDE_FILES.contains(&orig) && !side.iter().any(|(n, _)| n == orig) {
+            let b = ck
+                .read_member(a)
+                .map_err(|e| Error::Invalid(format!("{a}: {e}")))?;
+            side.push((orig.to_string(), b));
+        }
+    }
+    if let Some((_, g)) = side.iter().find(|(n, _)| n == "generation_config.json") {
+        if let Ok(serde_json::Value::Object(o)) = serde_json::from_slice(g.as_slice()) {
+            for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(x) = o.get(k) {
+                    arch.token_ids.insert(k.to_string(), x.clone());
+                }
+            }
+        }
+    }
+    let tensors = hf::hf_tensors(&canon, &arch)?;
+    let mut header_tensors = Vec::with_capacity(tensors.len());
+    let mut casts = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let cast = cast_of(&t.name, t.dtype, Some(dtype))?;
+        let n = super::tensor::nbytes(dtype, &t.shape).unwrap_or(0);
+        header_tensors.push(WriteTensor {
+            name: t.name.clone(),
+            dtype,
+            shape: t.shape.clone(),
+            pieces: vec![Piece::Zeros(n)],
+        });
+        casts.push(cast);
+    }
+    let plan = safetensors::plan_shards(&header_tensors, opts.shard_size.max(1));
+    let dir = OutputDir::create(out, opts.force)?;
+    let io_err = |file: &Path| {
+        let file = file.display().to_string();
+        move |source| Error::Io {
+            file: file.clone(),
+            source,
+        }
+    };
+    let mut md = std::collections::BTreeMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    for (name, idx) in &plan.files {
+        let path = dir.path().join(name);
+        let f = std::fs::File::create(&path).map_err(io_err(&path))?;
+        let mut w = crate::io::sink::BlockWriter::new(f);
+        let sel: Vec<WriteTensor> = idx
+            .iter()
+            .filter_map(|&i| header_tensors.get(i).cloned())
+            .collect();
+        let h = safetensors::header(name, &sel, &md)?;
+        w.write_all(&h).map_err(io_err(&path))?;
+        for &i in idx {
+            let (Some(t), Some(cast)) = (tensors.get(i), casts.get(i)) else {
+                continue;
+            };
+            stream_pieces(&t.pieces, *cast, &mut crate::io::sink::Record(&mut w))
+                .map_err(io_err(&path))?;
+        }
+        w.flush().map_err(io_err(&path))?;
+    }
+    let write_text = |name: &str, bytes: &[u8]| -> Result<(), Error> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).map_err(io_err(&path))
+    };
+    if plan.files.len() > 1 {
+        write_text(
+            safetensors::INDEX_FILE,
+            safetensors::index_json(&header_tensors, &plan).as_bytes(),
+        )?;
+    }
+    write_text("config.json", arch.to_hf_json().as_bytes())?;
+    for (n, b) in &side {
+        write_text(n, b.as_slice())?;
+    }
+    let output = dir.commit()?;
+    Ok(Summary {
+        output,
+        direction: "nemo -> hf".into(),
+        tp: 1,
+        pp: 1,
+        tensors: tensors.len(),
+        files: plan.files.len(),
+        artifacts: side.into_iter().map(|(n, _)| n).collect(),
+        vocab: (v, v),
+        warnings,
+    })
+}
+
+/// `.nemo` -> `.nemo` with a torch_dist `model_weights/` folder.
+///
+/// # Errors
+/// [`Error`]; the output appears only on success.
+pub fn nemo_to_dist(input: &Path, out: &Path, force: bool) -> Result<Summary, Error> {
+    let ck = Checkpoint::open(input)?;
+    let canon = Canonical::from_checkpoint(&ck)?;
+    let s = super::dist_out::write(&ck, &canon, out, force)?;
+    let rows = canon
+        .tensor("model.embedding.word_embeddings.weight")
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(0);
+    Ok(Summary {
+        output: s.output,
+        direction: "nemo -> dist".into(),
+        tp: ck.config.tensor_model_parallel_size(),
+        pp: ck.config.pipeline_model_parallel_size(),
+        tensors: s.tensors,
+        files: 4,
+        artifacts: ck.artifacts.clone(),
+        vocab: (true_vocab(&ck).unwrap_or(rows), rows),
+        warnings: s.warnings,
+    })
+}
+
+/// `.nemo` (any layout) -> per-rank `.nemo` at `tp` x `pp` (the reshard plan).
+///
+/// # Errors
+/// [`Error`]; the output appears only on success.
+pub fn nemo_to_per_rank(
+    input: &Path,
+    out: &Path,
+    tp: u64,
+    pp: u64,
+    dtype: Option<Dtype>,
+    force: bool,
+) -> Result<Summary, Error> {
+    let ck = Checkpoint::open(input)?;
+    let canon = crate::model::canonical::Canonical::new(&ck)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", input.display())))?;
+    let plan = crate::model::plan::plan_reshard(
+        &canon,
+        &crate::model::plan::ReshardOptions {
+            tp,
+            pp,
+            dtype,
+            allow_partial_query_groups: false,
+            vocab_size: None,
+        },
+    )
+    .map_err(|e| Error::Plan(Box::new(e)))?;
+    let s = crate::ops::reshard::write(
+        &canon,
+        &plan,
+        out,
+        crate::ops::reshard::WriteOptions {
+            force,
+            progress: None,
+            no_sync: false,
+        },
+    )
+    .map_err(|e| Error::Reshard(Box::new(e)))?;
+    let rows = plan
+        .vocab
+        .as_ref()
+        .map(|v| (v.true_vocab.unwrap_or(v.source_rows), v.target_rows))
+        .unwrap_or((0, 0));
+    Ok(Summary {
+        output: s.output,
+        direction: "nemo -> per-rank".into(),
+        tp: s.tp,
+        pp: s.pp,
+        tensors: s.tensors,
+        files: s.rank_files,
+        artifacts: ck.artifacts.clone(),
+        vocab: rows,
+        warnings: s.warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_dtypes_need_a_cast() {
+        use super::super::canonical::Entry;
+        use super::super::tensor::Flat;
+        let t = |name: &str, dtype: Dtype| Entry {
+            name: name.into(),
+            item: Item::Tensor(
+                Flat::new(
+                    name,
+                    dtype,
+                    vec![2],
+                    vec![Piece::Zeros(2 * dtype.size() as u64)],
+                )
+                .unwrap(),
+            ),
+        };
+        let c = Canonical {
+            entries: vec![t("a", Dtype::F32), t("b", Dtype::BF16)],
+        };
+        let e = model_dtype(&c, None).unwrap_err();
+        assert!(
+            matches!(&e, Error::Invalid(m) if m.contains("mixed dtypes")),
+            "{e}"
+        );
+        assert_eq!(model_dtype(&c, Some(Dtype::F16)).unwrap(), Dtype::F16);
+        let ints = Canonical {
+            entries: vec![t("i", Dtype::I64)],
+        };
+        assert!(model_dtype(&ints, Some(Dtype::F16)).is_err());
+    }
+
+    #[test]
+    fn tokenizer_json_vocab_counts_added_tokens() {
+        let j = br#"{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]}"#;
+        assert_eq!(tokenizer_vocab("tokenizer.json", j), Some(6));
+        assert_eq!(tokenizer_vocab("tokenizer.json", b"{}"), None);
+        assert_eq!(tokenizer_vocab("merges.txt", b""), None);
+    }
+
+    #[test]
+    fn artifact_names_round_trip() {
+        let n = artifact_name("tokenizer.model", b"abc");
+        assert_eq!(n.len(), 32 + 1 + "tokenizer.model".len());
+        assert_eq!(artifact_original(&n), "tokenizer.model");
+        assert_eq!(
+            artifact_original("79b7d2d99291075a58045d29d6b0b3cc_tokenizer.model"),
+            "tokenizer.model"
+        );
+        assert_eq!(
+            artifact_original("my_tokenizer.model"),
+            "my_tokenizer.model"
+        );
+    }
+}
