@@ -499,7 +499,7 @@ mod tests {
         let j = Job::resolve(
             &with(&[
                 "trainer.precision=bf16",
-                "exp_manager.explicit_log_dir=/tmp/x",
+                "exp_manager.explicit_log_dir=runs/kd_x",
                 "trainer.val_check_interval=0.5",
                 "trainer.max_steps=10",
             ]),
@@ -507,7 +507,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(j.precision, Precision::Bf16Mixed);
-        assert_eq!(j.exp_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(j.exp_dir, PathBuf::from("runs/kd_x"));
         assert_eq!(j.val_check_interval, 5);
     }
 }
