@@ -91,6 +91,14 @@ fn fixture_tokens() -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// The fixture tokens written as `dir/tokens.json` (an `eval --tokens` input).
+fn fixture_tokens_json(dir: &Path) -> PathBuf {
+    let path = dir.join("tokens.json");
+    let text = serde_json::to_string(&fixture_tokens()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
 /// The float32 payload of a `.npy` written by `eval --logits-out`, and its header.
 fn read_npy_f32(path: &Path) -> (String, Vec<f32>) {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -316,12 +324,7 @@ fn bad_inputs_fail_clearly() {
 #[test]
 fn bf16_is_close_to_fp32() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let tokens = tmp.path().join("tokens.json");
-    std::fs::write(
-        &tokens,
-        serde_json::to_string(&fixture_tokens()).unwrap_or_default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let tokens = fixture_tokens_json(tmp.path());
     let model = fixture("nemo/tiny_llama_tp1.nemo");
     let run = |precision: &str| {
         let out = tmp.path().join(format!("{precision}.npy"));
@@ -402,12 +405,7 @@ fn dataset_kd_is_independent_of_chunk_and_micro_batch() {
 #[test]
 fn pipeline_parallel_checkpoints_give_the_tp1_logits() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let tokens = tmp.path().join("tokens.json");
-    std::fs::write(
-        &tokens,
-        serde_json::to_string(&fixture_tokens()).unwrap_or_default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let tokens = fixture_tokens_json(tmp.path());
     let src = fixture("nemo/tiny_llama_tp1.nemo");
     let logits = |ckpt: &Path, tag: &str| {
         let out = tmp.path().join(format!("{tag}.npy"));
