@@ -183,6 +183,9 @@ pub enum ArchiveKind {
     GzipTar,
     /// An extracted folder.
     Folder,
+    /// Members assembled in memory from other files (an HF folder presented
+    /// as a `.nemo`: generated config, tokenizer files by their artifact names).
+    Assembled,
 }
 
 /// Whether a member is a file or a directory (nothing else is accepted).
@@ -217,6 +220,8 @@ pub struct Archive {
     by_name: BTreeMap<String, usize>,
     /// The whole (decompressed) tar; `None` for folders.
     data: Option<ByteView>,
+    /// The bytes of each member of an assembled archive, by name.
+    assembled: BTreeMap<String, ByteView>,
 }
 
 impl Archive {
@@ -281,6 +286,34 @@ impl Archive {
         Archive::from_members(path.into(), ArchiveKind::Tar, members, Some(data))
     }
 
+    /// An archive whose members are the given files, in this order (their
+    /// bytes are shared, not copied). `path` names where they came from.
+    ///
+    /// # Errors
+    /// An unsafe or duplicate member name.
+    pub fn assembled(
+        path: impl Into<PathBuf>,
+        files: Vec<(String, ByteView)>,
+    ) -> Result<Archive, Error> {
+        let mut members = Vec::with_capacity(files.len());
+        let mut bytes = BTreeMap::new();
+        for (raw, data) in files {
+            let Some(name) = normalise_name(&raw)? else {
+                return Err(Error::NotFound { member: raw });
+            };
+            members.push(Member {
+                name: name.clone(),
+                size: data.len() as u64,
+                kind: MemberKind::File,
+                data_offset: None,
+            });
+            bytes.insert(name, data);
+        }
+        let mut a = Archive::from_members(path.into(), ArchiveKind::Assembled, members, None)?;
+        a.assembled = bytes;
+        Ok(a)
+    }
+
     /// Builds the name index, refusing duplicates and adding directories that
     /// are only implied by member paths (third-party tars often omit them).
     fn from_members(
@@ -324,6 +357,7 @@ impl Archive {
             members,
             by_name,
             data,
+            assembled: BTreeMap::new(),
         })
     }
 
@@ -377,6 +411,9 @@ impl Archive {
             return Err(Error::NotAFile {
                 member: member.name.clone(),
             });
+        }
+        if let Some(b) = self.assembled.get(&member.name) {
+            return Ok(b.clone());
         }
         match (&self.data, member.data_offset) {
             (Some(data), Some(offset)) => {

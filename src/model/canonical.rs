@@ -35,7 +35,7 @@ use std::ops::Range;
 use crate::formats::dist::DistCheckpoint;
 use crate::formats::torch::{Dtype, Value};
 use crate::io::piece::Piece;
-use crate::model::checkpoint::{Checkpoint, Weights};
+use crate::model::checkpoint::{Checkpoint, GlobalTensor, GlobalValue, Weights};
 use crate::model::layout::Rule;
 
 /// Errors building or reading the canonical view; each names the tensor.
@@ -403,6 +403,7 @@ impl<'c> Canonical<'c> {
         match &ckpt.weights {
             Weights::PerRank(_) => c.build_per_rank()?,
             Weights::Dist(dist) => c.build_dist(dist)?,
+            Weights::Global(tensors) => c.build_global(tensors),
         }
         c.vocab_rows = c.entries.iter().find_map(|e| match &e.value {
             EntryValue::Tensor(t) if t.rule == Rule::Vocab => t.shape.first().copied(),
@@ -819,6 +820,63 @@ impl<'c> Canonical<'c> {
         self.entries = head;
         self.entries.extend(layers);
         Ok(())
+    }
+
+    /// Whole tensors under megatron-core keys: one part each, in the given
+    /// (state-dict) order; non-layer keys after the first layer are the tail.
+    fn build_global(&mut self, tensors: &[GlobalTensor]) {
+        let mut local_norms = false;
+        let (mut head, mut layers, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+        for t in tensors {
+            let body = self.ckpt.family.strip_prefix(&t.key);
+            if body.len() < t.key.len() {
+                self.prefix = t.key[..t.key.len() - body.len()].to_string();
+            }
+            let (layer, name) = self.split_layer(body);
+            if layer.is_some() && !body.ends_with(name.as_str()) {
+                local_norms = true; // a local-spec norm name was mapped
+            }
+            let value = match &t.value {
+                GlobalValue::Object(v) => EntryValue::Object(vec![v.clone()]),
+                GlobalValue::Tensor {
+                    dtype,
+                    shape,
+                    pieces,
+                } => EntryValue::Tensor(Tensor {
+                    dtype: *dtype,
+                    shape: shape.clone(),
+                    rule: self.rule_for(&t.key),
+                    source: Source::Parts {
+                        axis: Axis::First,
+                        parts: vec![Part {
+                            shape: shape.clone(),
+                            pieces: pieces.clone(),
+                        }],
+                    },
+                    replicas: Vec::new(),
+                }),
+            };
+            let e = Entry { layer, name, value };
+            match layer {
+                Some(_) => layers.push(e),
+                None if layers.is_empty() => head.push(e),
+                None => tail.push(e),
+            }
+        }
+        self.num_layers = layers
+            .iter()
+            .filter_map(|e| e.layer)
+            .max()
+            .map_or(0, |l| l + 1);
+        self.norm_style = if local_norms {
+            NormStyle::Local
+        } else {
+            NormStyle::Te
+        };
+        layers.sort_by_key(|e| e.layer);
+        self.entries = head;
+        self.entries.extend(layers);
+        self.entries.extend(tail);
     }
 
     fn find_in<'a>(

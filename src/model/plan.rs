@@ -305,8 +305,8 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
     let (src_tp, src_pp) = (ckpt.layout.tp, ckpt.layout.pp);
     let style = match &ckpt.weights {
         Weights::PerRank(_) => canon.norm_style,
-        Weights::Dist(_) if cfg.transformer_engine() => NormStyle::Te,
-        Weights::Dist(_) => NormStyle::Local,
+        Weights::Dist(_) | Weights::Global(_) if cfg.transformer_engine() => NormStyle::Te,
+        Weights::Dist(_) | Weights::Global(_) => NormStyle::Local,
     };
     let tied = cfg.share_embeddings_and_output_weights();
     let variant = Variant::for_sizes(tp, pp);
@@ -349,7 +349,7 @@ pub fn plan_reshard(canon: &Canonical, opts: &ReshardOptions) -> Result<Plan, Er
                     .filter(|e| e.layer == Some(0))
                     .map(|e| e.name.clone())
                     .collect(),
-                Weights::Dist(_) => match style {
+                Weights::Dist(_) | Weights::Global(_) => match style {
                     NormStyle::Local => &template.layer_local,
                     NormStyle::Te => &template.layer_te,
                 }

@@ -19,7 +19,7 @@ use crate::formats::numeric::Special;
 use crate::formats::torch::Value;
 use crate::io::piece::Piece;
 use crate::model::canonical::{Axis, Canonical, EntryValue};
-use crate::model::checkpoint::{Checkpoint, Weights};
+use crate::model::checkpoint::{Checkpoint, GlobalValue, Weights};
 use crate::model::layout::Rule;
 
 /// The `format` field of a checksum manifest.
@@ -377,6 +377,25 @@ pub fn stored(ckpt: &Checkpoint) -> Result<Vec<StoredSum>, Error> {
                     dtype: t.dtype.torch_name().to_string(),
                     shape: t.shape.clone(),
                     sha256: sha256_pieces(&pieces),
+                });
+            }
+        }
+        Weights::Global(tensors) => {
+            for t in tensors {
+                let GlobalValue::Tensor {
+                    dtype,
+                    shape,
+                    pieces,
+                } = &t.value
+                else {
+                    continue;
+                };
+                out.push(StoredSum {
+                    member: ckpt.path().display().to_string(),
+                    key: t.key.clone(),
+                    dtype: dtype.torch_name().to_string(),
+                    shape: shape.clone(),
+                    sha256: sha256_pieces(pieces),
                 });
             }
         }

@@ -126,7 +126,7 @@ pub fn write(
     }
     let dist_dir = match &ckpt.weights {
         Weights::Dist(d) => Some(d.dir.clone()),
-        Weights::PerRank(_) => None,
+        Weights::PerRank(_) | Weights::Global(_) => None,
     };
     let in_dist = |name: &str| match &dist_dir {
         Some(d) if d.is_empty() => true,

@@ -365,6 +365,7 @@ pub fn validate(ckpt: &Checkpoint, opts: &Options) -> Report {
             crate::formats::dist::Backend::Zarr => "zarr".to_string(),
         },
         Weights::PerRank(_) => ckpt.layout.variant.name().to_string(),
+        Weights::Global(_) => "whole tensors (mapped from another format)".to_string(),
     });
     r.tp_pp_on_disk = Some((ckpt.layout.tp, ckpt.layout.pp));
     if !has_config {

@@ -212,5 +212,5 @@ def test_refuses_to_overwrite_and_bad_layouts(tmp_path, run_tool, root):
     assert p.returncode != 0 and "exists" in p.stderr
     assert out.read_bytes() == b"keep"
     p = run_tool("convert", "--from", "hf", src, tmp_path / "y.nemo", "--tp", "3", check=False)
-    assert p.returncode != 0 and "divide" in p.stderr
+    assert p.returncode != 0 and "not divisible by the target TP = 3" in p.stderr
     assert not (tmp_path / "y.nemo").exists()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nemo_tool::formats::safetensors;
 use nemo_tool::io::piece::concat;
 use nemo_tool::model::checkpoint::Checkpoint;
-use nemo_tool::ops::convert::canonical::{Canonical, Item};
+use nemo_tool::ops::convert::named::{Item, NamedModel};
 use nemo_tool::ops::convert::{hf_to_nemo, nemo_to_dist, nemo_to_hf, FromHf, ToHf};
 
 fn root() -> PathBuf {
@@ -41,7 +41,7 @@ fn from_hf(tp: u64, pp: u64) -> FromHf {
 }
 
 fn tensors_of(ck: &Checkpoint) -> HashMap<String, Vec<u8>> {
-    let c = Canonical::from_checkpoint(ck).unwrap();
+    let c = NamedModel::from_checkpoint(ck).unwrap();
     c.entries
         .iter()
         .filter_map(|e| match &e.item {
@@ -211,7 +211,10 @@ fn bad_requests_are_refused_and_leave_nothing() {
     let out = tmp.path().join("x.nemo");
     // 8 heads / 2 groups do not split 4 ways on groups... 3 ways at all.
     let e = hf_to_nemo(&hf, &out, &from_hf(3, 1)).unwrap_err();
-    assert!(e.to_string().contains("divide"), "{e}");
+    assert!(
+        e.to_string().contains("not divisible by the target TP = 3"),
+        "{e}"
+    );
     let e = hf_to_nemo(&hf, &out, &from_hf(1, 3)).unwrap_err();
     assert!(e.to_string().contains("layers"), "{e}");
     assert!(!out.exists());

@@ -74,7 +74,7 @@ fn snapshot(path: &Path) -> Snapshot {
                 (o.key.clone(), bytes.as_slice().to_vec())
             })
             .collect(),
-        Weights::PerRank(_) => vec![],
+        Weights::PerRank(_) | Weights::Global(_) => vec![],
     };
     Snapshot {
         variant: ck.layout.variant,

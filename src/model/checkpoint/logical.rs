@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::formats::torch::{Dtype, Value};
 use crate::model::layout::{self, renumber_layer, Rule};
 
-use super::{Checkpoint, Weights};
+use super::{Checkpoint, GlobalValue, Weights};
 
 /// One model tensor (or opaque object such as `_extra_state`).
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +121,29 @@ pub(crate) fn build(ckpt: &Checkpoint) -> Vec<LogicalTensor> {
             }));
             out
         }
+        Weights::Global(tensors) => tensors
+            .iter()
+            .map(|t| {
+                let (dtype, shape) = match &t.value {
+                    GlobalValue::Tensor { dtype, shape, .. } => (Some(*dtype), shape.clone()),
+                    GlobalValue::Object(_) => (None, Vec::new()),
+                };
+                LogicalTensor {
+                    name: t.key.clone(),
+                    dtype,
+                    global_shape: shape.clone(),
+                    rule: resolve(&t.key).map(|(r, _)| r),
+                    stacked: false,
+                    shards: vec![Shard {
+                        tp: None,
+                        pp: None,
+                        key: t.key.clone(),
+                        shape,
+                        offsets: None,
+                    }],
+                }
+            })
+            .collect(),
         Weights::PerRank(ranks) => {
             let stages = layers_per_stage(ckpt);
             let tp_size = ckpt.layout.tp;

@@ -16,8 +16,9 @@ use crate::formats::dist::DistCheckpoint;
 use crate::formats::members::{MemberError, Members};
 use crate::formats::torch::file::TorchFile;
 use crate::formats::torch::pickle::Policy;
-use crate::formats::torch::Value;
+use crate::formats::torch::{Dtype, Value};
 use crate::io::bytes::ByteView;
+use crate::io::piece::Piece;
 use crate::model::config::ModelConfig;
 use crate::model::layout::Family;
 
@@ -99,6 +100,38 @@ pub enum Weights {
     PerRank(Vec<RankFile>),
     /// Variant D: a distributed checkpoint under `model_weights/`.
     Dist(DistCheckpoint),
+    /// Whole TP=1 tensors under megatron-core keys, mapped from another
+    /// format (a Hugging Face folder read by `convert`); nothing on disk is
+    /// in a `.nemo` weight layout.
+    Global(Vec<GlobalTensor>),
+}
+
+/// A whole (TP=1) tensor whose row-major bytes are the concatenation of
+/// stored pieces: how an HF folder's tensors become megatron-core ones without
+/// a copy (a fused QKV is its q, k and v row blocks per query group; a gated
+/// fc1 is `[gate; up]`). Objects (`_extra_state`) come as values.
+#[derive(Debug, Clone)]
+pub struct GlobalTensor {
+    /// Megatron-core key (`model.decoder.layers.3.mlp.linear_fc1.weight`).
+    pub key: String,
+    /// The tensor, or an object.
+    pub value: GlobalValue,
+}
+
+/// What a [`GlobalTensor`] holds.
+#[derive(Debug, Clone)]
+pub enum GlobalValue {
+    /// A tensor: element type, global shape, row-major bytes in order.
+    Tensor {
+        /// Element type.
+        dtype: Dtype,
+        /// Global shape.
+        shape: Vec<u64>,
+        /// The bytes.
+        pieces: Vec<Piece>,
+    },
+    /// An opaque object (`_extra_state`, `None` for a fresh model).
+    Object(Value),
 }
 
 /// An opened checkpoint.
@@ -243,6 +276,40 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint over whole tensors mapped from another format: `archive`
+    /// holds `model_config.yaml` and the artifacts (see
+    /// [`Archive::assembled`]), `tensors` the weights at TP=1, PP=1.
+    ///
+    /// # Errors
+    /// A missing or unparsable config, an unknown family.
+    pub fn from_global(archive: Archive, tensors: Vec<GlobalTensor>) -> Result<Checkpoint, Error> {
+        let bytes = archive.read(CONFIG_MEMBER)?;
+        let text =
+            String::from_utf8(bytes.as_slice().to_vec()).map_err(|_| Error::ConfigNotUtf8)?;
+        let config = ModelConfig::parse(&text)?;
+        let family = Family::load("mcore-gpt")?;
+        let artifacts = archive
+            .member_names()
+            .into_iter()
+            .filter(|n| n != CONFIG_MEMBER)
+            .collect();
+        Ok(Checkpoint {
+            archive,
+            config,
+            layout: Detected {
+                variant: Variant::SingleFile,
+                tp: 1,
+                pp: 1,
+                ranks: Vec::new(),
+                dist_dir: String::new(),
+            },
+            family,
+            weights: Weights::Global(tensors),
+            artifacts,
+            warnings: Vec::new(),
+        })
+    }
+
     /// The underlying archive.
     pub fn archive(&self) -> &Archive {
         &self.archive
@@ -259,6 +326,7 @@ impl Checkpoint {
             ArchiveKind::Tar => "tar",
             ArchiveKind::GzipTar => "tar.gz",
             ArchiveKind::Folder => "folder",
+            ArchiveKind::Assembled => "assembled",
         }
     }
 
@@ -271,7 +339,7 @@ impl Checkpoint {
     pub fn rank_files(&self) -> &[RankFile] {
         match &self.weights {
             Weights::PerRank(r) => r,
-            Weights::Dist(_) => &[],
+            Weights::Dist(_) | Weights::Global(_) => &[],
         }
     }
 
@@ -296,7 +364,7 @@ fn looks_mcore(weights: &Weights) -> bool {
             .first()
             .map(|r| r.entries().any(|(k, _)| k.contains(".decoder.")))
             .unwrap_or(false),
-        Weights::Dist(_) => true,
+        Weights::Dist(_) | Weights::Global(_) => true,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Writing a canonical model as a `.nemo` whose weights are a megatron-core
+//! Writing a named model as a `.nemo` whose weights are a megatron-core
 //! `torch_dist` folder (`model_weights/`), mirroring what mcore saves from a
 //! TP=1 model (fixtures/mcore README fact 8): `model.`-prefixed keys, layers
 //! stacked on a leading axis with one chunk per layer (two for gated fc1:
@@ -20,7 +20,7 @@ use crate::io::piece::Piece;
 use crate::model::checkpoint::write::TarDir;
 use crate::model::checkpoint::{Checkpoint, CONFIG_MEMBER};
 
-use super::canonical::{stack_name, te_name, Canonical, Item};
+use super::named::{stack_name, te_name, Item, NamedModel};
 
 pub use crate::formats::dist::dcp_write::METADATA_JSON;
 
@@ -80,7 +80,7 @@ fn torch_save(key: &str, v: &Value) -> Result<ByteView, Error> {
 /// every chunk (same order), and the object items.
 #[allow(clippy::type_complexity)]
 pub fn plan(
-    canon: &Canonical,
+    canon: &NamedModel,
     gated: bool,
 ) -> Result<
     (
@@ -210,7 +210,7 @@ pub fn plan(
 /// [`Error`]; the output appears only on success.
 pub fn write(
     ck: &Checkpoint,
-    canon: &Canonical,
+    canon: &NamedModel,
     out: &Path,
     force: bool,
 ) -> Result<Summary, Error> {
@@ -254,7 +254,7 @@ pub fn write(
                     .get(ti)
                     .and_then(|c| c.get(ci))
                     .ok_or_else(|| io::Error::other("chunk without pieces"))?;
-                super::write_nemo::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
+                super::tensor::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
             };
             crate::formats::dist::dcp_write::write_torch_dist_streamed(
                 &dist,
@@ -286,7 +286,7 @@ pub fn write(
 mod tests {
     use super::*;
     use crate::formats::torch::dtype::Dtype;
-    use crate::ops::convert::canonical::Entry;
+    use crate::ops::convert::named::Entry;
     use crate::ops::convert::tensor::Flat;
 
     fn t(name: &str, shape: &[u64]) -> Entry {
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn layers_stack_with_gated_halves_and_objects() {
-        let c = Canonical {
+        let c = NamedModel {
             entries: vec![
                 t("model.decoder.layers.0.mlp.linear_fc1.weight", &[4, 2]),
                 t("model.decoder.layers.1.mlp.linear_fc1.weight", &[4, 2]),
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn layers_of_different_shapes_do_not_stack() {
-        let c = Canonical {
+        let c = NamedModel {
             entries: vec![
                 t("model.decoder.layers.0.mlp.linear_fc2.weight", &[2, 2]),
                 t("model.decoder.layers.1.mlp.linear_fc2.weight", &[2, 3]),

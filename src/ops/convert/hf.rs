@@ -1,7 +1,7 @@
 //! Reading a Hugging Face Llama folder (`config.json`, safetensors shards,
-//! tokenizer files) into the canonical TP=1 model (nemo-format.md §4.1:
+//! tokenizer files) as whole megatron-core tensors at TP=1 (nemo-format.md §4.1:
 //! fused QKV per query group, fc1 = `[gate; up]`, norms and embeddings as
-//! they are), and the inverse: the HF tensors of a canonical model.
+//! they are), and the inverse: the HF tensors of a named model.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,9 +9,10 @@ use std::path::Path;
 use crate::formats::safetensors::{self, WriteTensor};
 use crate::formats::torch::value::Value;
 use crate::io::bytes::ByteView;
+use crate::model::checkpoint::{GlobalTensor, GlobalValue};
 
-use super::canonical::{Canonical, Entry, Item};
 use super::hf_config::LlamaArch;
+use super::named::NamedModel;
 use super::tensor::{self, cat_rows, interleave_qkv, resize_rows, split_qkv, Flat, Heads};
 
 /// Files besides weights and `config.json` that travel with a model: kept
@@ -80,8 +81,9 @@ pub enum Error {
 pub struct HfModel {
     /// The architecture from `config.json`.
     pub arch: LlamaArch,
-    /// The model at TP=1 (vocab tensors unpadded).
-    pub canonical: Canonical,
+    /// The model at TP=1 under megatron-core keys (vocab tensors unpadded),
+    /// in state-dict order: what [`Checkpoint::from_global`] takes.
+    pub tensors: Vec<GlobalTensor>,
     /// Side files present (name, bytes), in [`SIDE_FILES`] order.
     pub side_files: Vec<(String, ByteView)>,
     /// `_name_or_path`, if `config.json` has one.
@@ -131,7 +133,7 @@ pub fn read_dir(dir: &Path) -> Result<HfModel, Error> {
             }
         }
     }
-    let canonical = canonical_from_hf(&d, &arch, &mut all)?;
+    let tensors = global_from_hf(&d, &arch, &mut all)?;
     let mut left: Vec<String> = all.into_keys().collect();
     left.sort();
     for name in left {
@@ -155,58 +157,63 @@ pub fn read_dir(dir: &Path) -> Result<HfModel, Error> {
     }
     Ok(HfModel {
         arch,
-        canonical,
+        tensors,
         side_files,
         name_or_path,
         warnings,
     })
 }
 
-/// Moves the HF tensors out of `all` into canonical entries (state-dict order).
-fn canonical_from_hf(
+/// Moves the HF tensors out of `all` into whole megatron-core tensors
+/// (state-dict order), with the `None` extra states a fresh mcore model has.
+fn global_from_hf(
     dir: &str,
     arch: &LlamaArch,
     all: &mut HashMap<String, Flat>,
-) -> Result<Canonical, Error> {
+) -> Result<Vec<GlobalTensor>, Error> {
     let mut take = |name: &str| {
         all.remove(name).ok_or_else(|| Error::Missing {
             dir: dir.to_string(),
             name: name.to_string(),
         })
     };
-    let mut entries = Vec::new();
-    let mut push = |name: String, t: Flat| -> Result<(), Error> {
-        let shape = t.shape.clone();
-        let f = t.renamed(name.clone(), shape)?;
-        entries.push(Entry {
-            name,
-            item: Item::Tensor(f),
-        });
-        Ok(())
+    let mut out = Vec::new();
+    let mut push = |key: String, t: Flat| {
+        out.push(GlobalTensor {
+            key,
+            value: GlobalValue::Tensor {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                pieces: t.pieces().to_vec(),
+            },
+        })
+    };
+    let none = |key: String| GlobalTensor {
+        key,
+        value: GlobalValue::Object(Value::None),
     };
     let h = heads(arch);
     push(
         "model.embedding.word_embeddings.weight".into(),
         take("model.embed_tokens.weight")?,
-    )?;
-    let mut layers: Vec<Entry> = Vec::new();
+    );
+    let mut objects = Vec::new();
     for l in 0..arch.num_layers {
         let hf = |s: &str| format!("model.layers.{l}.{s}");
         let mc = |s: &str| format!("model.decoder.layers.{l}.{s}");
-        let mut layer: Vec<(String, Flat)> = Vec::new();
-        layer.push((
+        push(
             mc("input_layernorm.weight"),
             take(&hf("input_layernorm.weight"))?,
-        ));
-        layer.push((
+        );
+        push(
             mc("self_attention.linear_proj.weight"),
             take(&hf("self_attn.o_proj.weight"))?,
-        ));
+        );
         if arch.bias {
-            layer.push((
+            push(
                 mc("self_attention.linear_proj.bias"),
                 take(&hf("self_attn.o_proj.bias"))?,
-            ));
+            );
         }
         for kind in ["weight", "bias"] {
             if kind == "bias" && !arch.bias {
@@ -217,12 +224,12 @@ fn canonical_from_hf(
             let v = take(&hf(&format!("self_attn.v_proj.{kind}")))?;
             let name = mc(&format!("self_attention.linear_qkv.{kind}"));
             let fused = interleave_qkv(&name, h, &q, &k, &v)?;
-            layer.push((name, fused));
+            push(name, fused);
         }
-        layer.push((
+        push(
             mc("pre_mlp_layernorm.weight"),
             take(&hf("post_attention_layernorm.weight"))?,
-        ));
+        );
         for kind in ["weight", "bias"] {
             if kind == "bias" && !arch.bias {
                 continue;
@@ -231,21 +238,14 @@ fn canonical_from_hf(
             let u = take(&hf(&format!("mlp.up_proj.{kind}")))?;
             let name = mc(&format!("mlp.linear_fc1.{kind}"));
             let fc1 = cat_rows(&name, &g, &u)?;
-            layer.push((name, fc1));
+            push(name, fc1);
         }
-        layer.push((
+        push(
             mc("mlp.linear_fc2.weight"),
             take(&hf("mlp.down_proj.weight"))?,
-        ));
+        );
         if arch.bias {
-            layer.push((mc("mlp.linear_fc2.bias"), take(&hf("mlp.down_proj.bias"))?));
-        }
-        for (name, t) in layer {
-            let shape = t.shape.clone();
-            layers.push(Entry {
-                item: Item::Tensor(t.renamed(name.clone(), shape)?),
-                name,
-            });
+            push(mc("mlp.linear_fc2.bias"), take(&hf("mlp.down_proj.bias"))?);
         }
         for m in [
             "self_attention.linear_proj",
@@ -253,45 +253,30 @@ fn canonical_from_hf(
             "mlp.linear_fc1",
             "mlp.linear_fc2",
         ] {
-            layers.push(Entry {
-                name: mc(&format!("{m}._extra_state")),
-                item: Item::Object(Value::None),
-            });
+            objects.push(none(mc(&format!("{m}._extra_state"))));
         }
     }
-    entries.extend(layers);
-    let norm = take("model.norm.weight")?;
-    let shape = norm.shape.clone();
-    entries.push(Entry {
-        name: "model.decoder.final_layernorm.weight".into(),
-        item: Item::Tensor(norm.renamed("model.decoder.final_layernorm.weight", shape)?),
-    });
+    push(
+        "model.decoder.final_layernorm.weight".into(),
+        take("model.norm.weight")?,
+    );
     if arch.tied {
         // Some tied checkpoints still store lm_head (equal to the embedding).
         all.remove("lm_head.weight");
     } else {
-        let out = take("lm_head.weight")?;
-        let shape = out.shape.clone();
-        entries.push(Entry {
-            name: "model.output_layer.weight".into(),
-            item: Item::Tensor(out.renamed("model.output_layer.weight", shape)?),
-        });
+        push("model.output_layer.weight".into(), take("lm_head.weight")?);
     }
-    entries.push(Entry {
-        name: "model.output_layer._extra_state".into(),
-        item: Item::Object(Value::None),
-    });
-    let mut c = Canonical { entries };
-    c.sort();
-    Ok(c)
+    out.extend(objects);
+    out.push(none("model.output_layer._extra_state".into()));
+    Ok(out)
 }
 
-/// The HF tensors of a canonical model, vocab tensors trimmed (or padded)
+/// The HF tensors of a named model, vocab tensors trimmed (or padded)
 /// to `arch.vocab_size` rows, in transformers' module order.
 ///
 /// # Errors
-/// [`Error::Missing`] when the canonical model lacks a tensor; shape errors.
-pub fn hf_tensors(canon: &Canonical, arch: &LlamaArch) -> Result<Vec<WriteTensor>, Error> {
+/// [`Error::Missing`] when the model lacks a tensor; shape errors.
+pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTensor>, Error> {
     let get = |name: &str| {
         canon.tensor(name).ok_or_else(|| Error::Missing {
             dir: "(checkpoint)".into(),
@@ -395,25 +380,37 @@ mod tests {
 
     #[test]
     fn fixture_hf_maps_to_the_tp1_fixture_tensors() {
+        use crate::model::checkpoint::{Checkpoint, CONFIG_MEMBER};
         let m = read_dir(&fixture_hf()).unwrap();
-        let ck = crate::model::checkpoint::Checkpoint::open(
+        let arch = m.arch.clone();
+        let tp1 = Checkpoint::open(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo"),
         )
         .unwrap();
-        let want = Canonical::from_checkpoint(&ck).unwrap();
-        let names = |c: &Canonical| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&m.canonical), names(&want));
+        // The HF tensors under the same model's config, read by the core view.
+        let config = tp1.read_member(CONFIG_MEMBER).unwrap();
+        let archive = crate::formats::archive::Archive::assembled(
+            fixture_hf(),
+            vec![(CONFIG_MEMBER.to_string(), config)],
+        )
+        .unwrap();
+        let ck = Checkpoint::from_global(archive, m.tensors).unwrap();
+        let ours = NamedModel::from_checkpoint(&ck).unwrap();
+        let want = NamedModel::from_checkpoint(&tp1).unwrap();
+        let names = |c: &NamedModel| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ours), names(&want));
         for e in &want.entries {
-            let Item::Tensor(t) = &e.item else { continue };
-            let ours = m.canonical.tensor(&e.name).unwrap();
-            let a = crate::io::piece::concat(ours.pieces());
+            let super::super::named::Item::Tensor(t) = &e.item else {
+                continue;
+            };
+            let a = crate::io::piece::concat(ours.tensor(&e.name).unwrap().pieces());
             let b = crate::io::piece::concat(t.pieces());
             // Vocab tensors: the fixture pads 100 -> 128 rows.
             assert_eq!(a[..], b[..a.len()], "{}", e.name);
         }
         // And back to HF: byte-identical to the fixture's safetensors tensors.
-        let hf = hf_tensors(&m.canonical, &m.arch).unwrap();
+        let hf = hf_tensors(&ours, &arch).unwrap();
         let orig = safetensors::open_dir(&fixture_hf()).unwrap();
         let orig: HashMap<_, _> = orig[0]
             .1

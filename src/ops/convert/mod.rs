@@ -1,15 +1,16 @@
 //! `nemo-tool convert`: Hugging Face Llama-family folders <-> `.nemo`, and
-//! per-rank <-> distributed (`torch_dist`) weight layouts. Every path goes
-//! through [`canonical::Canonical`], the TP=1 model as zero-copy pieces, so
-//! tensors stream from the input mapping into the output without being
-//! materialised.
+//! per-rank <-> distributed (`torch_dist`) weight layouts. Every input is
+//! read through the core canonical view ([`crate::model::canonical`]: an HF
+//! folder becomes a TP=1 checkpoint of whole tensors, see [`hf`]); per-rank
+//! output is `reshard`'s planner and writer; the HF and `torch_dist` writers
+//! look tensors up in [`named::NamedModel`]. Tensors stream from the input
+//! mapping into the output without being materialised.
 
-pub mod canonical;
 pub mod dist_out;
 pub mod hf;
 pub mod hf_config;
+pub mod named;
 pub mod ops;
 pub mod tensor;
-pub mod write_nemo;
 
 pub use ops::{hf_to_nemo, nemo_to_dist, nemo_to_hf, nemo_to_per_rank, FromHf, Summary, ToHf};

@@ -13,12 +13,12 @@ use crate::formats::torch::dtype::Dtype;
 use crate::io::bytes::ByteView;
 use crate::io::output::OutputDir;
 use crate::io::piece::Piece;
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, GlobalValue, CONFIG_MEMBER};
 
-use super::canonical::{Canonical, Item};
 use super::hf::{self, SIDE_FILES};
 use super::hf_config::{nemo_config_yaml, LlamaArch, NemoTarget};
-use super::write_nemo::{self, cast_of, check_target, stream_pieces, Target};
+use super::named::{Item, NamedModel};
+use super::tensor::{cast_of, stream_pieces};
 
 /// Errors of a conversion; each wraps the step's own error, which names
 /// the file, member or tensor.
@@ -33,15 +33,12 @@ pub enum Error {
     /// Opening the `.nemo`.
     #[error(transparent)]
     Checkpoint(#[from] crate::model::checkpoint::Error),
-    /// Building the canonical view.
+    /// Building the named model.
     #[error(transparent)]
-    Canonical(#[from] super::canonical::Error),
+    NamedModel(#[from] super::named::Error),
     /// Tensor arithmetic.
     #[error(transparent)]
     Tensor(#[from] super::tensor::Error),
-    /// Writing the per-rank `.nemo`.
-    #[error(transparent)]
-    WriteNemo(#[from] write_nemo::Error),
     /// Writing safetensors.
     #[error(transparent)]
     Safetensors(#[from] safetensors::Error),
@@ -128,25 +125,33 @@ pub fn artifact_original(member: &str) -> &str {
     }
 }
 
-/// The one dtype of every tensor, or the requested cast.
-fn model_dtype(canon: &Canonical, want: Option<Dtype>) -> Result<Dtype, Error> {
+/// The one dtype of every (name, dtype) tensor, or the requested cast.
+fn model_dtype<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, Dtype)>,
+    want: Option<Dtype>,
+) -> Result<Dtype, Error> {
     let mut found: Option<Dtype> = None;
-    for e in &canon.entries {
-        if let Item::Tensor(t) = &e.item {
-            cast_of(&e.name, t.dtype, want)?;
-            match found {
-                Some(d) if d != t.dtype && want.is_none() => {
-                    return Err(Error::Invalid(format!(
-                        "mixed dtypes ({d} and {} at `{}`): pass --dtype",
-                        t.dtype, e.name
-                    )))
-                }
-                _ => found = Some(t.dtype),
+    for (name, dtype) in tensors {
+        cast_of(name, dtype, want)?;
+        match found {
+            Some(d) if d != dtype && want.is_none() => {
+                return Err(Error::Invalid(format!(
+                    "mixed dtypes ({d} and {dtype} at `{name}`): pass --dtype"
+                )))
             }
+            _ => found = Some(dtype),
         }
     }
     want.or(found)
         .ok_or_else(|| Error::Invalid("the model has no tensors".into()))
+}
+
+/// The tensors of a named model as (name, dtype).
+fn dtypes_of(canon: &NamedModel) -> impl Iterator<Item = (&str, Dtype)> {
+    canon.entries.iter().filter_map(|e| match &e.item {
+        Item::Tensor(t) => Some((e.name.as_str(), t.dtype)),
+        Item::Object(_) => None,
+    })
 }
 
 /// HF folder -> `.nemo` (per-rank layout at `opts.tp` x `opts.pp`).
@@ -156,7 +161,13 @@ fn model_dtype(canon: &Canonical, want: Option<Dtype>) -> Result<Dtype, Error> {
 pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Error> {
     let m = hf::read_dir(dir)?;
     let mut warnings = m.warnings.clone();
-    let dtype = model_dtype(&m.canonical, opts.dtype)?;
+    let dtype = model_dtype(
+        m.tensors.iter().filter_map(|t| match &t.value {
+            GlobalValue::Tensor { dtype, .. } => Some((t.key.as_str(), *dtype)),
+            GlobalValue::Object(_) => None,
+        }),
+        opts.dtype,
+    )?;
     let v = m.arch.vocab_size;
     // The tokenizer's own count decides whether NeMo would size the
     // embedding right by itself; if not, `override_vocab_size` pins it.
@@ -185,21 +196,6 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
                 .unwrap_or_else(|| "unknown".into())
         ));
     }
-    let target = Target {
-        tp: opts.tp,
-        pp: opts.pp,
-        vocab_rows,
-        tied: m.arch.tied,
-        dtype: Some(dtype),
-    };
-    check_target(
-        &m.canonical,
-        m.arch.heads,
-        m.arch.groups,
-        m.arch.ffn_hidden_size,
-        &target,
-    )?;
-
     let mut artifacts: Vec<(String, ByteView)> = Vec::new();
     let mut refs: Vec<(String, String)> = Vec::new();
     for (name, bytes) in &m.side_files {
@@ -241,15 +237,28 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
             dtype,
         },
     );
-    let s = write_nemo::write(
-        &m.canonical,
-        &target,
-        &config,
-        &artifacts,
+    // The HF folder as a TP=1 checkpoint (generated config, tokenizer files
+    // as artifacts, whole tensors mapped without a copy), written like any
+    // reshard: the one planner and per-rank writer.
+    let mut files = vec![(
+        CONFIG_MEMBER.to_string(),
+        ByteView::from_vec(config.into_bytes()),
+    )];
+    files.extend(artifacts.iter().cloned());
+    let archive = crate::formats::archive::Archive::assembled(dir, files)
+        .map_err(|e| Error::Checkpoint(e.into()))?;
+    let ck = Checkpoint::from_global(archive, m.tensors)?;
+    let (s, _) = write_per_rank(
+        &ck,
         out,
+        opts.tp,
+        opts.pp,
+        opts.dtype,
+        Some(v),
         opts.force,
         opts.no_sync,
     )?;
+    warnings.extend(s.warnings);
     Ok(Summary {
         output: s.output,
         direction: "hf -> nemo".into(),
@@ -261,6 +270,45 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
         vocab: (v, vocab_rows),
         warnings,
     })
+}
+
+/// Plans and writes `ck` as a per-rank `.nemo` at `tp` x `pp`.
+#[allow(clippy::too_many_arguments)]
+fn write_per_rank(
+    ck: &Checkpoint,
+    out: &Path,
+    tp: u64,
+    pp: u64,
+    dtype: Option<Dtype>,
+    vocab_size: Option<u64>,
+    force: bool,
+    no_sync: bool,
+) -> Result<(crate::ops::reshard::Summary, crate::model::plan::Plan), Error> {
+    let canon = crate::model::canonical::Canonical::new(ck)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+    let plan = crate::model::plan::plan_reshard(
+        &canon,
+        &crate::model::plan::ReshardOptions {
+            tp,
+            pp,
+            dtype,
+            allow_partial_query_groups: false,
+            vocab_size,
+        },
+    )
+    .map_err(|e| Error::Plan(Box::new(e)))?;
+    let s = crate::ops::reshard::write(
+        &canon,
+        &plan,
+        out,
+        crate::ops::reshard::WriteOptions {
+            force,
+            progress: None,
+            no_sync,
+        },
+    )
+    .map_err(|e| Error::Reshard(Box::new(e)))?;
+    Ok((s, plan))
 }
 
 /// `convert --to hf` options.
@@ -326,7 +374,7 @@ pub fn tokenizer_vocab(name: &str, bytes: &[u8]) -> Option<u64> {
 /// [`Error`]; the folder appears only on success.
 pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Error> {
     let ck = Checkpoint::open(input)?;
-    let canon = Canonical::from_checkpoint(&ck)?;
+    let canon = NamedModel::from_checkpoint(&ck)?;
     let mut warnings = ck.warnings.clone();
     let rows = canon
         .tensor("model.embedding.word_embeddings.weight")
@@ -346,7 +394,7 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
             rows
         }
     };
-    let dtype = model_dtype(&canon, opts.dtype)?;
+    let dtype = model_dtype(dtypes_of(&canon), opts.dtype)?;
     let mut arch = LlamaArch::from_nemo(&ck.config, v)?;
     arch.dtype = Some(dtype);
     // Side files: artifacts whose original name is a known HF file.
@@ -447,7 +495,7 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
 /// [`Error`]; the output appears only on success.
 pub fn nemo_to_dist(input: &Path, out: &Path, force: bool) -> Result<Summary, Error> {
     let ck = Checkpoint::open(input)?;
-    let canon = Canonical::from_checkpoint(&ck)?;
+    let canon = NamedModel::from_checkpoint(&ck)?;
     let s = super::dist_out::write(&ck, &canon, out, force)?;
     let rows = canon
         .tensor("model.embedding.word_embeddings.weight")
@@ -479,30 +527,7 @@ pub fn nemo_to_per_rank(
     force: bool,
 ) -> Result<Summary, Error> {
     let ck = Checkpoint::open(input)?;
-    let canon = crate::model::canonical::Canonical::new(&ck)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", input.display())))?;
-    let plan = crate::model::plan::plan_reshard(
-        &canon,
-        &crate::model::plan::ReshardOptions {
-            tp,
-            pp,
-            dtype,
-            allow_partial_query_groups: false,
-            vocab_size: None,
-        },
-    )
-    .map_err(|e| Error::Plan(Box::new(e)))?;
-    let s = crate::ops::reshard::write(
-        &canon,
-        &plan,
-        out,
-        crate::ops::reshard::WriteOptions {
-            force,
-            progress: None,
-            no_sync: false,
-        },
-    )
-    .map_err(|e| Error::Reshard(Box::new(e)))?;
+    let (s, plan) = write_per_rank(&ck, out, tp, pp, dtype, None, force, false)?;
     let rows = plan
         .vocab
         .as_ref()
@@ -527,7 +552,7 @@ mod tests {
 
     #[test]
     fn mixed_dtypes_need_a_cast() {
-        use super::super::canonical::Entry;
+        use super::super::named::Entry;
         use super::super::tensor::Flat;
         let t = |name: &str, dtype: Dtype| Entry {
             name: name.into(),
@@ -541,19 +566,22 @@ mod tests {
                 .unwrap(),
             ),
         };
-        let c = Canonical {
+        let c = NamedModel {
             entries: vec![t("a", Dtype::F32), t("b", Dtype::BF16)],
         };
-        let e = model_dtype(&c, None).unwrap_err();
+        let e = model_dtype(dtypes_of(&c), None).unwrap_err();
         assert!(
             matches!(&e, Error::Invalid(m) if m.contains("mixed dtypes")),
             "{e}"
         );
-        assert_eq!(model_dtype(&c, Some(Dtype::F16)).unwrap(), Dtype::F16);
-        let ints = Canonical {
+        assert_eq!(
+            model_dtype(dtypes_of(&c), Some(Dtype::F16)).unwrap(),
+            Dtype::F16
+        );
+        let ints = NamedModel {
             entries: vec![t("i", Dtype::I64)],
         };
-        assert!(model_dtype(&ints, Some(Dtype::F16)).is_err());
+        assert!(model_dtype(dtypes_of(&ints), Some(Dtype::F16)).is_err());
     }
 
     #[test]

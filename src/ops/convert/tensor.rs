@@ -1,14 +1,16 @@
-//! Whole (TP=1) tensors as zero-copy byte pieces, and the row/column
-//! arithmetic converters need: taking row ranges and column ranges, the
-//! tensor-parallel split of each partition rule and its inverse, the fused
-//! QKV interleave per query group and its inverse. Nothing here copies
-//! tensor bytes: every result is a list of [`Piece`]s borrowing from the
-//! inputs (or zero fill).
+//! Whole (TP=1) tensors as zero-copy byte pieces, and the row arithmetic of
+//! the Hugging Face mapping (nemo-format.md §4): row ranges, the fused QKV
+//! interleave per query group and its inverse, `[gate; up]`, vocab trimming;
+//! and streaming pieces out a window at a time, with a float cast. Nothing
+//! here copies tensor bytes: every result is a list of [`Piece`]s borrowing
+//! from the inputs (or zero fill). The TP/PP partition rules are not here:
+//! they belong to [`crate::model::canonical`].
+
+use std::io;
 
 use crate::formats::torch::dtype::Dtype;
 use crate::io::piece::Piece;
-use crate::model::canonical::{Axis, Segment};
-use crate::model::layout::Rule;
+use crate::io::sink::RecordSink;
 
 /// Errors from tensor arithmetic; each names the tensor.
 #[derive(Debug, thiserror::Error)]
@@ -182,67 +184,6 @@ impl Flat {
         let rb = self.row_bytes();
         self.bytes(r0 * rb, (r1 - r0) * rb)
     }
-
-    /// Columns `[c0, c1)` of the last dim, for every leading index, as pieces.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] for a range outside the last dim.
-    pub fn cols(&self, c0: u64, c1: u64) -> Result<Vec<Piece>, Error> {
-        let n = self.shape.last().copied().unwrap_or(0);
-        if c0 > c1 || c1 > n {
-            return Err(self.shape_err(format!("columns {c0}..{c1} outside last dim of {n}")));
-        }
-        let es = self.dtype.size() as u64;
-        let outer: u64 = self
-            .shape
-            .get(..self.shape.len().saturating_sub(1))
-            .unwrap_or_default()
-            .iter()
-            .product();
-        let mut out = Vec::new();
-        for r in 0..outer {
-            out.extend(self.bytes((r * n + c0) * es, (c1 - c0) * es)?);
-        }
-        Ok(out)
-    }
-
-    /// Rank `rank`'s local tensor at tensor-parallel size `tp` under `rule`:
-    /// its shape and pieces. The rule is [`crate::model::canonical::rank_slices`]'s;
-    /// vocab tensors must already be padded to a multiple of `tp`.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] when the split dimension does not divide by `tp`.
-    pub fn split(&self, rule: Rule, tp: u64, rank: u64) -> Result<(Vec<u64>, Vec<Piece>), Error> {
-        let (shape, segments) = crate::model::canonical::rank_slices(
-            &self.name,
-            &self.shape,
-            self.dtype,
-            rule,
-            rank,
-            tp,
-            None,
-        )
-        .map_err(|e| self.shape_err(e.to_string()))?;
-        let mut pieces = Vec::new();
-        for s in segments {
-            match s {
-                Segment::Slice {
-                    axis: Axis::First,
-                    start,
-                    end,
-                } if !self.shape.is_empty() => pieces.extend(self.rows(start, end)?),
-                Segment::Slice {
-                    axis: Axis::Last,
-                    start,
-                    end,
-                } => pieces.extend(self.cols(start, end)?),
-                // a scalar is one whole "row"
-                Segment::Slice { .. } => pieces.extend(self.pieces.iter().cloned()),
-                Segment::Zeros { bytes } => pieces.push(Piece::Zeros(bytes)),
-            }
-        }
-        Ok((shape, pieces))
-    }
 }
 
 /// Attention geometry: heads, query groups, head size.
@@ -400,6 +341,91 @@ pub fn resize_rows(t: &Flat, name: &str, rows: u64) -> Result<Flat, Error> {
     Flat::new(name, t.dtype, shape, p)
 }
 
+/// Source bytes read ahead, written and released at a time: bounds the
+/// resident pages of the mapping to about this much (plus the kernel's folio
+/// rounding), whatever the tensor size.
+const WINDOW: u64 = 8 << 20;
+
+/// Streams pieces into `sink` a window at a time, reading each window's
+/// mapped source pages ahead and releasing them after; casts float types
+/// when asked.
+pub(crate) fn stream_pieces(
+    pieces: &[Piece],
+    cast: Option<(Dtype, Dtype)>,
+    sink: &mut dyn RecordSink,
+) -> io::Result<()> {
+    let mut group: Vec<Piece> = Vec::new();
+    let mut size = 0u64;
+    for p in pieces {
+        match p {
+            Piece::Bytes(b) if b.len() as u64 > WINDOW => {
+                write_window(&group, cast, sink)?;
+                group.clear();
+                size = 0;
+                let len = b.len() as u64;
+                let mut off = 0u64;
+                while off < len {
+                    let end = (off + WINDOW).min(len);
+                    let w = b.slice(off..end).map_err(io::Error::other)?;
+                    write_window(&[Piece::Bytes(w)], cast, sink)?;
+                    off = end;
+                }
+            }
+            _ => {
+                group.push(p.clone());
+                size += p.len();
+                if size >= WINDOW {
+                    write_window(&group, cast, sink)?;
+                    group.clear();
+                    size = 0;
+                }
+            }
+        }
+    }
+    write_window(&group, cast, sink)
+}
+
+/// One window: prefetch its mapped spans, write (or cast) it, release them.
+/// Windows end on piece boundaries, which are element boundaries, so a cast
+/// never straddles two windows.
+fn write_window(
+    pieces: &[Piece],
+    cast: Option<(Dtype, Dtype)>,
+    sink: &mut dyn RecordSink,
+) -> io::Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    match cast {
+        Some((from, to)) if from != to => crate::io::piece::with_pages_of(pieces, || {
+            crate::ops::reshard::cast_pieces(pieces, from, to, sink)
+        }),
+        // The sink prefetches and releases (see `RecordSink::pieces`).
+        _ => sink.pieces(pieces),
+    }
+}
+
+/// A float cast `from -> to`, checked.
+pub(crate) fn cast_of(
+    name: &str,
+    from: Dtype,
+    to: Option<Dtype>,
+) -> Result<Option<(Dtype, Dtype)>, Error> {
+    match to {
+        Some(to) if to != from => {
+            let float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+            if !float(from) || !float(to) {
+                return Err(Error::Shape {
+                    name: name.to_string(),
+                    why: format!("cannot cast {from} to {to} (float32/float16/bfloat16 only)"),
+                });
+            }
+            Ok(Some((from, to)))
+        }
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,47 +462,11 @@ mod tests {
     }
 
     #[test]
-    fn rows_cols_and_bytes() {
+    fn rows_and_bytes() {
         let t = counting("t", &[3, 4], 0);
         assert_eq!(concat(&t.rows(1, 3).unwrap()), (4..12).collect::<Vec<u8>>());
-        assert_eq!(concat(&t.cols(1, 3).unwrap()), [1, 2, 5, 6, 9, 10]);
         assert!(matches!(t.rows(2, 4), Err(Error::Shape { .. })));
-        assert!(matches!(t.cols(3, 5), Err(Error::Shape { .. })));
         assert!(matches!(t.bytes(10, 3), Err(Error::Shape { .. })));
-    }
-
-    #[test]
-    fn split_follows_the_canonical_rules() {
-        let t = counting("t", &[8, 6], 0);
-        let all = concat(t.pieces());
-        // Every rule at TP2: the ranks' bytes, put back by the rule, are the tensor.
-        for rule in [Rule::Column, Rule::Vocab, Rule::Qkv] {
-            let mut back = Vec::new();
-            for r in 0..2 {
-                let (s, p) = t.split(rule, 2, r).unwrap();
-                assert_eq!(s, vec![4, 6], "{rule:?}");
-                back.extend(concat(&p));
-            }
-            assert_eq!(back, all, "{rule:?}");
-        }
-        let (s, p) = t.split(Rule::Replicated, 2, 1).unwrap();
-        assert_eq!((s, concat(&p)), (vec![8, 6], all.clone()));
-        // Row: rank 1 holds columns 3..6 of every row.
-        let (s, p) = t.split(Rule::Row, 2, 1).unwrap();
-        assert_eq!(s, vec![8, 3]);
-        let want: Vec<u8> = (0..8u8)
-            .flat_map(|r| (3..6u8).map(move |c| r * 6 + c))
-            .collect();
-        assert_eq!(concat(&p), want);
-        // Gated fc1 at TP2: rank 1 holds gate rows 2..4 then up rows 6..8.
-        let (_, p) = t.split(Rule::GatedFc1, 2, 1).unwrap();
-        let want: Vec<u8> = (12..24).chain(36..48).collect();
-        assert_eq!(concat(&p), want);
-        assert!(matches!(t.split(Rule::Row, 4, 0), Err(Error::Shape { .. })));
-        assert!(matches!(
-            counting("odd", &[3, 2], 0).split(Rule::GatedFc1, 1, 0),
-            Err(Error::Shape { .. })
-        ));
     }
 
     #[test]

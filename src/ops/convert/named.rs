@@ -1,20 +1,18 @@
-//! The converters' common model: every tensor of a Megatron-Core GPT in
-//! global TP=1 coordinates, one entry per global layer, named with the
-//! local layer spec's per-rank keys (`model.decoder.layers.3.input_layernorm.weight`)
-//! and held as zero-copy pieces; `_extra_state` objects as values. A
-//! `.nemo` of any layout is read through [`crate::model::canonical::Canonical`]
-//! (which owns the partition rules and the merge of per-rank and
-//! distributed layouts); an HF folder is mapped in by [`super::hf`]. The
-//! per-rank, torch_dist and Hugging Face writers write it out.
+//! The core canonical view ([`crate::model::canonical::Canonical`], which
+//! owns the partition rules and reads every source: per-rank, torch_dist,
+//! zarr, and an HF folder mapped by [`super::hf`]) keyed by full local-spec
+//! names (`model.decoder.layers.3.input_layernorm.weight`) in state-dict
+//! order, each tensor whole as zero-copy pieces: what the writers that
+//! rename tensors (to Hugging Face, to a stacked `torch_dist` folder) look
+//! up by name. The per-rank writer is `reshard`'s and needs no such map.
 
 use crate::formats::torch::value::Value;
 use crate::model::canonical::{Axis, EntryValue};
 use crate::model::checkpoint::Checkpoint;
-use crate::model::layout::{Family, Rule};
 
 use super::tensor::{self, Flat};
 
-/// Errors building the canonical view; each names the tensor.
+/// Errors building the named model; each names the tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A tensor's pieces or shapes are inconsistent.
@@ -22,7 +20,7 @@ pub enum Error {
     Tensor(#[from] tensor::Error),
     /// The checkpoint's canonical view could not be built or read.
     #[error(transparent)]
-    Canonical(#[from] crate::model::canonical::Error),
+    NamedModel(#[from] crate::model::canonical::Error),
 }
 
 /// A tensor or an opaque object.
@@ -34,7 +32,7 @@ pub enum Item {
     Object(Value),
 }
 
-/// One canonical entry.
+/// One named entry.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Local-spec key with the global layer number.
@@ -45,7 +43,7 @@ pub struct Entry {
 
 /// A whole model at TP=1 in state-dict order.
 #[derive(Debug, Clone, Default)]
-pub struct Canonical {
+pub struct NamedModel {
     /// Entries in the order a local-spec mcore state dict lists them.
     pub entries: Vec<Entry>,
 }
@@ -148,7 +146,7 @@ fn order_key(name: &str) -> (u8, u64, usize, String) {
     (group, 0, is_extra, format!("{module}\u{0}{name}"))
 }
 
-impl Canonical {
+impl NamedModel {
     /// Sorts entries into state-dict order (stable for unknown keys).
     pub fn sort(&mut self) {
         self.entries.sort_by_cached_key(|e| order_key(&e.name));
@@ -171,22 +169,14 @@ impl Canonical {
             .unwrap_or(0)
     }
 
-    /// The partition rule of an entry (config-resolved: fc1 gated or not).
-    pub fn rule(family: &Family, name: &str, gated: bool) -> Rule {
-        family
-            .lookup(name)
-            .map(|m| family.resolve(m.rule, "fast-swiglu", gated))
-            .unwrap_or(Rule::Replicated)
-    }
-
     /// Builds the TP=1 view of an opened checkpoint from its
     /// [`crate::model::canonical::Canonical`] view, keyed by local-spec names.
     ///
     /// # Errors
     /// [`Error`] for unreadable or inconsistent tensors.
-    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Canonical, Error> {
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<NamedModel, Error> {
         let core = crate::model::canonical::Canonical::new(ck)?;
-        let mut out = Canonical::default();
+        let mut out = NamedModel::default();
         for e in &core.entries {
             let body = match e.layer {
                 Some(l) => format!("{}{l}.{}", core.layer_stem, e.name),
@@ -259,13 +249,13 @@ mod tests {
         ))
         .unwrap();
         let (a, b, c) = (
-            Canonical::from_checkpoint(&one).unwrap(),
-            Canonical::from_checkpoint(&two).unwrap(),
-            Canonical::from_checkpoint(&dist).unwrap(),
+            NamedModel::from_checkpoint(&one).unwrap(),
+            NamedModel::from_checkpoint(&two).unwrap(),
+            NamedModel::from_checkpoint(&dist).unwrap(),
         );
-        let names = |c: &Canonical| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        let names = |c: &NamedModel| c.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&a), names(&b));
-        // Canonical order is the state-dict order of the fixture's rank file.
+        // NamedModel order is the state-dict order of the fixture's rank file.
         let stored: Vec<String> = one.rank_files()[0]
             .entries()
             .map(|(k, _)| k.to_string())
@@ -326,9 +316,9 @@ mod tests {
             items
                 .retain(|(k, _)| k.as_str() != Some("model.decoder.layers.1.mlp.linear_fc2.weight"))
         });
-        let e = Canonical::from_checkpoint(&ck).unwrap_err();
+        let e = NamedModel::from_checkpoint(&ck).unwrap_err();
         assert!(
-            matches!(&e, Error::Canonical(crate::model::canonical::Error::MissingShard { key, member })
+            matches!(&e, Error::NamedModel(crate::model::canonical::Error::MissingShard { key, member })
                 if key.ends_with("layers.1.mlp.linear_fc2.weight") && member.starts_with("mp_rank_01")),
             "{e}"
         );
@@ -343,9 +333,9 @@ mod tests {
                 }
             }
         });
-        let e = Canonical::from_checkpoint(&ck).unwrap_err();
+        let e = NamedModel::from_checkpoint(&ck).unwrap_err();
         assert!(
-            matches!(&e, Error::Canonical(crate::model::canonical::Error::MissingShard { key, member })
+            matches!(&e, Error::NamedModel(crate::model::canonical::Error::MissingShard { key, member })
                 if key.ends_with("layers.0.self_attention.linear_qkv.weight") && member.starts_with("mp_rank_01")),
             "{e}"
         );
