@@ -111,6 +111,17 @@ void* nemo_shim_store_new(const char* host, uint16_t port, int world_size, int i
 
 void nemo_shim_store_free(void* s) { delete static_cast<Store*>(s); }
 
+// A view of `store` whose keys live under `prefix/` (torch's new_group does the same): a
+// subgroup's backend rendezvouses there without a second TCP connection.
+void* nemo_shim_store_prefixed(void* store, const char* prefix) {
+  Store* out = nullptr;
+  guard([&] {
+    c10::intrusive_ptr<c10d::Store> base = static_cast<Store*>(store)->s;
+    out = new Store{c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base)};
+  });
+  return out;
+}
+
 void* nemo_shim_pg_gloo_new(void* store, int rank, int world_size, int64_t timeout_ms) {
   Pg* out = nullptr;
   guard([&] {

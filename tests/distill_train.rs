@@ -121,15 +121,20 @@ fn free_port() -> u16 {
 
 /// Two ranks launched by hand with torchrun's variables (no python needed).
 fn run_tp2(args: &[String]) -> String {
+    run_world(2, args)
+}
+
+/// `world` ranks launched by hand with torchrun's variables.
+fn run_world(world: usize, args: &[String]) -> String {
     let port = free_port().to_string();
-    let children: Vec<_> = (0..2)
+    let children: Vec<_> = (0..world)
         .map(|rank| {
             distill_cmd(&bin())
                 .arg("distill")
                 .args(args)
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
+                .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
                 .stdout(Stdio::piped())
@@ -331,6 +336,89 @@ fn tp2_matches_tp1_for_20_steps() {
         assert!(d <= 1e-5, "{n1}: max abs diff {d}");
     }
     println!("TP2 vs TP1 over 20 steps: losses within 1e-5, weights max abs diff {worst:.2e}");
+}
+
+/// Largest |a - b| over the per-step losses and over the saved weights of two runs.
+fn compare_runs(dir: &Path, a: (&str, &str), b: (&str, &str), what: &str) -> (f64, f64) {
+    let la = step_losses(&dir.join(a.0));
+    let lb = step_losses(&dir.join(b.0));
+    assert_eq!(la.len(), 20, "{what}");
+    assert_eq!(la.len(), lb.len(), "{what}");
+    let mut loss_diff = 0.0f64;
+    for ((s1, x), (s2, y)) in la.iter().zip(&lb) {
+        assert_eq!(s1, s2);
+        loss_diff = loss_diff.max((x - y).abs());
+        assert!((x - y).abs() <= 1e-5, "{what}, step {s1}: {x} vs {y}");
+    }
+    let wa = weights(&dir.join(a.1));
+    let wb = weights(&dir.join(b.1));
+    assert_eq!(wa.len(), wb.len());
+    let mut worst = 0.0f64;
+    for ((n1, x), (n2, y)) in wa.iter().zip(&wb) {
+        assert_eq!(n1, n2);
+        let d = (x - y).abs().max().double_value(&[]);
+        worst = worst.max(d);
+        assert!(d <= 1e-5, "{what}, {n1}: max abs diff {d}");
+    }
+    (loss_diff, worst)
+}
+
+#[test]
+fn data_parallel_matches_the_same_global_batch_without_it() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    // global batch 4 of micro-batches of 1: 4 micro-steps at DP1, 2 per replica at DP2
+    let extra = [
+        "model.global_batch_size=4",
+        "model.micro_batch_size=1",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=1e-2",
+    ];
+    let with = |exp: &str, out: &str, tp: u32, world: u32| {
+        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("trainer.devices={world}"));
+        a
+    };
+    run_tp1(&with("tp1", "tp1.nemo", 1, 1));
+    let text = run_world(2, &with("dp2", "dp2.nemo", 1, 2));
+    assert!(text.contains("TP 1 x DP 2"), "{text}");
+    run_tp2(&with("tp2", "tp2.nemo", 2, 2));
+    let text = run_world(4, &with("dp2tp2", "dp2tp2.nemo", 2, 4));
+    assert!(text.contains("TP 2 x DP 2"), "{text}");
+    let a = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("dp2", "dp2.nemo"),
+        "DP2xTP1 vs TP1",
+    );
+    let b = compare_runs(
+        dir.path(),
+        ("tp2", "tp2.nemo"),
+        ("dp2tp2", "dp2tp2.nemo"),
+        "DP2xTP2 vs TP2",
+    );
+    // only replica 0 writes checkpoints, one file per TP rank
+    let ck = std::fs::read_dir(dir.path().join("dp2tp2/checkpoints"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("state.json").is_file())
+        .unwrap_or_else(|| panic!("no checkpoint"));
+    let mut files: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["rank_0.pt", "rank_1.pt", "state.json"]);
+    println!(
+        "DP2xTP1 vs TP1: loss diff {:.2e}, weights {:.2e}; DP2xTP2 vs TP2: loss diff {:.2e}, weights {:.2e}",
+        a.0, a.1, b.0, b.1
+    );
 }
 
 #[test]

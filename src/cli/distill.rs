@@ -73,7 +73,7 @@ fn load_config(args: &Args) -> anyhow::Result<nemo_tool::distill::runconfig::Run
 #[cfg(feature = "distill")]
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     use nemo_tool::distill::job::Job;
-    use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
+    use nemo_tool::distill::parallel::{Backend, Grid, Launch};
     use nemo_tool::distill::train::{self, Event};
 
     let cfg = load_config(&args)?;
@@ -89,10 +89,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         (tch::Device::Cpu, Backend::Gloo)
     };
-    let pg = ProcessGroup::init(&launch, backend)?;
-    let rank0 = pg.rank() == 0;
+    let tp = i32::try_from(job.tp).unwrap_or(i32::MAX);
+    let grid = Grid::init(&launch, backend, tp)?;
+    let rank0 = grid.world.rank() == 0;
     if args.validate_only {
-        let v = train::evaluate(&job, &pg, device)?;
+        let v = train::evaluate(&job, &grid.tp, device)?;
         if rank0 {
             match v {
                 Some(v) => println!(
@@ -139,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     };
-    let out = train::run(&job, &pg, device, &mut on)?;
+    let out = train::run(&job, &grid, device, &mut on)?;
     if rank0 {
         if tty {
             eprintln!();

@@ -18,6 +18,7 @@ extern "C" {
         prefix: *const c_char,
     ) -> *mut c_void;
     fn nemo_shim_store_free(s: *mut c_void);
+    fn nemo_shim_store_prefixed(store: *mut c_void, prefix: *const c_char) -> *mut c_void;
     fn nemo_shim_pg_gloo_new(
         store: *mut c_void,
         rank: c_int,
@@ -104,6 +105,19 @@ impl RawStore {
                 p.as_ptr(),
             )
         };
+        if s.is_null() {
+            Err(last_error())
+        } else {
+            Ok(RawStore(s))
+        }
+    }
+
+    /// The same store with every key under `prefix/` (a subgroup's rendezvous space).
+    pub(crate) fn prefixed(&self, prefix: &str) -> Result<RawStore, String> {
+        let p = cstring(prefix)?;
+        // SAFETY: the store pointer is live; the shim copies the string and takes its own
+        // reference to the underlying store.
+        let s = unsafe { nemo_shim_store_prefixed(self.0, p.as_ptr()) };
         if s.is_null() {
             Err(last_error())
         } else {

@@ -1,7 +1,8 @@
 //! A distillation job resolved from the run configuration (conf/distill.yaml plus overrides):
 //! every key `nemo-tool distill` honours, checked once before anything is loaded, with the
-//! same constraints as NeMo's script (teacher required, PP = 1, `trainer.devices` = world
-//! size) and the ones of this engine (pure tensor parallelism: TP = world size).
+//! same constraints as NeMo's script (teacher required, `trainer.devices × trainer.num_nodes`
+//! = world size = TP × DP, `global_batch_size` a multiple of `micro_batch_size × DP`) and the
+//! ones of this engine (PP = 1).
 
 use std::path::PathBuf;
 
@@ -64,6 +65,8 @@ pub struct Job {
     pub nemo_path: PathBuf,
     /// `model.tensor_model_parallel_size`.
     pub tp: u64,
+    /// The data-parallel size: world size / TP.
+    pub dp: u64,
     /// `model.micro_batch_size`.
     pub micro_batch: usize,
     /// `model.global_batch_size`.
@@ -161,26 +164,28 @@ impl Job {
                 ),
             ));
         }
-        if tp != world {
+        if tp == 0 || world % tp != 0 {
             return Err(invalid(
                 "model.tensor_model_parallel_size",
                 tp,
-                format!(
-                    "must equal the world size {world}: data parallelism is not supported yet (every rank is a tensor-parallel rank)"
-                ),
+                format!("must divide the world size {world} (world = tensor x data parallel size)"),
             ));
         }
+        let dp = world / tp;
         let micro_batch = req("model.micro_batch_size", cfg.u64("model.micro_batch_size")?)?;
         let global_batch = req(
             "model.global_batch_size",
             cfg.u64("model.global_batch_size")?,
         )?;
-        if micro_batch == 0 || global_batch == 0 || global_batch % micro_batch != 0 {
+        if micro_batch == 0
+            || global_batch == 0
+            || global_batch % micro_batch.saturating_mul(dp) != 0
+        {
             return Err(invalid(
                 "model.global_batch_size",
                 global_batch,
                 format!(
-                    "must be a positive multiple of micro_batch_size ({micro_batch}) x data parallel size (1)"
+                    "must be a positive multiple of micro_batch_size ({micro_batch}) x data parallel size ({dp})"
                 ),
             ));
         }
@@ -372,6 +377,7 @@ impl Job {
             teacher,
             nemo_path,
             tp,
+            dp,
             micro_batch: micro_batch as usize,
             global_batch: global_batch as usize,
             seq_length: seq_length as usize,
@@ -400,9 +406,9 @@ impl Job {
         })
     }
 
-    /// Micro-batches per optimizer step (data parallel size 1).
+    /// Micro-batches each data-parallel rank runs per optimizer step.
     pub fn accumulation(&self) -> usize {
-        self.global_batch / self.micro_batch
+        self.global_batch / (self.micro_batch * self.dp as usize)
     }
 
     /// Checkpoint folder inside the experiment folder.
@@ -479,7 +485,23 @@ mod tests {
         };
         assert!(e(with(&["model.pipeline_model_parallel_size=2"]), 1).contains("pipeline"));
         assert!(e(base(), 2).contains("trainer.devices"));
-        assert!(e(with(&["trainer.devices=2"]), 2).contains("tensor_model_parallel_size"));
+        assert!(e(
+            with(&["trainer.devices=3", "model.tensor_model_parallel_size=2"]),
+            3
+        )
+        .contains("tensor_model_parallel_size"));
+        // DP 2: 8 samples per step split 2 ways of micro-batch 1
+        let j = Job::resolve(&with(&["trainer.devices=2"]), 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((j.tp, j.dp, j.accumulation()), (1, 2, 4));
+        assert!(e(
+            with(&[
+                "trainer.devices=4",
+                "model.global_batch_size=6",
+                "model.micro_batch_size=1"
+            ]),
+            4
+        )
+        .contains("data parallel size (4)"));
         assert!(e(with(&["trainer.precision=16"]), 1).contains("precision"));
         assert!(e(
             with(&["model.global_batch_size=3", "model.micro_batch_size=2"]),

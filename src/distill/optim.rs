@@ -29,6 +29,10 @@ pub enum Error {
     NonFinite(f64),
 }
 
+/// Target size of one data-parallel gradient all-reduce (Megatron's DDP buckets are of this
+/// order: large enough to amortise the collective's latency).
+pub const DP_BUCKET_BYTES: usize = 32 << 20;
+
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -119,6 +123,54 @@ impl AdamW {
                 }
             }
         });
+    }
+
+    /// Averages every gradient over the data-parallel group `dp`: consecutive gradients of
+    /// one type and device are flattened into buckets of about [`DP_BUCKET_BYTES`], each
+    /// all-reduced once (few large collectives instead of one per parameter).
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn average_grads(&mut self, dp: &ProcessGroup) -> Result<(), Error> {
+        if dp.world() == 1 {
+            return Ok(());
+        }
+        let grads: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| s.param.grad())
+            .filter(Tensor::defined)
+            .collect();
+        let mut i = 0;
+        while i < grads.len() {
+            let (kind, device) = (grads[i].kind(), grads[i].device());
+            let mut j = i;
+            let mut bytes = 0usize;
+            while j < grads.len()
+                && grads[j].kind() == kind
+                && grads[j].device() == device
+                && (j == i || bytes < DP_BUCKET_BYTES)
+            {
+                bytes += grads[j].numel() * kind.elt_size_in_bytes();
+                j += 1;
+            }
+            let bucket = &grads[i..j];
+            tch::no_grad(|| -> Result<(), Error> {
+                let views: Vec<Tensor> = bucket.iter().map(|g| g.reshape([-1])).collect();
+                let mut flat = Tensor::cat(&views, 0);
+                dp.all_reduce(&mut flat, parallel::ReduceOp::Avg)?;
+                let mut off = 0i64;
+                for g in bucket {
+                    let n = g.numel() as i64;
+                    let mut g = g.shallow_clone();
+                    g.copy_(&flat.narrow(0, off, n).view_as(&g));
+                    off += n;
+                }
+                Ok(())
+            })?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// The L2 norm of all gradients over all ranks (split shards summed over ranks,

@@ -3,7 +3,8 @@
 //! collectives, and Megatron's autograd mappings (copy-to / reduce-from / gather-from the TP
 //! region, and an all-reduce whose backward all-reduces too).
 //!
-//! One group spans the whole world: the engine runs pure tensor parallelism (TP = world size).
+//! A launch is a data × tensor parallel [`Grid`] (Megatron's rank order); the model's
+//! collectives run on its TP group, gradient averaging on its DP group.
 
 use std::sync::Arc;
 
@@ -49,6 +50,14 @@ pub enum Error {
         world: i32,
         /// libtorch's message.
         msg: String,
+    },
+    /// The world size is not a multiple of the tensor-parallel size.
+    #[error("world size {world} is not a multiple of tensor_model_parallel_size {tp}")]
+    Grid {
+        /// World size.
+        world: i32,
+        /// TP size.
+        tp: i32,
     },
     /// A collective failed.
     #[error("collective {op}: {msg}")]
@@ -174,6 +183,105 @@ struct Inner {
     _store: Option<RawStore>,
     rank: i32,
     world: i32,
+    /// Where this group's tensors must live (NCCL: the rank's CUDA device).
+    device: tch::Device,
+}
+
+/// The data × tensor parallel grid of a launch, in Megatron's rank order (`parallel_state`:
+/// TP fastest, then DP): rank `r` is TP rank `r % TP` of data-parallel replica `r / TP`.
+/// Every model collective runs on [`Grid::tp`]; gradients and logged losses are averaged
+/// over [`Grid::dp`].
+#[derive(Debug, Clone)]
+pub struct Grid {
+    /// All ranks.
+    pub world: ProcessGroup,
+    /// This rank's tensor-parallel group: ranks `d·TP .. d·TP + TP - 1`.
+    pub tp: ProcessGroup,
+    /// This rank's data-parallel group: ranks `t, t + TP, t + 2·TP, ...`.
+    pub dp: ProcessGroup,
+}
+
+impl Grid {
+    /// One process: every group is the identity.
+    pub fn single() -> Grid {
+        let g = ProcessGroup::single();
+        Grid {
+            world: g.clone(),
+            tp: g.clone(),
+            dp: g,
+        }
+    }
+
+    /// Rendezvous and create the world, TP and DP groups for `tp`-way tensor parallelism
+    /// (the data-parallel size is `WORLD_SIZE / tp`). A group of one rank is the identity;
+    /// a group equal to the world is the world group itself.
+    ///
+    /// # Errors
+    /// [`Error::Grid`] when `tp` does not divide the world size; rendezvous and backend
+    /// errors as [`ProcessGroup::init`].
+    pub fn init(launch: &Launch, backend: Backend, tp: i32) -> Result<Grid, Error> {
+        if tp < 1 || launch.world % tp != 0 {
+            return Err(Error::Grid {
+                world: launch.world,
+                tp,
+            });
+        }
+        let dp = launch.world / tp;
+        let (t, d) = (launch.rank % tp, launch.rank / tp);
+        if launch.world == 1 && backend == Backend::Gloo {
+            return Ok(Grid::single());
+        }
+        let store = ProcessGroup::rendezvous(launch)?;
+        let prefixed = |prefix: String| {
+            store.prefixed(&prefix).map_err(|msg| Error::Rendezvous {
+                addr: launch.addr.clone(),
+                port: launch.port,
+                rank: launch.rank,
+                world: launch.world,
+                msg,
+            })
+        };
+        let subgroups = if dp > 1 && tp > 1 {
+            Some((prefixed(format!("tp{d}"))?, prefixed(format!("dp{t}"))?))
+        } else {
+            None
+        };
+        let world = ProcessGroup::group(launch, backend, store, launch.rank, launch.world)?;
+        Ok(match subgroups {
+            None if dp == 1 => Grid {
+                world: world.clone(),
+                tp: world,
+                dp: ProcessGroup::single(),
+            },
+            None => Grid {
+                world: world.clone(),
+                tp: ProcessGroup::single(),
+                dp: world,
+            },
+            // Every rank creates its TP group, then its DP group: each group's members
+            // reach it in the same order, so no rendezvous waits on another.
+            Some((tp_store, dp_store)) => Grid {
+                tp: ProcessGroup::group(launch, backend, tp_store, t, tp)?,
+                dp: ProcessGroup::group(launch, backend, dp_store, d, dp)?,
+                world,
+            },
+        })
+    }
+
+    /// This rank's TP rank.
+    pub fn tp_rank(&self) -> i32 {
+        self.tp.rank()
+    }
+
+    /// This rank's data-parallel replica.
+    pub fn dp_rank(&self) -> i32 {
+        self.dp.rank()
+    }
+
+    /// The data-parallel size.
+    pub fn dp_size(&self) -> i32 {
+        self.dp.world()
+    }
 }
 
 /// Store and collective timeout: long enough for a slow rank to load a checkpoint.
@@ -188,6 +296,7 @@ impl ProcessGroup {
                 _store: None,
                 rank: 0,
                 world: 1,
+                device: tch::Device::Cpu,
             }),
         }
     }
@@ -202,8 +311,14 @@ impl ProcessGroup {
         if launch.world == 1 && backend == Backend::Gloo {
             return Ok(ProcessGroup::single());
         }
+        let store = Self::rendezvous(launch)?;
+        Self::group(launch, backend, store, launch.rank, launch.world)
+    }
+
+    /// The TCPStore every group of this launch rendezvouses in (under its own prefix).
+    fn rendezvous(launch: &Launch) -> Result<RawStore, Error> {
         let is_server = launch.rank == 0 && !launch.agent_store;
-        let store = RawStore::tcp(
+        RawStore::tcp(
             &launch.addr,
             launch.port,
             launch.world,
@@ -217,36 +332,54 @@ impl ProcessGroup {
             rank: launch.rank,
             world: launch.world,
             msg,
-        })?;
+        })
+    }
+
+    /// A backend over `store` where this process is `rank` of `world`.
+    fn group(
+        launch: &Launch,
+        backend: Backend,
+        store: RawStore,
+        rank: i32,
+        world: i32,
+    ) -> Result<ProcessGroup, Error> {
         let backend_err = |backend, msg| Error::Backend {
             backend,
-            rank: launch.rank,
-            world: launch.world,
+            rank,
+            world,
             msg,
         };
         let pg = match backend {
-            Backend::Gloo => RawPg::gloo(&store, launch.rank, launch.world, TIMEOUT_MS)
-                .map_err(|m| backend_err("gloo", m))?,
-            Backend::Nccl => Self::nccl(&store, launch).map_err(|m| backend_err("nccl", m))?,
+            Backend::Gloo => {
+                RawPg::gloo(&store, rank, world, TIMEOUT_MS).map_err(|m| backend_err("gloo", m))?
+            }
+            Backend::Nccl => {
+                Self::nccl(&store, launch, rank, world).map_err(|m| backend_err("nccl", m))?
+            }
+        };
+        let device = match backend {
+            Backend::Gloo => tch::Device::Cpu,
+            Backend::Nccl => tch::Device::Cuda(usize::try_from(launch.local_rank).unwrap_or(0)),
         };
         Ok(ProcessGroup {
             inner: Arc::new(Inner {
                 pg: Some(pg),
                 _store: Some(store),
-                rank: launch.rank,
-                world: launch.world,
+                rank,
+                world,
+                device,
             }),
         })
     }
 
     #[cfg(feature = "cuda")]
-    fn nccl(store: &RawStore, launch: &Launch) -> Result<RawPg, String> {
+    fn nccl(store: &RawStore, launch: &Launch, rank: i32, world: i32) -> Result<RawPg, String> {
         super::ffi::cuda_set_device(launch.local_rank)?;
-        RawPg::nccl(store, launch.rank, launch.world, TIMEOUT_MS)
+        RawPg::nccl(store, rank, world, TIMEOUT_MS)
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn nccl(_store: &RawStore, _launch: &Launch) -> Result<RawPg, String> {
+    fn nccl(_store: &RawStore, _launch: &Launch, _rank: i32, _world: i32) -> Result<RawPg, String> {
         Err("built without the `cuda` feature".to_string())
     }
 
@@ -367,7 +500,9 @@ impl ProcessGroup {
 
     /// Sum of a float scalar over ranks.
     pub fn sum_f64(&self, v: f64) -> Result<f64, Error> {
-        let mut t = Tensor::from_slice(&[v]).to_kind(Kind::Double);
+        let mut t = Tensor::from_slice(&[v])
+            .to_kind(Kind::Double)
+            .to_device(self.inner.device);
         self.all_reduce(&mut t, ReduceOp::Sum)?;
         t.f_double_value(&[0]).map_err(|e| Error::Collective {
             op: "sum_f64",
@@ -452,6 +587,7 @@ mod tests {
                 _store: Some(store),
                 rank: 0,
                 world: 1,
+                device: tch::Device::Cpu,
             }),
         }
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::parallel::{self, ProcessGroup};
+use super::parallel::{self, Grid};
 
 /// Errors reading or writing training checkpoints.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,9 @@ pub struct TrainState {
     pub consumed_samples: u64,
     /// Ranks that wrote it.
     pub world: u32,
+    /// Their tensor-parallel size (0 in checkpoints from before data parallelism: TP = world).
+    #[serde(default)]
+    pub tp: u32,
     /// Every step so far.
     pub train: Vec<StepRecord>,
     /// Every validation so far.
@@ -109,31 +112,35 @@ pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Saves this rank's tensors and (rank 0) the state; every rank must call it.
+/// Saves the tensors of data-parallel replica 0 (one file per TP rank: the other replicas
+/// hold the same) and, on rank 0, the state; every rank must call it.
 ///
 /// # Errors
 /// [`Error::Io`], collective errors.
 pub fn save(
     dir: &Path,
-    pg: &ProcessGroup,
+    grid: &Grid,
     tensors: &[(String, Tensor)],
     state: &TrainState,
 ) -> Result<PathBuf, Error> {
     let fin = step_dir(dir, state.step);
     let partial = dir.join(format!(".step_{:08}.partial", state.step));
-    if pg.rank() == 0 {
+    let world = &grid.world;
+    if world.rank() == 0 {
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     }
-    pg.barrier()?;
-    let file = partial.join(format!("rank_{}.pt", pg.rank()));
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::save_multi(&named, &file).map_err(|e| Error::Io {
-        path: file.clone(),
-        why: e.to_string(),
-    })?;
-    pg.barrier()?;
-    if pg.rank() == 0 {
+    world.barrier()?;
+    if grid.dp_rank() == 0 {
+        let file = partial.join(format!("rank_{}.pt", grid.tp_rank()));
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::save_multi(&named, &file).map_err(|e| Error::Io {
+            path: file.clone(),
+            why: e.to_string(),
+        })?;
+    }
+    world.barrier()?;
+    if world.rank() == 0 {
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Io {
             path: partial.clone(),
             why: e.to_string(),
@@ -147,7 +154,7 @@ pub fn save(
             let _ = std::fs::remove_dir_all(old);
         }
     }
-    pg.barrier()?;
+    world.barrier()?;
     Ok(fin)
 }
 
@@ -157,8 +164,8 @@ pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
 /// The newest complete checkpoint: its state and this rank's tensors.
 ///
 /// # Errors
-/// [`Error::Mismatch`] when it was written by a different world size; I/O errors.
-pub fn load_latest(dir: &Path, pg: &ProcessGroup) -> Result<Option<Loaded>, Error> {
+/// [`Error::Mismatch`] when it was written by other parallel sizes; I/O errors.
+pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
     let Some((_, path)) = list(dir).pop() else {
         return Ok(None);
     };
@@ -168,17 +175,20 @@ pub fn load_latest(dir: &Path, pg: &ProcessGroup) -> Result<Option<Loaded>, Erro
         path: sp.clone(),
         why: e.to_string(),
     })?;
-    if state.world != pg.world() as u32 {
+    let (world, tp) = (grid.world.world() as u32, grid.tp.world() as u32);
+    let saved_tp = if state.tp == 0 { state.world } else { state.tp };
+    if state.world != world || saved_tp != tp {
         return Err(Error::Mismatch {
             path,
             why: format!(
-                "written by {} ranks, this launch has {} (resume at the same TP, or use a new exp_manager folder)",
+                "written by {} ranks at TP {saved_tp} (DP {}), this launch has {world} at TP {tp} (DP {}); resume with the same parallel sizes, or use a new exp_manager folder",
                 state.world,
-                pg.world()
+                state.world / saved_tp.max(1),
+                world / tp.max(1),
             ),
         });
     }
-    let file = path.join(format!("rank_{}.pt", pg.rank()));
+    let file = path.join(format!("rank_{}.pt", grid.tp_rank()));
     let tensors = Tensor::load_multi(&file).map_err(|e| Error::Io {
         path: file.clone(),
         why: e.to_string(),
@@ -194,7 +204,7 @@ mod tests {
     #[test]
     fn saves_loads_and_keeps_two() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let pg = ProcessGroup::single();
+        let pg = Grid::single();
         let t = Tensor::arange(5, (Kind::Float, Device::Cpu)) / 3.0;
         for step in [2u64, 4, 6] {
             let st = TrainState {
@@ -224,7 +234,7 @@ mod tests {
     #[test]
     fn refuses_another_world_size() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let pg = ProcessGroup::single();
+        let pg = Grid::single();
         let st = TrainState {
             step: 1,
             world: 2,
@@ -232,10 +242,14 @@ mod tests {
         };
         let t = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         save(dir.path(), &pg, &[("x".to_string(), t)], &st).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(
-            load_latest(dir.path(), &pg),
-            Err(Error::Mismatch { .. })
-        ));
+        let e = load_latest(dir.path(), &pg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("written by 2 ranks at TP 2 (DP 1), this launch has 1 at TP 1 (DP 1)"),
+            "{e}"
+        );
         assert!(load_latest(&dir.path().join("none"), &pg)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());

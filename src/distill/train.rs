@@ -17,7 +17,7 @@ use super::job::{Job, Precision};
 use super::loss::{self, log_softmax_tp};
 use super::model::{self, Gpt, InitFrom};
 use super::optim::{self, AdamW};
-use super::parallel::{self, ProcessGroup};
+use super::parallel::{self, Grid, ProcessGroup};
 use super::save::{self, StudentArchive};
 use super::spec::{self, GptSpec};
 use super::state::{self, StepRecord, TrainState, ValRecord};
@@ -461,7 +461,7 @@ fn gather_student(opt: &AdamW, pg: &ProcessGroup) -> Result<Vec<Vec<(String, Ten
     Ok(ranks)
 }
 
-/// Writes the student `.nemo` (rank 0 writes; every rank must call).
+/// Writes the student `.nemo` (TP rank 0 writes; every rank of the TP group must call).
 ///
 /// # Errors
 /// Collective, config and write errors.
@@ -581,11 +581,13 @@ impl Logs {
 /// Any of [`Error`].
 pub fn run(
     job: &Job,
-    pg: &ProcessGroup,
+    grid: &Grid,
     device: Device,
     on: &mut dyn FnMut(Event),
 ) -> Result<Outcome, Error> {
-    let rank0 = pg.rank() == 0;
+    let pg = &grid.tp;
+    let rank0 = grid.world.rank() == 0;
+    let (dp, dp_rank) = (grid.dp_size() as usize, grid.dp_rank() as usize);
     let say = |on: &mut dyn FnMut(Event), s: String| {
         if rank0 {
             on(Event::Info(s));
@@ -596,7 +598,7 @@ pub fn run(
     say(
         on,
         format!(
-            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {}, {:?}, {device:?}",
+            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {} x DP {dp}, {:?}, {device:?}",
             job.teacher.display(),
             m.teacher.spec.num_layers,
             m.teacher.spec.hidden,
@@ -620,13 +622,14 @@ pub fn run(
     let val = validation_samples(job)?;
     let mut opt = AdamW::new(&m.student, job.adamw);
     let mut hist = TrainState {
-        world: pg.world() as u32,
+        world: grid.world.world() as u32,
+        tp: pg.world() as u32,
         ..TrainState::default()
     };
     let ckdir = job.checkpoint_dir();
     let mut resumed_from = 0;
     if job.resume {
-        if let Some((path, st, tensors)) = state::load_latest(&ckdir, pg)? {
+        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid)? {
             opt.load_state(&tensors, st.step)?;
             say(
                 on,
@@ -667,7 +670,9 @@ pub fn run(
         opt.zero_grad();
         let mut loss_sum = 0.0;
         for j in 0..accum {
-            let first = hist.consumed_samples as usize + j * job.micro_batch;
+            // Megatron's sampler: micro-step j of the global batch is micro x DP consecutive
+            // samples, replica d taking the d-th micro-batch of them
+            let first = hist.consumed_samples as usize + (j * dp + dp_rank) * job.micro_batch;
             let b = batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask);
             loss_sum += job.kd.chunked_backward(
                 &m.student,
@@ -680,6 +685,8 @@ pub fn run(
         if accum > 1 {
             opt.scale_grads(1.0 / accum as f64);
         }
+        opt.average_grads(&grid.dp)?;
+        let kd_loss = grid.dp.sum_f64(loss_sum / accum as f64)? / dp as f64;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr);
@@ -688,11 +695,11 @@ pub fn run(
         let dt = t0.elapsed().as_secs_f64();
         let rec = StepRecord {
             step: hist.step,
-            kd_loss: loss_sum / accum as f64,
+            kd_loss,
             lr,
             grad_norm,
             tokens_per_s: step_tokens / dt.max(1e-9),
-            mfu: peak.map(|p| step_flops / dt.max(1e-9) / (p * f64::from(pg.world()))),
+            mfu: peak.map(|p| step_flops / dt.max(1e-9) / (p * f64::from(grid.world.world()))),
         };
         if let Some(l) = logs.as_mut() {
             l.step(&rec)?;
@@ -710,12 +717,17 @@ pub fn run(
                 hist.val.push(v);
             }
             if job.checkpoints {
-                let p = state::save(&ckdir, pg, &opt.state_tensors(), &hist)?;
+                let p = state::save(&ckdir, grid, &opt.state_tensors(), &hist)?;
                 say(on, format!("checkpoint {}", p.display()));
             }
         }
     }
-    let nemo = save_student(job, &m, &opt)?;
+    // every replica holds the same student: replica 0's TP group writes it
+    if dp_rank == 0 {
+        save_student(job, &m, &opt)?;
+    }
+    grid.world.barrier()?;
+    let nemo = job.nemo_path.clone();
     say(on, format!("saved the student to {}", nemo.display()));
     let plot_path = job.plot_path();
     if rank0 {
