@@ -13,8 +13,10 @@
 
 use std::collections::HashMap;
 
-use crate::formats::dist::{
-    self, Chunk, DistCheckpoint, DistObject, DistTensor, Location, PathPart,
+pub use super::error::DcpError as Error;
+use super::error::Error as DistError;
+use super::model::{
+    self as dist, Chunk, DistCheckpoint, DistObject, DistTensor, Location, PathPart,
 };
 use crate::formats::members::Members;
 use crate::formats::torch::dtype::Dtype;
@@ -25,51 +27,6 @@ use crate::io::piece::Piece;
 
 /// Largest `.metadata` accepted (real ones are a few MB even for 70B models).
 pub const MAX_METADATA_BYTES: usize = 1 << 30;
-
-/// Why a DCP folder or item could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The `.metadata` pickle is malformed or names a refused global.
-    #[error("{member}: {source}")]
-    Pickle {
-        /// Member name.
-        member: String,
-        /// The pickle error.
-        source: pickle::Error,
-    },
-    /// The `.metadata` tree is not the expected dataclass shape.
-    #[error("{member}: {key}: bad metadata: {why}")]
-    Shape {
-        /// Member name.
-        member: String,
-        /// Tensor/object key, or the field path.
-        key: String,
-        /// What was wrong.
-        why: String,
-    },
-    /// A feature this reader does not implement (e.g. transforms).
-    #[error("{member}: {key}: unsupported: {why}")]
-    Unsupported {
-        /// Member name.
-        member: String,
-        /// Key.
-        key: String,
-        /// What.
-        why: String,
-    },
-    /// A torch.save stream (item or `common.pt`) could not be read.
-    #[error("torch.save stream: {why}")]
-    TorchSave {
-        /// What was wrong.
-        why: String,
-    },
-    /// A chunk item is not a single tensor.
-    #[error("chunk item holds {found}, not a tensor")]
-    NotATensor {
-        /// What it held.
-        found: String,
-    },
-}
 
 /// The globals a DCP/Megatron `.metadata` may name (torch-formats.md §4.2).
 pub fn metadata_policy() -> Policy {
@@ -95,7 +52,7 @@ fn suffix(o: &Object) -> &str {
 pub(crate) fn read_metadata(
     members: &dyn Members,
     ck: &mut DistCheckpoint,
-) -> Result<(), dist::Error> {
+) -> Result<(), DistError> {
     let member = dist::join(&ck.dir, ".metadata");
     let bytes = dist::read(members, &member)?;
     let md = parse_metadata(&member, bytes.as_slice())?;
@@ -510,7 +467,7 @@ mod tests {
         assert!(
             matches!(
                 &e,
-                dist::Error::Dcp(Error::Pickle {
+                DistError::Dcp(Error::Pickle {
                     source: pickle::Error::UnsupportedGlobal { .. },
                     ..
                 })

@@ -652,7 +652,8 @@ mod tests {
         let ck = DistCheckpoint::open(&m, "").unwrap();
         let target = root.join("llama_as_zarr");
         let _ = std::fs::remove_dir_all(&target);
-        crate::formats::dist::zarr::write_zarr(&ck, &m, &mut dist::FsDir::new(&target)).unwrap();
+        crate::formats::dist::zarr_write::write_zarr(&ck, &m, &mut dist::FsDir::new(&target))
+            .unwrap();
         for (name, dir) in [
             ("zarr_llama", "fixtures/zarr/llama_tp2"),
             ("zarr_extra", "fixtures/zarr/extra"),
@@ -716,7 +717,7 @@ mod tests {
             }
             // and back to zarr: byte-identical chunk files
             let mut out2 = TempOut::new();
-            crate::formats::dist::zarr::write_zarr(&dck, &d, &mut out2.dir).unwrap();
+            crate::formats::dist::zarr_write::write_zarr(&dck, &d, &mut out2.dir).unwrap();
             let z2 = out2.members("model_weights");
             for n in z.member_names() {
                 if n.ends_with(".pt") || n.ends_with("metadata.json") {
@@ -736,7 +737,7 @@ mod tests {
         let m = dir_members("fixtures/mcore/llama/dcp_tp1");
         let ck = DistCheckpoint::open(&m, "").unwrap();
         let mut out = TempOut::new();
-        crate::formats::dist::zarr::write_zarr(&ck, &m, &mut out.dir).unwrap();
+        crate::formats::dist::zarr_write::write_zarr(&ck, &m, &mut out.dir).unwrap();
         let z = out.members("model_weights");
         let zck = DistCheckpoint::open(&z, "model_weights").unwrap();
         assert_eq!(zck.backend, dist::Backend::Zarr);

@@ -2,7 +2,7 @@
 //! v2 array directory per tensor key (`<key>/.zarray` + raw chunk files
 //! named by dot-joined chunk indices) and ShardedObjects as
 //! `<key>/shard_<offsets>_<shape>.pt` `torch.save` files. Reading maps it to
-//! the [`crate::formats::dist`] model; [`write_zarr`] writes it back.
+//! the [`crate::formats::dist`] model; [`super::zarr_write`] writes it back.
 //!
 //! Only what mcore wrote is supported: no compressor, no filters, C order,
 //! little-endian dtypes or mcore's literal `"bfloat16"`. Chunk files always
@@ -13,53 +13,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde_json::json;
-
-use crate::formats::dist::{self, Chunk, DistCheckpoint, DistObject, DistTensor, Location, OutDir};
+use super::error::Error as DistError;
+pub use super::error::ZarrError as Error;
+use super::model::{self as dist, Chunk, DistCheckpoint, DistObject, DistTensor, Location};
 use crate::formats::members::Members;
 use crate::formats::torch::dtype::Dtype;
 
 /// Largest `.zarray` accepted.
 pub const MAX_ZARRAY_BYTES: usize = 1 << 20;
-
-/// Why a zarr folder could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// `.zarray` is not valid JSON or misses a field.
-    #[error("{member}: bad .zarray: {why}")]
-    BadZarray {
-        /// Member name.
-        member: String,
-        /// What was wrong.
-        why: String,
-    },
-    /// A zarr feature mcore never wrote (compressor, filters, F order, ...).
-    #[error("{member}: unsupported zarr array: {why}")]
-    Unsupported {
-        /// Member name.
-        member: String,
-        /// What.
-        why: String,
-    },
-    /// A file inside an array directory that is no chunk of it.
-    #[error("{member}: not a chunk of a {ndim}-d array with chunk grid {grid:?}")]
-    BadChunkName {
-        /// Member name.
-        member: String,
-        /// Array rank.
-        ndim: usize,
-        /// Chunks per dimension.
-        grid: Vec<u64>,
-    },
-    /// A tensor whose chunks cannot be written as one zarr chunk grid.
-    #[error("{key}: cannot write as zarr: {why}")]
-    NotAGrid {
-        /// Tensor key.
-        key: String,
-        /// Why.
-        why: String,
-    },
-}
 
 /// The parts of a `.zarray` this reader uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +135,7 @@ fn grid(za: &ZArray) -> Vec<u64> {
 pub(crate) fn read_metadata(
     members: &dyn Members,
     ck: &mut DistCheckpoint,
-) -> Result<(), dist::Error> {
+) -> Result<(), DistError> {
     let prefix = if ck.dir.is_empty() {
         String::new()
     } else {
@@ -255,181 +216,11 @@ pub(crate) fn read_metadata(
     Ok(())
 }
 
-/// The `.zarray` text mcore (through zarr 2.x) writes: sorted keys, 4-space
-/// indent; bf16 as the literal `"bfloat16"`.
-pub fn zarray_text(t: &DistTensor, chunk_shape: &[u64]) -> Result<String, Error> {
-    let dtype = t.dtype.zarr_name().ok_or_else(|| Error::NotAGrid {
-        key: t.key.clone(),
-        why: format!("dtype {} has no zarr name", t.dtype),
-    })?;
-    let v = json!({
-        "chunks": chunk_shape,
-        "compressor": null,
-        "dtype": dtype,
-        "fill_value": null,
-        "filters": null,
-        "order": "C",
-        "shape": t.shape,
-        "zarr_format": 2,
-    });
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    serde::Serialize::serialize(&v, &mut ser).map_err(|e| Error::NotAGrid {
-        key: t.key.clone(),
-        why: e.to_string(),
-    })?;
-    String::from_utf8(out).map_err(|e| Error::NotAGrid {
-        key: t.key.clone(),
-        why: e.to_string(),
-    })
-}
-
-/// The regular chunk shape of a tensor's chunks, or why there is none.
-fn grid_shape(t: &DistTensor) -> Result<Vec<u64>, Error> {
-    let not = |why: String| Error::NotAGrid {
-        key: t.key.clone(),
-        why,
-    };
-    if let Some(Location::ZarrChunk { chunk_shape, .. }) = t.chunks.first().map(|c| &c.location) {
-        return Ok(chunk_shape.clone());
-    }
-    let first = t
-        .chunks
-        .iter()
-        .find(|c| c.offsets.iter().all(|&o| o == 0))
-        .ok_or_else(|| not("no chunk at the origin".into()))?;
-    let cs = first.sizes.clone();
-    if cs.contains(&0) {
-        return Err(not("empty chunks".into()));
-    }
-    for c in &t.chunks {
-        for d in 0..cs.len() {
-            let want = cs[d].min(t.shape[d].saturating_sub(c.offsets[d]));
-            if c.offsets[d] % cs[d] != 0 || c.sizes[d] != want {
-                return Err(not(format!(
-                    "chunk at {:?} size {:?} is off the {:?} grid",
-                    c.offsets, c.sizes, cs
-                )));
-            }
-        }
-    }
-    Ok(cs)
-}
-
-/// Writes `ck` (read from `src`) as an mcore zarr folder into `out`:
-/// `metadata.json` (verbatim from a zarr source, else the zarr default), `common.pt` verbatim, per tensor a
-/// `.zarray` and one full-size chunk file per chunk, and shard objects
-/// (a DCP byte item `torch.save([obj])` becomes the zarr file `torch.save(obj)`).
-///
-/// # Errors
-/// Unreadable source chunks, tensors whose chunks are no regular grid, I/O.
-pub fn write_zarr(
-    ck: &DistCheckpoint,
-    src: &dyn Members,
-    out: &mut dyn OutDir,
-) -> Result<(), dist::Error> {
-    let io = |member: &str| {
-        let member = member.to_string();
-        move |source| dist::Error::Write { member, source }
-    };
-    let json = br#"{"sharded_backend": "zarr", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
-    let json = match (&ck.metadata_json, ck.backend) {
-        (Some(j), dist::Backend::Zarr) => j.as_bytes(),
-        _ => &json[..],
-    };
-    dist::write_bytes(out, "metadata.json", json).map_err(io("metadata.json"))?;
-    if let Some(c) = &ck.common_bytes {
-        dist::write_bytes(out, "common.pt", c.as_slice()).map_err(io("common.pt"))?;
-    }
-    for t in &ck.tensors {
-        let cs = grid_shape(t)?;
-        let text = zarray_text(t, &cs)?;
-        let zname = format!("{}/.zarray", t.key);
-        dist::write_bytes(out, &zname, text.as_bytes()).map_err(io(&zname))?;
-        let esize = t.dtype.size() as u64;
-        let full = cs
-            .iter()
-            .try_fold(esize, |a, &b| a.checked_mul(b))
-            .ok_or_else(|| Error::NotAGrid {
-                key: t.key.clone(),
-                why: format!("chunk shape {cs:?} overflows"),
-            })?;
-        for c in &t.chunks {
-            let idx: Vec<String> = c
-                .offsets
-                .iter()
-                .zip(&cs)
-                .map(|(o, s)| (o / s).to_string())
-                .collect();
-            let name = if idx.is_empty() {
-                format!("{}/0", t.key)
-            } else {
-                format!("{}/{}", t.key, idx.join("."))
-            };
-            let pieces = ck.read_box(src, t, &c.offsets, &c.sizes)?;
-            let bytes = dist::pieces_to_vec(&pieces);
-            let padded = if c.sizes == cs {
-                bytes
-            } else {
-                pad_chunk(&bytes, &c.sizes, &cs, esize)
-            };
-            if padded.len() as u64 != full {
-                return Err(Error::NotAGrid {
-                    key: t.key.clone(),
-                    why: format!(
-                        "chunk at {:?} gave {} bytes, not {full}",
-                        c.offsets,
-                        padded.len()
-                    ),
-                }
-                .into());
-            }
-            dist::write_bytes(out, &name, &padded).map_err(io(&name))?;
-        }
-    }
-    for o in &ck.objects {
-        let name = format!("{}.pt", o.key);
-        let bytes = ck.object_bytes_for(src, o, dist::Backend::Zarr)?;
-        dist::write_bytes(out, &name, bytes.as_slice()).map_err(io(&name))?;
-    }
-    Ok(())
-}
-
-/// Lays a clipped edge chunk's row-major bytes into a zero-filled buffer of
-/// the full chunk shape.
-fn pad_chunk(bytes: &[u8], sizes: &[u64], full: &[u64], esize: u64) -> Vec<u8> {
-    let total = full.iter().product::<u64>() * esize;
-    let mut out = vec![0u8; total as usize];
-    let nd = sizes.len();
-    let row = (sizes[nd - 1] * esize) as usize;
-    let rows: u64 = sizes[..nd - 1].iter().product();
-    let fstr = dist::c_strides(full);
-    let mut idx = vec![0u64; nd - 1];
-    for r in 0..rows as usize {
-        let dst = idx.iter().zip(&fstr).map(|(i, s)| i * s).sum::<u64>() * esize;
-        let dst = dst as usize;
-        if let (Some(d), Some(s)) = (
-            out.get_mut(dst..dst + row),
-            bytes.get(r * row..(r + 1) * row),
-        ) {
-            d.copy_from_slice(s);
-        }
-        for d in (0..nd - 1).rev() {
-            idx[d] += 1;
-            if idx[d] < sizes[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::formats::dist::testutil::{dir_members, f32s, TempOut};
+    use crate::formats::dist::zarr_write::{grid_shape, write_zarr};
     use crate::formats::dist::{pieces_to_vec, Backend, DistCheckpoint};
     use crate::formats::members::MemoryMembers;
 
@@ -603,7 +394,7 @@ mod tests {
         let m = tiny(&[("mw/w/0", vec![0; 8]), ("mw/w/7", vec![0; 8])]);
         let e = DistCheckpoint::open(&m, "mw").unwrap_err();
         assert!(
-            matches!(e, dist::Error::Zarr(Error::BadChunkName { .. })),
+            matches!(e, DistError::Zarr(Error::BadChunkName { .. })),
             "{e}"
         );
     }
@@ -612,7 +403,7 @@ mod tests {
     fn missing_chunk_fails_coverage_and_short_file_fails_read() {
         let m = tiny(&[("mw/w/0", vec![0; 8])]);
         let e = DistCheckpoint::open(&m, "mw").unwrap_err();
-        assert!(matches!(e, dist::Error::Coverage { .. }), "{e}");
+        assert!(matches!(e, DistError::Coverage { .. }), "{e}");
         let m = tiny(&[("mw/w/0", vec![0; 8]), ("mw/w/1", vec![0; 5])]);
         let ck = DistCheckpoint::open(&m, "mw").unwrap();
         let e = ck.read_global(&m, &ck.tensors[0]).unwrap_err();
@@ -643,13 +434,13 @@ mod tests {
 
     #[test]
     fn write_errors_name_the_file() {
-        let e = dist::Error::Write {
+        let e = DistError::Write {
             member: "w/0".into(),
             source: std::io::Error::other("disk full"),
         };
         assert_eq!(e.to_string(), "w/0: write failed: disk full");
-        let mut fs = dist::FsDir::new(std::env::temp_dir());
-        let e = dist::write_bytes(&mut fs, "../escape", b"x").unwrap_err();
+        let mut fs = crate::io::outdir::FsDir::new(std::env::temp_dir());
+        let e = crate::io::outdir::write_bytes(&mut fs, "../escape", b"x").unwrap_err();
         assert!(e.to_string().contains("unsafe output name"), "{e}");
     }
 }

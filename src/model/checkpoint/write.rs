@@ -210,7 +210,9 @@ fn write_dist<W: crate::io::sink::Sink + io::Seek>(
         Backend::TorchDist => {
             crate::formats::dist::dcp_write::write_torch_dist(dist, ckpt.archive(), &mut out)
         }
-        Backend::Zarr => crate::formats::dist::zarr::write_zarr(dist, ckpt.archive(), &mut out),
+        Backend::Zarr => {
+            crate::formats::dist::zarr_write::write_zarr(dist, ckpt.archive(), &mut out)
+        }
     };
     written.map_err(|source| Error::Dist {
         dir: dir.to_string(),

@@ -82,7 +82,7 @@ pub struct HfModel {
     /// The architecture from `config.json`.
     pub arch: LlamaArch,
     /// The model at TP=1 under megatron-core keys (vocab tensors unpadded),
-    /// in state-dict order: what [`Checkpoint::from_global`] takes.
+    /// in state-dict order: what [`crate::model::checkpoint::Checkpoint::from_global`] takes.
     pub tensors: Vec<GlobalTensor>,
     /// Side files present (name, bytes), in [`SIDE_FILES`] order.
     pub side_files: Vec<(String, ByteView)>,
