@@ -9,4 +9,5 @@ mod reshard;
 mod roundtrip;
 mod tar_interop;
 mod torch_samples;
+mod tree;
 mod validate;

@@ -181,7 +181,7 @@ pub fn load_metadata(view: ByteView, policy: &Policy) -> Result<TorchFile, Error
 
 fn load_with(view: ByteView, policy: &Policy, with_data: bool) -> Result<TorchFile, Error> {
     if !view.as_slice().starts_with(b"PK\x03\x04") {
-        return crate::formats::torch::legacy::load(view, policy);
+        return legacy::load(view, policy);
     }
     let z = zip::ZipArchive::open(view)?;
     let first = z
@@ -590,6 +590,10 @@ pub fn save_with<W: Sink>(
     z.add(".data/serialization_id", &[b'0'; 40])?;
     Ok(z.finish()?)
 }
+
+// The pre-1.6 (non-zip) format: read only, behind `load`.
+#[path = "legacy.rs"]
+mod legacy;
 
 #[cfg(test)]
 mod tests {

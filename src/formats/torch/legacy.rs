@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
+use super::{Error, Fetched, Resolver, TorchFile};
 use crate::formats::torch::dtype::Dtype;
-use crate::formats::torch::file::{Error, Fetched, Resolver, TorchFile};
 use crate::formats::torch::pickle::{self, Policy};
 use crate::formats::torch::value::Value;
 use crate::io::bytes::ByteView;

@@ -12,9 +12,7 @@
 pub mod dtype;
 pub mod emit;
 pub mod file;
-mod legacy;
 pub mod pickle;
-mod pickle_graph;
 mod pickle_text;
 pub mod policy;
 pub mod tensor;

@@ -26,10 +26,10 @@
 
 use std::collections::HashMap;
 
-use crate::formats::torch::pickle_graph::{convert, fold_reduce, leaf, node, Budget, Node, R};
 use crate::formats::torch::policy::map_module;
 pub use crate::formats::torch::policy::Policy;
 pub use crate::formats::torch::value::{Construct, Global, Object, Value};
+use graph::{convert, fold_reduce, leaf, node, Budget, Node, R};
 
 /// Most entries the memo may hold.
 pub const MAX_MEMO: usize = 1 << 24;
@@ -759,6 +759,10 @@ impl<'a> Vm<'a> {
         }
     }
 }
+
+// The value-graph builder: an implementation detail of the VM.
+#[path = "pickle_graph.rs"]
+mod graph;
 
 #[cfg(test)]
 #[path = "pickle_tests.rs"]

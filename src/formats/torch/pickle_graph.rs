@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use crate::formats::torch::pickle::{Error, MAX_DEPTH};
+use super::{Error, MAX_DEPTH};
 use crate::formats::torch::value::{Construct, Global, Object, Value};
 
 pub(crate) type R = Rc<RefCell<Node>>;
