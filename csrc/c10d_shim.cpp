@@ -177,6 +177,21 @@ int nemo_shim_all_gather(void* pg, at::Tensor** outs, int n_outs, at::Tensor* in
   });
 }
 
+// out: in.numel() / world elements; rank r receives the reduction of every rank's r-th
+// contiguous chunk of `in` (torch.distributed.reduce_scatter_tensor).
+int nemo_shim_reduce_scatter(void* pg, at::Tensor* out, at::Tensor* in, int op) {
+  return guard([&] {
+    c10d::ReduceScatterOptions o;
+    o.reduceOp = nemo_shim::to_op(op);
+    static_cast<Pg*>(pg)->b->_reduce_scatter_base(*out, *in, o)->wait();
+  });
+}
+
+// out: world x in.numel() elements, rank i's `in` at chunk i (all_gather_into_tensor).
+int nemo_shim_all_gather_into(void* pg, at::Tensor* out, at::Tensor* in) {
+  return guard([&] { static_cast<Pg*>(pg)->b->_allgather_base(*out, *in)->wait(); });
+}
+
 int nemo_shim_barrier(void* pg) {
   return guard([&] { static_cast<Pg*>(pg)->b->barrier()->wait(); });
 }

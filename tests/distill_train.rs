@@ -98,7 +98,14 @@ fn distill_cmd(program: &Path) -> Command {
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .env_remove("LOCAL_RANK")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
         .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_") {
+            c.env_remove(k);
+        }
+    }
     c
 }
 
@@ -127,17 +134,52 @@ fn run_tp2(args: &[String]) -> String {
 /// `world` ranks launched by hand with torchrun's variables.
 fn run_world(world: usize, args: &[String]) -> String {
     let port = free_port().to_string();
+    launch(world, args, |rank| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+    })
+}
+
+/// `world` ranks launched as `srun` starts tasks: only Slurm's variables.
+fn run_srun(world: usize, args: &[String]) -> String {
+    // MASTER_PORT = 15000 + the job id's last four digits
+    let port = free_port();
+    let job = (port.checked_sub(15000).filter(|p| *p < 10000))
+        .map_or_else(|| "0".to_string(), |p| format!("77{p:04}"));
+    launch(world, args, |rank| {
+        let mut v = vec![
+            ("SLURM_PROCID", rank.to_string()),
+            ("SLURM_LOCALID", rank.to_string()),
+            ("SLURM_NTASKS", world.to_string()),
+            ("SLURM_NODELIST", "localhost".to_string()),
+            ("SLURM_JOB_ID", job.clone()),
+        ];
+        if job == "0" {
+            // the free port is outside Lightning's 15000-24999 window: name it
+            v.push(("MASTER_PORT", port.to_string()));
+        }
+        v
+    })
+}
+
+fn launch(
+    world: usize,
+    args: &[String],
+    vars: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> String {
     let children: Vec<_> = (0..world)
         .map(|rank| {
-            distill_cmd(&bin())
-                .arg("distill")
-                .args(args)
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
+            let mut c = distill_cmd(&bin());
+            c.arg("distill").args(args);
+            for (k, v) in vars(rank) {
+                c.env(k, v);
+            }
+            c.stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("{e}"))
@@ -384,7 +426,8 @@ fn data_parallel_matches_the_same_global_batch_without_it() {
         a
     };
     run_tp1(&with("tp1", "tp1.nemo", 1, 1));
-    let text = run_world(2, &with("dp2", "dp2.nemo", 1, 2));
+    // DP2 started the way srun starts tasks (Slurm's variables only)
+    let text = run_srun(2, &with("dp2", "dp2.nemo", 1, 2));
     assert!(text.contains("TP 1 x DP 2"), "{text}");
     run_tp2(&with("tp2", "tp2.nemo", 2, 2));
     let text = run_world(4, &with("dp2tp2", "dp2tp2.nemo", 2, 4));
@@ -481,6 +524,135 @@ fn learns_and_the_saved_student_reproduces_the_last_validation() {
             .file_name()
             .to_string_lossy()
             .starts_with("events.out.tfevents")));
+}
+
+/// Megatron's distributed optimizer (ZeRO-1: masters and moments sharded over DP) at DP2
+/// equals plain AdamW at DP2 over 20 steps; each replica saves its own shards, and a run
+/// killed with SIGKILL resumes to the bit-identical result.
+#[test]
+fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let extra = [
+        "model.global_batch_size=4",
+        "model.micro_batch_size=1",
+        "model.data.seq_length=64",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=1e-2",
+        "model.optim.weight_decay=0.1",
+        "trainer.devices=2",
+    ];
+    let with = |exp: &str, out: &str, dist: bool| {
+        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        if dist {
+            a.push("model.optim.name=distributed_fused_adam".into());
+        }
+        a
+    };
+    run_world(2, &with("plain", "plain.nemo", false));
+    let text = run_world(2, &with("zero1", "zero1.nemo", true));
+    assert!(text.contains("TP 1 x DP 2"), "{text}");
+    let (loss, w) = compare_runs(
+        dir.path(),
+        ("plain", "plain.nemo"),
+        ("zero1", "zero1.nemo"),
+        "distributed optimizer vs AdamW at DP2",
+    );
+    let ck = dir.path().join("zero1/checkpoints/step_00000020");
+    for f in ["rank_0_dp0.pt", "rank_0_dp1.pt", "state.json"] {
+        assert!(ck.join(f).is_file(), "{f} missing in {}", ck.display());
+    }
+    // each replica holds half of the masters and moments
+    let size = |p: PathBuf| std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) as f64;
+    let whole = size(dir.path().join("plain/checkpoints/step_00000020/rank_0.pt"));
+    let half = size(ck.join("rank_0_dp0.pt"));
+    assert!(
+        half > 0.4 * whole && half < 0.6 * whole,
+        "shard file {half} bytes vs whole {whole}"
+    );
+    println!("ZeRO-1 vs AdamW at DP2: loss diff {loss:.2e}, weights {w:.2e}");
+
+    // killed after the step-10 checkpoint, then the same command again
+    let args = with("killed", "resumed.nemo", true);
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            distill_cmd(&bin())
+                .arg("distill")
+                .args(&args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let marker = dir
+        .path()
+        .join("killed/checkpoints/step_00000010/state.json");
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for c in &mut children {
+        c.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
+        let _ = c.wait();
+    }
+    assert!(
+        !dir.path().join("resumed.nemo").exists(),
+        "the run finished before it was killed: the test proves nothing"
+    );
+    let text = run_world(2, &args);
+    assert!(text.contains("resumed from"), "{text}");
+    let a = weights(&dir.path().join("zero1.nemo"));
+    let b = weights(&dir.path().join("resumed.nemo"));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{n} differs after resume");
+    }
+    assert_eq!(
+        step_losses(&dir.path().join("zero1")),
+        step_losses(&dir.path().join("killed"))
+    );
+    // resuming with plain AdamW is refused, naming both
+    let plain = with("killed", "other.nemo", false);
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            distill_cmd(&bin())
+                .arg("distill")
+                .args(&plain)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let mut outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let o = outs.remove(0);
+    assert!(!o.status.success());
+    assert!(
+        show(&o).contains("written with the distributed optimizer, this run uses plain AdamW"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]

@@ -36,6 +36,17 @@ extern "C" {
         input: *mut C_tensor,
     ) -> c_int;
     fn nemo_shim_barrier(pg: *mut c_void) -> c_int;
+    fn nemo_shim_reduce_scatter(
+        pg: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        op: c_int,
+    ) -> c_int;
+    fn nemo_shim_all_gather_into(
+        pg: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+    ) -> c_int;
     fn nemo_shim_tp_copy(pg: *mut c_void, x: *mut C_tensor) -> *mut C_tensor;
     fn nemo_shim_tp_reduce(pg: *mut c_void, x: *mut C_tensor) -> *mut C_tensor;
     fn nemo_shim_tp_gather_last(pg: *mut c_void, x: *mut C_tensor) -> *mut C_tensor;
@@ -209,6 +220,25 @@ impl RawPg {
         let mut ptrs: Vec<*mut C_tensor> = outs.iter_mut().map(|t| t.as_mut_ptr()).collect();
         // SAFETY: ptrs holds n live tensor handles for the duration of the call.
         check(unsafe { nemo_shim_all_gather(self.0, ptrs.as_mut_ptr(), n, input.as_mut_ptr()) })
+    }
+
+    pub(crate) fn reduce_scatter(
+        &self,
+        out: &mut Tensor,
+        input: &mut Tensor,
+        op: c_int,
+    ) -> Result<(), String> {
+        // SAFETY: live group and tensors for the duration of the blocking call.
+        check(unsafe { nemo_shim_reduce_scatter(self.0, out.as_mut_ptr(), input.as_mut_ptr(), op) })
+    }
+
+    pub(crate) fn all_gather_into(
+        &self,
+        out: &mut Tensor,
+        input: &mut Tensor,
+    ) -> Result<(), String> {
+        // SAFETY: as reduce_scatter.
+        check(unsafe { nemo_shim_all_gather_into(self.0, out.as_mut_ptr(), input.as_mut_ptr()) })
     }
 
     pub(crate) fn barrier(&self) -> Result<(), String> {

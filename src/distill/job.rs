@@ -89,6 +89,9 @@ pub struct Job {
     pub force_cpu: bool,
     /// Optimizer.
     pub adamw: AdamWConfig,
+    /// Megatron's distributed optimizer (ZeRO-1 over DP): `model.optim.name` is
+    /// `distributed_fused_adam` or `mcore_distributed_optim`.
+    pub distributed_optimizer: bool,
     /// `optim.lr` and `optim.sched`.
     pub schedule: CosineAnnealing,
     /// `model.kd`.
@@ -272,6 +275,10 @@ impl Job {
                 "only AdamW (fused_adam, adamw, distributed_fused_adam) is implemented",
             ));
         }
+        let distributed_optimizer = matches!(
+            opt_name.as_str(),
+            "distributed_fused_adam" | "mcore_distributed_optim"
+        );
         let adamw = AdamWConfig {
             weight_decay: cfg.f64("model.optim.weight_decay")?.unwrap_or(0.0),
             betas: (beta(0)?, beta(1)?),
@@ -389,6 +396,7 @@ impl Job {
             precision,
             force_cpu: accel == "cpu",
             adamw,
+            distributed_optimizer,
             schedule,
             kd,
             chunk_tokens,

@@ -73,6 +73,23 @@ pub struct AdamW {
     /// Slots in the model's parameter order.
     pub slots: Vec<Slot>,
     pg: ProcessGroup,
+    /// The distributed optimizer's layout, when masters and moments are sharded over DP.
+    sharded: Option<Sharded>,
+}
+
+/// ZeRO-1 (Megatron's distributed optimizer): each slot's fp32 master weights and Adam
+/// moments hold only this replica's contiguous shard of the flattened parameter (padded to
+/// `dp × len`). Gradients are reduce-scattered into those shards and the updated shards
+/// all-gathered back into the parameters, one collective per bucket of parameters.
+#[derive(Debug)]
+struct Sharded {
+    dp: ProcessGroup,
+    /// Per slot: elements of each replica's shard.
+    lens: Vec<i64>,
+    /// Slot index ranges of the communication buckets.
+    buckets: Vec<std::ops::Range<usize>>,
+    /// This step's averaged gradient shard per slot (set by [`AdamW::average_grads`]).
+    grads: Vec<Option<Tensor>>,
 }
 
 impl AdamW {
@@ -103,7 +120,101 @@ impl AdamW {
             step: 0,
             slots,
             pg: model.group().clone(),
+            sharded: None,
         }
+    }
+
+    /// The distributed optimizer over the data-parallel group `dp` (plain [`AdamW::new`]
+    /// when `dp` has one rank): this replica keeps the fp32 master and moments of its shard
+    /// of every parameter only.
+    pub fn new_distributed(model: &Gpt, cfg: AdamWConfig, dp: &ProcessGroup) -> AdamW {
+        let mut opt = AdamW::new(model, cfg);
+        let (w, d) = (i64::from(dp.world()), i64::from(dp.rank()));
+        if w == 1 {
+            return opt;
+        }
+        let mut lens = Vec::with_capacity(opt.slots.len());
+        tch::no_grad(|| {
+            for s in &mut opt.slots {
+                let len = (s.param.numel() as i64 + w - 1) / w;
+                let shard = padded_rows(&s.param.detach().to_kind(Kind::Float), w, len)
+                    .get(d)
+                    .copy();
+                s.exp_avg = shard.zeros_like();
+                s.exp_avg_sq = shard.zeros_like();
+                s.master = shard;
+                lens.push(len);
+            }
+        });
+        let mut buckets = Vec::new();
+        let mut start = 0;
+        while start < opt.slots.len() {
+            let (kind, device) = (
+                opt.slots[start].param.kind(),
+                opt.slots[start].param.device(),
+            );
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < opt.slots.len()
+                && opt.slots[end].param.kind() == kind
+                && opt.slots[end].param.device() == device
+                && (end == start || bytes < DP_BUCKET_BYTES)
+            {
+                bytes += lens[end] as usize * 4 * w as usize;
+                end += 1;
+            }
+            buckets.push(start..end);
+            start = end;
+        }
+        opt.sharded = Some(Sharded {
+            dp: dp.clone(),
+            grads: lens.iter().map(|_| None).collect(),
+            lens,
+            buckets,
+        });
+        opt
+    }
+
+    /// Whether masters and moments are sharded over data-parallel replicas.
+    pub fn is_distributed(&self) -> bool {
+        self.sharded.is_some()
+    }
+
+    /// Every slot's full fp32 master weights (the distributed optimizer gathers its shards:
+    /// every replica must call it).
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn full_masters(&self) -> Result<Vec<Tensor>, Error> {
+        let Some(sh) = &self.sharded else {
+            return Ok(self
+                .slots
+                .iter()
+                .map(|s| s.master.shallow_clone())
+                .collect());
+        };
+        let mut out = Vec::with_capacity(self.slots.len());
+        for b in &sh.buckets {
+            let full = gather_bucket(sh, &self.slots, b.clone())?;
+            out.extend(full);
+        }
+        Ok(out)
+    }
+
+    /// Writes the gathered shards into the parameters (after a step or a restore).
+    fn gather_params(&mut self) -> Result<(), Error> {
+        let Some(sh) = &self.sharded else {
+            return Ok(());
+        };
+        for b in &sh.buckets {
+            let full = gather_bucket(sh, &self.slots, b.clone())?;
+            tch::no_grad(|| {
+                for (s, f) in self.slots[b.clone()].iter_mut().zip(full) {
+                    s.param.copy_(&f);
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Clears every gradient.
@@ -115,6 +226,16 @@ impl AdamW {
 
     /// Multiplies every gradient by `f` (gradient accumulation: the mean over micro-batches).
     pub fn scale_grads(&mut self, f: f64) {
+        if let Some(sh) = &mut self.sharded {
+            if sh.grads.iter().any(Option::is_some) {
+                tch::no_grad(|| {
+                    for g in sh.grads.iter_mut().flatten() {
+                        let _ = g.g_mul_scalar_(f);
+                    }
+                });
+                return;
+            }
+        }
         tch::no_grad(|| {
             for s in &self.slots {
                 let mut g = s.param.grad();
@@ -133,6 +254,33 @@ impl AdamW {
     /// Collective errors.
     pub fn average_grads(&mut self, dp: &ProcessGroup) -> Result<(), Error> {
         if dp.world() == 1 {
+            return Ok(());
+        }
+        if let Some(sh) = &mut self.sharded {
+            // reduce-scatter: row r of each padded [dp, len] gradient goes to replica r
+            let w = i64::from(sh.dp.world());
+            for b in sh.buckets.clone() {
+                let total: i64 = sh.lens[b.clone()].iter().sum();
+                let shard = tch::no_grad(|| -> Result<Tensor, Error> {
+                    let rows: Vec<Tensor> = b
+                        .clone()
+                        .map(|i| {
+                            let p = &self.slots[i].param;
+                            let g = p.grad();
+                            let g = if g.defined() { g } else { p.zeros_like() };
+                            padded_rows(&g.to_kind(Kind::Float), w, sh.lens[i])
+                        })
+                        .collect();
+                    let buf = Tensor::cat(&rows, 1);
+                    Ok(sh.dp.reduce_scatter(&buf, parallel::ReduceOp::Avg)?)
+                })?;
+                debug_assert_eq!(shard.numel() as i64, total);
+                let mut off = 0;
+                for i in b {
+                    sh.grads[i] = Some(shard.narrow(0, off, sh.lens[i]));
+                    off += sh.lens[i];
+                }
+            }
             return Ok(());
         }
         let grads: Vec<Tensor> = self
@@ -182,8 +330,14 @@ impl AdamW {
         let world = f64::from(self.pg.world());
         let mut sq = Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
         tch::no_grad(|| {
-            for s in &self.slots {
-                let g = s.param.grad();
+            for (i, s) in self.slots.iter().enumerate() {
+                let g = match &self.sharded {
+                    Some(sh) => match &sh.grads[i] {
+                        Some(g) => g.shallow_clone(),
+                        None => continue,
+                    },
+                    None => s.param.grad(),
+                };
                 if !g.defined() {
                     continue;
                 }
@@ -201,7 +355,12 @@ impl AdamW {
                 sq += part / share;
             }
         });
-        let total = self.pg.sum_f64(sq.double_value(&[]))?;
+        let mut local = sq.double_value(&[]);
+        if let Some(sh) = &self.sharded {
+            // each replica holds a disjoint shard of every gradient
+            local = sh.dp.sum_f64(local)?;
+        }
+        let total = self.pg.sum_f64(local)?;
         Ok(total.max(0.0).sqrt())
     }
 
@@ -224,17 +383,31 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// One AdamW update at learning rate `lr` (torch.optim.AdamW's arithmetic).
-    pub fn step(&mut self, lr: f64) {
+    /// One AdamW update at learning rate `lr` (torch.optim.AdamW's arithmetic); the
+    /// distributed optimizer updates its shards and gathers them into the parameters.
+    ///
+    /// # Errors
+    /// Collective errors (distributed optimizer).
+    pub fn step(&mut self, lr: f64) -> Result<(), Error> {
         self.step += 1;
         let (b1, b2) = self.cfg.betas;
         let t = self.step as i32;
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bc1;
+        let mut shard_grads = self
+            .sharded
+            .as_mut()
+            .map(|sh| std::mem::take(&mut sh.grads));
         tch::no_grad(|| {
-            for s in &mut self.slots {
-                let g = s.param.grad();
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                let g = match shard_grads.as_mut() {
+                    Some(gs) => match gs.get_mut(i).and_then(Option::take) {
+                        Some(g) => g,
+                        None => continue,
+                    },
+                    None => s.param.grad(),
+                };
                 if !g.defined() {
                     continue;
                 }
@@ -251,11 +424,15 @@ impl AdamW {
                 let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
                 let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + self.cfg.eps;
                 let _ = s.master.addcdiv_(&(&s.exp_avg * (-step_size)), &denom);
-                if s.param.kind() != Kind::Float {
+                if shard_grads.is_none() && s.param.kind() != Kind::Float {
                     s.param.copy_(&s.master);
                 }
             }
         });
+        if let Some(sh) = self.sharded.as_mut() {
+            sh.grads = sh.lens.iter().map(|_| None).collect();
+        }
+        self.gather_params()
     }
 
     /// Named state tensors for a checkpoint: `master.<name>`, `exp_avg.<name>`,
@@ -299,18 +476,64 @@ impl AdamW {
             let m = find(format!("master.{}", s.name), &s.master, &s.name)?;
             let a = find(format!("exp_avg.{}", s.name), &s.master, &s.name)?;
             let b = find(format!("exp_avg_sq.{}", s.name), &s.master, &s.name)?;
+            let sharded = self.sharded.is_some();
             tch::no_grad(|| {
                 s.master.copy_(&m);
                 s.exp_avg.copy_(&a);
                 s.exp_avg_sq.copy_(&b);
-                if s.param.kind() != Kind::Float {
+                if !sharded && s.param.kind() != Kind::Float {
                     s.param.copy_(&s.master);
                 }
             });
         }
         self.step = step;
-        Ok(())
+        self.gather_params()
     }
+}
+
+/// `t` flattened, zero-padded to `rows × len` elements, as `[rows, len]`.
+fn padded_rows(t: &Tensor, rows: i64, len: i64) -> Tensor {
+    let flat = t.reshape([-1]);
+    let pad = rows * len - flat.numel() as i64;
+    let flat = if pad > 0 {
+        Tensor::cat(&[flat, t.new_zeros([pad], (t.kind(), t.device()))], 0)
+    } else {
+        flat
+    };
+    flat.view([rows, len])
+}
+
+/// The full fp32 masters of the slots in `range`: every replica's shards gathered in one
+/// collective, cut back to each parameter's shape.
+fn gather_bucket(
+    sh: &Sharded,
+    slots: &[Slot],
+    range: std::ops::Range<usize>,
+) -> Result<Vec<Tensor>, Error> {
+    let w = i64::from(sh.dp.world());
+    let total: i64 = sh.lens[range.clone()].iter().sum();
+    let local = Tensor::cat(
+        &slots[range.clone()]
+            .iter()
+            .map(|s| s.master.shallow_clone())
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let all = sh.dp.all_gather_flat(&local)?.view([w, total]);
+    let mut out = Vec::new();
+    let mut off = 0;
+    for i in range {
+        let p = &slots[i].param;
+        let n = p.numel() as i64;
+        let full = all
+            .narrow(1, off, sh.lens[i])
+            .reshape([-1])
+            .narrow(0, 0, n)
+            .view_as(p);
+        out.push(full);
+        off += sh.lens[i];
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -358,7 +581,7 @@ mod tests {
             .mean(Kind::Float);
         l.backward();
         let grads: Vec<Tensor> = opt.slots.iter().map(|s| s.param.grad().copy()).collect();
-        opt.step(1e-2);
+        opt.step(1e-2).unwrap_or_else(|e| panic!("{e}"));
         for ((s, p0), g) in opt.slots.iter().zip(&before).zip(&grads) {
             // one step from zero moments: p·(1 - lr·wd) - lr·g/(|g| + eps)
             let wd = if s.decay { 0.1 } else { 0.0 };

@@ -128,7 +128,9 @@ fn num<T: std::str::FromStr>(
 
 impl Launch {
     /// Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
-    /// TORCHELASTIC_USE_AGENT_STORE; unset variables mean a single process.
+    /// TORCHELASTIC_USE_AGENT_STORE (torchrun); without RANK, Slurm's SLURM_PROCID,
+    /// SLURM_NTASKS, SLURM_LOCALID and SLURM_NODELIST (`srun nemo-tool distill ...`, see
+    /// [`Launch::from_vars`]); unset variables mean a single process.
     ///
     /// # Errors
     /// [`Error::Env`] for unparsable values or a rank outside the world.
@@ -136,37 +138,96 @@ impl Launch {
         Launch::from_vars(&|k| std::env::var(k).ok())
     }
 
-    /// As [`Launch::from_env`], with the variables looked up through `get`.
+    /// As [`Launch::from_env`], with the variables looked up through `get`. Under Slurm
+    /// (SLURM_PROCID set, RANK not) the rank, world and local rank come from the task
+    /// variables, MASTER_ADDR (unless set) is the first host of SLURM_NODELIST and
+    /// MASTER_PORT (unless set) is 15000 + the last four digits of SLURM_JOB_ID, as PyTorch
+    /// Lightning's `SLURMEnvironment` (NeMo's launcher under Slurm) chooses them.
     ///
     /// # Errors
     /// As [`Launch::from_env`].
     pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Launch, Error> {
-        let rank = num(get, "RANK", 0i32)?;
-        let world = num(get, "WORLD_SIZE", 1i32)?;
-        let local_rank = num(get, "LOCAL_RANK", rank)?;
+        let slurm = get("RANK").is_none() && get("SLURM_PROCID").is_some();
+        let (rank_var, world_var, local_var): (&'static str, &'static str, &'static str) = if slurm
+        {
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+        } else {
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        };
+        let rank = num(get, rank_var, 0i32)?;
+        let world = num(get, world_var, 1i32)?;
+        let local_rank = num(get, local_var, rank)?;
         if world < 1 {
             return Err(Error::Env {
-                name: "WORLD_SIZE",
+                name: world_var,
                 value: world.to_string(),
                 why: "must be at least 1",
             });
         }
         if rank < 0 || rank >= world {
             return Err(Error::Env {
-                name: "RANK",
+                name: rank_var,
                 value: rank.to_string(),
-                why: "must be in 0..WORLD_SIZE",
+                why: "must be in 0..world size",
             });
         }
+        let addr = match get("MASTER_ADDR") {
+            Some(a) => a,
+            None if slurm => match get("SLURM_NODELIST") {
+                Some(list) => first_host(&list).ok_or(Error::Env {
+                    name: "SLURM_NODELIST",
+                    value: list.clone(),
+                    why: "no host name in it",
+                })?,
+                None => "127.0.0.1".to_string(),
+            },
+            None => "127.0.0.1".to_string(),
+        };
+        let port = match (get("MASTER_PORT"), get("SLURM_JOB_ID")) {
+            (None, Some(job)) if slurm => {
+                let digits: String = job.chars().filter(char::is_ascii_digit).collect();
+                let tail = &digits[digits.len().saturating_sub(4)..];
+                15000 + tail.parse::<u16>().unwrap_or(0)
+            }
+            _ => num(get, "MASTER_PORT", 29500u16)?,
+        };
         Ok(Launch {
             rank,
             world,
             local_rank,
-            addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_string()),
-            port: num(get, "MASTER_PORT", 29500u16)?,
+            addr,
+            port,
             agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
         })
     }
+}
+
+/// The first host of a Slurm node list: `node[003-004,7],gpu1` -> `node003`,
+/// `a1,a2` -> `a1`.
+pub fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    // the first top-level entry (commas inside brackets belong to it)
+    let mut depth = 0;
+    let end = list
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                _ => {}
+            }
+            c == ',' && depth == 0
+        })
+        .map_or(list.len(), |(i, _)| i);
+    let entry = &list[..end];
+    let host = match entry.split_once('[') {
+        None => entry.to_string(),
+        Some((prefix, range)) => {
+            let first = range.trim_end_matches(']').split([',', '-']).next()?;
+            format!("{prefix}{first}")
+        }
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// A process group over all ranks. Cheap to clone; the underlying c10d backend lives until
@@ -421,6 +482,52 @@ impl ProcessGroup {
         }
     }
 
+    /// Reduces `input` over the group and leaves chunk `rank` of the result in a new tensor
+    /// of `input.numel() / world` elements (no autograd). `input` must divide evenly.
+    ///
+    /// # Errors
+    /// [`Error::Collective`].
+    pub fn reduce_scatter(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor, Error> {
+        let n = input.numel() as i64;
+        let w = i64::from(self.world());
+        let Some(pg) = self.pg() else {
+            return Ok(input.reshape([-1]).shallow_clone());
+        };
+        if n % w != 0 {
+            return Err(Error::Collective {
+                op: "reduce_scatter",
+                msg: format!("{n} elements do not split {w} ways"),
+            });
+        }
+        let mut inp = input.reshape([-1]).contiguous();
+        let mut out = inp.new_empty([n / w], (inp.kind(), inp.device()));
+        pg.reduce_scatter(&mut out, &mut inp, op as i32)
+            .map_err(|msg| Error::Collective {
+                op: "reduce_scatter",
+                msg,
+            })?;
+        Ok(out)
+    }
+
+    /// Every rank's `input` (same size everywhere) concatenated in rank order (no autograd).
+    ///
+    /// # Errors
+    /// [`Error::Collective`].
+    pub fn all_gather_flat(&self, input: &Tensor) -> Result<Tensor, Error> {
+        let Some(pg) = self.pg() else {
+            return Ok(input.reshape([-1]).shallow_clone());
+        };
+        let mut inp = input.reshape([-1]).contiguous();
+        let n = inp.numel() as i64 * i64::from(self.world());
+        let mut out = inp.new_empty([n], (inp.kind(), inp.device()));
+        pg.all_gather_into(&mut out, &mut inp)
+            .map_err(|msg| Error::Collective {
+                op: "all_gather",
+                msg,
+            })?;
+        Ok(out)
+    }
+
     /// In-place broadcast from `root` (no autograd).
     pub fn broadcast(&self, t: &mut Tensor, root: i32) -> Result<(), Error> {
         match self.pg() {
@@ -541,6 +648,43 @@ mod tests {
         assert_eq!(
             (d.rank, d.world, d.port, d.agent_store),
             (0, 1, 29500, false)
+        );
+    }
+
+    #[test]
+    fn reads_slurm_variables() {
+        let l = vars(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODELIST", "gpu[012-013,020],cpu7"),
+            ("SLURM_JOB_ID", "4711234"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.rank, l.world, l.local_rank), (5, 8, 1));
+        assert_eq!((l.addr.as_str(), l.port), ("gpu012", 16234));
+        // torchrun inside an allocation wins; an explicit MASTER_* wins under srun
+        let t = vars(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("SLURM_PROCID", "3")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.rank, t.world), (0, 2));
+        let m = vars(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("MASTER_ADDR", "10.1.1.1"),
+            ("MASTER_PORT", "29999"),
+            ("SLURM_JOB_ID", "12"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.addr.as_str(), m.port), ("10.1.1.1", 29999));
+        assert_eq!(first_host("a1,a2").as_deref(), Some("a1"));
+        assert_eq!(first_host("n[7]").as_deref(), Some("n7"));
+        assert_eq!(first_host(""), None);
+        let e = vars(&[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "2")])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("SLURM_PROCID")),
+            "{e:?}"
         );
     }
 

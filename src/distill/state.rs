@@ -78,6 +78,9 @@ pub struct TrainState {
     /// Their tensor-parallel size (0 in checkpoints from before data parallelism: TP = world).
     #[serde(default)]
     pub tp: u32,
+    /// Written by the distributed optimizer: one file per rank (`rank_<t>_dp<d>.pt`).
+    #[serde(default)]
+    pub distributed_optimizer: bool,
     /// Every step so far.
     pub train: Vec<StepRecord>,
     /// Every validation so far.
@@ -113,7 +116,8 @@ pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 /// Saves the tensors of data-parallel replica 0 (one file per TP rank: the other replicas
-/// hold the same) and, on rank 0, the state; every rank must call it.
+/// hold the same; with the distributed optimizer every rank saves its own shards) and, on
+/// rank 0, the state; every rank must call it.
 ///
 /// # Errors
 /// [`Error::Io`], collective errors.
@@ -131,8 +135,8 @@ pub fn save(
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     }
     world.barrier()?;
-    if grid.dp_rank() == 0 {
-        let file = partial.join(format!("rank_{}.pt", grid.tp_rank()));
+    if grid.dp_rank() == 0 || state.distributed_optimizer {
+        let file = partial.join(rank_file(grid, state.distributed_optimizer));
         let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         Tensor::save_multi(&named, &file).map_err(|e| Error::Io {
             path: file.clone(),
@@ -158,6 +162,15 @@ pub fn save(
     Ok(fin)
 }
 
+/// This rank's file in a checkpoint folder.
+fn rank_file(grid: &Grid, distributed_optimizer: bool) -> String {
+    if distributed_optimizer {
+        format!("rank_{}_dp{}.pt", grid.tp_rank(), grid.dp_rank())
+    } else {
+        format!("rank_{}.pt", grid.tp_rank())
+    }
+}
+
 /// A loaded checkpoint: its folder, state and this rank's named tensors.
 pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
 
@@ -165,7 +178,11 @@ pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
 ///
 /// # Errors
 /// [`Error::Mismatch`] when it was written by other parallel sizes; I/O errors.
-pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
+pub fn load_latest(
+    dir: &Path,
+    grid: &Grid,
+    distributed_optimizer: bool,
+) -> Result<Option<Loaded>, Error> {
     let Some((_, path)) = list(dir).pop() else {
         return Ok(None);
     };
@@ -188,7 +205,24 @@ pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
             ),
         });
     }
-    let file = path.join(format!("rank_{}.pt", grid.tp_rank()));
+    if state.distributed_optimizer != distributed_optimizer {
+        let says = |d: bool| {
+            if d {
+                "the distributed optimizer"
+            } else {
+                "plain AdamW"
+            }
+        };
+        return Err(Error::Mismatch {
+            path,
+            why: format!(
+                "written with {}, this run uses {} (set model.optim.name as before)",
+                says(state.distributed_optimizer),
+                says(distributed_optimizer)
+            ),
+        });
+    }
+    let file = path.join(rank_file(grid, state.distributed_optimizer));
     let tensors = Tensor::load_multi(&file).map_err(|e| Error::Io {
         path: file.clone(),
         why: e.to_string(),
@@ -223,7 +257,7 @@ mod tests {
         }
         let steps: Vec<u64> = list(dir.path()).iter().map(|x| x.0).collect();
         assert_eq!(steps, vec![4, 6]);
-        let (_, st, ts) = load_latest(dir.path(), &pg)
+        let (_, st, ts) = load_latest(dir.path(), &pg, false)
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("nothing saved"));
         assert_eq!(st.consumed_samples, 48);
@@ -242,7 +276,7 @@ mod tests {
         };
         let t = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         save(dir.path(), &pg, &[("x".to_string(), t)], &st).unwrap_or_else(|e| panic!("{e}"));
-        let e = load_latest(dir.path(), &pg)
+        let e = load_latest(dir.path(), &pg, false)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -250,7 +284,7 @@ mod tests {
             e.contains("written by 2 ranks at TP 2 (DP 1), this launch has 1 at TP 1 (DP 1)"),
             "{e}"
         );
-        assert!(load_latest(&dir.path().join("none"), &pg)
+        assert!(load_latest(&dir.path().join("none"), &pg, false)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());
     }

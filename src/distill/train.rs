@@ -447,11 +447,15 @@ pub fn validate(
 
 /// Canonical names and per-rank fp32 shards of every student parameter, gathered on every
 /// rank (`[rank][param]`).
-fn gather_student(opt: &AdamW, pg: &ProcessGroup) -> Result<Vec<Vec<(String, Tensor)>>, Error> {
+fn gather_student(
+    opt: &AdamW,
+    masters: &[Tensor],
+    pg: &ProcessGroup,
+) -> Result<Vec<Vec<(String, Tensor)>>, Error> {
     let world = pg.world() as usize;
     let mut ranks: Vec<Vec<(String, Tensor)>> = (0..world).map(|_| Vec::new()).collect();
-    for s in &opt.slots {
-        let parts = pg.all_gather(&s.master.detach().contiguous())?;
+    for (s, master) in opt.slots.iter().zip(masters) {
+        let parts = pg.all_gather(&master.detach().contiguous())?;
         for (r, p) in parts.into_iter().enumerate() {
             if let Some(v) = ranks.get_mut(r) {
                 v.push((s.name.clone(), p.to_device(Device::Cpu)));
@@ -465,9 +469,14 @@ fn gather_student(opt: &AdamW, pg: &ProcessGroup) -> Result<Vec<Vec<(String, Ten
 ///
 /// # Errors
 /// Collective, config and write errors.
-pub fn save_student(job: &Job, m: &Models, opt: &AdamW) -> Result<PathBuf, Error> {
+pub fn save_student(
+    job: &Job,
+    m: &Models,
+    opt: &AdamW,
+    masters: &[Tensor],
+) -> Result<PathBuf, Error> {
     let pg = m.student.group();
-    let ranks = gather_student(opt, pg)?;
+    let ranks = gather_student(opt, masters, pg)?;
     if pg.rank() == 0 {
         let ups: Vec<(&str, &str)> = m
             .config_updates
@@ -620,16 +629,21 @@ pub fn run(
         job.seed,
     )?;
     let val = validation_samples(job)?;
-    let mut opt = AdamW::new(&m.student, job.adamw);
+    let mut opt = if job.distributed_optimizer {
+        AdamW::new_distributed(&m.student, job.adamw, &grid.dp)
+    } else {
+        AdamW::new(&m.student, job.adamw)
+    };
     let mut hist = TrainState {
         world: grid.world.world() as u32,
         tp: pg.world() as u32,
+        distributed_optimizer: opt.is_distributed(),
         ..TrainState::default()
     };
     let ckdir = job.checkpoint_dir();
     let mut resumed_from = 0;
     if job.resume {
-        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid)? {
+        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid, opt.is_distributed())? {
             opt.load_state(&tensors, st.step)?;
             say(
                 on,
@@ -689,7 +703,7 @@ pub fn run(
         let kd_loss = grid.dp.sum_f64(loss_sum / accum as f64)? / dp as f64;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
-        opt.step(lr);
+        opt.step(lr)?;
         hist.step += 1;
         hist.consumed_samples += job.global_batch as u64;
         let dt = t0.elapsed().as_secs_f64();
@@ -722,9 +736,11 @@ pub fn run(
             }
         }
     }
-    // every replica holds the same student: replica 0's TP group writes it
+    // every replica holds the same student: replica 0's TP group writes it (the distributed
+    // optimizer's masters are gathered from every replica first)
+    let masters = opt.full_masters()?;
     if dp_rank == 0 {
-        save_student(job, &m, &opt)?;
+        save_student(job, &m, &opt, &masters)?;
     }
     grid.world.barrier()?;
     let nemo = job.nemo_path.clone();
