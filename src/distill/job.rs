@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use super::loss::{self, KdLoss, LossKind};
+use super::model::Recompute;
 use super::optim::AdamWConfig;
 use crate::distill::runconfig::{self, RunConfig};
 use crate::distill::sampling::Blend;
@@ -98,6 +99,8 @@ pub struct Job {
     pub kd: KdLoss,
     /// `model.kd.chunk_tokens`, as sequence positions per chunk.
     pub chunk_tokens: i64,
+    /// Activation recompute of the student (`model.activations_checkpoint_*`).
+    pub recompute: Recompute,
     /// `model.data.data_prefix`.
     pub blend: Blend,
     /// `model.data.splits_string`.
@@ -321,6 +324,44 @@ impl Job {
             }
         };
         let kd = KdLoss::new(kind, temperature)?;
+        let recompute = {
+            let gran = cfg.str("model.activations_checkpoint_granularity")?;
+            let method = cfg.str("model.activations_checkpoint_method")?;
+            let n = cfg
+                .u64("model.activations_checkpoint_num_layers")?
+                .unwrap_or(1);
+            match gran.as_deref() {
+                None | Some("") | Some("None") | Some("null") => Recompute::None,
+                Some("selective") => Recompute::Selective,
+                Some("full") => {
+                    if n == 0 {
+                        return Err(invalid(
+                            "model.activations_checkpoint_num_layers",
+                            n,
+                            "must be at least 1",
+                        ));
+                    }
+                    match method.as_deref() {
+                        Some("uniform") => Recompute::Uniform(n as usize),
+                        Some("block") => Recompute::Block(n as usize),
+                        other => {
+                            return Err(invalid(
+                                "model.activations_checkpoint_method",
+                                other.unwrap_or("null"),
+                                "must be uniform or block with granularity full",
+                            ))
+                        }
+                    }
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        "model.activations_checkpoint_granularity",
+                        other,
+                        "must be null, selective or full",
+                    ))
+                }
+            }
+        };
         let chunk_tokens = cfg.u64("model.kd.chunk_tokens")?.unwrap_or(2048).max(1);
         let chunk_tokens = (chunk_tokens / micro_batch).max(1) as i64;
 
@@ -400,6 +441,7 @@ impl Job {
             schedule,
             kd,
             chunk_tokens,
+            recompute,
             blend,
             splits,
             seed: cfg.u64("model.seed")?.unwrap_or(1234),
@@ -517,6 +559,24 @@ mod tests {
         )
         .contains("global_batch_size"));
         assert!(e(with(&["model.kd.loss=mse"]), 1).contains("model.kd.loss"));
+        assert!(
+            e(with(&["model.activations_checkpoint_granularity=full"]), 1)
+                .contains("model.activations_checkpoint_method")
+        );
+        assert!(
+            e(with(&["model.activations_checkpoint_granularity=most"]), 1)
+                .contains("model.activations_checkpoint_granularity")
+        );
+        let j = Job::resolve(
+            &with(&[
+                "model.activations_checkpoint_granularity=full",
+                "model.activations_checkpoint_method=block",
+                "model.activations_checkpoint_num_layers=2",
+            ]),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.recompute, Recompute::Block(2));
         assert!(e(with(&["model.data.eod_mask_loss=true"]), 1).contains("eod_token_id"));
         let mut c = RunConfig::distill_default();
         c.apply(&["model.nemo_path=x".to_string()])

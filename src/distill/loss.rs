@@ -11,7 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::model::{self, Gpt};
+use super::model::{self, Gpt, Recompute};
 use super::parallel::{self, ProcessGroup};
 
 /// Errors of the losses.
@@ -198,13 +198,36 @@ impl KdLoss {
         mask: &Tensor,
         chunk: i64,
     ) -> Result<f64, Error> {
+        self.chunked_backward_with(student, teacher, tokens, mask, chunk, Recompute::None)
+    }
+
+    /// [`KdLoss::chunked_backward`] with the student's activations kept as `recompute` says
+    /// (the result is the same: only the memory held between forward and backward differs).
+    ///
+    /// # Errors
+    /// As [`KdLoss::chunked_backward`].
+    pub fn chunked_backward_with(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        tokens: &Tensor,
+        mask: &Tensor,
+        chunk: i64,
+        recompute: Recompute,
+    ) -> Result<f64, Error> {
         if chunk < 1 {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
         let pg = student.group();
         let n = valid_tokens(mask)?;
         let th = tch::no_grad(|| teacher.hidden(tokens))?;
-        let sh = student.hidden(tokens)?;
+        let (sh, ck) = match recompute {
+            Recompute::None | Recompute::Selective => (student.hidden(tokens)?, None),
+            rc => {
+                let ck = student.hidden_checkpointed(tokens, rc)?;
+                (ck.hidden.shallow_clone(), Some(ck))
+            }
+        };
         let leaf = sh.detach().set_requires_grad(true);
         let seq = *tokens
             .size()
@@ -226,10 +249,15 @@ impl KdLoss {
         }
         let g = leaf.grad();
         if g.defined() {
-            (sh * g.detach())
-                .sum(Kind::Float)
-                .f_backward()
-                .map_err(|e| Error::Backward(e.to_string()))?;
+            match ck {
+                Some(ck) => ck
+                    .backward(student, &g)
+                    .map_err(|e| Error::Backward(e.to_string()))?,
+                None => (sh * g.detach())
+                    .sum(Kind::Float)
+                    .f_backward()
+                    .map_err(|e| Error::Backward(e.to_string()))?,
+            }
         }
         Ok(total)
     }

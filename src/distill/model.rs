@@ -9,6 +9,8 @@
 //! Shapes are validated when the model is built; the tensor ops afterwards use tch's
 //! panicking forms, because a failure there is a bug in this module, not bad input.
 
+use std::ops::Range;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::model::layout::Rule;
@@ -502,8 +504,19 @@ impl Gpt {
     /// [`Error::Input`] for a non-2-D or non-integer token tensor or a sequence longer than
     /// the learned position table; collective errors.
     pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor, Error> {
+        let mut x = self.embed(tokens)?;
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let rope = self.rope(s);
+        for l in &self.layers {
+            x = self.layer(l, x, b, s, rope.as_ref())?;
+        }
+        Ok(self.norm(&x, &self.final_norm))
+    }
+
+    /// The embedding output `[b, s, H]` (word plus learned positions) of token ids `[b, s]`.
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor, Error> {
         let size = tokens.size();
-        let [b, s] = size[..] else {
+        let [_, s] = size[..] else {
             return Err(Error::Input {
                 what: "tokens",
                 why: format!("expected [batch, seq], got {size:?}"),
@@ -553,61 +566,122 @@ impl Gpt {
             }
             x += pos.narrow(0, 0, s).unsqueeze(0);
         }
-        let rope = self.rope(s);
+        Ok(x)
+    }
+
+    /// One transformer layer on `x` `[b, s, H]`.
+    fn layer(
+        &self,
+        l: &Layer,
+        mut x: Tensor,
+        b: i64,
+        s: i64,
+        rope: Option<&rope::Rope>,
+    ) -> Result<Tensor, Error> {
+        let spec = &self.spec;
+        let tp = spec.tp;
         let hpg = spec.heads_per_group();
         let gl = spec.groups / tp;
         let d = spec.head_dim;
-        for l in &self.layers {
-            // attention
-            let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln1))?;
-            let qkv = Self::linear(&h, &l.qkv_w, l.qkv_b.as_ref()).view([b, s, gl, hpg + 2, d]);
-            let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
-            let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
-            let v = qkv.narrow(3, hpg + 1, 1).reshape([b, s, gl, d]);
-            if let Some(r) = &rope {
-                q = r.apply(&q);
-                k = r.apply(&k);
-            }
-            // [b, heads, s, d] and [b, groups, s, d]: each group's k/v serves its hpg
-            // consecutive query heads (SDPA's enable_gqa, which is repeat_interleave's
-            // grouping without materialising the copies)
-            let q = q.transpose(1, 2);
-            let k = k.transpose(1, 2);
-            let v = v.transpose(1, 2);
-            let ctx = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                None,
-                hpg > 1,
-            );
-            let ctx = ctx.transpose(1, 2).reshape([b, s, gl * hpg * d]);
-            let o = self
-                .pg
-                .reduce_from_tp(&Self::linear(&ctx, &l.proj_w, None))?;
-            x = match &l.proj_b {
-                Some(bias) => x + o + bias,
-                None => x + o,
-            };
-            // MLP
-            let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln2))?;
-            let f = Self::linear(&h, &l.fc1_w, l.fc1_b.as_ref());
-            let a = if spec.gated {
-                let gu = f.chunk(2, -1);
-                self.act(&gu[0]) * &gu[1]
-            } else {
-                self.act(&f)
-            };
-            let o = self.pg.reduce_from_tp(&Self::linear(&a, &l.fc2_w, None))?;
-            x = match &l.fc2_b {
-                Some(bias) => x + o + bias,
-                None => x + o,
-            };
+        // attention
+        let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln1))?;
+        let qkv = Self::linear(&h, &l.qkv_w, l.qkv_b.as_ref()).view([b, s, gl, hpg + 2, d]);
+        let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
+        let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
+        let v = qkv.narrow(3, hpg + 1, 1).reshape([b, s, gl, d]);
+        if let Some(r) = rope {
+            q = r.apply(&q);
+            k = r.apply(&k);
         }
-        Ok(self.norm(&x, &self.final_norm))
+        // [b, heads, s, d] and [b, groups, s, d]: each group's k/v serves its hpg
+        // consecutive query heads (SDPA's enable_gqa, which is repeat_interleave's
+        // grouping without materialising the copies)
+        let q = q.transpose(1, 2);
+        let k = k.transpose(1, 2);
+        let v = v.transpose(1, 2);
+        let ctx = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            hpg > 1,
+        );
+        let ctx = ctx.transpose(1, 2).reshape([b, s, gl * hpg * d]);
+        let o = self
+            .pg
+            .reduce_from_tp(&Self::linear(&ctx, &l.proj_w, None))?;
+        x = match &l.proj_b {
+            Some(bias) => x + o + bias,
+            None => x + o,
+        };
+        // MLP
+        let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln2))?;
+        let f = Self::linear(&h, &l.fc1_w, l.fc1_b.as_ref());
+        let a = if spec.gated {
+            let gu = f.chunk(2, -1);
+            self.act(&gu[0]) * &gu[1]
+        } else {
+            self.act(&f)
+        };
+        let o = self.pg.reduce_from_tp(&Self::linear(&a, &l.fc2_w, None))?;
+        x = match &l.fc2_b {
+            Some(bias) => x + o + bias,
+            None => x + o,
+        };
+        Ok(x)
+    }
+
+    /// Layers `range` on `x`.
+    fn layers_on(&self, range: Range<usize>, mut x: Tensor) -> Result<Tensor, Error> {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let rope = self.rope(s);
+        for l in &self.layers[range] {
+            x = self.layer(l, x, b, s, rope.as_ref())?;
+        }
+        Ok(x)
+    }
+
+    /// [`Gpt::hidden`] keeping only what `recompute` says: the inputs of checkpointed layer
+    /// groups instead of their activations. [`Checkpointed::backward`] re-runs those groups
+    /// one at a time, last first, so at most one group's activations are alive.
+    ///
+    /// # Errors
+    /// As [`Gpt::hidden`].
+    pub fn hidden_checkpointed(
+        &self,
+        tokens: &Tensor,
+        recompute: Recompute,
+    ) -> Result<Checkpointed, Error> {
+        let embedded = self.embed(tokens)?;
+        let mut x = embedded.shallow_clone();
+        let mut segments = Vec::new();
+        for (range, checkpoint) in recompute.segments(self.layers.len()) {
+            let input = x.detach().set_requires_grad(true);
+            let (next, output) = if checkpoint {
+                let out = tch::no_grad(|| self.layers_on(range.clone(), input.shallow_clone()))?;
+                (out, None)
+            } else {
+                let out = self.layers_on(range.clone(), input.shallow_clone())?;
+                (out.shallow_clone(), Some(out))
+            };
+            segments.push(Segment {
+                layers: range,
+                input,
+                output,
+            });
+            x = next;
+        }
+        let final_input = x.detach().set_requires_grad(true);
+        let hidden = self.norm(&final_input, &self.final_norm);
+        Ok(Checkpointed {
+            embedded,
+            segments,
+            final_input,
+            hidden,
+        })
     }
 
     /// This rank's vocab slice of the logits, `[.., V/TP]`, for hidden states `[.., H]`.
@@ -660,6 +734,105 @@ impl Gpt {
             }
             Some(d) => Tensor::cat(&parts, d as i64),
         })
+    }
+}
+
+/// Activation recompute (NeMo's `activations_checkpoint_granularity` / `_method` /
+/// `_num_layers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recompute {
+    /// Every activation is kept for the backward pass.
+    None,
+    /// `selective`: recompute the attention core. Our attention is one fused
+    /// scaled-dot-product kernel whose backward recomputes the attention probabilities (the
+    /// `s × s` tensors selective recompute exists to drop), so nothing more is stored.
+    Selective,
+    /// `full` + `uniform`: layers in groups of `n`; each group keeps only its input and is
+    /// recomputed in the backward pass.
+    Uniform(usize),
+    /// `full` + `block`: the first `n` layers each keep only their input and are recomputed;
+    /// the other layers keep their activations.
+    Block(usize),
+}
+
+impl Recompute {
+    /// `(layers, checkpointed)` groups covering `0..layers` in order.
+    pub fn segments(self, layers: usize) -> Vec<(Range<usize>, bool)> {
+        match self {
+            Recompute::None | Recompute::Selective => vec![(0..layers, false)],
+            Recompute::Uniform(n) => {
+                let n = n.max(1);
+                (0..layers)
+                    .step_by(n)
+                    .map(|a| (a..(a + n).min(layers), true))
+                    .collect()
+            }
+            Recompute::Block(n) => {
+                let n = n.min(layers);
+                let mut v: Vec<_> = (0..n).map(|a| (a..a + 1, true)).collect();
+                if n < layers {
+                    v.push((n..layers, false));
+                }
+                v
+            }
+        }
+    }
+}
+
+/// One group of layers of a [`Checkpointed`] forward.
+#[derive(Debug)]
+struct Segment {
+    layers: Range<usize>,
+    /// The group's input (a leaf that collects its gradient).
+    input: Tensor,
+    /// Its output with the autograd graph, when its activations were kept.
+    output: Option<Tensor>,
+}
+
+/// A forward pass that kept only some activations (see [`Gpt::hidden_checkpointed`]).
+#[derive(Debug)]
+pub struct Checkpointed {
+    embedded: Tensor,
+    segments: Vec<Segment>,
+    final_input: Tensor,
+    /// The final hidden states `[b, s, H]` (with the final norm's graph).
+    pub hidden: Tensor,
+}
+
+impl Checkpointed {
+    /// Backpropagates `grad` (of [`Checkpointed::hidden`]) into the parameters of `model`
+    /// (the model that made it): the final norm, then each layer group from the last,
+    /// recomputing the checkpointed ones, then the embedding.
+    ///
+    /// # Errors
+    /// Collective and autograd errors.
+    pub fn backward(self, model: &Gpt, grad: &Tensor) -> Result<(), Error> {
+        let push = |out: &Tensor, g: &Tensor| -> Result<(), Error> {
+            (out * g.detach())
+                .sum(Kind::Float)
+                .f_backward()
+                .map_err(|e| Error::Input {
+                    what: "backward",
+                    why: e.to_string(),
+                })
+        };
+        push(&self.hidden, grad)?;
+        let mut g = self.final_input.grad();
+        for seg in self.segments.into_iter().rev() {
+            if !g.defined() {
+                break;
+            }
+            let out = match seg.output {
+                Some(o) => o,
+                None => model.layers_on(seg.layers.clone(), seg.input.shallow_clone())?,
+            };
+            push(&out, &g)?;
+            g = seg.input.grad();
+        }
+        if g.defined() && self.embedded.requires_grad() {
+            push(&self.embedded, &g)?;
+        }
+        Ok(())
     }
 }
 
@@ -735,6 +908,71 @@ mod tests {
         assert!(matches!(m.forward(&too_long), Err(Error::Input { .. })));
         let flat = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
         assert!(matches!(m.forward(&flat), Err(Error::Input { .. })));
+    }
+
+    #[test]
+    fn recompute_gives_the_same_loss_and_gradients() {
+        let c = ModelConfig::parse(
+            "num_layers: 5\nhidden_size: 16\nffn_hidden_size: 24\nnum_attention_heads: 4\n\
+             normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let spec = GptSpec::from_config(&c, 1, 32).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.num_layers, 5);
+        let pg = ProcessGroup::single();
+        let mk = |seed, train| {
+            Gpt::new(
+                spec.clone(),
+                &InitFrom::Random { seed },
+                &pg,
+                Kind::Float,
+                Device::Cpu,
+                train,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let teacher = mk(2, false);
+        let tokens = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]).view([2, 4]);
+        let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let k = crate::distill::loss::KdLoss::new(crate::distill::loss::LossKind::ForwardKl, 1.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let run = |rc: Recompute| {
+            let student = mk(1, true);
+            let l = k
+                .chunked_backward_with(&student, &teacher, &tokens, &mask, 3, rc)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let grads: Vec<Tensor> = student
+                .params()
+                .iter()
+                .map(|p| p.tensor.grad().copy())
+                .collect();
+            (l, grads)
+        };
+        let (l0, g0) = run(Recompute::None);
+        for rc in [
+            Recompute::Selective,
+            Recompute::Uniform(1),
+            Recompute::Uniform(2),
+            Recompute::Block(2),
+            Recompute::Block(9),
+        ] {
+            let (l, g) = run(rc);
+            assert!((l - l0).abs() <= 1e-6, "{rc:?}: loss {l} vs {l0}");
+            assert_eq!(g.len(), g0.len());
+            for (a, b) in g.iter().zip(&g0) {
+                assert!(a.defined() && b.defined(), "{rc:?}: a gradient is missing");
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d <= 1e-6, "{rc:?}: gradient differs by {d}");
+            }
+        }
+        assert_eq!(
+            Recompute::Uniform(2).segments(5),
+            vec![(0..2, true), (2..4, true), (4..5, true)]
+        );
+        assert_eq!(
+            Recompute::Block(2).segments(5),
+            vec![(0..1, true), (1..2, true), (2..5, false)]
+        );
     }
 
     #[test]

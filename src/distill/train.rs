@@ -688,12 +688,13 @@ pub fn run(
             // samples, replica d taking the d-th micro-batch of them
             let first = hist.consumed_samples as usize + (j * dp + dp_rank) * job.micro_batch;
             let b = batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask);
-            loss_sum += job.kd.chunked_backward(
+            loss_sum += job.kd.chunked_backward_with(
                 &m.student,
                 &m.teacher,
                 &b.tokens,
                 &b.mask,
                 job.chunk_tokens,
+                job.recompute,
             )?;
         }
         if accum > 1 {

@@ -31,6 +31,11 @@ const BENCHES: &[Bench] = &[
         "nemo-tool distill vs a PyTorch eager reference (tests/bench/distill_reference.py): tokens/s, peak RSS",
         distill,
     ),
+    (
+        "recompute",
+        "nemo-tool distill of a ~50M student with and without full activation recompute: peak RSS, tokens/s",
+        crate::bench_recompute::recompute,
+    ),
 ];
 
 /// Builds the release binary and the bench examples.
@@ -141,7 +146,7 @@ fn inspect(args: &[String]) -> Result<()> {
 }
 
 /// The number after `key=` in a `key=value ...` line.
-fn kv_number(line: &str, key: &str) -> Option<f64> {
+pub(crate) fn kv_number(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
         .parse()

@@ -8,6 +8,7 @@
 
 mod bench;
 mod bench_convert;
+mod bench_recompute;
 mod bench_reshard;
 mod demo;
 mod sha256;
