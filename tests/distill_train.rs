@@ -134,15 +134,7 @@ fn run_tp2(args: &[String]) -> String {
 /// `world` ranks launched by hand with torchrun's variables.
 fn run_world(world: usize, args: &[String]) -> String {
     let port = free_port().to_string();
-    launch(world, args, |rank| {
-        vec![
-            ("RANK", rank.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("WORLD_SIZE", world.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", port.clone()),
-        ]
-    })
+    launch(world, args, torchrun_vars(world, &port))
 }
 
 /// `world` ranks launched as `srun` starts tasks: only Slurm's variables.
@@ -172,7 +164,24 @@ fn launch(
     args: &[String],
     vars: impl Fn(usize) -> Vec<(&'static str, String)>,
 ) -> String {
-    let children: Vec<_> = (0..world)
+    let mut text = String::new();
+    for (rank, o) in wait_all(spawn_ranks(world, args, vars))
+        .into_iter()
+        .enumerate()
+    {
+        assert!(o.status.success(), "rank {rank}: {}", show(&o));
+        text += &show(&o);
+    }
+    text
+}
+
+/// `world` ranks of `nemo-tool distill args` started with `vars(rank)`, output piped.
+fn spawn_ranks(
+    world: usize,
+    args: &[String],
+    vars: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Vec<std::process::Child> {
+    (0..world)
         .map(|rank| {
             let mut c = distill_cmd(&bin());
             c.arg("distill").args(args);
@@ -184,14 +193,27 @@ fn launch(
                 .spawn()
                 .unwrap_or_else(|e| panic!("{e}"))
         })
-        .collect();
-    let mut text = String::new();
-    for (rank, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
-        assert!(o.status.success(), "rank {rank}: {}", show(&o));
-        text += &show(&o);
+        .collect()
+}
+
+fn wait_all(children: Vec<std::process::Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// torchrun's variables for `rank` of `world` at `port`.
+fn torchrun_vars(world: usize, port: &str) -> impl Fn(usize) -> Vec<(&'static str, String)> + '_ {
+    move |rank| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.to_string()),
+        ]
     }
-    text
 }
 
 fn metrics(exp: &Path) -> Vec<serde_json::Value> {
@@ -578,21 +600,7 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
     // killed after the step-10 checkpoint, then the same command again
     let args = with("killed", "resumed.nemo", true);
     let port = free_port().to_string();
-    let mut children: Vec<_> = (0..2)
-        .map(|rank| {
-            distill_cmd(&bin())
-                .arg("distill")
-                .args(&args)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let mut children = spawn_ranks(2, &args, torchrun_vars(2, &port));
     let marker = dir
         .path()
         .join("killed/checkpoints/step_00000010/state.json");
@@ -627,25 +635,7 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
     // resuming with plain AdamW is refused, naming both
     let plain = with("killed", "other.nemo", false);
     let port = free_port().to_string();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            distill_cmd(&bin())
-                .arg("distill")
-                .args(&plain)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
-    let mut outs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap_or_else(|e| panic!("{e}")))
-        .collect();
+    let mut outs = wait_all(spawn_ranks(2, &plain, torchrun_vars(2, &port)));
     let o = outs.remove(0);
     assert!(!o.status.success());
     assert!(

@@ -6,7 +6,12 @@ Megatron-Core GPT math (RMSNorm, fused GQA QKV in mcore's per-group row order, r
 positions, causal SDPA, SwiGLU, untied output layer), NeMo's LogitsKLLoss (forward KL over
 the padded vocabulary, fp32, masked mean over tokens) in sequence chunks like ours, the mean
 over micro-batches, global-norm clipping, torch.optim.AdamW with no decay on 1-D parameters,
-CosineAnnealing with warmup, on the same number of threads. Prints one line:
+CosineAnnealing with warmup, on the same number of threads. With `--dp N` (N processes started
+with torchrun's variables) the student is wrapped in torch's DistributedDataParallel over Gloo
+(32 MiB buckets, gradients reduced during the last micro-batch's backward, `no_sync` before),
+each rank running `global / (micro × N)` micro-batches; the KD loss then takes one backward pass
+per micro-batch (unchunked: DDP reduces once per forward), the same arithmetic when a chunk
+covers the sequence, as in the bench. Rank 0 prints one line:
 
     reference: steps=N tokens_per_s=X peak_rss_kib=Y final_kd_loss=Z
 """
@@ -85,6 +90,9 @@ class Gpt(torch.nn.Module):
         x1, x2 = x.chunk(2, -1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
+    def forward(self, tokens):
+        return self.hidden_states(tokens)
+
     def hidden_states(self, tokens):
         b, s = tokens.shape
         x = F.embedding(tokens, self.emb)
@@ -106,6 +114,20 @@ class Gpt(torch.nn.Module):
             g, u = (h @ blk.fc1.t()).chunk(2, -1)
             x = x + (F.silu(g) * u) @ blk.fc2.t()
         return F.rms_norm(x, (self.h,), self.final, 1e-5)
+
+
+def kd_single(model, student, teacher, tokens, mask):
+    """LogitsKLLoss in one backward pass through `model` (the DDP wrapper of `student`)."""
+    n = mask.sum()
+    with torch.no_grad():
+        tl = teacher.hidden_states(tokens) @ teacher.out.t()
+    sl = model(tokens) @ student.out.t()
+    ls = sl.float().log_softmax(-1)
+    lt = tl.float().log_softmax(-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    loss = (kl * mask).sum() / n
+    loss.backward()
+    return loss.item()
 
 
 def kd_chunked(student, teacher, tokens, mask, chunk):
@@ -145,9 +167,17 @@ def main():
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dp", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    rank = 0
+    if args.dp > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        assert dist.get_world_size() == args.dp, "WORLD_SIZE must equal --dp"
 
     cfg, sd = load_teacher(args.teacher)
     vocab = sd["embedding.word_embeddings.weight"].shape[0]
@@ -172,18 +202,29 @@ def main():
         r = (step - warm) / max(1, args.steps - warm)
         return min_lr + 0.5 * (math.cos(math.pi * min(r, 1.0)) + 1) * (args.lr - min_lr)
 
-    accum = args.global_batch // args.micro_batch
+    model = student
+    if args.dp > 1:
+        from contextlib import nullcontext
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(student, bucket_cap_mb=32)
+    accum = args.global_batch // (args.micro_batch * args.dp)
     chunk = max(1, args.chunk // args.micro_batch)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + rank)
     times, loss = [], float("nan")
     for step in range(args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         loss = 0.0
-        for _ in range(accum):
+        for j in range(accum):
             tokens = torch.randint(3, 100, (args.micro_batch, args.seq), generator=g)
             mask = torch.ones(args.micro_batch, args.seq)
-            loss += kd_chunked(student, teacher, tokens, mask, chunk)
+            if args.dp > 1:
+                with model.no_sync() if j + 1 < accum else nullcontext():
+                    loss += kd_single(model, student, teacher, tokens, mask)
+            else:
+                loss += kd_chunked(student, teacher, tokens, mask, chunk)
         if accum > 1:
             for p in student.parameters():
                 p.grad.mul_(1.0 / accum)
@@ -197,7 +238,10 @@ def main():
     tail = times[skip:]
     tps = args.global_batch * args.seq * len(tail) / sum(tail)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"reference: steps={args.steps} tokens_per_s={tps:.1f} peak_rss_kib={rss} final_kd_loss={loss:.6f}")
+    if rank == 0:
+        print(f"reference: steps={args.steps} tokens_per_s={tps:.1f} peak_rss_kib={rss} final_kd_loss={loss:.6f}")
+    if args.dp > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

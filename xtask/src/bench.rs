@@ -33,7 +33,7 @@ const BENCHES: &[Bench] = &[
     ),
     (
         "recompute",
-        "nemo-tool distill of a ~50M student with and without full activation recompute: peak RSS, tokens/s",
+        "nemo-tool distill of a ~44M student with and without full activation recompute: peak RSS, tokens/s",
         crate::bench_recompute::recompute,
     ),
 ];
@@ -178,15 +178,18 @@ const SHAPE: DistillShape = DistillShape {
     steps: 40,
 };
 
-/// `cargo xtask bench distill [--threads N] [--seq N] [--debug]`: the same distillation job (teacher
-/// fixture, student shape, KL loss, AdamW, clipping, cosine schedule, batch shapes, threads)
-/// through `nemo-tool distill` (release build, `--features distill`) and through the PyTorch
-/// eager reference, in the same run; prints tokens/s and peak RSS of both.
+/// `cargo xtask bench distill [--threads N] [--seq N] [--dp N] [--debug]`: the same distillation
+/// job (teacher fixture, student shape, KL loss, AdamW, clipping, cosine schedule, batch shapes,
+/// threads) through `nemo-tool distill` (release build, `--features distill`) and through the
+/// PyTorch eager reference, in the same run; prints tokens/s and peak RSS of both. `--dp N`
+/// runs both data-parallel over N processes (ours: `trainer.devices=N`; the reference: torch
+/// DDP over Gloo), each process on `--threads` threads; rank 0's figures are reported.
 fn distill(args: &[String]) -> Result<()> {
     use anyhow::Context;
     let mut threads = 1u32;
     let mut release = true;
     let mut seq = SHAPE.seq;
+    let mut dp = 1u32;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -203,6 +206,13 @@ fn distill(args: &[String]) -> Result<()> {
                     .and_then(|t| t.parse().ok())
                     .context("--seq needs a number")?
             }
+            "--dp" => {
+                dp = it
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .filter(|d| *d >= 1)
+                    .context("--dp needs a number >= 1")?
+            }
             other => bail!("bench distill: unknown option {other:?}"),
         }
     }
@@ -212,16 +222,7 @@ fn distill(args: &[String]) -> Result<()> {
     let tool = crate::test::build_distill_tool(&venv, release)?;
     let dir = crate::util::target_dir().join("bench/distill");
     std::fs::create_dir_all(&dir)?;
-    let docs = dir.join("docs.jsonl");
-    std::fs::write(&docs, crate::demo::token_docs(400))?;
-    let prefix = dir.join("data");
-    crate::util::run(
-        Command::new(&tool)
-            .args(["data", "make", "--vocab-size", "100", "--force", "--input"])
-            .arg(&docs)
-            .arg("--output-prefix")
-            .arg(&prefix),
-    )?;
+    let prefix = bench_data(&tool, &dir)?;
     let teacher = root.join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo");
     let s = &DistillShape { seq, ..SHAPE };
     // alternate the two, twice, and keep each one's best round: a shared machine's load
@@ -230,7 +231,8 @@ fn distill(args: &[String]) -> Result<()> {
     let mut best_ref: Option<(f64, String)> = None;
     for round in 1..=2 {
         crate::util::step(&format!("nemo-tool distill ({threads} thread(s))"));
-        let ours = Command::new(&tool)
+        let mut ours_cmd = Command::new(&tool);
+        ours_cmd
             .env("OMP_NUM_THREADS", threads.to_string())
             .args([
                 "distill".to_string(),
@@ -257,7 +259,8 @@ fn distill(args: &[String]) -> Result<()> {
                 "model.optim.sched.warmup_steps=5".into(),
                 "model.optim.sched.min_lr=1e-4".into(),
             ])
-            .output()?;
+            .arg(format!("trainer.devices={dp}"));
+        let ours = run_ranks(&mut ours_cmd, dp)?;
         let ours_text = String::from_utf8_lossy(&ours.stdout).into_owned();
         if !ours.status.success() {
             bail!(
@@ -272,7 +275,8 @@ fn distill(args: &[String]) -> Result<()> {
             .context("no summary line from nemo-tool distill")?
             .to_string();
         crate::util::step(&format!("PyTorch eager reference ({threads} thread(s))"));
-        let reference = Command::new(&python)
+        let mut ref_cmd = Command::new(&python);
+        ref_cmd
             .env("OMP_NUM_THREADS", threads.to_string())
             .arg(root.join("tests/bench/distill_reference.py"))
             .arg("--teacher")
@@ -299,7 +303,8 @@ fn distill(args: &[String]) -> Result<()> {
                 "--threads".into(),
                 threads.to_string(),
             ])
-            .output()?;
+            .args(["--dp".to_string(), dp.to_string()]);
+        let reference = run_ranks(&mut ref_cmd, dp)?;
         let ref_text = String::from_utf8_lossy(&reference.stdout).into_owned();
         if !reference.status.success() {
             bail!(
@@ -335,7 +340,7 @@ fn distill(args: &[String]) -> Result<()> {
     let ratio = ot / rt;
     crate::util::step("bench distill");
     println!(
-        "job                teacher {} (2 layers, hidden 64), student {} layer(s) hidden {}, seq {}, micro {} global {}, {} steps, {threads} thread(s), {}",
+        "job                teacher {} (2 layers, hidden 64), student {} layer(s) hidden {}, seq {}, micro {} global {}, {} steps, DP {dp} x {threads} thread(s), {}",
         teacher.display(), s.layers, s.hidden, s.seq, s.micro, s.global, s.steps,
         if release { "release" } else { "debug" }
     );
@@ -356,6 +361,52 @@ fn distill(args: &[String]) -> Result<()> {
         bail!("bench distill: below the 1.1x target");
     }
     Ok(())
+}
+
+/// The bench's token data (400 documents, vocabulary 100) as an indexed dataset in `dir`,
+/// made by `tool data make`; returns its prefix.
+pub(crate) fn bench_data(tool: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
+    let docs = dir.join("docs.jsonl");
+    std::fs::write(&docs, crate::demo::token_docs(400))?;
+    let prefix = dir.join("data");
+    crate::util::run(
+        Command::new(tool)
+            .args(["data", "make", "--vocab-size", "100", "--force", "--input"])
+            .arg(&docs)
+            .arg("--output-prefix")
+            .arg(&prefix),
+    )?;
+    Ok(prefix)
+}
+
+/// Runs `cmd` as `n` ranks with torchrun's variables (one process when `n` is 1) and returns
+/// rank 0's output (a failing rank's output when one fails).
+fn run_ranks(cmd: &mut Command, n: u32) -> Result<std::process::Output> {
+    if n == 1 {
+        return Ok(cmd.output()?);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut children = Vec::new();
+    for rank in 0..n {
+        cmd.env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        children.push(cmd.spawn()?);
+    }
+    let mut outs = Vec::new();
+    for c in children {
+        outs.push(c.wait_with_output()?);
+    }
+    if let Some(i) = outs.iter().position(|o| !o.status.success()) {
+        return Ok(outs.swap_remove(i));
+    }
+    Ok(outs.swap_remove(0))
 }
 
 pub(crate) fn verdict(ok: bool) -> &'static str {

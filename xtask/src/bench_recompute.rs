@@ -1,7 +1,7 @@
 //! `cargo xtask bench recompute [--steps N] [--threads N]`: the same distillation job with and
 //! without activation recompute (`model.activations_checkpoint_granularity=full`, method
-//! `uniform`, one layer per group), in the same run, on a student of about 50M parameters
-//! (12 layers, hidden 512, FFN 1536, seq 512, micro-batch 4): peak RSS of each (the activation
+//! `uniform`, one layer per group), in the same run, on a student of about 44M parameters
+//! (14 layers, hidden 512, FFN 1536, seq 512, micro-batch 4): peak RSS of each (the activation
 //! memory recompute drops), tokens/s of each (its cost), and that the losses agree.
 
 use std::process::Command;
@@ -31,20 +31,17 @@ pub fn recompute(args: &[String]) -> Result<()> {
     let tool = crate::test::build_distill_tool(&venv, true)?;
     let dir = crate::util::target_dir().join("bench/recompute");
     std::fs::create_dir_all(&dir)?;
-    let docs = dir.join("docs.jsonl");
-    std::fs::write(&docs, crate::demo::token_docs(400))?;
-    let prefix = dir.join("data");
-    crate::util::run(
-        Command::new(&tool)
-            .args(["data", "make", "--vocab-size", "100", "--force", "--input"])
-            .arg(&docs)
-            .arg("--output-prefix")
-            .arg(&prefix),
-    )?;
+    let prefix = crate::bench::bench_data(&tool, &dir)?;
     let teacher = root.join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo");
-    let (layers, hidden, ffn, seq, micro) = (12u64, 512u64, 1536u64, 512u64, 4u64);
-    // per layer: fused QKV (GQA 8 heads / 4 groups: 1.5 H^2) + proj (H^2) + gated fc1 and fc2
-    let params = layers * (hidden * hidden * 5 / 2 + 3 * hidden * ffn + 2 * hidden);
+    let (layers, hidden, ffn, seq, micro) = (14u64, 512u64, 1536u64, 512u64, 4u64);
+    let (heads, groups, vocab) = (8u64, 4u64, 128u64);
+    // per layer: fused QKV ((heads + 2 groups) x head_dim rows), proj, gated fc1 and fc2, two
+    // norms; then the embedding, the untied output layer (padded vocab 128) and the final norm
+    let d = hidden / heads;
+    let params = layers
+        * (hidden * (heads + 2 * groups) * d + hidden * heads * d + 3 * hidden * ffn + 2 * hidden)
+        + 2 * vocab * hidden
+        + hidden;
     let run = |recompute: bool| -> Result<String> {
         let mut a = vec![
             "distill".to_string(),
@@ -59,8 +56,8 @@ pub fn recompute(args: &[String]) -> Result<()> {
             format!("model.num_layers={layers}"),
             format!("model.hidden_size={hidden}"),
             format!("model.ffn_hidden_size={ffn}"),
-            "model.num_attention_heads=8".into(),
-            "model.num_query_groups=4".into(),
+            format!("model.num_attention_heads={heads}"),
+            format!("model.num_query_groups={groups}"),
             "model.make_vocab_size_divisible_by=32".into(),
             format!("model.micro_batch_size={micro}"),
             format!("model.global_batch_size={micro}"),
