@@ -75,6 +75,8 @@ pub struct AdamW {
     pg: ProcessGroup,
     /// The distributed optimizer's layout, when masters and moments are sharded over DP.
     sharded: Option<Sharded>,
+    /// The value averaged along with the last gradient bucket ([`AdamW::average_grads_and`]).
+    carried: Option<f64>,
 }
 
 /// ZeRO-1 (Megatron's distributed optimizer): each slot's fp32 master weights and Adam
@@ -121,6 +123,7 @@ impl AdamW {
             slots,
             pg: model.group().clone(),
             sharded: None,
+            carried: None,
         }
     }
 
@@ -246,6 +249,24 @@ impl AdamW {
         });
     }
 
+    /// [`AdamW::average_grads`], also averaging `value` (a logged loss) over `dp`: it rides
+    /// in the last fp32 bucket's all-reduce, so a step needs no collective of its own for it.
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn average_grads_and(&mut self, dp: &ProcessGroup, value: f64) -> Result<f64, Error> {
+        if dp.world() == 1 {
+            return Ok(value);
+        }
+        let mut v = Some(value);
+        self.average(dp, &mut v)?;
+        match v {
+            // not carried (distributed optimizer, or no fp32 bucket): its own all-reduce
+            Some(x) => Ok(dp.sum_f64(x)? / f64::from(dp.world())),
+            None => Ok(self.carried.take().unwrap_or(value)),
+        }
+    }
+
     /// Averages every gradient over the data-parallel group `dp`: consecutive gradients of
     /// one type and device are flattened into buckets of about [`DP_BUCKET_BYTES`], each
     /// all-reduced once (few large collectives instead of one per parameter).
@@ -253,6 +274,10 @@ impl AdamW {
     /// # Errors
     /// Collective errors.
     pub fn average_grads(&mut self, dp: &ProcessGroup) -> Result<(), Error> {
+        self.average(dp, &mut None)
+    }
+
+    fn average(&mut self, dp: &ProcessGroup, value: &mut Option<f64>) -> Result<(), Error> {
         if dp.world() == 1 {
             return Ok(());
         }
@@ -303,8 +328,17 @@ impl AdamW {
                 j += 1;
             }
             let bucket = &grads[i..j];
-            tch::no_grad(|| -> Result<(), Error> {
-                let views: Vec<Tensor> = bucket.iter().map(|g| g.reshape([-1])).collect();
+            // the last fp32 bucket carries the value as one more element
+            let carry = if j == grads.len() && kind == Kind::Float {
+                value.take()
+            } else {
+                None
+            };
+            let carried = tch::no_grad(|| -> Result<Option<f64>, Error> {
+                let mut views: Vec<Tensor> = bucket.iter().map(|g| g.reshape([-1])).collect();
+                if let Some(x) = carry {
+                    views.push(Tensor::from_slice(&[x as f32]).to_device(device));
+                }
                 let mut flat = Tensor::cat(&views, 0);
                 dp.all_reduce(&mut flat, parallel::ReduceOp::Avg)?;
                 let mut off = 0i64;
@@ -314,8 +348,11 @@ impl AdamW {
                     g.copy_(&flat.narrow(0, off, n).view_as(&g));
                     off += n;
                 }
-                Ok(())
+                Ok(carry.map(|_| flat.double_value(&[off])))
             })?;
+            if carried.is_some() {
+                self.carried = carried;
+            }
             i = j;
         }
         Ok(())

@@ -700,8 +700,7 @@ pub fn run(
         if accum > 1 {
             opt.scale_grads(1.0 / accum as f64);
         }
-        opt.average_grads(&grid.dp)?;
-        let kd_loss = grid.dp.sum_f64(loss_sum / accum as f64)? / dp as f64;
+        let kd_loss = opt.average_grads_and(&grid.dp, loss_sum / accum as f64)?;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;

@@ -153,6 +153,9 @@ pub(crate) fn kv_number(line: &str, key: &str) -> Option<f64> {
         .ok()
 }
 
+/// Alternating rounds of `bench distill` (each side keeps its best).
+const ROUNDS: u32 = 3;
+
 /// The bench job: the tiny teacher fixture, a smaller student from the config.
 struct DistillShape {
     layers: u32,
@@ -225,11 +228,11 @@ fn distill(args: &[String]) -> Result<()> {
     let prefix = bench_data(&tool, &dir)?;
     let teacher = root.join("fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo");
     let s = &DistillShape { seq, ..SHAPE };
-    // alternate the two, twice, and keep each one's best round: a shared machine's load
-    // drifts, and alternating exposes both to the same drift
+    // alternate the two, ROUNDS times, and keep each one's best round: a shared machine's
+    // load drifts, and alternating exposes both to the same drift
     let mut best_ours: Option<(f64, String)> = None;
     let mut best_ref: Option<(f64, String)> = None;
-    for round in 1..=2 {
+    for round in 1..=ROUNDS {
         crate::util::step(&format!("nemo-tool distill ({threads} thread(s))"));
         let mut ours_cmd = Command::new(&tool);
         ours_cmd
@@ -356,7 +359,7 @@ fn distill(args: &[String]) -> Result<()> {
         "speed-up           {ratio:.2}x   target >= 1.1x: {}",
         verdict(ratio >= 1.1)
     );
-    println!("best of 2 alternating rounds each");
+    println!("best of {ROUNDS} alternating rounds each");
     if ratio < 1.1 {
         bail!("bench distill: below the 1.1x target");
     }
