@@ -549,10 +549,11 @@ fn learns_and_the_saved_student_reproduces_the_last_validation() {
 }
 
 /// Megatron's distributed optimizer (ZeRO-1: masters and moments sharded over DP) at DP2
-/// equals plain AdamW at DP2 over 20 steps; each replica saves its own shards, and a run
-/// killed with SIGKILL resumes to the bit-identical result.
+/// equals plain AdamW at DP2 over 20 steps; each replica saves its own shards; a run killed
+/// with SIGKILL resumes to the bit-identical result, resumes at DP1 with plain AdamW too
+/// (within 1e-5 of the uninterrupted run), and refuses another TP.
 #[test]
-fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
+fn distributed_optimizer_matches_plain_adamw_and_resumes_at_any_dp() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
     let extra = [
@@ -620,6 +621,10 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
         !dir.path().join("resumed.nemo").exists(),
         "the run finished before it was killed: the test proves nothing"
     );
+    // the same checkpoint, twice more: for a DP1 plain-AdamW resume and a refused TP2 one
+    for copy in ["killed_dp1", "killed_tp2"] {
+        copy_dir(&dir.path().join("killed"), &dir.path().join(copy));
+    }
     let text = run_world(2, &args);
     assert!(text.contains("resumed from"), "{text}");
     let a = weights(&dir.path().join("zero1.nemo"));
@@ -632,17 +637,49 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_exactly() {
         step_losses(&dir.path().join("zero1")),
         step_losses(&dir.path().join("killed"))
     );
-    // resuming with plain AdamW is refused, naming both
-    let plain = with("killed", "other.nemo", false);
+
+    // another DP size and optimizer: the shards are joined and cut again (one process,
+    // plain AdamW); the result follows the uninterrupted DP2 run
+    let mut dp1 = with("killed_dp1", "dp1.nemo", false);
+    dp1.push("trainer.devices=1".into());
+    let text = show(&run_tp1(&dp1));
+    assert!(
+        text.contains("written by 2 ranks, distributed optimizer"),
+        "{text}"
+    );
+    let (loss, w) = compare_runs(
+        dir.path(),
+        ("zero1", "zero1.nemo"),
+        ("killed_dp1", "dp1.nemo"),
+        "DP2 ZeRO-1 resumed at DP1 AdamW vs uninterrupted",
+    );
+    println!("resumed at DP1 with AdamW vs DP2 ZeRO-1: loss diff {loss:.2e}, weights {w:.2e}");
+
+    // another TP is refused, naming both
+    let mut tp2 = with("killed_tp2", "tp2.nemo", true);
+    tp2.push("model.tensor_model_parallel_size=2".into());
     let port = free_port().to_string();
-    let mut outs = wait_all(spawn_ranks(2, &plain, torchrun_vars(2, &port)));
+    let mut outs = wait_all(spawn_ranks(2, &tp2, torchrun_vars(2, &port)));
     let o = outs.remove(0);
     assert!(!o.status.success());
     assert!(
-        show(&o).contains("written with the distributed optimizer, this run uses plain AdamW"),
+        show(&o).contains("written at TP 1 (by 2 ranks), this launch has TP 2"),
         "{}",
         show(&o)
     );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for e in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
+        let p = e.unwrap_or_else(|e| panic!("{e}")).path();
+        let dst = to.join(p.file_name().unwrap_or_default());
+        if p.is_dir() {
+            copy_dir(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }
 
 #[test]

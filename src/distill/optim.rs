@@ -487,33 +487,48 @@ impl AdamW {
         v
     }
 
-    /// Restores [`AdamW::state_tensors`] output and the step count (weights included).
+    /// Restores the state tensors of a checkpoint and the step count (weights included). Each
+    /// tensor is whole: shaped like its parameter, or flattened and zero-padded (the shards of
+    /// a distributed optimizer concatenated, see [`super::state::load_latest`]); this
+    /// optimizer cuts its own layout from it, so a checkpoint of either optimizer at any DP
+    /// size restores into either at this one.
     ///
     /// # Errors
-    /// [`Error::State`] for a missing entry or a shape mismatch.
+    /// [`Error::State`] for a missing entry or a size that does not fit the parameter.
     pub fn load_state(&mut self, named: &[(String, Tensor)], step: u64) -> Result<(), Error> {
-        let find = |k: String, like: &Tensor, name: &str| -> Result<Tensor, Error> {
-            let t = named
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::State {
-                    name: name.to_string(),
-                    why: format!("{k} missing from the checkpoint"),
-                })?;
-            if t.size() != like.size() {
-                return Err(Error::State {
-                    name: name.to_string(),
-                    why: format!("{k}: shape {:?}, model has {:?}", t.size(), like.size()),
-                });
-            }
-            Ok(t.to_kind(Kind::Float))
-        };
-        for s in &mut self.slots {
-            let m = find(format!("master.{}", s.name), &s.master, &s.name)?;
-            let a = find(format!("exp_avg.{}", s.name), &s.master, &s.name)?;
-            let b = find(format!("exp_avg_sq.{}", s.name), &s.master, &s.name)?;
-            let sharded = self.sharded.is_some();
+        let layout = self
+            .sharded
+            .as_ref()
+            .map(|sh| (i64::from(sh.dp.world()), i64::from(sh.dp.rank())));
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let numel = s.param.numel() as i64;
+            let len = self.sharded.as_ref().map(|sh| sh.lens[i]);
+            let find = |k: String| -> Result<Tensor, Error> {
+                let t = named
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| Error::State {
+                        name: s.name.clone(),
+                        why: format!("{k} missing from the checkpoint"),
+                    })?;
+                let shaped_wrong = t.dim() > 1 && t.size() != s.param.size();
+                if shaped_wrong || (t.numel() as i64) < numel {
+                    return Err(Error::State {
+                        name: s.name.clone(),
+                        why: format!("{k}: shape {:?}, model has {:?}", t.size(), s.param.size()),
+                    });
+                }
+                let whole = t.to_kind(Kind::Float).reshape([-1]).narrow(0, 0, numel);
+                Ok(match (layout, len) {
+                    (Some((w, d)), Some(len)) => padded_rows(&whole, w, len).get(d),
+                    _ => whole.view_as(&s.param),
+                })
+            };
+            let m = find(format!("master.{}", s.name))?;
+            let a = find(format!("exp_avg.{}", s.name))?;
+            let b = find(format!("exp_avg_sq.{}", s.name))?;
+            let sharded = layout.is_some();
             tch::no_grad(|| {
                 s.master.copy_(&m);
                 s.exp_avg.copy_(&a);

@@ -174,15 +174,18 @@ fn rank_file(grid: &Grid, distributed_optimizer: bool) -> String {
 /// A loaded checkpoint: its folder, state and this rank's named tensors.
 pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
 
-/// The newest complete checkpoint: its state and this rank's tensors.
+/// The newest complete checkpoint: its state and this TP rank's optimizer tensors, whole.
+///
+/// The data-parallel layout may differ from the run that wrote it (another DP size, plain
+/// AdamW or the distributed optimizer): replicas hold the same state, and the distributed
+/// optimizer's shards of a TP rank (`rank_<t>_dp<d>.pt`, each a `1/DP` slice of every
+/// flattened tensor) are concatenated back here, so the tensors come out as the flattened
+/// whole, padded to the writer's DP. [`super::optim::AdamW::load_state`] cuts its own
+/// layout from them.
 ///
 /// # Errors
-/// [`Error::Mismatch`] when it was written by other parallel sizes; I/O errors.
-pub fn load_latest(
-    dir: &Path,
-    grid: &Grid,
-    distributed_optimizer: bool,
-) -> Result<Option<Loaded>, Error> {
+/// [`Error::Mismatch`] when it was written at another TP; I/O errors.
+pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
     let Some((_, path)) = list(dir).pop() else {
         return Ok(None);
     };
@@ -192,41 +195,55 @@ pub fn load_latest(
         path: sp.clone(),
         why: e.to_string(),
     })?;
-    let (world, tp) = (grid.world.world() as u32, grid.tp.world() as u32);
+    let tp = grid.tp.world() as u32;
     let saved_tp = if state.tp == 0 { state.world } else { state.tp };
-    if state.world != world || saved_tp != tp {
+    if saved_tp != tp {
         return Err(Error::Mismatch {
             path,
             why: format!(
-                "written by {} ranks at TP {saved_tp} (DP {}), this launch has {world} at TP {tp} (DP {}); resume with the same parallel sizes, or use a new exp_manager folder",
+                "written at TP {saved_tp} (by {} ranks), this launch has TP {tp}; resume at the same TP (DP may change), or use a new exp_manager folder",
                 state.world,
-                state.world / saved_tp.max(1),
-                world / tp.max(1),
             ),
         });
     }
-    if state.distributed_optimizer != distributed_optimizer {
-        let says = |d: bool| {
-            if d {
-                "the distributed optimizer"
-            } else {
-                "plain AdamW"
-            }
+    let load = |file: PathBuf| {
+        Tensor::load_multi(&file).map_err(|e| Error::Io {
+            path: file.clone(),
+            why: e.to_string(),
+        })
+    };
+    let t = grid.tp_rank();
+    let tensors = if state.distributed_optimizer {
+        let saved_dp = state.world / saved_tp.max(1);
+        let mut parts: Vec<Vec<(String, Tensor)>> = Vec::new();
+        for d in 0..saved_dp {
+            parts.push(load(path.join(format!("rank_{t}_dp{d}.pt")))?);
+        }
+        let Some(first) = parts.first() else {
+            return Err(Error::Mismatch {
+                path,
+                why: "no shard files".to_string(),
+            });
         };
-        return Err(Error::Mismatch {
-            path,
-            why: format!(
-                "written with {}, this run uses {} (set model.optim.name as before)",
-                says(state.distributed_optimizer),
-                says(distributed_optimizer)
-            ),
-        });
-    }
-    let file = path.join(rank_file(grid, state.distributed_optimizer));
-    let tensors = Tensor::load_multi(&file).map_err(|e| Error::Io {
-        path: file.clone(),
-        why: e.to_string(),
-    })?;
+        let mut whole = Vec::with_capacity(first.len());
+        for (name, _) in first {
+            let mut shards = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let s = p
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| Error::Mismatch {
+                        path: path.clone(),
+                        why: format!("{name} missing from a shard file of TP rank {t}"),
+                    })?;
+                shards.push(s.1.reshape([-1]));
+            }
+            whole.push((name.clone(), Tensor::cat(&shards, 0)));
+        }
+        whole
+    } else {
+        load(path.join(format!("rank_{t}.pt")))?
+    };
     Ok(Some((path, state, tensors)))
 }
 
@@ -257,7 +274,7 @@ mod tests {
         }
         let steps: Vec<u64> = list(dir.path()).iter().map(|x| x.0).collect();
         assert_eq!(steps, vec![4, 6]);
-        let (_, st, ts) = load_latest(dir.path(), &pg, false)
+        let (_, st, ts) = load_latest(dir.path(), &pg)
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("nothing saved"));
         assert_eq!(st.consumed_samples, 48);
@@ -276,15 +293,15 @@ mod tests {
         };
         let t = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         save(dir.path(), &pg, &[("x".to_string(), t)], &st).unwrap_or_else(|e| panic!("{e}"));
-        let e = load_latest(dir.path(), &pg, false)
+        let e = load_latest(dir.path(), &pg)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            e.contains("written by 2 ranks at TP 2 (DP 1), this launch has 1 at TP 1 (DP 1)"),
+            e.contains("written at TP 2 (by 2 ranks), this launch has TP 1"),
             "{e}"
         );
-        assert!(load_latest(&dir.path().join("none"), &pg, false)
+        assert!(load_latest(&dir.path().join("none"), &pg)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());
     }

@@ -643,14 +643,33 @@ pub fn run(
     let ckdir = job.checkpoint_dir();
     let mut resumed_from = 0;
     if job.resume {
-        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid, opt.is_distributed())? {
+        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid)? {
             opt.load_state(&tensors, st.step)?;
+            let was = format!(
+                "{} ranks{}",
+                st.world,
+                if st.distributed_optimizer {
+                    ", distributed optimizer"
+                } else {
+                    ""
+                }
+            );
             say(
                 on,
-                format!("resumed from {} (step {})", path.display(), st.step),
+                format!(
+                    "resumed from {} (step {}, written by {was})",
+                    path.display(),
+                    st.step
+                ),
             );
             resumed_from = st.step;
-            hist = st;
+            // the history goes on; the layout is this run's
+            hist = TrainState {
+                world: grid.world.world() as u32,
+                tp: pg.world() as u32,
+                distributed_optimizer: opt.is_distributed(),
+                ..st
+            };
         }
     }
     let mut logs = if rank0 {
