@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 
 use nemo_tool::distill::loss::{KdLoss, LossKind};
 use nemo_tool::distill::model::{Gpt, InitFrom};
-use nemo_tool::distill::parallel::{Backend, Launch, ProcessGroup};
+use nemo_tool::distill::parallel::{Backend, Dim, Launch, ProcessGroup, RankLayout};
 use nemo_tool::distill::spec::GptSpec;
 use nemo_tool::distill::weights::Source;
 use nemo_tool::formats::torch::{Dtype, TorchFile};
@@ -531,6 +531,56 @@ fn python() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".venv/bin/python"));
     p.exists().then_some(p)
+}
+
+/// Our rank → (tp, dp, pp) layout and its groups are megatron-core's own: its
+/// `parallel_state.RankGenerator` (0.16.1, in the venv) is asked for every group of several
+/// TP × DP × PP shapes in this run.
+#[test]
+fn rank_layout_equals_megatron_cores() {
+    let Some(py) = python() else {
+        assert!(
+            std::env::var_os("NEMO_TOOL_STRICT").is_none(),
+            "NEMO_TOOL_STRICT is set but no python was found"
+        );
+        eprintln!("skipped: no python with megatron-core (set NEMO_TOOL_PYTHON)");
+        return;
+    };
+    let shapes = [
+        (1, 1, 1),
+        (2, 1, 1),
+        (1, 2, 1),
+        (2, 2, 1),
+        (2, 2, 2),
+        (4, 2, 1),
+        (1, 3, 2),
+        (2, 1, 4),
+    ];
+    let code = format!(
+        "import json\nfrom megatron.core.parallel_state import RankGenerator\nout = []\n\
+         for tp, dp, pp in {shapes:?}:\n    g = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order='tp-cp-ep-dp-pp')\n    \
+         out.append([g.get_ranks(k) for k in ('tp', 'dp', 'pp')])\nprint(json.dumps(out))\n"
+    );
+    let o = Command::new(&py)
+        .args(["-W", "ignore", "-c", &code])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", show(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let want: Vec<[Vec<Vec<i32>>; 3]> =
+        serde_json::from_str(text.trim().lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(want.len(), shapes.len());
+    for ((tp, dp, pp), w) in shapes.iter().zip(&want) {
+        let l = RankLayout {
+            tp: *tp,
+            dp: *dp,
+            pp: *pp,
+        };
+        for (dim, groups) in [Dim::Tp, Dim::Dp, Dim::Pp].into_iter().zip(w) {
+            assert_eq!(&l.groups(dim), groups, "TP{tp} DP{dp} PP{pp} {dim:?}");
+        }
+    }
 }
 
 #[test]

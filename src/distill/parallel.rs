@@ -248,6 +248,82 @@ struct Inner {
     device: tch::Device,
 }
 
+/// Megatron-core's rank layout (`parallel_state.RankGenerator` with its default order
+/// `tp-cp-ep-dp-pp`, context and expert parallel sizes 1): rank = t + TP·(d + DP·p), so TP
+/// ranks are adjacent, then data-parallel replicas, then pipeline stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankLayout {
+    /// Tensor-parallel size.
+    pub tp: i32,
+    /// Data-parallel size.
+    pub dp: i32,
+    /// Pipeline-parallel size.
+    pub pp: i32,
+}
+
+/// A parallel dimension of a [`RankLayout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    /// Tensor parallel.
+    Tp,
+    /// Data parallel.
+    Dp,
+    /// Pipeline parallel.
+    Pp,
+}
+
+impl RankLayout {
+    /// World size.
+    pub fn world(&self) -> i32 {
+        self.tp * self.dp * self.pp
+    }
+
+    /// `(tp rank, dp rank, pp rank)` of a global rank.
+    pub fn coords(&self, rank: i32) -> (i32, i32, i32) {
+        (
+            rank % self.tp,
+            (rank / self.tp) % self.dp,
+            rank / (self.tp * self.dp),
+        )
+    }
+
+    /// The global rank at `(t, d, p)`.
+    pub fn rank(&self, t: i32, d: i32, p: i32) -> i32 {
+        t + self.tp * (d + self.dp * p)
+    }
+
+    /// Every group along `dim`, each listing its global ranks in group-rank order; groups
+    /// are ordered by their lowest rank (as megatron-core lists them).
+    pub fn groups(&self, dim: Dim) -> Vec<Vec<i32>> {
+        let mut out: Vec<Vec<i32>> = (0..self.world())
+            .filter(|&r| self.position(r, dim) == 0)
+            .map(|r| self.members(r, dim))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The ranks of `rank`'s group along `dim`, in group-rank order.
+    pub fn members(&self, rank: i32, dim: Dim) -> Vec<i32> {
+        let (t, d, p) = self.coords(rank);
+        match dim {
+            Dim::Tp => (0..self.tp).map(|x| self.rank(x, d, p)).collect(),
+            Dim::Dp => (0..self.dp).map(|x| self.rank(t, x, p)).collect(),
+            Dim::Pp => (0..self.pp).map(|x| self.rank(t, d, x)).collect(),
+        }
+    }
+
+    /// `rank`'s index inside its group along `dim`.
+    pub fn position(&self, rank: i32, dim: Dim) -> i32 {
+        let (t, d, p) = self.coords(rank);
+        match dim {
+            Dim::Tp => t,
+            Dim::Dp => d,
+            Dim::Pp => p,
+        }
+    }
+}
+
 /// The data × tensor parallel grid of a launch, in Megatron's rank order (`parallel_state`:
 /// TP fastest, then DP): rank `r` is TP rank `r % TP` of data-parallel replica `r / TP`.
 /// Every model collective runs on [`Grid::tp`]; gradients and logged losses are averaged
@@ -288,7 +364,8 @@ impl Grid {
             });
         }
         let dp = launch.world / tp;
-        let (t, d) = (launch.rank % tp, launch.rank / tp);
+        let layout = RankLayout { tp, dp, pp: 1 };
+        let (t, d, _) = layout.coords(launch.rank);
         if launch.world == 1 && backend == Backend::Gloo {
             return Ok(Grid::single());
         }
@@ -649,6 +726,24 @@ mod tests {
             (d.rank, d.world, d.port, d.agent_store),
             (0, 1, 29500, false)
         );
+    }
+
+    #[test]
+    fn rank_layout_is_megatrons() {
+        // values printed by megatron-core 0.16.1's RankGenerator(tp=2, dp=2, pp=2)
+        let l = RankLayout {
+            tp: 2,
+            dp: 2,
+            pp: 2,
+        };
+        assert_eq!(l.groups(Dim::Tp), [[0, 1], [2, 3], [4, 5], [6, 7]]);
+        assert_eq!(l.groups(Dim::Dp), [[0, 2], [1, 3], [4, 6], [5, 7]]);
+        assert_eq!(l.groups(Dim::Pp), [[0, 4], [1, 5], [2, 6], [3, 7]]);
+        for r in 0..l.world() {
+            let (t, d, p) = l.coords(r);
+            assert_eq!(l.rank(t, d, p), r);
+            assert!(l.members(r, Dim::Dp).contains(&r));
+        }
     }
 
     #[test]
