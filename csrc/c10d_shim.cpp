@@ -192,6 +192,22 @@ int nemo_shim_all_gather_into(void* pg, at::Tensor* out, at::Tensor* in) {
   return guard([&] { static_cast<Pg*>(pg)->b->_allgather_base(*out, *in)->wait(); });
 }
 
+// Point-to-point (pipeline stages): blocking send of `t` to group rank `dst`, and receive into
+// `t` from group rank `src`, matched by `tag`.
+int nemo_shim_send(void* pg, at::Tensor* t, int dst, int tag) {
+  return guard([&] {
+    std::vector<at::Tensor> v{*t};
+    static_cast<Pg*>(pg)->b->send(v, dst, tag)->wait();
+  });
+}
+
+int nemo_shim_recv(void* pg, at::Tensor* t, int src, int tag) {
+  return guard([&] {
+    std::vector<at::Tensor> v{*t};
+    static_cast<Pg*>(pg)->b->recv(v, src, tag)->wait();
+  });
+}
+
 int nemo_shim_barrier(void* pg) {
   return guard([&] { static_cast<Pg*>(pg)->b->barrier()->wait(); });
 }

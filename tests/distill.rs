@@ -440,6 +440,42 @@ fn gpu_checks() {
     println!("GPU CHECKS OK");
 }
 
+/// Two ranks: point-to-point send/recv (pipeline stages) both ways, and the distributed
+/// optimizer's reduce-scatter and all-gather against values computed by hand.
+fn collective_checks(pg: &ProcessGroup) {
+    use nemo_tool::distill::parallel::ReduceOp;
+    let r = pg.rank();
+    let cpu = (tch::Kind::Float, tch::Device::Cpu);
+    if r == 0 {
+        pg.send(&tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]), 1, 7)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut back = tch::Tensor::zeros([3], cpu);
+        pg.recv(&mut back, 1, 8).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            Vec::<f32>::try_from(&back).unwrap_or_default(),
+            [2.0, 3.0, 4.0]
+        );
+    } else {
+        let mut got = tch::Tensor::zeros([3], cpu);
+        pg.recv(&mut got, 0, 7).unwrap_or_else(|e| panic!("{e}"));
+        pg.send(&(got + 1.0), 0, 8)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // rank r holds [10r, 10r+1, 10r+2, 10r+3]: sums [10, 12, 14, 16], halves to each rank
+    let x = tch::Tensor::arange(4, cpu) + 10.0 * f64::from(r);
+    let mine = pg
+        .reduce_scatter(&x, ReduceOp::Sum)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let want: [f32; 2] = if r == 0 { [10.0, 12.0] } else { [14.0, 16.0] };
+    assert_eq!(Vec::<f32>::try_from(&mine).unwrap_or_default(), want);
+    let all = pg.all_gather_flat(&mine).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        Vec::<f32>::try_from(&all).unwrap_or_default(),
+        [10.0, 12.0, 14.0, 16.0]
+    );
+    println!("rank {r}: send/recv, reduce_scatter and all_gather ok");
+}
+
 #[test]
 fn worker_entry() {
     let Ok(which) = std::env::var("NEMO_DISTILL_WORKER") else {
@@ -450,6 +486,9 @@ fn worker_entry() {
             let launch = Launch::from_env().unwrap_or_else(|e| panic!("{e}"));
             let pg = ProcessGroup::init(&launch, Backend::Gloo).unwrap_or_else(|e| panic!("{e}"));
             let r = tp_checks(&pg);
+            if pg.world() == 2 {
+                collective_checks(&pg);
+            }
             println!(
                 "rank {} backend {:?}\n{r}",
                 pg.rank(),
@@ -522,6 +561,11 @@ fn tp2_over_gloo_two_processes() {
     for (rank, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         assert!(o.status.success(), "rank {rank} failed: {}", show(&o));
+        assert!(
+            show(&o).contains("send/recv, reduce_scatter and all_gather ok"),
+            "{}",
+            show(&o)
+        );
         println!("{}", show(&o));
     }
 }

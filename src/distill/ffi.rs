@@ -36,6 +36,8 @@ extern "C" {
         input: *mut C_tensor,
     ) -> c_int;
     fn nemo_shim_barrier(pg: *mut c_void) -> c_int;
+    fn nemo_shim_send(pg: *mut c_void, t: *mut C_tensor, dst: c_int, tag: c_int) -> c_int;
+    fn nemo_shim_recv(pg: *mut c_void, t: *mut C_tensor, src: c_int, tag: c_int) -> c_int;
     fn nemo_shim_reduce_scatter(
         pg: *mut c_void,
         out: *mut C_tensor,
@@ -239,6 +241,16 @@ impl RawPg {
     ) -> Result<(), String> {
         // SAFETY: as reduce_scatter.
         check(unsafe { nemo_shim_all_gather_into(self.0, out.as_mut_ptr(), input.as_mut_ptr()) })
+    }
+
+    pub(crate) fn send(&self, t: &mut Tensor, dst: c_int, tag: c_int) -> Result<(), String> {
+        // SAFETY: live group and tensor for the duration of the blocking call.
+        check(unsafe { nemo_shim_send(self.0, t.as_mut_ptr(), dst, tag) })
+    }
+
+    pub(crate) fn recv(&self, t: &mut Tensor, src: c_int, tag: c_int) -> Result<(), String> {
+        // SAFETY: as send; the shim writes into `t`'s storage.
+        check(unsafe { nemo_shim_recv(self.0, t.as_mut_ptr(), src, tag) })
     }
 
     pub(crate) fn barrier(&self) -> Result<(), String> {

@@ -605,6 +605,34 @@ impl ProcessGroup {
         Ok(out)
     }
 
+    /// Sends `t` to group rank `dst` (blocking, no autograd): a pipeline stage's activations
+    /// or gradients to its neighbour, matched with [`ProcessGroup::recv`] by `tag`.
+    ///
+    /// # Errors
+    /// [`Error::Collective`]; a group of one has no one to send to.
+    pub fn send(&self, t: &Tensor, dst: i32, tag: i32) -> Result<(), Error> {
+        let pg = self.pg().ok_or_else(|| Error::Collective {
+            op: "send",
+            msg: "a group of one rank has no peer".to_string(),
+        })?;
+        let mut c = t.contiguous();
+        pg.send(&mut c, dst, tag)
+            .map_err(|msg| Error::Collective { op: "send", msg })
+    }
+
+    /// Receives into `t` (its shape and type must be the sender's) from group rank `src`.
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::send`].
+    pub fn recv(&self, t: &mut Tensor, src: i32, tag: i32) -> Result<(), Error> {
+        let pg = self.pg().ok_or_else(|| Error::Collective {
+            op: "recv",
+            msg: "a group of one rank has no peer".to_string(),
+        })?;
+        pg.recv(t, src, tag)
+            .map_err(|msg| Error::Collective { op: "recv", msg })
+    }
+
     /// In-place broadcast from `root` (no autograd).
     pub fn broadcast(&self, t: &mut Tensor, root: i32) -> Result<(), Error> {
         match self.pg() {
