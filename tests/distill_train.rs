@@ -381,25 +381,15 @@ fn tp2_matches_tp1_for_20_steps() {
     };
     run_tp1(&with("exp1", "tp1.nemo", 1));
     run_tp2(&with("exp2", "tp2.nemo", 2));
-    let l1 = step_losses(&dir.path().join("exp1"));
-    let l2 = step_losses(&dir.path().join("exp2"));
-    assert_eq!(l1.len(), 20);
-    assert_eq!(l1.len(), l2.len());
-    for ((s1, a), (s2, b)) in l1.iter().zip(&l2) {
-        assert_eq!(s1, s2);
-        assert!((a - b).abs() <= 1e-5, "step {s1}: TP1 {a} vs TP2 {b}");
-    }
-    let w1 = weights(&dir.path().join("tp1.nemo"));
-    let w2 = weights(&dir.path().join("tp2.nemo"));
-    assert_eq!(w1.len(), w2.len());
-    let mut worst = 0.0f64;
-    for ((n1, a), (n2, b)) in w1.iter().zip(&w2) {
-        assert_eq!(n1, n2);
-        let d = (a - b).abs().max().double_value(&[]);
-        worst = worst.max(d);
-        assert!(d <= 1e-5, "{n1}: max abs diff {d}");
-    }
-    println!("TP2 vs TP1 over 20 steps: losses within 1e-5, weights max abs diff {worst:.2e}");
+    let (loss, worst) = compare_runs(
+        dir.path(),
+        ("exp1", "tp1.nemo"),
+        ("exp2", "tp2.nemo"),
+        "TP2 vs TP1",
+    );
+    println!(
+        "TP2 vs TP1 over 20 steps: losses within {loss:.2e}, weights max abs diff {worst:.2e}"
+    );
 }
 
 /// Largest |a - b| over the per-step losses and over the saved weights of two runs.
