@@ -358,40 +358,6 @@ for r in (0, 1):
     assert!(show(&p).contains("rank 1"), "{}", show(&p));
 }
 
-#[test]
-fn tp2_matches_tp1_for_20_steps() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let (prefix, _) = dataset(dir.path(), 120);
-    let extra = [
-        "model.global_batch_size=4",
-        "model.micro_batch_size=2",
-        "trainer.max_steps=20",
-        "trainer.val_check_interval=10",
-        "trainer.limit_val_batches=1",
-        "model.optim.lr=1e-2",
-        // 8 positions per chunk (16 tokens / micro-batch 2): the chunked loss is exercised
-        "model.kd.chunk_tokens=16",
-    ];
-    let with = |exp: &str, out: &str, tp: u32| {
-        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a.push(format!("model.tensor_model_parallel_size={tp}"));
-        a.push(format!("trainer.devices={tp}"));
-        a
-    };
-    run_tp1(&with("exp1", "tp1.nemo", 1));
-    run_tp2(&with("exp2", "tp2.nemo", 2));
-    let (loss, worst) = compare_runs(
-        dir.path(),
-        ("exp1", "tp1.nemo"),
-        ("exp2", "tp2.nemo"),
-        "TP2 vs TP1",
-    );
-    println!(
-        "TP2 vs TP1 over 20 steps: losses within {loss:.2e}, weights max abs diff {worst:.2e}"
-    );
-}
-
 /// Largest |a - b| over the per-step losses and over the saved weights of two runs.
 fn compare_runs(dir: &Path, a: (&str, &str), b: (&str, &str), what: &str) -> (f64, f64) {
     let la = step_losses(&dir.join(a.0));
@@ -418,7 +384,7 @@ fn compare_runs(dir: &Path, a: (&str, &str), b: (&str, &str), what: &str) -> (f6
 }
 
 #[test]
-fn data_parallel_matches_the_same_global_batch_without_it() {
+fn tensor_and_data_parallel_runs_match_tp1_for_20_steps() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
     // global batch 4 of micro-batches of 1: 4 micro-steps at DP1, 2 per replica at DP2
@@ -429,6 +395,8 @@ fn data_parallel_matches_the_same_global_batch_without_it() {
         "trainer.val_check_interval=10",
         "trainer.limit_val_batches=1",
         "model.optim.lr=1e-2",
+        // 8 positions per chunk of the 32-token sequence: the chunked loss is exercised
+        "model.kd.chunk_tokens=8",
     ];
     let with = |exp: &str, out: &str, tp: u32, world: u32| {
         let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
@@ -444,6 +412,12 @@ fn data_parallel_matches_the_same_global_batch_without_it() {
     run_tp2(&with("tp2", "tp2.nemo", 2, 2));
     let text = run_world(4, &with("dp2tp2", "dp2tp2.nemo", 2, 4));
     assert!(text.contains("TP 2 x DP 2"), "{text}");
+    let t = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("tp2", "tp2.nemo"),
+        "TP2 vs TP1",
+    );
     let a = compare_runs(
         dir.path(),
         ("tp1", "tp1.nemo"),
@@ -471,8 +445,8 @@ fn data_parallel_matches_the_same_global_batch_without_it() {
     files.sort();
     assert_eq!(files, ["rank_0.pt", "rank_1.pt", "state.json"]);
     println!(
-        "DP2xTP1 vs TP1: loss diff {:.2e}, weights {:.2e}; DP2xTP2 vs TP2: loss diff {:.2e}, weights {:.2e}",
-        a.0, a.1, b.0, b.1
+        "TP2 vs TP1: loss diff {:.2e}, weights {:.2e}; DP2xTP1 vs TP1: loss diff {:.2e}, weights {:.2e}; DP2xTP2 vs TP2: loss diff {:.2e}, weights {:.2e}",
+        t.0, t.1, a.0, a.1, b.0, b.1
     );
 }
 
