@@ -634,12 +634,15 @@ pub fn run(
     } else {
         AdamW::new(&m.student, job.adamw)
     };
-    let mut hist = TrainState {
+    // this run's layout, recorded in every checkpoint it writes
+    let distributed = opt.is_distributed();
+    let layout = |st: TrainState| TrainState {
         world: grid.world.world() as u32,
         tp: pg.world() as u32,
-        distributed_optimizer: opt.is_distributed(),
-        ..TrainState::default()
+        distributed_optimizer: distributed,
+        ..st
     };
+    let mut hist = layout(TrainState::default());
     let ckdir = job.checkpoint_dir();
     let mut resumed_from = 0;
     if job.resume {
@@ -664,12 +667,7 @@ pub fn run(
             );
             resumed_from = st.step;
             // the history goes on; the layout is this run's
-            hist = TrainState {
-                world: grid.world.world() as u32,
-                tp: pg.world() as u32,
-                distributed_optimizer: opt.is_distributed(),
-                ..st
-            };
+            hist = layout(st);
         }
     }
     let mut logs = if rank0 {
