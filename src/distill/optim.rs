@@ -491,14 +491,22 @@ impl AdamW {
     /// tensor is whole: shaped like its parameter, or flattened and zero-padded (the shards of
     /// a distributed optimizer concatenated, see [`super::state::load_latest`]); this
     /// optimizer cuts its own layout from it, so a checkpoint of either optimizer at any DP
-    /// size restores into either at this one.
+    /// size restores into either at this one. `own_shards`: the tensors are already this
+    /// rank's shards (a distributed optimizer resuming at the same DP size).
     ///
     /// # Errors
     /// [`Error::State`] for a missing entry or a size that does not fit the parameter.
-    pub fn load_state(&mut self, named: &[(String, Tensor)], step: u64) -> Result<(), Error> {
+    pub fn load_state(
+        &mut self,
+        named: &[(String, Tensor)],
+        step: u64,
+        own_shards: bool,
+    ) -> Result<(), Error> {
+        // own shards have the masters' shape: cut nothing
         let layout = self
             .sharded
             .as_ref()
+            .filter(|_| !own_shards)
             .map(|sh| (i64::from(sh.dp.world()), i64::from(sh.dp.rank())));
         for (i, s) in self.slots.iter_mut().enumerate() {
             let numel = s.param.numel() as i64;
@@ -512,6 +520,19 @@ impl AdamW {
                         name: s.name.clone(),
                         why: format!("{k} missing from the checkpoint"),
                     })?;
+                if own_shards {
+                    if t.size() != s.master.size() {
+                        return Err(Error::State {
+                            name: s.name.clone(),
+                            why: format!(
+                                "{k}: shard {:?}, this rank's is {:?}",
+                                t.size(),
+                                s.master.size()
+                            ),
+                        });
+                    }
+                    return Ok(t.to_kind(Kind::Float));
+                }
                 let shaped_wrong = t.dim() > 1 && t.size() != s.param.size();
                 if shaped_wrong || (t.numel() as i64) < numel {
                     return Err(Error::State {
@@ -528,7 +549,7 @@ impl AdamW {
             let m = find(format!("master.{}", s.name))?;
             let a = find(format!("exp_avg.{}", s.name))?;
             let b = find(format!("exp_avg_sq.{}", s.name))?;
-            let sharded = layout.is_some();
+            let sharded = layout.is_some() || own_shards;
             tch::no_grad(|| {
                 s.master.copy_(&m);
                 s.exp_avg.copy_(&a);
@@ -675,9 +696,15 @@ mod tests {
             eps: 1e-8,
         };
         let mut opt = AdamW::new(&m, cfg);
-        assert!(matches!(opt.load_state(&[], 3), Err(Error::State { .. })));
+        assert!(matches!(
+            opt.load_state(&[], 3, false),
+            Err(Error::State { .. })
+        ));
         let mut st = opt.state_tensors();
         st[0].1 = Tensor::zeros([1], (Kind::Float, Device::Cpu));
-        assert!(matches!(opt.load_state(&st, 3), Err(Error::State { .. })));
+        assert!(matches!(
+            opt.load_state(&st, 3, false),
+            Err(Error::State { .. })
+        ));
     }
 }

@@ -171,8 +171,10 @@ fn rank_file(grid: &Grid, distributed_optimizer: bool) -> String {
     }
 }
 
-/// A loaded checkpoint: its folder, state and this rank's named tensors.
-pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
+/// A loaded checkpoint: its folder, its state, this TP rank's named optimizer tensors, and
+/// whether those are this rank's own distributed-optimizer shards (same DP layout) rather
+/// than whole tensors.
+pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>, bool);
 
 /// The newest complete checkpoint: its state and this TP rank's optimizer tensors, whole.
 ///
@@ -181,11 +183,16 @@ pub type Loaded = (PathBuf, TrainState, Vec<(String, Tensor)>);
 /// optimizer's shards of a TP rank (`rank_<t>_dp<d>.pt`, each a `1/DP` slice of every
 /// flattened tensor) are concatenated back here, so the tensors come out as the flattened
 /// whole, padded to the writer's DP. [`super::optim::AdamW::load_state`] cuts its own
-/// layout from them.
+/// layout from them. A distributed-optimizer run resuming at the writer's DP size
+/// (`distributed_optimizer` set) reads only its own shard file.
 ///
 /// # Errors
 /// [`Error::Mismatch`] when it was written at another TP; I/O errors.
-pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
+pub fn load_latest(
+    dir: &Path,
+    grid: &Grid,
+    distributed_optimizer: bool,
+) -> Result<Option<Loaded>, Error> {
     let Some((_, path)) = list(dir).pop() else {
         return Ok(None);
     };
@@ -213,8 +220,12 @@ pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
         })
     };
     let t = grid.tp_rank();
+    let saved_dp = state.world / saved_tp.max(1);
+    if state.distributed_optimizer && distributed_optimizer && saved_dp == grid.dp_size() as u32 {
+        let own = load(path.join(rank_file(grid, true)))?;
+        return Ok(Some((path, state, own, true)));
+    }
     let tensors = if state.distributed_optimizer {
-        let saved_dp = state.world / saved_tp.max(1);
         let mut parts: Vec<Vec<(String, Tensor)>> = Vec::new();
         for d in 0..saved_dp {
             parts.push(load(path.join(format!("rank_{t}_dp{d}.pt")))?);
@@ -244,7 +255,7 @@ pub fn load_latest(dir: &Path, grid: &Grid) -> Result<Option<Loaded>, Error> {
     } else {
         load(path.join(format!("rank_{t}.pt")))?
     };
-    Ok(Some((path, state, tensors)))
+    Ok(Some((path, state, tensors, false)))
 }
 
 #[cfg(test)]
@@ -274,7 +285,7 @@ mod tests {
         }
         let steps: Vec<u64> = list(dir.path()).iter().map(|x| x.0).collect();
         assert_eq!(steps, vec![4, 6]);
-        let (_, st, ts) = load_latest(dir.path(), &pg)
+        let (_, st, ts, _) = load_latest(dir.path(), &pg, false)
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("nothing saved"));
         assert_eq!(st.consumed_samples, 48);
@@ -293,7 +304,7 @@ mod tests {
         };
         let t = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         save(dir.path(), &pg, &[("x".to_string(), t)], &st).unwrap_or_else(|e| panic!("{e}"));
-        let e = load_latest(dir.path(), &pg)
+        let e = load_latest(dir.path(), &pg, false)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -301,7 +312,7 @@ mod tests {
             e.contains("written at TP 2 (by 2 ranks), this launch has TP 1"),
             "{e}"
         );
-        assert!(load_latest(&dir.path().join("none"), &pg)
+        assert!(load_latest(&dir.path().join("none"), &pg, false)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());
     }

@@ -646,8 +646,10 @@ pub fn run(
     let ckdir = job.checkpoint_dir();
     let mut resumed_from = 0;
     if job.resume {
-        if let Some((path, st, tensors)) = state::load_latest(&ckdir, grid)? {
-            opt.load_state(&tensors, st.step)?;
+        if let Some((path, st, tensors, own)) =
+            state::load_latest(&ckdir, grid, opt.is_distributed())?
+        {
+            opt.load_state(&tensors, st.step, own)?;
             let was = format!(
                 "{} ranks{}",
                 st.world,
