@@ -566,17 +566,10 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_at_any_dp() {
     let args = with("killed", "resumed.nemo", true);
     let port = free_port().to_string();
     let mut children = spawn_ranks(2, &args, torchrun_vars(2, &port));
-    let marker = dir
-        .path()
-        .join("killed/checkpoints/step_00000010/state.json");
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for(
+        &dir.path()
+            .join("killed/checkpoints/step_00000010/state.json"),
+    );
     for c in &mut children {
         c.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
         let _ = c.wait();
@@ -633,6 +626,18 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_at_any_dp() {
     );
 }
 
+/// Waits (up to 5 minutes) until `marker` exists: a running job's checkpoint.
+fn wait_for(marker: &Path) {
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
     for e in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
@@ -674,17 +679,10 @@ fn resume_after_sigkill_is_exact() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    let marker = dir
-        .path()
-        .join("killed/checkpoints/step_00000010/state.json");
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for(
+        &dir.path()
+            .join("killed/checkpoints/step_00000010/state.json"),
+    );
     child.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
     let _ = child.wait();
     assert!(

@@ -849,14 +849,18 @@ mod tests {
     }
 
     fn build(spec: GptSpec) -> Gpt {
-        let pg = ProcessGroup::single();
+        random(&spec, Kind::Float, 3, true)
+    }
+
+    /// A single-rank CPU model of `spec` with random weights.
+    fn random(spec: &GptSpec, kind: Kind, seed: i64, train: bool) -> Gpt {
         Gpt::new(
-            spec,
-            &InitFrom::Random { seed: 3 },
-            &pg,
-            Kind::Float,
+            spec.clone(),
+            &InitFrom::Random { seed },
+            &ProcessGroup::single(),
+            kind,
             Device::Cpu,
-            true,
+            train,
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -919,18 +923,7 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let spec = GptSpec::from_config(&c, 1, 32).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(spec.num_layers, 5);
-        let pg = ProcessGroup::single();
-        let mk = |seed, train| {
-            Gpt::new(
-                spec.clone(),
-                &InitFrom::Random { seed },
-                &pg,
-                Kind::Float,
-                Device::Cpu,
-                train,
-            )
-            .unwrap_or_else(|e| panic!("{e}"))
-        };
+        let mk = |seed, train| random(&spec, Kind::Float, seed, train);
         let teacher = mk(2, false);
         let tokens = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]).view([2, 4]);
         let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
@@ -978,18 +971,7 @@ mod tests {
     #[test]
     fn bf16_model_trains_through_the_chunked_loss() {
         let spec = tiny("normalization: rmsnorm\nactivation: fast-swiglu\nbias: false\nposition_embedding_type: rope\n", 1);
-        let pg = ProcessGroup::single();
-        let mk = |seed, train| {
-            Gpt::new(
-                spec.clone(),
-                &InitFrom::Random { seed },
-                &pg,
-                Kind::BFloat16,
-                Device::Cpu,
-                train,
-            )
-            .unwrap_or_else(|e| panic!("{e}"))
-        };
+        let mk = |seed, train| random(&spec, Kind::BFloat16, seed, train);
         let (student, teacher) = (mk(1, true), mk(2, false));
         let tokens = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]).view([2, 4]);
         let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
