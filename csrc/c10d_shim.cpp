@@ -208,6 +208,35 @@ int nemo_shim_recv(void* pg, at::Tensor* t, int src, int tag) {
   });
 }
 
+// Posts every send and receive at once, then waits for all (torch's batch_isend_irecv):
+// a stage can send its activations forward while receiving gradients from the same
+// neighbour without either side blocking the other. NCCL needs the ops coalesced into one
+// group call; Gloo matches them by tag.
+int nemo_shim_exchange(void* pg, at::Tensor** sends, const int* dsts, int n_send,
+                       at::Tensor** recvs, const int* srcs, int n_recv, int tag) {
+  return guard([&] {
+    auto& b = static_cast<Pg*>(pg)->b;
+    const bool coalesce = b->getBackendName() == "nccl";
+    if (coalesce) b->startCoalescing();
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int i = 0; i < n_send; ++i) {
+      std::vector<at::Tensor> v{*sends[i]};
+      works.push_back(b->send(v, dsts[i], tag));
+    }
+    for (int i = 0; i < n_recv; ++i) {
+      std::vector<at::Tensor> v{*recvs[i]};
+      works.push_back(b->recv(v, srcs[i], tag));
+    }
+    if (coalesce) {
+      auto w = b->endCoalescing();
+      if (w) w->wait();
+    } else {
+      for (auto& w : works)
+        if (w) w->wait();
+    }
+  });
+}
+
 int nemo_shim_barrier(void* pg) {
   return guard([&] { static_cast<Pg*>(pg)->b->barrier()->wait(); });
 }

@@ -408,10 +408,10 @@ fn tensor_and_data_parallel_runs_match_tp1_for_20_steps() {
     run_tp1(&with("tp1", "tp1.nemo", 1, 1));
     // DP2 started the way srun starts tasks (Slurm's variables only)
     let text = run_srun(2, &with("dp2", "dp2.nemo", 1, 2));
-    assert!(text.contains("TP 1 x DP 2"), "{text}");
+    assert!(text.contains("TP 1 x PP 1 x DP 2"), "{text}");
     run_tp2(&with("tp2", "tp2.nemo", 2, 2));
     let text = run_world(4, &with("dp2tp2", "dp2tp2.nemo", 2, 4));
-    assert!(text.contains("TP 2 x DP 2"), "{text}");
+    assert!(text.contains("TP 2 x PP 1 x DP 2"), "{text}");
     let t = compare_runs(
         dir.path(),
         ("tp1", "tp1.nemo"),
@@ -541,7 +541,7 @@ fn distributed_optimizer_matches_plain_adamw_and_resumes_at_any_dp() {
     };
     run_world(2, &with("plain", "plain.nemo", false));
     let text = run_world(2, &with("zero1", "zero1.nemo", true));
-    assert!(text.contains("TP 1 x DP 2"), "{text}");
+    assert!(text.contains("TP 1 x PP 1 x DP 2"), "{text}");
     let (loss, w) = compare_runs(
         dir.path(),
         ("plain", "plain.nemo"),
@@ -706,9 +706,10 @@ fn resume_after_sigkill_is_exact() {
 }
 
 #[test]
-fn refuses_pipeline_parallelism_and_a_wrong_world_size() {
+fn refuses_layouts_that_do_not_fit() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let a = common(dir.path(), dir.path(), &dir.path().join("x.nemo"));
+    let (prefix, _) = dataset(dir.path(), 60);
+    let a = common(&prefix, dir.path(), &dir.path().join("x.nemo"));
     let run = |extra: &[&str]| {
         let o = distill_cmd(&bin())
             .arg("distill")
@@ -719,10 +720,250 @@ fn refuses_pipeline_parallelism_and_a_wrong_world_size() {
         assert_eq!(o.status.code(), Some(2), "{}", show(&o));
         show(&o)
     };
-    assert!(run(&["model.pipeline_model_parallel_size=2"])
-        .contains("pipeline parallelism is not supported"));
+    let t = run(&["model.pipeline_model_parallel_size=2"]);
+    assert!(
+        t.contains("tensor x pipeline parallel size (1 x 2) must divide the world size 1"),
+        "{t}"
+    );
     assert!(run(&["trainer.devices=2"]).contains("torchrun --nproc_per_node=2"));
     assert!(run(&["model.bogus=1"]).contains("not in the config"));
+    let t = run(&["model.global_batch_size=3", "model.micro_batch_size=2"]);
+    assert!(
+        t.contains("must be a positive multiple of micro_batch_size (2) x data parallel size (1)"),
+        "{t}"
+    );
+    // found once the models are read: every rank stops with the reason
+    let ranks = |world: usize, extra: &[&str]| {
+        let mut args = a.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("trainer.devices={world}"));
+        let port = free_port().to_string();
+        let outs = wait_all(spawn_ranks(world, &args, torchrun_vars(world, &port)));
+        for o in &outs {
+            assert!(!o.status.success(), "{}", show(o));
+        }
+        show(&outs[0])
+    };
+    let t = ranks(
+        2,
+        &["model.num_layers=3", "model.pipeline_model_parallel_size=2"],
+    );
+    assert!(
+        t.contains("student's num_layers 3 is not divisible by pipeline_model_parallel_size 2"),
+        "{t}"
+    );
+    // the student's 4 layers split into 4 stages, the 2-layer teacher's do not
+    let t = ranks(
+        4,
+        &["model.num_layers=4", "model.pipeline_model_parallel_size=4"],
+    );
+    assert!(
+        t.contains("pipeline mismatch: the teacher's 2 layers do not split into 4 stages"),
+        "{t}"
+    );
+}
+
+/// Pipeline parallelism: TP1xPP2 and TP2xPP2 (1F1B over 4 micro-batches per step) equal TP1
+/// over 20 steps, with tied embeddings (a copy on the last stage) and without; the saved PP2
+/// student is in the `tp_rank_XX_pp_rank_YYY` layout, equals `nemo-tool reshard --pp 2` of
+/// the TP1 result, and loads per stage into megatron-core with strict=True.
+#[test]
+fn pipeline_runs_match_tp1_for_20_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let extra = [
+        "model.num_layers=2",
+        "model.global_batch_size=4",
+        "model.micro_batch_size=1",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=5e-3",
+        "model.kd.chunk_tokens=8",
+    ];
+    let with = |name: &str, tied: bool, tp: u32, pp: u32| {
+        let mut a = common(
+            &prefix,
+            &dir.path().join(name),
+            &dir.path().join(format!("{name}.nemo")),
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("model.share_embeddings_and_output_weights={tied}"));
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("model.pipeline_model_parallel_size={pp}"));
+        a.push(format!("trainer.devices={}", tp * pp));
+        a
+    };
+    let mut report = Vec::new();
+    for tied in [true, false] {
+        let t = if tied { "tied" } else { "untied" };
+        let base = format!("{t}_tp1");
+        run_tp1(&with(&base, tied, 1, 1));
+        let mut layouts = vec![(1, 2)];
+        if tied {
+            layouts.push((2, 2));
+        }
+        for (tp, pp) in layouts {
+            let name = format!("{t}_tp{tp}pp{pp}");
+            let text = run_world((tp * pp) as usize, &with(&name, tied, tp, pp));
+            assert!(
+                text.contains(&format!("TP {tp} x PP {pp} x DP 1")),
+                "{text}"
+            );
+            let (l, w) = compare_runs(
+                dir.path(),
+                (&base, &format!("{base}.nemo")),
+                (&name, &format!("{name}.nemo")),
+                &format!("{name} vs TP1"),
+            );
+            report.push(format!("{name} vs TP1: loss diff {l:.2e}, weights {w:.2e}"));
+            let out = dir.path().join(format!("{name}.nemo"));
+            let ck = Checkpoint::open(&out).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(ck.config.pipeline_model_parallel_size(), u64::from(pp));
+            let mut members: Vec<String> =
+                ck.rank_files().iter().map(|r| r.member.clone()).collect();
+            members.sort();
+            let want: Vec<String> = (0..pp)
+                .flat_map(|p| (0..tp).map(move |t| (t, p)))
+                .map(|(t, p)| format!("tp_rank_{t:02}_pp_rank_{p:03}/model_weights.ckpt"))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            assert_eq!(members, want);
+            if tp == 1 {
+                // the TP1 run resharded to PP2 by the core: same members and keys, same
+                // values within the runs' float tolerance
+                let resharded = dir.path().join(format!("{base}_as_pp2.nemo"));
+                let o = Command::new(bin())
+                    .args(["reshard", "--tp", "1", "--pp", "2"])
+                    .arg(dir.path().join(format!("{base}.nemo")))
+                    .arg(&resharded)
+                    .output()
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert!(o.status.success(), "reshard: {}", show(&o));
+                let rc = Checkpoint::open(&resharded).unwrap_or_else(|e| panic!("{e}"));
+                for (r, q) in ck.rank_files().iter().zip(rc.rank_files()) {
+                    assert_eq!(r.member, q.member);
+                    let keys = |f: &nemo_tool::model::checkpoint::RankFile| -> Vec<String> {
+                        f.entries().map(|(k, _)| k.to_string()).collect()
+                    };
+                    assert_eq!(keys(r), keys(q), "{}", r.member);
+                }
+                let o = Command::new(bin())
+                    .args(["diff", "--atol", "1e-5"])
+                    .arg(&out)
+                    .arg(&resharded)
+                    .output()
+                    .unwrap_or_else(|e| panic!("{e}"));
+                // configs differ in nemo_path only; every tensor agrees
+                let t = show(&o);
+                assert!(
+                    t.contains("0 differ, 0 only in A, 0 only in B"),
+                    "diff vs reshard: {t}"
+                );
+            }
+            if let Some(py) = python() {
+                mcore_loads_stages(&py, &out, tp, pp, tied);
+            }
+        }
+    }
+    println!("{}", report.join("; "));
+}
+
+/// Every rank file of a PP student loads into megatron-core's GPTModel stage with
+/// strict=True (tests/interop/helpers/mcore_load_pp.py under torchrun).
+fn mcore_loads_stages(py: &Path, nemo: &Path, tp: u32, pp: u32, tied: bool) {
+    let torchrun = py.with_file_name("torchrun");
+    let o = distill_cmd(&torchrun)
+        .arg(format!("--nproc_per_node={}", tp * pp))
+        .arg("--master_addr=127.0.0.1")
+        .arg(format!("--master_port={}", free_port()))
+        .arg(root().join("tests/interop/helpers/mcore_load_pp.py"))
+        .arg(nemo)
+        .args([tp.to_string(), pp.to_string(), u8::from(tied).to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = show(&o);
+    assert!(o.status.success(), "megatron-core load: {text}");
+    for p in 0..pp {
+        for t in 0..tp {
+            assert!(
+                text.contains(&format!("stage {p} tp {t}: ")),
+                "stage {p} tp {t} did not load: {text}"
+            );
+        }
+    }
+}
+
+/// DP2 x TP1 x PP2 (4 processes) killed with SIGKILL after a checkpoint resumes to the
+/// bit-identical result; resuming at another PP is refused.
+#[test]
+fn pipeline_resume_after_sigkill_is_exact() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let extra = [
+        "model.num_layers=2",
+        "model.share_embeddings_and_output_weights=true",
+        "model.global_batch_size=4",
+        "model.micro_batch_size=1",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=1",
+        "model.optim.lr=1e-2",
+        "model.pipeline_model_parallel_size=2",
+        "trainer.devices=4",
+    ];
+    let with = |exp: &str, out: &str| {
+        let mut a = common(&prefix, &dir.path().join(exp), &dir.path().join(out));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let text = run_world(4, &with("straight", "straight.nemo"));
+    assert!(text.contains("TP 1 x PP 2 x DP 2"), "{text}");
+    let args = with("killed", "resumed.nemo");
+    let port = free_port().to_string();
+    let mut children = spawn_ranks(4, &args, torchrun_vars(4, &port));
+    wait_for(
+        &dir.path()
+            .join("killed/checkpoints/step_00000010/state.json"),
+    );
+    for c in &mut children {
+        c.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
+        let _ = c.wait();
+    }
+    assert!(
+        !dir.path().join("resumed.nemo").exists(),
+        "the run finished before it was killed: the test proves nothing"
+    );
+    let ck = dir.path().join("killed/checkpoints/step_00000010");
+    for f in ["rank_0_pp0.pt", "rank_0_pp1.pt", "state.json"] {
+        assert!(ck.join(f).is_file(), "{f} missing in {}", ck.display());
+    }
+    copy_dir(&dir.path().join("killed"), &dir.path().join("killed_pp1"));
+    let text = run_world(4, &args);
+    assert!(text.contains("resumed from"), "{text}");
+    let a = weights(&dir.path().join("straight.nemo"));
+    let b = weights(&dir.path().join("resumed.nemo"));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{n} differs after resume");
+    }
+    assert_eq!(
+        step_losses(&dir.path().join("straight")),
+        step_losses(&dir.path().join("killed"))
+    );
+    // another PP is refused, naming both
+    let mut pp1 = with("killed_pp1", "pp1.nemo");
+    pp1.push("model.pipeline_model_parallel_size=1".into());
+    let port = free_port().to_string();
+    let mut outs = wait_all(spawn_ranks(4, &pp1, torchrun_vars(4, &port)));
+    let o = outs.remove(0);
+    assert!(!o.status.success());
+    assert!(
+        show(&o).contains("written at PP 2 (by 4 ranks), this launch has PP 1"),
+        "{}",
+        show(&o)
+    );
 }
 
 /// MFU: with the device peak given (NEMO_TOOL_PEAK_TFLOPS; on a GPU the peak comes from its

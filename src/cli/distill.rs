@@ -93,10 +93,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (tch::Device::Cpu, Backend::Gloo)
     };
     let tp = i32::try_from(job.tp).unwrap_or(i32::MAX);
-    let grid = Grid::init(&launch, backend, tp)?;
+    let pp = i32::try_from(job.pp).unwrap_or(i32::MAX);
+    let grid = Grid::init(&launch, backend, tp, pp)?;
     let rank0 = grid.world.rank() == 0;
     if args.validate_only {
-        let v = train::evaluate(&job, &grid.tp, device)?;
+        let v = train::evaluate(&job, &grid, device)?;
         if rank0 {
             match v {
                 Some(v) => println!(

@@ -38,6 +38,16 @@ extern "C" {
     fn nemo_shim_barrier(pg: *mut c_void) -> c_int;
     fn nemo_shim_send(pg: *mut c_void, t: *mut C_tensor, dst: c_int, tag: c_int) -> c_int;
     fn nemo_shim_recv(pg: *mut c_void, t: *mut C_tensor, src: c_int, tag: c_int) -> c_int;
+    fn nemo_shim_exchange(
+        pg: *mut c_void,
+        sends: *mut *mut C_tensor,
+        dsts: *const c_int,
+        n_send: c_int,
+        recvs: *mut *mut C_tensor,
+        srcs: *const c_int,
+        n_recv: c_int,
+        tag: c_int,
+    ) -> c_int;
     fn nemo_shim_reduce_scatter(
         pg: *mut c_void,
         out: *mut C_tensor,
@@ -251,6 +261,33 @@ impl RawPg {
     pub(crate) fn recv(&self, t: &mut Tensor, src: c_int, tag: c_int) -> Result<(), String> {
         // SAFETY: as send; the shim writes into `t`'s storage.
         check(unsafe { nemo_shim_recv(self.0, t.as_mut_ptr(), src, tag) })
+    }
+
+    /// Every send and receive posted at once, then all awaited.
+    pub(crate) fn exchange(
+        &self,
+        sends: &mut [(Tensor, c_int)],
+        recvs: &mut [(Tensor, c_int)],
+        tag: c_int,
+    ) -> Result<(), String> {
+        let mut sp: Vec<*mut C_tensor> = sends.iter_mut().map(|(t, _)| t.as_mut_ptr()).collect();
+        let sd: Vec<c_int> = sends.iter().map(|(_, d)| *d).collect();
+        let mut rp: Vec<*mut C_tensor> = recvs.iter_mut().map(|(t, _)| t.as_mut_ptr()).collect();
+        let rs: Vec<c_int> = recvs.iter().map(|(_, s)| *s).collect();
+        // SAFETY: live group; the pointer arrays and the tensors they point to outlive the
+        // blocking call, which writes only into the receive tensors' storage.
+        check(unsafe {
+            nemo_shim_exchange(
+                self.0,
+                sp.as_mut_ptr(),
+                sd.as_ptr(),
+                sp.len() as c_int,
+                rp.as_mut_ptr(),
+                rs.as_ptr(),
+                rp.len() as c_int,
+                tag,
+            )
+        })
     }
 
     pub(crate) fn barrier(&self) -> Result<(), String> {

@@ -1,8 +1,8 @@
 //! A distillation job resolved from the run configuration (conf/distill.yaml plus overrides):
 //! every key `nemo-tool distill` honours, checked once before anything is loaded, with the
 //! same constraints as NeMo's script (teacher required, `trainer.devices × trainer.num_nodes`
-//! = world size = TP × DP, `global_batch_size` a multiple of `micro_batch_size × DP`) and the
-//! ones of this engine (PP = 1).
+//! = world size = TP × PP × DP, `global_batch_size` a multiple of `micro_batch_size × DP`,
+//! no virtual pipeline).
 
 use std::path::PathBuf;
 
@@ -66,7 +66,9 @@ pub struct Job {
     pub nemo_path: PathBuf,
     /// `model.tensor_model_parallel_size`.
     pub tp: u64,
-    /// The data-parallel size: world size / TP.
+    /// `model.pipeline_model_parallel_size`.
+    pub pp: u64,
+    /// The data-parallel size: world size / (TP × PP).
     pub dp: u64,
     /// `model.micro_batch_size`.
     pub micro_batch: usize,
@@ -145,18 +147,18 @@ impl Job {
 
         let tp = cfg.u64("model.tensor_model_parallel_size")?.unwrap_or(1);
         let pp = cfg.u64("model.pipeline_model_parallel_size")?.unwrap_or(1);
-        if pp != 1 {
+        if pp == 0 {
             return Err(invalid(
                 "model.pipeline_model_parallel_size",
                 pp,
-                "pipeline parallelism is not supported yet (as in NeMo's script, which asserts PP = 1); use tensor parallelism",
+                "must be at least 1",
             ));
         }
         if let Some(v) = cfg.u64("model.virtual_pipeline_model_parallel_size")? {
             return Err(invalid(
                 "model.virtual_pipeline_model_parallel_size",
                 v,
-                "must be null",
+                "must be null (interleaved pipelines are not supported, as in NeMo's script)",
             ));
         }
         let devices = cfg.u64("trainer.devices")?.unwrap_or(1);
@@ -170,14 +172,16 @@ impl Job {
                 ),
             ));
         }
-        if tp == 0 || world % tp != 0 {
+        if tp == 0 || world % tp.saturating_mul(pp) != 0 {
             return Err(invalid(
                 "model.tensor_model_parallel_size",
                 tp,
-                format!("must divide the world size {world} (world = tensor x data parallel size)"),
+                format!(
+                    "tensor x pipeline parallel size ({tp} x {pp}) must divide the world size {world} (world = tensor x pipeline x data parallel size)"
+                ),
             ));
         }
-        let dp = world / tp;
+        let dp = world / (tp * pp);
         let micro_batch = req("model.micro_batch_size", cfg.u64("model.micro_batch_size")?)?;
         let global_batch = req(
             "model.global_batch_size",
@@ -425,6 +429,7 @@ impl Job {
             teacher,
             nemo_path,
             tp,
+            pp,
             dp,
             micro_batch: micro_batch as usize,
             global_batch: global_batch as usize,
@@ -533,7 +538,30 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default()
         };
+        // world 1 cannot hold two stages; world 4 at TP2 x PP2 is DP 1, at TP1 x PP2 DP 2
         assert!(e(with(&["model.pipeline_model_parallel_size=2"]), 1).contains("pipeline"));
+        assert!(e(
+            with(&["trainer.devices=6", "model.pipeline_model_parallel_size=4"]),
+            6
+        )
+        .contains("tensor x pipeline parallel size (1 x 4) must divide the world size 6"));
+        let j = Job::resolve(
+            &with(&[
+                "trainer.devices=4",
+                "model.pipeline_model_parallel_size=2",
+                "model.tensor_model_parallel_size=2",
+            ]),
+            4,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((j.tp, j.pp, j.dp), (2, 2, 1));
+        let j = Job::resolve(
+            &with(&["trainer.devices=4", "model.pipeline_model_parallel_size=2"]),
+            4,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((j.tp, j.pp, j.dp, j.accumulation()), (1, 2, 2, 4));
+        assert!(e(with(&["model.virtual_pipeline_model_parallel_size=2"]), 1).contains("null"));
         assert!(e(base(), 2).contains("trainer.devices"));
         assert!(e(
             with(&["trainer.devices=3", "model.tensor_model_parallel_size=2"]),

@@ -218,8 +218,7 @@ impl KdLoss {
         if chunk < 1 {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
-        let pg = student.group();
-        let n = valid_tokens(mask)?;
+        valid_tokens(mask)?;
         let th = tch::no_grad(|| teacher.hidden(tokens))?;
         let (sh, ck) = match recompute {
             Recompute::None | Recompute::Selective => (student.hidden(tokens)?, None),
@@ -228,12 +227,49 @@ impl KdLoss {
                 (ck.hidden.shallow_clone(), Some(ck))
             }
         };
-        let leaf = sh.detach().set_requires_grad(true);
-        let seq = *tokens
-            .size()
-            .get(1)
-            .ok_or_else(|| Error::Input("tokens must be [batch, seq]".to_string()))?;
+        let (total, g) = self.loss_and_grad(student, teacher, &sh, &th, mask, chunk)?;
+        if let Some(g) = g {
+            match ck {
+                Some(ck) => {
+                    ck.backward(student, &g)
+                        .map_err(|e| Error::Backward(e.to_string()))?;
+                }
+                None => (sh * g.detach())
+                    .sum(Kind::Float)
+                    .f_backward()
+                    .map_err(|e| Error::Backward(e.to_string()))?,
+            }
+        }
+        Ok(total)
+    }
+
+    /// The loss of final hidden states `student_hidden` (its graph is not used) against the
+    /// teacher's, `chunk` positions at a time, back-propagated into the student's output
+    /// layer; returns the loss and its gradient with respect to `student_hidden` (what the
+    /// rest of the student, or a pipeline's last stage, continues with).
+    ///
+    /// # Errors
+    /// As [`KdLoss::chunked_backward`].
+    pub fn loss_and_grad(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        student_hidden: &Tensor,
+        teacher_hidden: &Tensor,
+        mask: &Tensor,
+        chunk: i64,
+    ) -> Result<(f64, Option<Tensor>), Error> {
+        if chunk < 1 {
+            return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
+        }
+        let pg = student.group();
+        let n = valid_tokens(mask)?;
+        let leaf = student_hidden.detach().set_requires_grad(true);
+        let seq = *leaf.size().get(1).ok_or_else(|| {
+            Error::Input("hidden states must be [batch, seq, hidden]".to_string())
+        })?;
         let mask = mask.to_device(student.device());
+        let th = teacher_hidden.to_device(teacher.device());
         let mut total = 0.0;
         let mut start = 0;
         while start < seq {
@@ -248,18 +284,7 @@ impl KdLoss {
             start += len;
         }
         let g = leaf.grad();
-        if g.defined() {
-            match ck {
-                Some(ck) => ck
-                    .backward(student, &g)
-                    .map_err(|e| Error::Backward(e.to_string()))?,
-                None => (sh * g.detach())
-                    .sum(Kind::Float)
-                    .f_backward()
-                    .map_err(|e| Error::Backward(e.to_string()))?,
-            }
-        }
-        Ok(total)
+        Ok((total, g.defined().then_some(g)))
     }
 }
 

@@ -26,6 +26,8 @@ pub mod optim;
 #[cfg(feature = "distill")]
 pub mod parallel;
 #[cfg(feature = "distill")]
+pub mod pipeline;
+#[cfg(feature = "distill")]
 pub mod rope;
 #[cfg(feature = "distill")]
 pub mod save;

@@ -78,20 +78,69 @@ enum Init {
     Ones,
 }
 
-/// A GPT shard on this rank.
+/// The pipeline stage a [`Gpt`] holds: stage `index` of `count` owns global layers
+/// `index·L/count .. (index+1)·L/count`; the first stage also the embeddings, the last the
+/// final norm and the output layer (for tied embeddings a copy of the word embeddings, as
+/// megatron-core keeps on the last stage at PP > 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stage {
+    /// This stage.
+    pub index: usize,
+    /// Pipeline stages.
+    pub count: usize,
+}
+
+impl Stage {
+    /// The whole model (no pipeline).
+    pub const WHOLE: Stage = Stage { index: 0, count: 1 };
+
+    /// Holds the embeddings.
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    /// Holds the final norm and output layer.
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+
+    /// This stage's global layers of a `layers`-layer model.
+    ///
+    /// # Errors
+    /// [`Error::Input`] when the layers do not split evenly into the stages.
+    pub fn layers(&self, layers: usize) -> Result<Range<usize>, Error> {
+        if self.count == 0 || layers % self.count != 0 || self.index >= self.count {
+            return Err(Error::Input {
+                what: "pipeline stages",
+                why: format!(
+                    "num_layers {layers} is not divisible by pipeline_model_parallel_size {}",
+                    self.count
+                ),
+            });
+        }
+        let per = layers / self.count;
+        Ok(self.index * per..(self.index + 1) * per)
+    }
+}
+
+/// A GPT shard on this rank: its TP slice of its pipeline stage.
 #[derive(Debug)]
 pub struct Gpt {
     /// The architecture.
     pub spec: GptSpec,
+    /// The pipeline stage held.
+    pub stage: Stage,
     pg: ProcessGroup,
     device: Device,
     kind: Kind,
     params: Vec<NamedParam>,
-    emb: Tensor,
+    /// First stage.
+    emb: Option<Tensor>,
     pos: Option<Tensor>,
     layers: Vec<Layer>,
-    final_norm: NormW,
-    output: Tensor,
+    /// Last stage.
+    final_norm: Option<NormW>,
+    output: Option<Tensor>,
     /// The rotary tables of the last sequence length (training repeats one length).
     rope: std::sync::Mutex<Option<(i64, rope::Rope)>>,
 }
@@ -116,7 +165,14 @@ struct Builder<'a> {
     kind: Kind,
     device: Device,
     params: Vec<NamedParam>,
-    counter: i64,
+}
+
+/// FNV-1a of a parameter name: its random-init seed, so a parameter starts the same at any
+/// TP, PP and rank.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A `[shape]` fp32 tensor of N(0, std²) samples from a seeded splitmix64 + Box-Muller
@@ -179,12 +235,25 @@ impl Builder<'_> {
         global: &[i64],
         init: Init,
     ) -> Result<Tensor, Error> {
+        let name = names.first().cloned().unwrap_or_default();
+        self.param_as(name, names, rule, global, init)
+    }
+
+    /// A parameter called `name` whose weights are those of `names` (read from the
+    /// checkpoint, or initialised from `names[0]`'s seed).
+    fn param_as(
+        &mut self,
+        name: String,
+        names: &[String],
+        rule: Rule,
+        global: &[i64],
+        init: Init,
+    ) -> Result<Tensor, Error> {
         let tp = self.spec.tp;
         let mut local: Vec<i64> = global.to_vec();
         if let Some(d) = rule.split_dim(local.len()) {
             local[d] /= tp;
         }
-        self.counter += 1;
         let t = match self.from {
             InitFrom::Checkpoint(src) => {
                 let p = Param {
@@ -202,15 +271,10 @@ impl Builder<'_> {
                     Init::Zeros => Tensor::zeros(global, opts),
                     Init::Ones => Tensor::ones(global, opts),
                     Init::Normal(std) => {
-                        // per-parameter seed: independent of TP, of the rank that asks, and of
-                        // libtorch's global RNG (which other threads may reseed)
-                        normal(
-                            global,
-                            std,
-                            (*seed as u64)
-                                .wrapping_mul(1_000_003)
-                                .wrapping_add(self.counter as u64),
-                        )
+                        // per-parameter seed: independent of TP, PP, of the rank that asks,
+                        // and of libtorch's global RNG (which other threads may reseed)
+                        let key = names.first().map_or(0, |n| name_seed(n));
+                        normal(global, std, (*seed as u64).wrapping_mul(1_000_003) ^ key)
                     }
                 };
                 slice_canonical(&full, rule, self.rank, tp)
@@ -219,7 +283,6 @@ impl Builder<'_> {
                     .to_device(self.device)
             }),
         };
-        let name = names.first().cloned().unwrap_or_default();
         self.params.push(NamedParam {
             name,
             rule,
@@ -262,6 +325,24 @@ impl Gpt {
         device: Device,
         trainable: bool,
     ) -> Result<Gpt, Error> {
+        Self::new_stage(spec, from, pg, kind, device, trainable, Stage::WHOLE)
+    }
+
+    /// [`Gpt::new`] for one pipeline stage. Parameters keep their global names (layer `i` of
+    /// the model is `decoder.layers.{i}` on whichever stage holds it).
+    ///
+    /// # Errors
+    /// As [`Gpt::new`]; [`Error::Input`] when the layers do not split into the stages.
+    pub fn new_stage(
+        spec: GptSpec,
+        from: &InitFrom,
+        pg: &ProcessGroup,
+        kind: Kind,
+        device: Device,
+        trainable: bool,
+        stage: Stage,
+    ) -> Result<Gpt, Error> {
+        let own = stage.layers(spec.num_layers)?;
         if spec.tp != i64::from(pg.world()) {
             return Err(Error::Input {
                 what: "tensor parallel size",
@@ -286,17 +367,16 @@ impl Gpt {
             kind,
             device,
             params: Vec::new(),
-            counter: 0,
         };
         let n = |x: &str| vec![x.to_string()];
-        let emb = b.param(
-            &n("embedding.word_embeddings.weight"),
-            Rule::Vocab,
-            &[s.padded_vocab, s.hidden],
-            Init::Normal(std),
-        )?;
+        let emb_names = n("embedding.word_embeddings.weight");
+        let emb_shape = [s.padded_vocab, s.hidden];
+        let emb = match stage.is_first() {
+            true => Some(b.param(&emb_names, Rule::Vocab, &emb_shape, Init::Normal(std))?),
+            false => None,
+        };
         let pos = match s.positions {
-            Positions::Learned { max } => Some(b.param(
+            Positions::Learned { max } if stage.is_first() => Some(b.param(
                 &n("embedding.position_embeddings.weight"),
                 Rule::Replicated,
                 &[max as i64, s.hidden],
@@ -310,8 +390,8 @@ impl Gpt {
         } else {
             Rule::Column
         };
-        let mut layers = Vec::with_capacity(s.num_layers);
-        for i in 0..s.num_layers {
+        let mut layers = Vec::with_capacity(own.len());
+        for i in own {
             let p = |x: &str| format!("decoder.layers.{i}.{x}");
             let ln1 = b.norm(&[
                 (&p("input_layernorm.weight"), &p("input_layernorm.bias")),
@@ -400,19 +480,28 @@ impl Gpt {
                 fc2_b,
             });
         }
-        let final_norm = b.norm(&[(
-            "decoder.final_layernorm.weight",
-            "decoder.final_layernorm.bias",
-        )])?;
-        let output = if s.tied {
-            emb.shallow_clone()
+        let (final_norm, output) = if stage.is_last() {
+            let norm = b.norm(&[(
+                "decoder.final_layernorm.weight",
+                "decoder.final_layernorm.bias",
+            )])?;
+            let out_name = "output_layer.weight".to_string();
+            let output = match (s.tied, &emb) {
+                (true, Some(e)) => e.shallow_clone(),
+                // the last stage's copy of the tied embeddings starts as they do and
+                // receives the same summed gradient ([`Gpt::tied_copy`])
+                (true, None) => b.param_as(
+                    out_name,
+                    &emb_names,
+                    Rule::Vocab,
+                    &emb_shape,
+                    Init::Normal(std),
+                )?,
+                (false, _) => b.param(&[out_name], Rule::Vocab, &emb_shape, Init::Normal(std))?,
+            };
+            (Some(norm), Some(output))
         } else {
-            b.param(
-                &n("output_layer.weight"),
-                Rule::Vocab,
-                &[s.padded_vocab, s.hidden],
-                Init::Normal(std),
-            )?
+            (None, None)
         };
         let params = b.params;
         for p in &params {
@@ -421,6 +510,7 @@ impl Gpt {
         }
         Ok(Gpt {
             spec,
+            stage,
             pg: pg.clone(),
             device,
             kind,
@@ -504,17 +594,69 @@ impl Gpt {
     /// [`Error::Input`] for a non-2-D or non-integer token tensor or a sequence longer than
     /// the learned position table; collective errors.
     pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor, Error> {
-        let mut x = self.embed(tokens)?;
-        let (b, s) = (x.size()[0], x.size()[1]);
-        let rope = self.rope(s);
-        for l in &self.layers {
-            x = self.layer(l, x, b, s, rope.as_ref())?;
+        let x = self.embed(tokens)?;
+        let x = self.layers_on(0..self.layers.len(), x)?;
+        self.final_norm_of(&x)
+    }
+
+    /// This stage's output for `input`: the next stage's input, or on the last stage the
+    /// final hidden states (no activations are kept apart from autograd's own).
+    ///
+    /// # Errors
+    /// As [`Gpt::hidden`]; [`Error::Input`] for tokens given to a later stage or hidden
+    /// states given to the first.
+    pub fn stage_output(&self, input: StageInput) -> Result<Tensor, Error> {
+        let x = self.stage_input(input)?;
+        let x = self.layers_on(0..self.layers.len(), x)?;
+        match self.stage.is_last() {
+            true => self.final_norm_of(&x),
+            false => Ok(x),
         }
-        Ok(self.norm(&x, &self.final_norm))
+    }
+
+    fn stage_input(&self, input: StageInput) -> Result<Tensor, Error> {
+        match (input, self.stage.is_first()) {
+            (StageInput::Tokens(t), true) => self.embed(t),
+            (StageInput::Hidden(h), false) => Ok(h.to_device(self.device)),
+            (_, first) => Err(Error::Input {
+                what: "pipeline stage",
+                why: format!(
+                    "stage {} of {} takes {}",
+                    self.stage.index,
+                    self.stage.count,
+                    if first {
+                        "token ids"
+                    } else {
+                        "the previous stage's hidden states"
+                    }
+                ),
+            }),
+        }
+    }
+
+    fn final_norm_of(&self, x: &Tensor) -> Result<Tensor, Error> {
+        match &self.final_norm {
+            Some(n) => Ok(self.norm(x, n)),
+            None => Err(self.not_here("the final norm")),
+        }
+    }
+
+    fn not_here(&self, what: &str) -> Error {
+        Error::Input {
+            what: "pipeline stage",
+            why: format!(
+                "stage {} of {} does not hold {what}",
+                self.stage.index, self.stage.count
+            ),
+        }
     }
 
     /// The embedding output `[b, s, H]` (word plus learned positions) of token ids `[b, s]`.
     fn embed(&self, tokens: &Tensor) -> Result<Tensor, Error> {
+        let emb = self
+            .emb
+            .as_ref()
+            .ok_or_else(|| self.not_here("the embeddings"))?;
         let size = tokens.size();
         let [_, s] = size[..] else {
             return Err(Error::Input {
@@ -548,11 +690,11 @@ impl Gpt {
         let vp = spec.padded_vocab / tp;
         let start = i64::from(self.pg.rank()) * vp;
         let mut x = if tp == 1 {
-            Tensor::embedding(&self.emb, &tokens, -1, false, false)
+            Tensor::embedding(emb, &tokens, -1, false, false)
         } else {
             let outside = tokens.lt(start).logical_or(&tokens.ge(start + vp));
             let idx = (&tokens - start).masked_fill(&outside, 0);
-            let part = Tensor::embedding(&self.emb, &idx, -1, false, false)
+            let part = Tensor::embedding(emb, &idx, -1, false, false)
                 .masked_fill(&outside.unsqueeze(-1), 0.0);
             self.pg.reduce_from_tp(&part)?
         };
@@ -655,8 +797,23 @@ impl Gpt {
         tokens: &Tensor,
         recompute: Recompute,
     ) -> Result<Checkpointed, Error> {
-        let embedded = self.embed(tokens)?;
-        let mut x = embedded.shallow_clone();
+        self.stage_checkpointed(StageInput::Tokens(tokens), recompute)
+    }
+
+    /// [`Gpt::stage_output`] keeping activations as `recompute` says, for
+    /// [`Checkpointed::backward`] (which returns the gradient of a hidden-state input).
+    ///
+    /// # Errors
+    /// As [`Gpt::stage_output`].
+    pub fn stage_checkpointed(
+        &self,
+        input: StageInput,
+        recompute: Recompute,
+    ) -> Result<Checkpointed, Error> {
+        let first = self.stage.is_first();
+        let x0 = self.stage_input(input)?;
+        let embedded = first.then(|| x0.shallow_clone());
+        let mut x = x0;
         let mut segments = Vec::new();
         for (range, checkpoint) in recompute.segments(self.layers.len()) {
             let input = x.detach().set_requires_grad(true);
@@ -675,7 +832,10 @@ impl Gpt {
             x = next;
         }
         let final_input = x.detach().set_requires_grad(true);
-        let hidden = self.norm(&final_input, &self.final_norm);
+        let hidden = match self.stage.is_last() {
+            true => self.final_norm_of(&final_input)?,
+            false => final_input.shallow_clone(),
+        };
         Ok(Checkpointed {
             embedded,
             segments,
@@ -689,7 +849,30 @@ impl Gpt {
     /// # Errors
     /// Collective errors.
     pub fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor, Error> {
-        Ok(self.pg.copy_to_tp(h)?.matmul(&self.output.tr()))
+        let out = self
+            .output
+            .as_ref()
+            .ok_or_else(|| self.not_here("the output layer"))?;
+        Ok(self.pg.copy_to_tp(h)?.matmul(&out.tr()))
+    }
+
+    /// The last stage's copy of tied word embeddings at PP > 1 (the first stage holds the
+    /// embeddings themselves): the two get the sum of their gradients each step.
+    pub fn tied_copy(&self) -> Option<&NamedParam> {
+        if !(self.spec.tied && self.stage.is_last() && !self.stage.is_first()) {
+            return None;
+        }
+        self.params.iter().find(|p| p.name == "output_layer.weight")
+    }
+
+    /// The word embeddings, on the first stage.
+    pub fn word_embeddings(&self) -> Option<&NamedParam> {
+        if !self.stage.is_first() {
+            return None;
+        }
+        self.params
+            .iter()
+            .find(|p| p.name == "embedding.word_embeddings.weight")
     }
 
     /// Local logits `[b, s, V/TP]` (mcore `parallel_output=True`).
@@ -792,21 +975,33 @@ struct Segment {
 /// A forward pass that kept only some activations (see [`Gpt::hidden_checkpointed`]).
 #[derive(Debug)]
 pub struct Checkpointed {
-    embedded: Tensor,
+    /// The first stage's embedding output (with its graph).
+    embedded: Option<Tensor>,
     segments: Vec<Segment>,
     final_input: Tensor,
-    /// The final hidden states `[b, s, H]` (with the final norm's graph).
+    /// The stage's output `[b, s, H]`: final hidden states (with the final norm's graph) on
+    /// the last stage, the last layer's output elsewhere.
     pub hidden: Tensor,
+}
+
+/// What a pipeline stage starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    /// Token ids `[b, s]` (the first stage).
+    Tokens(&'a Tensor),
+    /// The previous stage's output `[b, s, H]`.
+    Hidden(&'a Tensor),
 }
 
 impl Checkpointed {
     /// Backpropagates `grad` (of [`Checkpointed::hidden`]) into the parameters of `model`
     /// (the model that made it): the final norm, then each layer group from the last,
-    /// recomputing the checkpointed ones, then the embedding.
+    /// recomputing the checkpointed ones, then the embedding. Returns the gradient of a
+    /// hidden-state input (what a pipeline stage sends back), None on the first stage.
     ///
     /// # Errors
     /// Collective and autograd errors.
-    pub fn backward(self, model: &Gpt, grad: &Tensor) -> Result<(), Error> {
+    pub fn backward(self, model: &Gpt, grad: &Tensor) -> Result<Option<Tensor>, Error> {
         let push = |out: &Tensor, g: &Tensor| -> Result<(), Error> {
             (out * g.detach())
                 .sum(Kind::Float)
@@ -816,8 +1011,12 @@ impl Checkpointed {
                     why: e.to_string(),
                 })
         };
-        push(&self.hidden, grad)?;
-        let mut g = self.final_input.grad();
+        let mut g = if model.stage.is_last() {
+            push(&self.hidden, grad)?;
+            self.final_input.grad()
+        } else {
+            grad.shallow_clone()
+        };
         for seg in self.segments.into_iter().rev() {
             if !g.defined() {
                 break;
@@ -829,10 +1028,15 @@ impl Checkpointed {
             push(&out, &g)?;
             g = seg.input.grad();
         }
-        if g.defined() && self.embedded.requires_grad() {
-            push(&self.embedded, &g)?;
+        match self.embedded {
+            Some(e) => {
+                if g.defined() && e.requires_grad() {
+                    push(&e, &g)?;
+                }
+                Ok(None)
+            }
+            None => Ok(g.defined().then_some(g)),
         }
-        Ok(())
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Slot {
     pub rule: Rule,
     /// Whether weight decay applies.
     pub decay: bool,
+    /// Counted in the gradient norm (not the last stage's copy of tied embeddings, which
+    /// the first stage counts: Megatron's `param_is_not_shared`).
+    pub in_norm: bool,
     /// The model's parameter (fp32 or bf16).
     pub param: Tensor,
     /// fp32 master weights (the same tensor as `param` when the model is fp32).
@@ -73,6 +76,8 @@ pub struct AdamW {
     /// Slots in the model's parameter order.
     pub slots: Vec<Slot>,
     pg: ProcessGroup,
+    /// The pipeline: stages' norms add up over it.
+    pipeline: ProcessGroup,
     /// The distributed optimizer's layout, when masters and moments are sharded over DP.
     sharded: Option<Sharded>,
     /// The value averaged along with the last gradient bucket ([`AdamW::average_grads_and`]).
@@ -107,6 +112,7 @@ impl AdamW {
                     tch::no_grad(|| p.tensor.detach().to_kind(Kind::Float))
                 };
                 Slot {
+                    in_norm: model.tied_copy().is_none_or(|c| c.name != p.name),
                     name: p.name.clone(),
                     rule: p.rule,
                     decay: p.tensor.dim() >= 2,
@@ -122,6 +128,7 @@ impl AdamW {
             step: 0,
             slots,
             pg: model.group().clone(),
+            pipeline: ProcessGroup::single(),
             sharded: None,
             carried: None,
         }
@@ -176,6 +183,14 @@ impl AdamW {
             buckets,
         });
         opt
+    }
+
+    /// The optimizer of one stage of a pipeline `pp`: the gradient norm covers every stage.
+    pub fn in_pipeline(self, pp: &ProcessGroup) -> AdamW {
+        AdamW {
+            pipeline: pp.clone(),
+            ..self
+        }
     }
 
     /// Whether masters and moments are sharded over data-parallel replicas.
@@ -375,7 +390,7 @@ impl AdamW {
                     },
                     None => s.param.grad(),
                 };
-                if !g.defined() {
+                if !g.defined() || !s.in_norm {
                     continue;
                 }
                 let part = g
@@ -397,7 +412,7 @@ impl AdamW {
             // each replica holds a disjoint shard of every gradient
             local = sh.dp.sum_f64(local)?;
         }
-        let total = self.pg.sum_f64(local)?;
+        let total = self.pipeline.sum_f64(self.pg.sum_f64(local)?)?;
         Ok(total.max(0.0).sqrt())
     }
 

@@ -51,13 +51,15 @@ pub enum Error {
         /// libtorch's message.
         msg: String,
     },
-    /// The world size is not a multiple of the tensor-parallel size.
-    #[error("world size {world} is not a multiple of tensor_model_parallel_size {tp}")]
+    /// The world size is not a multiple of the model-parallel size.
+    #[error("world size {world} is not a multiple of tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp}")]
     Grid {
         /// World size.
         world: i32,
         /// TP size.
         tp: i32,
+        /// PP size.
+        pp: i32,
     },
     /// A collective failed.
     #[error("collective {op}: {msg}")]
@@ -324,18 +326,27 @@ impl RankLayout {
     }
 }
 
-/// The data × tensor parallel grid of a launch, in Megatron's rank order (`parallel_state`:
-/// TP fastest, then DP): rank `r` is TP rank `r % TP` of data-parallel replica `r / TP`.
-/// Every model collective runs on [`Grid::tp`]; gradients and logged losses are averaged
-/// over [`Grid::dp`].
+/// The data × tensor × pipeline parallel grid of a launch, in Megatron's rank order
+/// ([`RankLayout`]: TP fastest, then DP, then PP). Every model collective runs on
+/// [`Grid::tp`]; gradients and logged losses are averaged over [`Grid::dp`]; activations
+/// and their gradients go between neighbouring stages of [`Grid::pp`]; the tied word
+/// embeddings of the first and last stage are kept equal over [`Grid::embedding`].
 #[derive(Debug, Clone)]
 pub struct Grid {
     /// All ranks.
     pub world: ProcessGroup,
-    /// This rank's tensor-parallel group: ranks `d·TP .. d·TP + TP - 1`.
+    /// This rank's tensor-parallel group.
     pub tp: ProcessGroup,
-    /// This rank's data-parallel group: ranks `t, t + TP, t + 2·TP, ...`.
+    /// This rank's data-parallel group.
     pub dp: ProcessGroup,
+    /// This rank's pipeline: the same TP rank of the same replica at every stage, in stage
+    /// order.
+    pub pp: ProcessGroup,
+    /// The first and last stage of this rank's pipeline (megatron-core's embedding group),
+    /// on those two stages when PP > 1; the identity elsewhere.
+    pub embedding: ProcessGroup,
+    /// The sizes.
+    pub layout: RankLayout,
 }
 
 impl Grid {
@@ -345,27 +356,39 @@ impl Grid {
         Grid {
             world: g.clone(),
             tp: g.clone(),
-            dp: g,
+            dp: g.clone(),
+            pp: g.clone(),
+            embedding: g,
+            layout: RankLayout {
+                tp: 1,
+                dp: 1,
+                pp: 1,
+            },
         }
     }
 
-    /// Rendezvous and create the world, TP and DP groups for `tp`-way tensor parallelism
-    /// (the data-parallel size is `WORLD_SIZE / tp`). A group of one rank is the identity;
-    /// a group equal to the world is the world group itself.
+    /// Rendezvous and create the world, TP, DP, pipeline and embedding groups for `tp`-way
+    /// tensor and `pp`-way pipeline parallelism (the data-parallel size is
+    /// `WORLD_SIZE / (tp·pp)`). A group of one rank is the identity; a group equal to the
+    /// world is the world group itself.
     ///
     /// # Errors
-    /// [`Error::Grid`] when `tp` does not divide the world size; rendezvous and backend
+    /// [`Error::Grid`] when `tp·pp` does not divide the world size; rendezvous and backend
     /// errors as [`ProcessGroup::init`].
-    pub fn init(launch: &Launch, backend: Backend, tp: i32) -> Result<Grid, Error> {
-        if tp < 1 || launch.world % tp != 0 {
+    pub fn init(launch: &Launch, backend: Backend, tp: i32, pp: i32) -> Result<Grid, Error> {
+        let mp = tp.saturating_mul(pp);
+        if tp < 1 || pp < 1 || launch.world % mp != 0 {
             return Err(Error::Grid {
                 world: launch.world,
                 tp,
+                pp,
             });
         }
-        let dp = launch.world / tp;
-        let layout = RankLayout { tp, dp, pp: 1 };
-        let (t, d, _) = layout.coords(launch.rank);
+        let layout = RankLayout {
+            tp,
+            dp: launch.world / mp,
+            pp,
+        };
         if launch.world == 1 && backend == Backend::Gloo {
             return Ok(Grid::single());
         }
@@ -379,30 +402,55 @@ impl Grid {
                 msg,
             })
         };
-        let subgroups = if dp > 1 && tp > 1 {
-            Some((prefixed(format!("tp{d}"))?, prefixed(format!("dp{t}"))?))
+        // one store prefix per group (named by its lowest rank), made before the world
+        // group takes the store
+        let me = launch.rank;
+        let mut stores = Vec::new();
+        for (dim, name) in [(Dim::Tp, "tp"), (Dim::Dp, "dp"), (Dim::Pp, "pp")] {
+            let members = layout.members(me, dim);
+            let n = members.len() as i32;
+            stores.push(if n > 1 && n < launch.world {
+                Some(prefixed(format!("{name}{}", members[0]))?)
+            } else {
+                None
+            });
+        }
+        let pipeline = layout.members(me, Dim::Pp);
+        let ends = [pipeline[0], pipeline[pipeline.len() - 1]];
+        let in_embedding = pp > 1 && ends.contains(&me);
+        let emb_store = if in_embedding && pp > 2 {
+            Some(prefixed(format!("emb{}", ends[0]))?)
         } else {
             None
         };
         let world = ProcessGroup::group(launch, backend, store, launch.rank, launch.world)?;
-        Ok(match subgroups {
-            None if dp == 1 => Grid {
-                world: world.clone(),
-                tp: world,
-                dp: ProcessGroup::single(),
-            },
-            None => Grid {
-                world: world.clone(),
-                tp: ProcessGroup::single(),
-                dp: world,
-            },
-            // Every rank creates its TP group, then its DP group: each group's members
-            // reach it in the same order, so no rendezvous waits on another.
-            Some((tp_store, dp_store)) => Grid {
-                tp: ProcessGroup::group(launch, backend, tp_store, t, tp)?,
-                dp: ProcessGroup::group(launch, backend, dp_store, d, dp)?,
-                world,
-            },
+        // Every rank creates its TP, then DP, then pipeline group, then (first and last
+        // stages) the embedding group: each group's members reach it in the same order, so
+        // no rendezvous waits on another.
+        let mut groups = Vec::new();
+        for (dim, st) in [Dim::Tp, Dim::Dp, Dim::Pp].into_iter().zip(stores) {
+            let n = layout.members(me, dim).len() as i32;
+            groups.push(match st {
+                Some(st) => ProcessGroup::group(launch, backend, st, layout.position(me, dim), n)?,
+                None if n == 1 => ProcessGroup::single(),
+                None => world.clone(),
+            });
+        }
+        let embedding = match emb_store {
+            Some(st) => ProcessGroup::group(launch, backend, st, i32::from(me != ends[0]), 2)?,
+            // PP = 2: the pipeline itself
+            None if in_embedding => groups[2].clone(),
+            None => ProcessGroup::single(),
+        };
+        let mut g = groups.into_iter();
+        let mut next = || g.next().unwrap_or_else(ProcessGroup::single);
+        Ok(Grid {
+            tp: next(),
+            dp: next(),
+            pp: next(),
+            embedding,
+            world,
+            layout,
         })
     }
 
@@ -419,6 +467,11 @@ impl Grid {
     /// The data-parallel size.
     pub fn dp_size(&self) -> i32 {
         self.dp.world()
+    }
+
+    /// This rank's pipeline stage.
+    pub fn stage(&self) -> i32 {
+        self.pp.rank()
     }
 }
 
@@ -631,6 +684,97 @@ impl ProcessGroup {
         })?;
         pg.recv(t, src, tag)
             .map_err(|msg| Error::Collective { op: "recv", msg })
+    }
+
+    /// Sends each `(tensor, dst)` and receives into each `(tensor, src)` (shapes and types
+    /// as the peers send them), all posted before any is awaited: a pipeline stage's
+    /// activations and gradients cross in both directions without a deadlock. Tensors
+    /// travel on the group's device; received ones come back there.
+    ///
+    /// # Errors
+    /// [`Error::Collective`]; a group of one has no one to exchange with.
+    pub fn exchange(
+        &self,
+        sends: &[(&Tensor, i32)],
+        recvs: &mut [(Tensor, i32)],
+        tag: i32,
+    ) -> Result<(), Error> {
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        let pg = self.pg().ok_or_else(|| Error::Collective {
+            op: "exchange",
+            msg: "a group of one rank has no peer".to_string(),
+        })?;
+        let dev = self.inner.device;
+        let mut s: Vec<(Tensor, i32)> = sends
+            .iter()
+            .map(|(t, d)| (t.detach().to_device(dev).contiguous(), *d))
+            .collect();
+        for (t, _) in recvs.iter_mut() {
+            if t.device() != dev || !t.is_contiguous() {
+                *t = t.to_device(dev).contiguous();
+            }
+        }
+        pg.exchange(&mut s, recvs, tag)
+            .map_err(|msg| Error::Collective {
+                op: "exchange",
+                msg,
+            })
+    }
+
+    /// Sends named fp32 tensors to group rank `dst` (for [`ProcessGroup::recv_named`]): a
+    /// header (names and shapes as JSON) first, then the tensors.
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::exchange`].
+    pub fn send_named(&self, tensors: &[(String, Tensor)], dst: i32) -> Result<(), Error> {
+        let head: Vec<(&str, Vec<i64>)> = tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.size()))
+            .collect();
+        let bytes = serde_json::to_vec(&head).map_err(|e| Error::Collective {
+            op: "send_named",
+            msg: e.to_string(),
+        })?;
+        let len = Tensor::from_slice(&[bytes.len() as i64]);
+        self.exchange(&[(&len, dst)], &mut [], 1)?;
+        self.exchange(&[(&Tensor::from_slice(&bytes), dst)], &mut [], 1)?;
+        for (_, t) in tensors {
+            self.exchange(&[(&t.to_kind(Kind::Float), dst)], &mut [], 1)?;
+        }
+        Ok(())
+    }
+
+    /// Receives what [`ProcessGroup::send_named`] sent from group rank `src` (on the CPU).
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::exchange`]; a malformed header.
+    pub fn recv_named(&self, src: i32) -> Result<Vec<(String, Tensor)>, Error> {
+        let bad = |msg: String| Error::Collective {
+            op: "recv_named",
+            msg,
+        };
+        let mut r = [(Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu)), src)];
+        self.exchange(&[], &mut r, 1)?;
+        let n = r[0].0.f_int64_value(&[0]).map_err(|e| bad(e.to_string()))?;
+        let mut r = [(Tensor::zeros([n], (Kind::Uint8, tch::Device::Cpu)), src)];
+        self.exchange(&[], &mut r, 1)?;
+        let raw = r[0].0.to_device(tch::Device::Cpu);
+        let len = usize::try_from(n).unwrap_or(0);
+        let mut bytes = vec![0u8; len];
+        raw.f_copy_data(&mut bytes, len)
+            .map_err(|e| bad(e.to_string()))?;
+        let head: Vec<(String, Vec<i64>)> =
+            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut out = Vec::with_capacity(head.len());
+        for (name, shape) in head {
+            let mut r = [(Tensor::zeros(&shape, (Kind::Float, tch::Device::Cpu)), src)];
+            self.exchange(&[], &mut r, 1)?;
+            let [(t, _)] = r;
+            out.push((name, t.to_device(tch::Device::Cpu)));
+        }
+        Ok(out)
     }
 
     /// In-place broadcast from `root` (no autograd).

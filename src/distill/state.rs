@@ -78,6 +78,10 @@ pub struct TrainState {
     /// Their tensor-parallel size (0 in checkpoints from before data parallelism: TP = world).
     #[serde(default)]
     pub tp: u32,
+    /// Their pipeline-parallel size (0 in checkpoints from before pipelines: 1). At PP > 1
+    /// each stage's files carry `_pp<stage>` after the TP rank.
+    #[serde(default)]
+    pub pp: u32,
     /// Written by the distributed optimizer: one file per rank (`rank_<t>_dp<d>.pt`).
     #[serde(default)]
     pub distributed_optimizer: bool,
@@ -165,9 +169,23 @@ pub fn save(
 /// This rank's file in a checkpoint folder.
 fn rank_file(grid: &Grid, distributed_optimizer: bool) -> String {
     if distributed_optimizer {
-        format!("rank_{}_dp{}.pt", grid.tp_rank(), grid.dp_rank())
+        format!(
+            "rank_{}{}_dp{}.pt",
+            grid.tp_rank(),
+            stage_tag(grid),
+            grid.dp_rank()
+        )
     } else {
-        format!("rank_{}.pt", grid.tp_rank())
+        format!("rank_{}{}.pt", grid.tp_rank(), stage_tag(grid))
+    }
+}
+
+/// `_pp<stage>` at PP > 1, else nothing (the file names of pipeline-free runs).
+fn stage_tag(grid: &Grid) -> String {
+    if grid.layout.pp > 1 {
+        format!("_pp{}", grid.stage())
+    } else {
+        String::new()
     }
 }
 
@@ -204,6 +222,17 @@ pub fn load_latest(
     })?;
     let tp = grid.tp.world() as u32;
     let saved_tp = if state.tp == 0 { state.world } else { state.tp };
+    let pp = grid.layout.pp as u32;
+    let saved_pp = state.pp.max(1);
+    if saved_pp != pp {
+        return Err(Error::Mismatch {
+            path,
+            why: format!(
+                "written at PP {saved_pp} (by {} ranks), this launch has PP {pp}; resume at the same PP and TP (DP may change), or use a new exp_manager folder",
+                state.world,
+            ),
+        });
+    }
     if saved_tp != tp {
         return Err(Error::Mismatch {
             path,
@@ -220,7 +249,8 @@ pub fn load_latest(
         })
     };
     let t = grid.tp_rank();
-    let saved_dp = state.world / saved_tp.max(1);
+    let stage = stage_tag(grid);
+    let saved_dp = state.world / (saved_tp.max(1) * saved_pp);
     if state.distributed_optimizer && distributed_optimizer && saved_dp == grid.dp_size() as u32 {
         let own = load(path.join(rank_file(grid, true)))?;
         return Ok(Some((path, state, own, true)));
@@ -228,7 +258,7 @@ pub fn load_latest(
     let tensors = if state.distributed_optimizer {
         let mut parts: Vec<Vec<(String, Tensor)>> = Vec::new();
         for d in 0..saved_dp {
-            parts.push(load(path.join(format!("rank_{t}_dp{d}.pt")))?);
+            parts.push(load(path.join(format!("rank_{t}{stage}_dp{d}.pt")))?);
         }
         let Some(first) = parts.first() else {
             return Err(Error::Mismatch {
@@ -253,7 +283,7 @@ pub fn load_latest(
         }
         whole
     } else {
-        load(path.join(format!("rank_{t}.pt")))?
+        load(path.join(format!("rank_{t}{stage}.pt")))?
     };
     Ok(Some((path, state, tensors, false)))
 }

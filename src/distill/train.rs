@@ -15,9 +15,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::job::{Job, Precision};
 use super::loss::{self, log_softmax_tp};
-use super::model::{self, Gpt, InitFrom};
+use super::model::{self, Gpt, InitFrom, Stage};
 use super::optim::{self, AdamW};
 use super::parallel::{self, Grid, ProcessGroup};
+use super::pipeline::{self, Batch};
 use super::save::{self, StudentArchive};
 use super::spec::{self, GptSpec};
 use super::state::{self, StepRecord, TrainState, ValRecord};
@@ -76,6 +77,9 @@ pub enum Error {
     /// A collective.
     #[error(transparent)]
     Parallel(#[from] parallel::Error),
+    /// A pipeline step.
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::Error),
     /// Data.
     #[error("data: {0}")]
     Data(#[from] sampling::Error),
@@ -193,12 +197,36 @@ fn kind_of(p: Precision) -> Kind {
     }
 }
 
-/// Loads the teacher and builds the student (restored or from the config) at the launch TP.
+/// This rank's pipeline stage of a `layers`-layer model, with the issue named for the model.
+fn stage_of(grid: &Grid, layers: usize, what: &'static str) -> Result<Stage, Error> {
+    let stage = Stage {
+        index: grid.stage() as usize,
+        count: grid.layout.pp as usize,
+    };
+    if layers % stage.count != 0 {
+        return Err(match what {
+            "teacher" => Error::Mismatch(format!(
+                "pipeline mismatch: the teacher's {layers} layers do not split into {} stages; the teacher runs at the student's pipeline_model_parallel_size with stage-aligned layers (as in NeMo)",
+                stage.count
+            )),
+            _ => Error::Setting(format!(
+                "the {what}'s num_layers {layers} is not divisible by pipeline_model_parallel_size {}",
+                stage.count
+            )),
+        });
+    }
+    Ok(stage)
+}
+
+/// Loads the teacher and builds the student (restored or from the config) at the launch TP,
+/// this rank's pipeline stage of each.
 ///
 /// # Errors
 /// Checkpoint, config, spec and weight errors; [`Error::Mismatch`] when the padded
-/// vocabularies differ (the KL needs the same logits shape).
-pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Models, Error> {
+/// vocabularies differ (the KL needs the same logits shape) or the teacher's layers do not
+/// split into the pipeline's stages; [`Error::Setting`] when the student's do not.
+pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Error> {
+    let pg = &grid.tp;
     let tp = job.tp;
     let kind = kind_of(job.precision);
     let t = open(&job.teacher)?;
@@ -216,7 +244,16 @@ pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Model
         what: "teacher",
         source,
     })?;
-    let teacher = Gpt::new(tspec, &InitFrom::Checkpoint(&tsrc), pg, kind, device, false)?;
+    let tstage = stage_of(grid, tspec.num_layers, "teacher")?;
+    let teacher = Gpt::new_stage(
+        tspec,
+        &InitFrom::Checkpoint(&tsrc),
+        pg,
+        kind,
+        device,
+        false,
+        tstage,
+    )?;
 
     let mut artifacts: Vec<(String, ByteView)> = Vec::new();
     let mut updates: Vec<(String, String)> = vec![
@@ -248,7 +285,16 @@ pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Model
                 source,
             })?;
             let te = src.exists("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight");
-            let m = Gpt::new(spec, &InitFrom::Checkpoint(&src), pg, kind, device, true)?;
+            let stage = stage_of(grid, spec.num_layers, "student")?;
+            let m = Gpt::new_stage(
+                spec,
+                &InitFrom::Checkpoint(&src),
+                pg,
+                kind,
+                device,
+                true,
+                stage,
+            )?;
             for a in &s.ck.artifacts {
                 if let Ok(b) = s.ck.read_member(a) {
                     artifacts.push((a.clone(), b));
@@ -272,7 +318,8 @@ pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Model
                 what: "student",
                 source,
             })?;
-            let m = Gpt::new(
+            let stage = stage_of(grid, spec.num_layers, "student")?;
+            let m = Gpt::new_stage(
                 spec,
                 &InitFrom::Random {
                     seed: job.seed as i64,
@@ -281,6 +328,7 @@ pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Model
                 kind,
                 device,
                 true,
+                stage,
             )?;
             if job.tokenizer_file.is_none() {
                 // NeMo: the teacher's tokenizer when the student names none
@@ -328,13 +376,6 @@ pub fn load_models(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Model
     })
 }
 
-/// A micro-batch: inputs, loss mask.
-struct Batch {
-    tokens: Tensor,
-    labels: Tensor,
-    mask: Tensor,
-}
-
 fn batch(samples: &BlendedSamples, first: usize, n: usize, seq: usize, eod: Option<i64>) -> Batch {
     let mut toks = Vec::with_capacity(n * (seq + 1));
     for i in first..first + n {
@@ -377,13 +418,15 @@ pub fn validation_samples(job: &Job) -> Result<Option<BlendedSamples>, Error> {
 }
 
 /// Validation KD loss and LM cross-entropy of `m.student` on `samples`: means over
-/// micro-batches of each micro-batch's masked token mean (under no_grad, in sequence chunks).
+/// micro-batches of each micro-batch's masked token mean (under no_grad, in sequence chunks;
+/// through the pipeline's stages at PP > 1, the last stage computing both).
 ///
 /// # Errors
 /// Model, loss and collective errors.
 pub fn validate(
     job: &Job,
     m: &Models,
+    grid: &Grid,
     samples: &BlendedSamples,
     step: u64,
 ) -> Result<ValRecord, Error> {
@@ -392,10 +435,13 @@ pub fn validate(
     let vl = m.student.spec.padded_vocab / m.student.spec.tp;
     let start = i64::from(pg.rank()) * vl;
     let n_micro = job.limit_val_batches as usize * job.accumulation();
+    let stage = stage_runner(job, m);
+    let (dp, dp_rank) = (grid.dp_size() as usize, grid.dp_rank() as usize);
     for j in 0..n_micro {
+        // each replica its share of every global batch, as in training
         let b = batch(
             samples,
-            j * job.micro_batch,
+            (j * dp + dp_rank) * job.micro_batch,
             job.micro_batch,
             job.seq_length,
             job.eod_mask,
@@ -406,9 +452,11 @@ pub fn validate(
         if n <= 0.0 {
             continue;
         }
+        count += 1;
+        let Some((sh, th)) = stage.forward_only(&grid.pp, &b)? else {
+            continue;
+        };
         let (kd_part, lm_part) = tch::no_grad(|| -> Result<(f64, f64), Error> {
-            let th = m.teacher.hidden(&b.tokens)?;
-            let sh = m.student.hidden(&b.tokens)?;
             let seq = job.seq_length as i64;
             let (mut kd, mut lm) = (0.0, 0.0);
             let mut s0 = 0;
@@ -435,14 +483,27 @@ pub fn validate(
         })?;
         kd_sum += pg.sum_f64(kd_part)? / n;
         lm_sum += pg.sum_f64(lm_part)? / n;
-        count += 1;
     }
-    let c = count.max(1) as f64;
+    // only the last stage has the sums; the mean is over every replica's micro-batches
+    let kd_sum = grid.dp.sum_f64(grid.pp.sum_f64(kd_sum)?)?;
+    let lm_sum = grid.dp.sum_f64(grid.pp.sum_f64(lm_sum)?)?;
+    let c = grid.dp.sum_f64(count as f64)?.max(1.0);
     Ok(ValRecord {
         step,
         val_kd_loss: kd_sum / c,
         val_loss: lm_sum / c,
     })
+}
+
+/// How this rank's stage of the two models runs.
+fn stage_runner<'a>(job: &'a Job, m: &'a Models) -> pipeline::Stage<'a> {
+    pipeline::Stage {
+        student: &m.student,
+        teacher: &m.teacher,
+        kd: &job.kd,
+        chunk: job.chunk_tokens,
+        recompute: job.recompute,
+    }
 }
 
 /// Canonical names and per-rank fp32 shards of every student parameter, gathered on every
@@ -465,19 +526,43 @@ fn gather_student(
     Ok(ranks)
 }
 
-/// Writes the student `.nemo` (TP rank 0 writes; every rank of the TP group must call).
+/// Writes the student `.nemo` (the first stage's TP rank 0 writes; every rank of the
+/// replica must call). At PP > 1 each stage's TP rank 0 sends its stage to the first stage,
+/// which writes the student at the training TP and reshards it through the canonical core
+/// into the `tp_rank_XX_pp_rank_YYY` layout.
 ///
 /// # Errors
 /// Collective, config and write errors.
 pub fn save_student(
     job: &Job,
     m: &Models,
+    grid: &Grid,
     opt: &AdamW,
     masters: &[Tensor],
 ) -> Result<PathBuf, Error> {
     let pg = m.student.group();
-    let ranks = gather_student(opt, masters, pg)?;
-    if pg.rank() == 0 {
+    let mut ranks = gather_student(opt, masters, pg)?;
+    let pp = grid.layout.pp;
+    if pg.rank() == 0 && pp > 1 {
+        if grid.stage() > 0 {
+            for r in &ranks {
+                grid.pp.send_named(r, 0)?;
+            }
+        } else {
+            for p in 1..pp {
+                for r in ranks.iter_mut() {
+                    r.extend(grid.pp.recv_named(p)?);
+                }
+            }
+            if m.student.spec.tied {
+                // the last stage's copy of the tied embeddings equals them
+                for r in ranks.iter_mut() {
+                    r.retain(|(n, _)| n != "output_layer.weight");
+                }
+            }
+        }
+    }
+    if pg.rank() == 0 && grid.stage() == 0 {
         let ups: Vec<(&str, &str)> = m
             .config_updates
             .iter()
@@ -490,18 +575,65 @@ pub fn save_student(
                 what: "saved student",
                 source,
             })?;
-        save::write(
-            &StudentArchive {
-                config,
-                artifacts: m.artifacts.clone(),
-                ranks,
-                te_norm_names: m.te_norm_names,
-            },
-            &job.nemo_path,
-        )?;
+        let archive = StudentArchive {
+            config,
+            artifacts: m.artifacts.clone(),
+            ranks,
+            te_norm_names: m.te_norm_names,
+        };
+        if pp > 1 {
+            write_pipelined(&archive, &job.nemo_path, pp as u64)?;
+        } else {
+            save::write(&archive, &job.nemo_path)?;
+        }
     }
     pg.barrier()?;
     Ok(job.nemo_path.clone())
+}
+
+/// Writes `a` (every layer, at its TP) resharded to `pp` stages at `out`: through a
+/// temporary single-stage archive beside it.
+fn write_pipelined(a: &StudentArchive, out: &Path, pp: u64) -> Result<(), Error> {
+    let fail = |why: String| Error::Io {
+        path: out.to_path_buf(),
+        why,
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".nemo-tool-student")
+        .tempdir_in(dir)
+        .map_err(io_err(dir))?;
+    let flat = tmp.path().join("student_pp1.nemo");
+    save::write(a, &flat)?;
+    let ck = Checkpoint::open(&flat).map_err(|source| Error::Checkpoint {
+        path: flat.clone(),
+        source: Box::new(source),
+    })?;
+    let canon = crate::model::canonical::Canonical::new(&ck).map_err(|e| fail(e.to_string()))?;
+    let opts = crate::model::plan::ReshardOptions {
+        tp: a.ranks.len() as u64,
+        pp,
+        dtype: None,
+        allow_partial_query_groups: false,
+        vocab_size: None,
+    };
+    let plan = crate::model::plan::plan_reshard(&canon, &opts)
+        .map_err(|e| fail(format!("pipeline layout: {e}")))?;
+    crate::ops::reshard::write(
+        &canon,
+        &plan,
+        out,
+        crate::ops::reshard::WriteOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(())
 }
 
 /// Rank-0 outputs in the experiment folder.
@@ -603,11 +735,11 @@ pub fn run(
         }
     };
     super::ffi::keep_freed_memory();
-    let m = load_models(job, pg, device)?;
+    let m = load_models(job, grid, device)?;
     say(
         on,
         format!(
-            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {} x DP {dp}, {:?}, {device:?}",
+            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {} x PP {} x DP {dp}, {:?}, {device:?}",
             job.teacher.display(),
             m.teacher.spec.num_layers,
             m.teacher.spec.hidden,
@@ -617,6 +749,7 @@ pub fn run(
             m.student.spec.num_layers,
             m.student.spec.hidden,
             job.tp,
+            job.pp,
             job.precision,
         ),
     );
@@ -633,12 +766,14 @@ pub fn run(
         AdamW::new_distributed(&m.student, job.adamw, &grid.dp)
     } else {
         AdamW::new(&m.student, job.adamw)
-    };
+    }
+    .in_pipeline(&grid.pp);
     // this run's layout, recorded in every checkpoint it writes
     let distributed = opt.is_distributed();
     let layout = |st: TrainState| TrainState {
         world: grid.world.world() as u32,
         tp: pg.world() as u32,
+        pp: grid.layout.pp as u32,
         distributed_optimizer: distributed,
         ..st
     };
@@ -680,7 +815,7 @@ pub fn run(
     if hist.step == 0 && hist.val.is_empty() {
         // the baseline before any update (NeMo's sanity validation), for the logs and plot
         if let Some(vs) = &val {
-            let v = validate(job, &m, vs, 0)?;
+            let v = validate(job, &m, grid, vs, 0)?;
             if let Some(l) = logs.as_mut() {
                 l.val(&v)?;
                 on(Event::Val(&v));
@@ -701,25 +836,36 @@ pub fn run(
     while hist.step < job.max_steps {
         let t0 = Instant::now();
         opt.zero_grad();
-        let mut loss_sum = 0.0;
-        for j in 0..accum {
-            // Megatron's sampler: micro-step j of the global batch is micro x DP consecutive
-            // samples, replica d taking the d-th micro-batch of them
+        // Megatron's sampler: micro-step j of the global batch is micro x DP consecutive
+        // samples, replica d taking the d-th micro-batch of them
+        let micro = |j: usize| {
             let first = hist.consumed_samples as usize + (j * dp + dp_rank) * job.micro_batch;
-            let b = batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask);
-            loss_sum += job.kd.chunked_backward_with(
-                &m.student,
-                &m.teacher,
-                &b.tokens,
-                &b.mask,
-                job.chunk_tokens,
-                job.recompute,
-            )?;
+            batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask)
+        };
+        let mut loss_sum = 0.0;
+        if grid.layout.pp > 1 {
+            let batches: Vec<Batch> = (0..accum).map(micro).collect();
+            loss_sum = stage_runner(job, &m).train_step(&grid.pp, &batches)?;
+            pipeline::sync_tied_embeddings(&m.student, grid)?;
+        } else {
+            for j in 0..accum {
+                let b = micro(j);
+                loss_sum += job.kd.chunked_backward_with(
+                    &m.student,
+                    &m.teacher,
+                    &b.tokens,
+                    &b.mask,
+                    job.chunk_tokens,
+                    job.recompute,
+                )?;
+            }
         }
         if accum > 1 {
             opt.scale_grads(1.0 / accum as f64);
         }
         let kd_loss = opt.average_grads_and(&grid.dp, loss_sum / accum as f64)?;
+        // only the last stage computes the loss
+        let kd_loss = grid.pp.sum_f64(kd_loss)?;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;
@@ -742,7 +888,7 @@ pub fn run(
         let val_now = hist.step % job.val_check_interval == 0 || hist.step == job.max_steps;
         if val_now {
             if let Some(vs) = &val {
-                let v = validate(job, &m, vs, hist.step)?;
+                let v = validate(job, &m, grid, vs, hist.step)?;
                 if let Some(l) = logs.as_mut() {
                     l.val(&v)?;
                     on(Event::Val(&v));
@@ -759,7 +905,7 @@ pub fn run(
     // optimizer's masters are gathered from every replica first)
     let masters = opt.full_masters()?;
     if dp_rank == 0 {
-        save_student(job, &m, &opt, &masters)?;
+        save_student(job, &m, grid, &opt, &masters)?;
     }
     grid.world.barrier()?;
     let nemo = job.nemo_path.clone();
@@ -808,10 +954,10 @@ pub fn run(
 ///
 /// # Errors
 /// As [`run`].
-pub fn evaluate(job: &Job, pg: &ProcessGroup, device: Device) -> Result<Option<ValRecord>, Error> {
-    let m = load_models(job, pg, device)?;
+pub fn evaluate(job: &Job, grid: &Grid, device: Device) -> Result<Option<ValRecord>, Error> {
+    let m = load_models(job, grid, device)?;
     match validation_samples(job)? {
-        Some(vs) => Ok(Some(validate(job, &m, &vs, 0)?)),
+        Some(vs) => Ok(Some(validate(job, &m, grid, &vs, 0)?)),
         None => Ok(None),
     }
 }

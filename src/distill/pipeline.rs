@@ -1,0 +1,349 @@
+//! Pipeline parallelism for distillation: megatron-core's non-interleaved 1F1B schedule
+//! (`forward_backward_pipelining_without_interleaving`) over the stages of a [`Grid::pp`]
+//! group, with the teacher run stage by stage under no_grad beside the student.
+//!
+//! Between stages travels one tensor per micro-batch: the student's and the teacher's
+//! activations concatenated on the hidden dim (how NeMo and ModelOpt pass both models
+//! through one pipeline); gradients travel back for the student part only. The KD loss is
+//! computed on the last stage. Sends and receives that cross between two neighbours are
+//! posted together ([`ProcessGroup::exchange`]), so no stage waits on the other.
+//!
+//! Stage `s` of `P` runs `P - s - 1` warm-up forwards, then alternates one forward and one
+//! backward, then drains the remaining backwards: at most `P - s` micro-batches' activations
+//! are alive on a stage, instead of all of them.
+
+use std::collections::VecDeque;
+
+use tch::{Kind, Tensor};
+
+use super::loss::{self, KdLoss};
+use super::model::{self, Checkpointed, Gpt, Recompute, StageInput};
+use super::parallel::{self, Grid, ProcessGroup, ReduceOp};
+
+/// Errors of a pipeline step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stage's model.
+    #[error(transparent)]
+    Model(#[from] model::Error),
+    /// The loss on the last stage.
+    #[error(transparent)]
+    Loss(#[from] loss::Error),
+    /// Sending or receiving between stages.
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
+}
+
+/// A micro-batch: input ids, labels and loss mask, `[b, s]` each.
+#[derive(Debug)]
+pub struct Batch {
+    /// Input token ids.
+    pub tokens: Tensor,
+    /// The next token of each position.
+    pub labels: Tensor,
+    /// 1 where the position counts in the loss.
+    pub mask: Tensor,
+}
+
+/// The two models of one stage and how to run them.
+pub struct Stage<'a> {
+    /// Trainable student stage.
+    pub student: &'a Gpt,
+    /// Frozen teacher stage (same stage index).
+    pub teacher: &'a Gpt,
+    /// The KD loss (last stage).
+    pub kd: &'a KdLoss,
+    /// Sequence positions per logits chunk of the loss.
+    pub chunk: i64,
+    /// Student activation recompute.
+    pub recompute: Recompute,
+}
+
+impl std::fmt::Debug for Stage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage").finish_non_exhaustive()
+    }
+}
+
+/// Point-to-point with the neighbouring stages of a pipeline group.
+struct Links<'a> {
+    pp: &'a ProcessGroup,
+    stage: i32,
+    last: bool,
+    /// Shapes and type of what crosses: `[b, s, Hs + Ht]` forward, `[b, s, Hs]` backward.
+    fwd: Vec<i64>,
+    bwd: Vec<i64>,
+    kind: Kind,
+}
+
+impl Links<'_> {
+    fn first(&self) -> bool {
+        self.stage == 0
+    }
+
+    fn empty(&self, shape: &[i64]) -> Tensor {
+        Tensor::empty(shape, (self.kind, tch::Device::Cpu))
+    }
+
+    /// Sends `send` (to the next stage forward, the previous one backward) and receives the
+    /// tensor of `recv_from` (`Some(true)`: the previous stage's activations, `Some(false)`:
+    /// the next stage's gradient), posted together.
+    fn exchange(
+        &self,
+        send: Option<(&Tensor, bool)>,
+        recv: Option<bool>,
+    ) -> Result<Option<Tensor>, Error> {
+        let peer = |forward: bool| {
+            if forward {
+                self.stage + 1
+            } else {
+                self.stage - 1
+            }
+        };
+        let sends: Vec<(&Tensor, i32)> = send.into_iter().map(|(t, f)| (t, peer(f))).collect();
+        let mut recvs: Vec<(Tensor, i32)> = recv
+            .into_iter()
+            .map(|from_prev| {
+                if from_prev {
+                    (self.empty(&self.fwd), self.stage - 1)
+                } else {
+                    (self.empty(&self.bwd), self.stage + 1)
+                }
+            })
+            .collect();
+        self.pp.exchange(&sends, &mut recvs, 0)?;
+        Ok(recvs.pop().map(|(t, _)| t))
+    }
+
+    fn recv_forward(&self) -> Result<Option<Tensor>, Error> {
+        if self.first() {
+            return Ok(None);
+        }
+        self.exchange(None, Some(true))
+    }
+
+    fn send_forward(&self, y: Option<&Tensor>) -> Result<(), Error> {
+        match y {
+            Some(y) if !self.last => self.exchange(Some((y, true)), None).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    fn send_forward_recv_backward(&self, y: Option<&Tensor>) -> Result<Option<Tensor>, Error> {
+        match y {
+            Some(y) if !self.last => self.exchange(Some((y, true)), Some(false)),
+            _ => Ok(None),
+        }
+    }
+
+    fn send_backward_recv_forward(&self, g: &Tensor) -> Result<Option<Tensor>, Error> {
+        if self.first() {
+            return Ok(None);
+        }
+        self.exchange(Some((g, false)), Some(true))
+    }
+
+    fn recv_backward(&self) -> Result<Option<Tensor>, Error> {
+        if self.last {
+            return Ok(None);
+        }
+        self.exchange(None, Some(false))
+    }
+
+    fn send_backward(&self, g: &Tensor) -> Result<(), Error> {
+        if self.first() {
+            return Ok(());
+        }
+        self.exchange(Some((g, false)), None).map(|_| ())
+    }
+}
+
+/// A micro-batch between its forward and its backward.
+struct InFlight {
+    ck: Checkpointed,
+    /// The loss gradient of the student's final hidden states (last stage).
+    grad: Option<Tensor>,
+}
+
+impl Stage<'_> {
+    fn links<'g>(&self, pp: &'g ProcessGroup, micro: &Batch) -> Links<'g> {
+        let (b, s) = (micro.tokens.size()[0], micro.tokens.size()[1]);
+        let (hs, ht) = (self.student.spec.hidden, self.teacher.spec.hidden);
+        Links {
+            pp,
+            stage: pp.rank(),
+            last: self.student.stage.is_last(),
+            fwd: vec![b, s, hs + ht],
+            bwd: vec![b, s, hs],
+            kind: self.student.kind(),
+        }
+    }
+
+    /// The student's and the teacher's half of what the previous stage sent.
+    fn halves(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let (hs, ht) = (self.student.spec.hidden, self.teacher.spec.hidden);
+        (x.narrow(2, 0, hs), x.narrow(2, hs, ht))
+    }
+
+    /// One micro-batch forward on this stage: the student keeping what backward needs, the
+    /// teacher under no_grad. On the last stage the loss and its gradient are computed too
+    /// (returned loss); elsewhere the activations to send are returned.
+    fn forward(
+        &self,
+        micro: &Batch,
+        received: Option<Tensor>,
+    ) -> Result<(InFlight, Option<Tensor>, f64), Error> {
+        let parts = received.as_ref().map(|x| self.halves(x));
+        let (s_in, t_in) = match &parts {
+            Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
+            None => (
+                StageInput::Tokens(&micro.tokens),
+                StageInput::Tokens(&micro.tokens),
+            ),
+        };
+        let th = tch::no_grad(|| self.teacher.stage_output(t_in))?;
+        let ck = self.student.stage_checkpointed(s_in, self.recompute)?;
+        if self.student.stage.is_last() {
+            let (loss, grad) = self.kd.loss_and_grad(
+                self.student,
+                self.teacher,
+                &ck.hidden,
+                &th,
+                &micro.mask,
+                self.chunk,
+            )?;
+            Ok((InFlight { ck, grad }, None, loss))
+        } else {
+            let out = Tensor::cat(&[ck.hidden.detach(), th.to_kind(ck.hidden.kind())], 2);
+            Ok((InFlight { ck, grad: None }, Some(out), 0.0))
+        }
+    }
+
+    /// One micro-batch backward: the gradient of this stage's input (to send back).
+    fn backward(&self, f: InFlight, grad: Option<Tensor>) -> Result<Option<Tensor>, Error> {
+        let g = match f.grad.or(grad) {
+            Some(g) => g,
+            // nothing reached this micro-batch's output (all positions masked upstream)
+            None => f.ck.hidden.zeros_like(),
+        };
+        Ok(f.ck.backward(self.student, &g)?)
+    }
+
+    /// Forward and backward of every micro-batch of a step in the 1F1B order; gradients
+    /// accumulate into the student stage's parameters. Returns the sum of the micro-batch
+    /// losses on the last stage, 0 elsewhere.
+    ///
+    /// # Errors
+    /// Model, loss and communication errors.
+    pub fn train_step(&self, pp: &ProcessGroup, micro: &[Batch]) -> Result<f64, Error> {
+        let Some(m0) = micro.first() else {
+            return Ok(0.0);
+        };
+        let links = self.links(pp, m0);
+        let stages = self.student.stage.count;
+        let stage = self.student.stage.index;
+        let n = micro.len();
+        let warmup = (stages - stage - 1).min(n);
+        let steady = n - warmup;
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut loss = 0.0;
+        let mut next = 0usize;
+        let send_grad = |g: &Option<Tensor>, inflight_hidden: &Tensor| -> Tensor {
+            match g {
+                Some(g) => g.shallow_clone(),
+                None => inflight_hidden.zeros_like(),
+            }
+        };
+        for _ in 0..warmup {
+            let x = links.recv_forward()?;
+            let (f, y, l) = self.forward(&micro[next], x)?;
+            next += 1;
+            loss += l;
+            links.send_forward(y.as_ref())?;
+            inflight.push_back(f);
+        }
+        let mut x = if steady > 0 {
+            links.recv_forward()?
+        } else {
+            None
+        };
+        for i in 0..steady {
+            let (f, y, l) = self.forward(&micro[next], x.take())?;
+            next += 1;
+            loss += l;
+            inflight.push_back(f);
+            let g = links.send_forward_recv_backward(y.as_ref())?;
+            let Some(oldest) = inflight.pop_front() else {
+                break;
+            };
+            let shape_of = oldest.ck.hidden.shallow_clone();
+            let gin = self.backward(oldest, g)?;
+            let gin = send_grad(&gin, &shape_of);
+            if i + 1 == steady {
+                links.send_backward(&gin)?;
+            } else {
+                x = links.send_backward_recv_forward(&gin)?;
+            }
+        }
+        while let Some(oldest) = inflight.pop_front() {
+            let g = links.recv_backward()?;
+            let shape_of = oldest.ck.hidden.shallow_clone();
+            let gin = self.backward(oldest, g)?;
+            links.send_backward(&send_grad(&gin, &shape_of))?;
+        }
+        Ok(loss)
+    }
+
+    /// Forward only (validation): the last stage's final hidden states of the student and
+    /// the teacher for `micro`, None on the other stages (which pass their activations on).
+    ///
+    /// # Errors
+    /// Model and communication errors.
+    pub fn forward_only(
+        &self,
+        pp: &ProcessGroup,
+        micro: &Batch,
+    ) -> Result<Option<(Tensor, Tensor)>, Error> {
+        let links = self.links(pp, micro);
+        let received = links.recv_forward()?;
+        let parts = received.as_ref().map(|x| self.halves(x));
+        let (s_in, t_in) = match &parts {
+            Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
+            None => (
+                StageInput::Tokens(&micro.tokens),
+                StageInput::Tokens(&micro.tokens),
+            ),
+        };
+        let (sh, th) = tch::no_grad(|| -> Result<(Tensor, Tensor), Error> {
+            Ok((
+                self.student.stage_output(s_in)?,
+                self.teacher.stage_output(t_in)?,
+            ))
+        })?;
+        if self.student.stage.is_last() {
+            return Ok(Some((sh, th)));
+        }
+        let out = Tensor::cat(&[&sh, &th.to_kind(sh.kind())], 2);
+        links.send_forward(Some(&out))?;
+        Ok(None)
+    }
+}
+
+/// Sums the gradients of tied word embeddings over the first and last stage (megatron-core's
+/// embedding-group all-reduce), so both copies take the same update.
+///
+/// # Errors
+/// Collective errors.
+pub fn sync_tied_embeddings(student: &Gpt, grid: &Grid) -> Result<(), Error> {
+    if grid.layout.pp < 2 || !student.spec.tied {
+        return Ok(());
+    }
+    let p = student.word_embeddings().or_else(|| student.tied_copy());
+    if let Some(p) = p {
+        let mut g = p.tensor.grad();
+        if g.defined() {
+            grid.embedding.all_reduce(&mut g, ReduceOp::Sum)?;
+        }
+    }
+    Ok(())
+}
