@@ -7,7 +7,7 @@ use std::process::ExitCode;
 /// Distill a teacher into a student (NeMo's megatron_gpt_distillation.py, same config keys).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Launch one process per rank (world = TP x DP) with torchrun:\n\n  \
+    after_help = "Launch one process per rank (world = TP x PP x DP) with torchrun:\n\n  \
 torchrun --no-python --nproc_per_node=$TP nemo-tool distill \\\n      \
 model.restore_from_path=$STUDENT_CKPT model.kd_teacher_restore_from_path=$TEACHER_CKPT \\\n      \
 model.tensor_model_parallel_size=$TP model.tokenizer.model=$TOKENIZER \\\n      \
@@ -16,6 +16,7 @@ trainer.precision=bf16 trainer.devices=$TP\n\n\
 or with srun under Slurm (no torchrun), e.g. TP2 x DP8 on two 8-GPU nodes:\n\n  \
 srun -N2 --ntasks-per-node=8 nemo-tool distill ... model.tensor_model_parallel_size=2 \\\n      \
 trainer.devices=8 trainer.num_nodes=2 model.optim.name=distributed_fused_adam\n\n\
+Add model.pipeline_model_parallel_size=2 to split both models into 2 pipeline stages (1F1B).\n\
 STUDENT_CKPT=None initialises the student from the model.* architecture keys.\n\
 Overrides: key=value (existing key), +key=value (new key), ++key=value (either), ~key (delete).\n\
 Print the full default config with --print-config. Docs: docs/distill.md"
