@@ -862,6 +862,32 @@ fn pipeline_runs_match_tp1_for_20_steps() {
                     "diff vs reshard: {t}"
                 );
             }
+            // inspect and reshard read it: back to TP1 x PP1 it is the TP1 run's student
+            let o = Command::new(bin())
+                .args(["inspect", "--json"])
+                .arg(&out)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(o.status.success(), "inspect: {}", show(&o));
+            let flat = dir.path().join(format!("{name}_as_tp1.nemo"));
+            let o = Command::new(bin())
+                .args(["reshard", "--tp", "1", "--pp", "1"])
+                .arg(&out)
+                .arg(&flat)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(o.status.success(), "reshard: {}", show(&o));
+            let o = Command::new(bin())
+                .args(["diff", "--atol", "1e-5"])
+                .arg(dir.path().join(format!("{base}.nemo")))
+                .arg(&flat)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let t = show(&o);
+            assert!(
+                t.contains("0 differ, 0 only in A, 0 only in B"),
+                "{name} resharded to TP1 vs the TP1 run: {t}"
+            );
             if let Some(py) = python() {
                 mcore_loads_stages(&py, &out, tp, pp, tied);
             }
