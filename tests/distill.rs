@@ -134,7 +134,24 @@ fn kinds() -> Vec<(&'static str, KdLoss)> {
         ("reverse_kl", k(LossKind::ReverseKl, 1.0)),
         ("jsd_b03", k(LossKind::Jsd { beta: 0.3 }, 1.5)),
         ("topk_8", k(LossKind::TopK { k: 8 }, 1.0)),
+        // ModelOpt's own losses (tests/interop/test_distill_modelopt.py compares with them)
+        ("topk_modelopt_8", k(LossKind::ModeloptTopK { k: 8 }, 1.5)),
+        (
+            "forward_kl_t2_sq",
+            k(LossKind::ForwardKl, 2.0).with_temperature_squared(true),
+        ),
+        (
+            "kl_lm_s2",
+            k(LossKind::ForwardKl, 1.0).with_lm_loss(Some(2.0)),
+        ),
     ]
+}
+
+/// Next-token ids `[b, s]` in `0..v` (the LM loss's labels; every rank's range is hit).
+fn labels(b: i64, s: i64, v: i64) -> Tensor {
+    (Tensor::arange(b * s, (Kind::Int64, Device::Cpu)) * 37 + 11)
+        .remainder(v)
+        .view([b, s])
 }
 
 /// Where the loss hand-off for the Python interop test goes.
@@ -193,6 +210,7 @@ fn tp_checks(pg: &ProcessGroup) -> String {
     let st = wavy(&[b, s, v], 0.731, 0.2);
     let te = wavy(&[b, s, v], 0.377, 1.1);
     let mk = mask(b, s);
+    let lab = labels(b, s, v);
     let single = ProcessGroup::single();
     let out = interop_dir();
     if rank == 0 {
@@ -200,6 +218,7 @@ fn tp_checks(pg: &ProcessGroup) -> String {
         write_f32(&out.join("student.f32"), &st);
         write_f32(&out.join("teacher.f32"), &te);
         write_f32(&out.join("mask.f32"), &mk);
+        write_f32(&out.join("labels.f32"), &lab);
     }
     let mut summary = Vec::new();
     for (name, k) in kinds() {
@@ -207,7 +226,7 @@ fn tp_checks(pg: &ProcessGroup) -> String {
             let sl = st.narrow(-1, lo, n).detach().set_requires_grad(true);
             let tl = te.narrow(-1, lo, n);
             let l = k
-                .masked_mean(pg, &sl, &tl, &mk)
+                .masked_mean_with(pg, &sl, &tl, Some(&lab), &mk)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             l.backward();
             (l.double_value(&[]), sl.grad())
@@ -239,15 +258,25 @@ fn tp_checks(pg: &ProcessGroup) -> String {
     let teacher1 = model(&fixture("nemo/tiny_llama_tp1.nemo"), &single, false);
     for (name, k) in kinds() {
         let student = random_student(&teacher, pg);
+        let next = labels(b, s, 100);
         let loss = k
-            .chunked_backward(&student, &teacher, &tokens, &mk, 5)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            .chunked_backward_parts(
+                &student,
+                &teacher,
+                &tokens,
+                Some(&next),
+                &mk,
+                5,
+                nemo_tool::distill::model::Recompute::None,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .total;
         let student1 = random_student(&teacher1, &single);
         let l1 = {
             let sl = student1.forward(&tokens).unwrap_or_else(|e| panic!("{e}"));
             let tl = tch::no_grad(|| teacher1.forward(&tokens)).unwrap_or_else(|e| panic!("{e}"));
             let l = k
-                .masked_mean(&single, &sl, &tl, &mk)
+                .masked_mean_with(&single, &sl, &tl, Some(&next), &mk)
                 .unwrap_or_else(|e| panic!("{e}"));
             l.backward();
             l.double_value(&[])

@@ -450,6 +450,70 @@ fn tensor_and_data_parallel_runs_match_tp1_for_20_steps() {
     );
 }
 
+/// ModelOpt's distillation YAML (`model.kd.config`): the LM loss balanced in
+/// (`skip_lm_loss: false`) with ModelOpt's top-k logits loss; TP2 equals TP1 over 20 steps and
+/// both terms are logged.
+#[test]
+fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let yaml = dir.path().join("distill.yaml");
+    std::fs::write(
+        &yaml,
+        "logit_layers: [\"output_layer\", \"output_layer\"]\nintermediate_layer_pairs: []\n\
+         skip_lm_loss: false\nkd_loss_scale: 2.0\nlogit_kl_temperature: 1.5\nlogit_kl_topk: 16\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let with = |name: &str, tp: u32| {
+        let mut a = common(
+            &prefix,
+            &dir.path().join(name),
+            &dir.path().join(format!("{name}.nemo")),
+        );
+        a.extend(
+            [
+                "model.global_batch_size=4",
+                "model.micro_batch_size=2",
+                "trainer.max_steps=20",
+                "trainer.limit_val_batches=0",
+                "model.optim.lr=2e-3",
+                "model.kd.chunk_tokens=8",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        a.push(format!("model.kd.config={}", yaml.display()));
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("trainer.devices={tp}"));
+        a
+    };
+    let text = show(&run_tp1(&with("tp1", 1)));
+    assert!(
+        text.contains("logits_loss") && text.contains("lm_loss"),
+        "{text}"
+    );
+    run_tp2(&with("tp2", 2));
+    let (l, w) = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("tp2", "tp2.nemo"),
+        "balanced TP2 vs TP1",
+    );
+    // the logged terms: total = lm + scale * lm (f = lm / kd) while both are positive
+    for v in metrics(&dir.path().join("tp2"))
+        .iter()
+        .filter(|v| v.get("kd_loss").is_some())
+    {
+        let (t, lm) = (v["kd_loss"].as_f64(), v["lm_loss"].as_f64());
+        let (Some(t), Some(lm)) = (t, lm) else {
+            panic!("no kd_loss/lm_loss in {v}");
+        };
+        assert!((t - 3.0 * lm).abs() <= 1e-4 * t, "{v}");
+        assert!(v["logits_loss"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    }
+    println!("balanced (LM + ModelOpt top-k) TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+}
+
 #[test]
 fn learns_and_the_saved_student_reproduces_the_last_validation() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -125,6 +125,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "step {}/{max} kd_loss {:.5} lr {:.3e} grad_norm {:.4} tokens/s {:.0}",
                 r.step, r.kd_loss, r.lr, r.grad_norm, r.tokens_per_s
             );
+            if let (Some(l), Some(lm)) = (r.logits_loss, r.lm_loss) {
+                line.push_str(&format!(" (logits_loss {l:.5} lm_loss {lm:.5})"));
+            }
             if let Some(m) = r.mfu {
                 line.push_str(&format!(" mfu {:.1}%", 100.0 * m));
             }

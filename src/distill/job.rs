@@ -37,6 +37,50 @@ pub enum Error {
     Data(#[from] crate::distill::sampling::Error),
 }
 
+/// `++model.kd.<key>=<value>` for every key of ModelOpt's distillation YAML at `file` that
+/// `cfg` leaves null (a key set on the command line wins over the file).
+fn modelopt_overrides(file: &std::path::Path, cfg: &RunConfig) -> Result<Vec<String>, Error> {
+    const KEYS: [&str; 6] = [
+        "logit_layers",
+        "intermediate_layer_pairs",
+        "skip_lm_loss",
+        "kd_loss_scale",
+        "logit_kl_temperature",
+        "logit_kl_topk",
+    ];
+    let bad = |why: String| invalid("model.kd.config", file.display(), why);
+    let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = match doc {
+        serde_yaml_ng::Value::Mapping(m) => m,
+        serde_yaml_ng::Value::Null => serde_yaml_ng::Mapping::new(),
+        _ => {
+            return Err(bad(
+                "expected a mapping of ModelOpt distillation keys".into()
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let key = k.as_str().unwrap_or_default().to_string();
+        if !KEYS.contains(&key.as_str()) {
+            return Err(bad(format!(
+                "unknown key `{key}` (ModelOpt's keys: {})",
+                KEYS.join(", ")
+            )));
+        }
+        let set = cfg
+            .get(&format!("model.kd.{key}"))
+            .is_some_and(|x| !x.is_null());
+        if !set && !v.is_null() {
+            let json = serde_json::to_string(&v).map_err(|e| bad(e.to_string()))?;
+            out.push(format!("++model.kd.{key}={json}"));
+        }
+    }
+    Ok(out)
+}
+
 fn invalid(key: &'static str, value: impl ToString, why: impl Into<String>) -> Error {
     Error::Invalid {
         key,
@@ -309,7 +353,48 @@ impl Job {
             min_lr: cfg.f64("model.optim.sched.min_lr")?.unwrap_or(0.0),
         };
 
-        let temperature = cfg.f64("model.kd.temperature")?.unwrap_or(1.0);
+        // ModelOpt's distillation YAML: the file's keys fill the `model.kd.*` ones left null
+        let kd_file = path("model.kd.config")?;
+        let mut merged;
+        let cfg = match &kd_file {
+            Some(f) => {
+                merged = cfg.clone();
+                merged.apply(&modelopt_overrides(f, cfg)?)?;
+                &merged
+            }
+            None => cfg,
+        };
+        if let Some(layers) = cfg.list("model.kd.logit_layers")? {
+            if layers != ["output_layer", "output_layer"] {
+                return Err(invalid(
+                    "model.kd.logit_layers",
+                    format!("{layers:?}"),
+                    "only [output_layer, output_layer] (the logits) is supported",
+                ));
+            }
+        }
+        if let Some(v) = cfg.get("model.kd.intermediate_layer_pairs") {
+            if !v.is_null() && v.as_sequence().is_none_or(|s| !s.is_empty()) {
+                return Err(invalid(
+                    "model.kd.intermediate_layer_pairs",
+                    serde_json::to_string(v).unwrap_or_default(),
+                    "intermediate-layer losses are not supported yet; leave it empty",
+                ));
+            }
+        }
+        let skip_lm_loss = cfg.bool("model.kd.skip_lm_loss")?.unwrap_or(true);
+        let kd_loss_scale = cfg.f64("model.kd.kd_loss_scale")?.unwrap_or(1.0);
+        if !(kd_loss_scale > 0.0 && kd_loss_scale.is_finite()) {
+            return Err(invalid(
+                "model.kd.kd_loss_scale",
+                kd_loss_scale,
+                "must be positive",
+            ));
+        }
+        let temperature = match cfg.f64("model.kd.logit_kl_temperature")? {
+            Some(t) => t,
+            None => cfg.f64("model.kd.temperature")?.unwrap_or(1.0),
+        };
         let kind = match cfg.str("model.kd.loss")?.as_deref().unwrap_or("kl") {
             "kl" | "forward_kl" | "LogitsKLLoss" => LossKind::ForwardKl,
             "reverse_kl" => LossKind::ReverseKl,
@@ -327,7 +412,15 @@ impl Job {
                 ))
             }
         };
-        let kd = KdLoss::new(kind, temperature)?;
+        let kind = match cfg.u64("model.kd.logit_kl_topk")? {
+            Some(k) => LossKind::ModeloptTopK {
+                k: i64::try_from(k).unwrap_or(i64::MAX),
+            },
+            None => kind,
+        };
+        let kd = KdLoss::new(kind, temperature)?
+            .with_temperature_squared(cfg.bool("model.kd.temperature_squared")?.unwrap_or(false))
+            .with_lm_loss((!skip_lm_loss).then_some(kd_loss_scale));
         let recompute = {
             let gran = cfg.str("model.activations_checkpoint_granularity")?;
             let method = cfg.str("model.activations_checkpoint_method")?;
@@ -502,6 +595,54 @@ mod tests {
         let v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         c.apply(&v).unwrap_or_else(|e| panic!("{e}"));
         c
+    }
+
+    #[test]
+    fn reads_modelopts_distillation_yaml_and_its_keys() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("distill.yaml");
+        std::fs::write(
+            &f,
+            "logit_layers: [\"output_layer\", \"output_layer\"]\nintermediate_layer_pairs: []\n\
+             skip_lm_loss: false\nkd_loss_scale: 2.5\nlogit_kl_temperature: 1.5\nlogit_kl_topk: 64\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let file = format!("model.kd.config={}", f.display());
+        let j = Job::resolve(&with(&[&file]), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.kd.kind, LossKind::ModeloptTopK { k: 64 });
+        assert_eq!(j.kd.temperature, 1.5);
+        assert_eq!(j.kd.lm_loss_scale, Some(2.5));
+        // a key given on the command line wins over the file
+        let j = Job::resolve(
+            &with(&[
+                &file,
+                "model.kd.skip_lm_loss=true",
+                "model.kd.logit_kl_temperature=2",
+            ]),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((j.kd.lm_loss_scale, j.kd.temperature), (None, 2.0));
+        // the defaults: NeMo's KL, no LM loss, no T^2
+        let j = Job::resolve(&base(), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.kd.kind, LossKind::ForwardKl);
+        assert_eq!(
+            (j.kd.lm_loss_scale, j.kd.temperature_squared),
+            (None, false)
+        );
+        let e = |c: RunConfig| {
+            Job::resolve(&c, 1)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(e(with(&["model.kd.logit_layers=[a,b]"])).contains("output_layer"));
+        assert!(
+            e(with(&["model.kd.intermediate_layer_pairs=[[a,b]]"])).contains("not supported yet")
+        );
+        assert!(e(with(&["model.kd.kd_loss_scale=0"])).contains("must be positive"));
+        std::fs::write(&f, "logit_kl_topk: 4\nbogus: 1\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(e(with(&[&file])).contains("unknown key `bogus`"));
     }
 
     #[test]

@@ -51,6 +51,14 @@ pub enum LossKind {
         /// Teacher tokens kept per position.
         k: i64,
     },
+    /// ModelOpt's `TopKLogitsKLLoss` (`logit_kl_topk`): the teacher's `k` largest logits over
+    /// the whole vocabulary (exactly `k`, as `torch.topk` picks them), the student's logits at
+    /// the same ids, and KL(teacher ‖ student) between the two softmaxes over those `k`
+    /// entries only (both renormalised there, unlike [`LossKind::TopK`]).
+    ModeloptTopK {
+        /// Teacher tokens kept per position.
+        k: i64,
+    },
 }
 
 /// A configured distillation loss.
@@ -58,8 +66,37 @@ pub enum LossKind {
 pub struct KdLoss {
     /// The divergence.
     pub kind: LossKind,
-    /// Logits are divided by it (no T² factor).
+    /// Logits are divided by it.
     pub temperature: f64,
+    /// Multiply the loss by T² (the HF-style recipes' convention; NeMo and ModelOpt's
+    /// Megatron losses do not).
+    pub temperature_squared: bool,
+    /// ModelOpt's `skip_lm_loss: false` with this `kd_loss_scale`: the student's LM loss is
+    /// added, the KD loss rescaled to its magnitude (`LogitsAndIntermediatesLossBalancer`).
+    pub lm_loss_scale: Option<f64>,
+}
+
+/// The terms of a micro-batch's loss (masked token means, summed over TP ranks).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Parts {
+    /// What is minimised: the logits loss, or with the LM loss `lm + scale·f·logits` where
+    /// `f = lm / logits` (detached) when both are positive.
+    pub total: f64,
+    /// The logits KD loss.
+    pub logits: f64,
+    /// The student's LM cross-entropy, when it is part of the loss.
+    pub lm: Option<f64>,
+}
+
+impl std::ops::AddAssign for Parts {
+    fn add_assign(&mut self, o: Parts) {
+        self.total += o.total;
+        self.logits += o.logits;
+        self.lm = match (self.lm, o.lm) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+    }
 }
 
 impl KdLoss {
@@ -77,12 +114,34 @@ impl KdLoss {
             LossKind::Jsd { beta } if !(beta > 0.0 && beta < 1.0) => {
                 return Err(Error::Input(format!("jsd beta {beta} must be in (0, 1)")));
             }
-            LossKind::TopK { k } if k < 1 => {
+            LossKind::TopK { k } | LossKind::ModeloptTopK { k } if k < 1 => {
                 return Err(Error::Input(format!("top-k k={k} must be at least 1")));
             }
             _ => {}
         }
-        Ok(KdLoss { kind, temperature })
+        Ok(KdLoss {
+            kind,
+            temperature,
+            temperature_squared: false,
+            lm_loss_scale: None,
+        })
+    }
+
+    /// The same loss plus the student's LM loss balanced as ModelOpt does (`Some(kd_loss_scale)`),
+    /// or the KD loss alone (`None`, ModelOpt's `skip_lm_loss: true`).
+    pub fn with_lm_loss(self, kd_loss_scale: Option<f64>) -> KdLoss {
+        KdLoss {
+            lm_loss_scale: kd_loss_scale,
+            ..self
+        }
+    }
+
+    /// The same loss times T² when `on`.
+    pub fn with_temperature_squared(self, on: bool) -> KdLoss {
+        KdLoss {
+            temperature_squared: on,
+            ..self
+        }
     }
 
     /// Per-token partial loss `[..]` of this rank's vocab slice (fp32): summed over ranks it
@@ -112,8 +171,11 @@ impl KdLoss {
         };
         let s = scale(student.to_kind(Kind::Float));
         let t = scale(teacher.detach().to_kind(Kind::Float));
+        if let LossKind::ModeloptTopK { k } = self.kind {
+            return Ok(self.t2(modelopt_topk(pg, &s, &t, k)?));
+        }
         let ls = log_softmax_tp(pg, &s)?;
-        Ok(match self.kind {
+        let per_token = match self.kind {
             LossKind::ForwardKl => {
                 let lt = log_softmax_tp(pg, &t)?;
                 (lt.exp() * (&lt - &ls)).sum_dim_intlist(-1, false, Kind::Float)
@@ -138,7 +200,17 @@ impl KdLoss {
                 let term = (lt.exp() * (&lt - &ls)).masked_fill(&keep.logical_not(), 0.0);
                 term.sum_dim_intlist(-1, false, Kind::Float)
             }
-        })
+            LossKind::ModeloptTopK { .. } => unreachable!("returned above"),
+        };
+        Ok(self.t2(per_token))
+    }
+
+    fn t2(&self, x: Tensor) -> Tensor {
+        if self.temperature_squared && self.temperature != 1.0 {
+            x * (self.temperature * self.temperature)
+        } else {
+            x
+        }
     }
 
     /// The masked mean over tokens, summed over TP ranks: a differentiable scalar equal on
@@ -153,9 +225,37 @@ impl KdLoss {
         teacher: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor, Error> {
+        self.masked_mean_with(pg, student, teacher, None, mask)
+    }
+
+    /// [`KdLoss::masked_mean`] with the student's LM loss balanced in when the loss has one
+    /// (`labels`: the next token ids `[..]`): `lm + kd_loss_scale·f·kd`, where
+    /// `f = lm / kd` (detached) when both are positive, else 1 (ModelOpt's
+    /// `LogitsAndIntermediatesLossBalancer` with `skip_original_loss=False`).
+    ///
+    /// # Errors
+    /// As [`KdLoss::masked_mean`]; the LM loss without labels.
+    pub fn masked_mean_with(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        teacher: &Tensor,
+        labels: Option<&Tensor>,
+        mask: &Tensor,
+    ) -> Result<Tensor, Error> {
         let n = valid_tokens(mask)?;
-        let part = self.masked_sum(pg, student, teacher, mask)? / n;
-        Ok(pg.reduce_from_tp(&part)?)
+        let kd = pg.reduce_from_tp(&(self.masked_sum(pg, student, teacher, mask)? / n))?;
+        let Some(scale) = self.lm_loss_scale else {
+            return Ok(kd);
+        };
+        let labels = labels.ok_or_else(|| {
+            Error::Input("the LM loss (skip_lm_loss: false) needs the labels".to_string())
+        })?;
+        let lm = (lm_partials(pg, student, labels)? * mask.to_kind(Kind::Float)).sum(Kind::Float);
+        let lm = pg.reduce_from_tp(&(lm / n))?;
+        let (k, l) = (kd.double_value(&[]), lm.double_value(&[]));
+        let f = if k > 0.0 && l > 0.0 { l / k } else { 1.0 };
+        Ok(lm + kd * (scale * f))
     }
 
     /// This rank's `Σ partial·mask` (not yet divided nor TP-summed).
@@ -215,6 +315,26 @@ impl KdLoss {
         chunk: i64,
         recompute: Recompute,
     ) -> Result<f64, Error> {
+        self.chunked_backward_parts(student, teacher, tokens, None, mask, chunk, recompute)
+            .map(|p| p.total)
+    }
+
+    /// [`KdLoss::chunked_backward_with`] with the labels the LM loss needs, returning every
+    /// term.
+    ///
+    /// # Errors
+    /// As [`KdLoss::loss_and_grad`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunked_backward_parts(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        tokens: &Tensor,
+        labels: Option<&Tensor>,
+        mask: &Tensor,
+        chunk: i64,
+        recompute: Recompute,
+    ) -> Result<Parts, Error> {
         if chunk < 1 {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
@@ -227,7 +347,7 @@ impl KdLoss {
                 (ck.hidden.shallow_clone(), Some(ck))
             }
         };
-        let (total, g) = self.loss_and_grad(student, teacher, &sh, &th, mask, chunk)?;
+        let (parts, g) = self.loss_and_grad(student, teacher, &sh, &th, labels, mask, chunk)?;
         if let Some(g) = g {
             match ck {
                 Some(ck) => {
@@ -240,25 +360,32 @@ impl KdLoss {
                     .map_err(|e| Error::Backward(e.to_string()))?,
             }
         }
-        Ok(total)
+        Ok(parts)
     }
 
     /// The loss of final hidden states `student_hidden` (its graph is not used) against the
     /// teacher's, `chunk` positions at a time, back-propagated into the student's output
     /// layer; returns the loss and its gradient with respect to `student_hidden` (what the
-    /// rest of the student, or a pipeline's last stage, continues with).
+    /// rest of the student, or a pipeline's last stage, continues with). `labels` (the next
+    /// tokens) are needed when the LM loss is part of it.
+    ///
+    /// With the LM loss, a first pass under no_grad gives both terms' values, which fix the
+    /// balancing factors (ModelOpt detaches them); the second pass back-propagates the
+    /// balanced sum chunk by chunk.
     ///
     /// # Errors
-    /// As [`KdLoss::chunked_backward`].
+    /// As [`KdLoss::chunked_backward`]; [`Error::Input`] for the LM loss without labels.
+    #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grad(
         &self,
         student: &Gpt,
         teacher: &Gpt,
         student_hidden: &Tensor,
         teacher_hidden: &Tensor,
+        labels: Option<&Tensor>,
         mask: &Tensor,
         chunk: i64,
-    ) -> Result<(f64, Option<Tensor>), Error> {
+    ) -> Result<(Parts, Option<Tensor>), Error> {
         if chunk < 1 {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
@@ -270,22 +397,97 @@ impl KdLoss {
         })?;
         let mask = mask.to_device(student.device());
         let th = teacher_hidden.to_device(teacher.device());
+        let labels = match (self.lm_loss_scale, labels) {
+            (None, _) => None,
+            (Some(_), Some(l)) => Some(l.to_device(student.device())),
+            (Some(_), None) => {
+                return Err(Error::Input(
+                    "the LM loss (skip_lm_loss: false) needs the labels".to_string(),
+                ))
+            }
+        };
+        let chunks: Vec<(i64, i64)> = (0..seq)
+            .step_by(usize::try_from(chunk).unwrap_or(usize::MAX))
+            .map(|s0| (s0, chunk.min(seq - s0)))
+            .collect();
+        // this rank's (KD, LM) masked sums of one chunk, before the TP sum
+        let terms = |s0: i64, len: i64| -> Result<(Tensor, Option<Tensor>), Error> {
+            let tl = tch::no_grad(|| teacher.logits_from_hidden(&th.narrow(1, s0, len)))?;
+            let sl = student.logits_from_hidden(&leaf.narrow(1, s0, len))?;
+            let mk = mask.narrow(1, s0, len);
+            let kd = self.masked_sum(pg, &sl, &tl, &mk)?;
+            let lm = match &labels {
+                Some(l) => Some(
+                    (lm_partials(pg, &sl, &l.narrow(1, s0, len))? * mk.to_kind(Kind::Float))
+                        .sum(Kind::Float),
+                ),
+                None => None,
+            };
+            Ok((kd, lm))
+        };
+        // the balancing factors, from the terms' values
+        let (c_kd, c_lm, values) = match self.lm_loss_scale {
+            None => (1.0, 0.0, None),
+            Some(scale) => {
+                let (mut kd, mut lm) = (0.0, 0.0);
+                tch::no_grad(|| -> Result<(), Error> {
+                    for &(s0, len) in &chunks {
+                        let (k, l) = terms(s0, len)?;
+                        kd += k.double_value(&[]);
+                        lm += l.map_or(0.0, |l| l.double_value(&[]));
+                    }
+                    Ok(())
+                })?;
+                let (kd, lm) = (pg.sum_f64(kd)? / n, pg.sum_f64(lm)? / n);
+                let f = if kd > 0.0 && lm > 0.0 { lm / kd } else { 1.0 };
+                (scale * f, 1.0, Some((kd, lm)))
+            }
+        };
         let mut total = 0.0;
-        let mut start = 0;
-        while start < seq {
-            let len = chunk.min(seq - start);
-            let tl = tch::no_grad(|| teacher.logits_from_hidden(&th.narrow(1, start, len)))?;
-            let sl = student.logits_from_hidden(&leaf.narrow(1, start, len))?;
-            let part = self.masked_sum(pg, &sl, &tl, &mask.narrow(1, start, len))? / n;
-            let part = pg.reduce_from_tp(&part)?;
+        let mut logits = 0.0;
+        for &(s0, len) in &chunks {
+            let (kd, lm) = terms(s0, len)?;
+            let kd = pg.reduce_from_tp(&(kd / n))?;
+            logits += kd.double_value(&[]);
+            let part = match lm {
+                Some(lm) => &kd * c_kd + pg.reduce_from_tp(&(lm / n))? * c_lm,
+                None => kd,
+            };
             total += part.double_value(&[]);
             part.f_backward()
                 .map_err(|e| Error::Backward(e.to_string()))?;
-            start += len;
         }
+        let parts = match values {
+            None => Parts {
+                total,
+                logits,
+                lm: None,
+            },
+            Some((_, lm)) => Parts {
+                total,
+                logits,
+                lm: Some(lm),
+            },
+        };
         let g = leaf.grad();
-        Ok((total, g.defined().then_some(g)))
+        Ok((parts, g.defined().then_some(g)))
     }
+}
+
+/// Per-token partial LM cross-entropy `-log p(label)` of logits sharded on the last dim:
+/// the rank holding the label's row has it, the others 0 (Megatron's vocab-parallel cross
+/// entropy; the softmax normaliser is all-reduced with gradient).
+fn lm_partials(pg: &ProcessGroup, logits: &Tensor, labels: &Tensor) -> Result<Tensor, Error> {
+    let vl = *logits.size().last().unwrap_or(&0);
+    let start = i64::from(pg.rank()) * vl;
+    let ls = log_softmax_tp(pg, &logits.to_kind(Kind::Float))?;
+    let inside = labels.ge(start).logical_and(&labels.lt(start + vl));
+    let idx = (labels - start).masked_fill(&inside.logical_not(), 0);
+    let picked = ls
+        .gather(-1, &idx.unsqueeze(-1), false)
+        .squeeze_dim(-1)
+        .masked_fill(&inside.logical_not(), 0.0);
+    Ok(-picked)
 }
 
 fn valid_tokens(mask: &Tensor) -> Result<f64, Error> {
@@ -310,6 +512,41 @@ pub fn log_softmax_tp(pg: &ProcessGroup, x: &Tensor) -> Result<Tensor, Error> {
     let m = pg.max_no_grad(&x.amax([-1], true))?;
     let z = pg.all_reduce_autograd(&(x - &m).exp().sum_dim_intlist(-1, true, Kind::Float))?;
     Ok(x - m - z.log())
+}
+
+/// Per-token ModelOpt top-k KL of temperature-scaled logits sharded on the last dim. Every
+/// rank computes the whole per-token loss (from the gathered candidates); the returned
+/// partial has value `L / TP` (the ranks' sum is `L`) and gradient `dL`, so each rank's own
+/// logits slice gets the full gradient through [`ProcessGroup::gather_from_tp`], whose
+/// backward keeps this rank's slice.
+fn modelopt_topk(pg: &ProcessGroup, s: &Tensor, t: &Tensor, k: i64) -> Result<Tensor, Error> {
+    let v_local = *t.size().last().unwrap_or(&0);
+    let tp = i64::from(pg.world());
+    if k > v_local * tp {
+        return Err(Error::Input(format!(
+            "top-k k={k} exceeds the vocabulary {}",
+            v_local * tp
+        )));
+    }
+    // each rank's own k candidates, then the global k among them (rank order, as ModelOpt)
+    let (tv, idx) = t.topk(k.min(v_local), -1, true, true);
+    let sv = s.gather(-1, &idx, false);
+    let (tv, sv) = if tp > 1 {
+        let all_t = Tensor::cat(&pg.all_gather(&tv)?, -1);
+        let all_s = pg.gather_from_tp(&sv.contiguous())?;
+        let (gv, gidx) = all_t.topk(k, -1, true, true);
+        (gv, all_s.gather(-1, &gidx, false))
+    } else {
+        (tv, sv)
+    };
+    let ls = sv.log_softmax(-1, Kind::Float);
+    let lt = tv.log_softmax(-1, Kind::Float);
+    let per_token = (lt.exp() * (&lt - &ls)).sum_dim_intlist(-1, false, Kind::Float);
+    Ok(if tp > 1 {
+        &per_token - per_token.detach() * (1.0 - 1.0 / tp as f64)
+    } else {
+        per_token
+    })
 }
 
 /// Where the teacher logit is among the `k` largest of the full vocabulary (≥ the k-th

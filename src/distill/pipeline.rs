@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use tch::{Kind, Tensor};
 
-use super::loss::{self, KdLoss};
+use super::loss::{self, KdLoss, Parts};
 use super::model::{self, Checkpointed, Gpt, Recompute, StageInput};
 use super::parallel::{self, Grid, ProcessGroup, ReduceOp};
 
@@ -192,7 +192,7 @@ impl Stage<'_> {
         &self,
         micro: &Batch,
         received: Option<Tensor>,
-    ) -> Result<(InFlight, Option<Tensor>, f64), Error> {
+    ) -> Result<(InFlight, Option<Tensor>, Parts), Error> {
         let parts = received.as_ref().map(|x| self.halves(x));
         let (s_in, t_in) = match &parts {
             Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
@@ -209,13 +209,14 @@ impl Stage<'_> {
                 self.teacher,
                 &ck.hidden,
                 &th,
+                Some(&micro.labels),
                 &micro.mask,
                 self.chunk,
             )?;
             Ok((InFlight { ck, grad }, None, loss))
         } else {
             let out = Tensor::cat(&[ck.hidden.detach(), th.to_kind(ck.hidden.kind())], 2);
-            Ok((InFlight { ck, grad: None }, Some(out), 0.0))
+            Ok((InFlight { ck, grad: None }, Some(out), Parts::default()))
         }
     }
 
@@ -231,13 +232,13 @@ impl Stage<'_> {
 
     /// Forward and backward of every micro-batch of a step in the 1F1B order; gradients
     /// accumulate into the student stage's parameters. Returns the sum of the micro-batch
-    /// losses on the last stage, 0 elsewhere.
+    /// losses on the last stage, zeros elsewhere.
     ///
     /// # Errors
     /// Model, loss and communication errors.
-    pub fn train_step(&self, pp: &ProcessGroup, micro: &[Batch]) -> Result<f64, Error> {
+    pub fn train_step(&self, pp: &ProcessGroup, micro: &[Batch]) -> Result<Parts, Error> {
         let Some(m0) = micro.first() else {
-            return Ok(0.0);
+            return Ok(Parts::default());
         };
         let links = self.links(pp, m0);
         let stages = self.student.stage.count;
@@ -246,7 +247,7 @@ impl Stage<'_> {
         let warmup = (stages - stage - 1).min(n);
         let steady = n - warmup;
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
-        let mut loss = 0.0;
+        let mut loss = Parts::default();
         let mut next = 0usize;
         let send_grad = |g: &Option<Tensor>, inflight_hidden: &Tensor| -> Tensor {
             match g {

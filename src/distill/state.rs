@@ -53,6 +53,13 @@ pub struct StepRecord {
     /// (see [`crate::distill::flops`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// The logits KD loss alone, when the step's loss also has the LM loss (`kd_loss` is
+    /// then the balanced total, as ModelOpt reports it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_loss: Option<f64>,
+    /// The student's LM loss, when it is part of the step's loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lm_loss: Option<f64>,
 }
 
 /// One validation's metrics.

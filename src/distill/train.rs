@@ -14,7 +14,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::job::{Job, Precision};
-use super::loss::{self, log_softmax_tp};
+use super::loss::{self, log_softmax_tp, Parts};
 use super::model::{self, Gpt, InitFrom, Stage};
 use super::optim::{self, AdamW};
 use super::parallel::{self, Grid, ProcessGroup};
@@ -692,8 +692,14 @@ impl Logs {
         ] {
             self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
         }
-        if let Some(v) = r.mfu {
-            self.tb.scalar("mfu", v as f32, s).map_err(io_err(&p))?;
+        for (tag, v) in [
+            ("mfu", r.mfu),
+            ("logits_loss", r.logits_loss),
+            ("lm_loss", r.lm_loss),
+        ] {
+            if let Some(v) = v {
+                self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
+            }
         }
         Ok(())
     }
@@ -842,18 +848,19 @@ pub fn run(
             let first = hist.consumed_samples as usize + (j * dp + dp_rank) * job.micro_batch;
             batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask)
         };
-        let mut loss_sum = 0.0;
+        let mut sum = Parts::default();
         if grid.layout.pp > 1 {
             let batches: Vec<Batch> = (0..accum).map(micro).collect();
-            loss_sum = stage_runner(job, &m).train_step(&grid.pp, &batches)?;
+            sum = stage_runner(job, &m).train_step(&grid.pp, &batches)?;
             pipeline::sync_tied_embeddings(&m.student, grid)?;
         } else {
             for j in 0..accum {
                 let b = micro(j);
-                loss_sum += job.kd.chunked_backward_with(
+                sum += job.kd.chunked_backward_parts(
                     &m.student,
                     &m.teacher,
                     &b.tokens,
+                    Some(&b.labels),
                     &b.mask,
                     job.chunk_tokens,
                     job.recompute,
@@ -863,9 +870,21 @@ pub fn run(
         if accum > 1 {
             opt.scale_grads(1.0 / accum as f64);
         }
-        let kd_loss = opt.average_grads_and(&grid.dp, loss_sum / accum as f64)?;
+        let per_micro = 1.0 / accum as f64;
+        let kd_loss = opt.average_grads_and(&grid.dp, sum.total * per_micro)?;
         // only the last stage computes the loss
         let kd_loss = grid.pp.sum_f64(kd_loss)?;
+        // the terms of a balanced loss, averaged the same way
+        let (logits_loss, lm_loss) = match job.kd.lm_loss_scale {
+            None => (None, None),
+            Some(_) => {
+                let dp_n = f64::from(grid.dp_size());
+                let mean = |v: f64| -> Result<f64, Error> {
+                    Ok(grid.pp.sum_f64(grid.dp.sum_f64(v * per_micro)? / dp_n)?)
+                };
+                (Some(mean(sum.logits)?), Some(mean(sum.lm.unwrap_or(0.0))?))
+            }
+        };
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;
@@ -879,6 +898,8 @@ pub fn run(
             grad_norm,
             tokens_per_s: step_tokens / dt.max(1e-9),
             mfu: peak.map(|p| step_flops / dt.max(1e-9) / (p * f64::from(grid.world.world()))),
+            logits_loss,
+            lm_loss,
         };
         if let Some(l) = logs.as_mut() {
             l.step(&rec)?;
