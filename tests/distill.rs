@@ -312,6 +312,132 @@ fn tp_checks(pg: &ProcessGroup) -> String {
             worst.0
         );
     }
+    report += &hidden_checks(pg, &st, &te, &lab, &mk);
+    report
+}
+
+/// Hidden-state losses (cosine, MSE, with and without the projection) and the balancer with
+/// intermediate terms, on fixed tensors: values and gradients w.r.t. the student's hidden
+/// states, the projection and the student logits, written for
+/// tests/interop/test_distill_modelopt.py (`hidden_tp<TP>.json`, `hgrad_<case>_<wrt>_tp<TP>.f32`).
+fn hidden_checks(pg: &ProcessGroup, st: &Tensor, te: &Tensor, lab: &Tensor, mk: &Tensor) -> String {
+    use nemo_tool::distill::hidden_loss::{HiddenLoss, Pair, Projection, Site};
+    use nemo_tool::distill::loss::{balance, lm_mean};
+    let tp = pg.world();
+    let rank = i64::from(pg.rank());
+    let (b, s, v) = (st.size()[0], st.size()[1], st.size()[2]);
+    let vl = v / i64::from(tp);
+    let (hs, ht) = (16, 24);
+    let hid_s = wavy(&[b, s, hs], 0.113, 0.4);
+    let hid_t = wavy(&[b, s, ht], 0.271, 2.0);
+    let hid_t2 = wavy(&[b, s, hs], 0.191, 1.3);
+    let w0 = wavy(&[ht, hs], 0.057, 0.9) * 0.05;
+    let out = interop_dir();
+    if rank == 0 {
+        write_f32(&out.join("hidden_s.f32"), &hid_s);
+        write_f32(&out.join("hidden_t.f32"), &hid_t);
+        write_f32(&out.join("hidden_t2.f32"), &hid_t2);
+        write_f32(&out.join("proj_w.f32"), &w0);
+    }
+    let n = mk.sum(Kind::Double).double_value(&[]);
+    let pair = |loss| Pair {
+        student: Site::FinalNorm,
+        teacher: Site::FinalNorm,
+        loss,
+    };
+    let kd = KdLoss::new(LossKind::ForwardKl, 1.0).unwrap_or_else(|e| panic!("{e}"));
+    let mut values = Vec::new();
+    let mut report = String::new();
+    // (case, pairs (loss, through the projection), None: intermediates alone, or
+    // Some(kd_loss_scale with the LM loss, None without): balanced with the logits loss)
+    type Case = (&'static str, Vec<(HiddenLoss, bool)>, Option<Option<f64>>);
+    let cases: Vec<Case> = vec![
+        ("cos_proj", vec![(HiddenLoss::Cosine, true)], None),
+        ("mse_proj", vec![(HiddenLoss::Mse, true)], None),
+        ("cos_same", vec![(HiddenLoss::Cosine, false)], None),
+        (
+            "balanced_skip",
+            vec![(HiddenLoss::Cosine, true), (HiddenLoss::Mse, true)],
+            Some(None),
+        ),
+        (
+            "balanced_lm",
+            vec![(HiddenLoss::Cosine, true), (HiddenLoss::Mse, true)],
+            Some(Some(2.0)),
+        ),
+    ];
+    for (name, pairs_spec, logits) in cases {
+        let xs = hid_s.detach().set_requires_grad(true);
+        let proj = Projection::new(w0.shallow_clone(), Device::Cpu);
+        let uses_proj = pairs_spec.iter().any(|(_, p)| *p);
+        let mut inter_terms = Vec::new();
+        for (loss, with_proj) in &pairs_spec {
+            let t = if *with_proj { &hid_t } else { &hid_t2 };
+            let i = kd
+                .intermediate_mean(
+                    &[pair(*loss)],
+                    with_proj.then_some(&proj),
+                    &[xs.shallow_clone()],
+                    &[t.shallow_clone()],
+                    mk,
+                    n,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            inter_terms.push(i);
+        }
+        let inter = Tensor::stack(&inter_terms, 0).sum(Kind::Float) / inter_terms.len() as f64;
+        let sl = st
+            .narrow(-1, rank * vl, vl)
+            .detach()
+            .set_requires_grad(true);
+        let tl = te.narrow(-1, rank * vl, vl);
+        let total = match logits {
+            None => inter.shallow_clone(),
+            Some(lm_scale) => {
+                let l = kd
+                    .masked_mean(pg, &sl, &tl, mk)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let lm = lm_mean(pg, &sl, lab, mk).unwrap_or_else(|e| panic!("{e}"));
+                let bl = balance(
+                    l.double_value(&[]),
+                    Some(inter.double_value(&[])),
+                    lm_scale.map(|sc| (lm.double_value(&[]), sc)),
+                );
+                &l * bl.logits + &inter * bl.intermediate + &lm * bl.lm
+            }
+        };
+        total.backward();
+        let value = total.double_value(&[]);
+        values.push(format!("\"{name}\": {value:.12e}"));
+        report += &format!("hidden {name} TP{tp}: {value:.10}\n");
+        if rank == 0 {
+            write_f32(&out.join(format!("hgrad_{name}_s_tp{tp}.f32")), &xs.grad());
+            if uses_proj {
+                write_f32(
+                    &out.join(format!("hgrad_{name}_w_tp{tp}.f32")),
+                    &proj.weight.grad(),
+                );
+                write_f32(
+                    &out.join(format!("hgrad_{name}_b_tp{tp}.f32")),
+                    &proj.bias.grad(),
+                );
+            }
+        }
+        if logits.is_some() {
+            let g = Tensor::cat(
+                &pg.all_gather(&sl.grad()).unwrap_or_else(|e| panic!("{e}")),
+                -1,
+            );
+            if rank == 0 {
+                write_f32(&out.join(format!("hgrad_{name}_logits_tp{tp}.f32")), &g);
+            }
+        }
+    }
+    if rank == 0 {
+        let p = out.join(format!("hidden_tp{tp}.json"));
+        std::fs::write(&p, format!("{{{}}}\n", values.join(", ")))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
     report
 }
 

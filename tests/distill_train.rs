@@ -451,8 +451,9 @@ fn tensor_and_data_parallel_runs_match_tp1_for_20_steps() {
 }
 
 /// ModelOpt's distillation YAML (`model.kd.config`): the LM loss balanced in
-/// (`skip_lm_loss: false`) with ModelOpt's top-k logits loss; TP2 equals TP1 over 20 steps and
-/// both terms are logged.
+/// (`skip_lm_loss: false`) with ModelOpt's top-k logits loss and two intermediate-layer pairs
+/// (cosine and MSE, through the trained projection: student hidden 32, teacher 64); TP2 equals
+/// TP1 over 20 steps and every term is logged.
 #[test]
 fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -460,7 +461,10 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
     let yaml = dir.path().join("distill.yaml");
     std::fs::write(
         &yaml,
-        "logit_layers: [\"output_layer\", \"output_layer\"]\nintermediate_layer_pairs: []\n\
+        "logit_layers: [\"output_layer\", \"output_layer\"]\n\
+         intermediate_layer_pairs:\n\
+         \x20 - [\"decoder.final_layernorm\", \"decoder.final_layernorm\"]\n\
+         \x20 - [\"decoder.layers.0.input_layernorm\", \"decoder.layers.1.input_layernorm\", \"mse\"]\n\
          skip_lm_loss: false\nkd_loss_scale: 2.0\nlogit_kl_temperature: 1.5\nlogit_kl_topk: 16\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -489,7 +493,9 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
     };
     let text = show(&run_tp1(&with("tp1", 1)));
     assert!(
-        text.contains("logits_loss") && text.contains("lm_loss"),
+        text.contains("logits_loss")
+            && text.contains("lm_loss")
+            && text.contains("intermediate_loss"),
         "{text}"
     );
     run_tp2(&with("tp2", 2));
@@ -499,7 +505,8 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
         ("tp2", "tp2.nemo"),
         "balanced TP2 vs TP1",
     );
-    // the logged terms: total = lm + scale * lm (f = lm / kd) while both are positive
+    // the logged terms: total = lm + scale * lm (f = lm / kd) while both are positive, and
+    // the intermediate loss (rescaled to the logits loss inside kd) falls as the student learns
     for v in metrics(&dir.path().join("tp2"))
         .iter()
         .filter(|v| v.get("kd_loss").is_some())
@@ -511,7 +518,13 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
         assert!((t - 3.0 * lm).abs() <= 1e-4 * t, "{v}");
         assert!(v["logits_loss"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     }
-    println!("balanced (LM + ModelOpt top-k) TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+    let inter: Vec<f64> = metrics(&dir.path().join("tp1"))
+        .iter()
+        .filter_map(|v| v.get("intermediate_loss").and_then(|x| x.as_f64()))
+        .collect();
+    assert_eq!(inter.len(), 20);
+    assert!(inter[19] < inter[0], "intermediate loss {inter:?}");
+    println!("balanced (LM + ModelOpt top-k + 2 intermediate pairs) TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
 }
 
 #[test]

@@ -125,8 +125,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "step {}/{max} kd_loss {:.5} lr {:.3e} grad_norm {:.4} tokens/s {:.0}",
                 r.step, r.kd_loss, r.lr, r.grad_norm, r.tokens_per_s
             );
-            if let (Some(l), Some(lm)) = (r.logits_loss, r.lm_loss) {
-                line.push_str(&format!(" (logits_loss {l:.5} lm_loss {lm:.5})"));
+            let terms: Vec<String> = [
+                ("logits_loss", r.logits_loss),
+                ("intermediate_loss", r.intermediate_loss),
+                ("lm_loss", r.lm_loss),
+            ]
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k} {v:.5}")))
+            .collect();
+            if !terms.is_empty() {
+                line.push_str(&format!(" ({})", terms.join(" ")));
             }
             if let Some(m) = r.mfu {
                 line.push_str(&format!(" mfu {:.1}%", 100.0 * m));

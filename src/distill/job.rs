@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use super::hidden_loss::Pair;
 use super::loss::{self, KdLoss, LossKind};
 use super::model::Recompute;
 use super::optim::AdamWConfig;
@@ -143,6 +144,8 @@ pub struct Job {
     pub schedule: CosineAnnealing,
     /// `model.kd`.
     pub kd: KdLoss,
+    /// `model.kd.intermediate_layer_pairs` (ModelOpt's hidden-state losses).
+    pub intermediate: Vec<Pair>,
     /// `model.kd.chunk_tokens`, as sequence positions per chunk.
     pub chunk_tokens: i64,
     /// Activation recompute of the student (`model.activations_checkpoint_*`).
@@ -373,14 +376,39 @@ impl Job {
                 ));
             }
         }
-        if let Some(v) = cfg.get("model.kd.intermediate_layer_pairs") {
-            if !v.is_null() && v.as_sequence().is_none_or(|s| !s.is_empty()) {
-                return Err(invalid(
+        let mut intermediate = Vec::new();
+        if let Some(v) = cfg
+            .get("model.kd.intermediate_layer_pairs")
+            .filter(|v| !v.is_null())
+        {
+            let shown = serde_json::to_string(v).unwrap_or_default();
+            let entries = v.as_sequence().ok_or_else(|| {
+                invalid(
                     "model.kd.intermediate_layer_pairs",
-                    serde_json::to_string(v).unwrap_or_default(),
-                    "intermediate-layer losses are not supported yet; leave it empty",
-                ));
+                    &shown,
+                    "expected a list of [student_layer, teacher_layer(, cosine|mse)]",
+                )
+            })?;
+            for e in entries {
+                let parts: Vec<String> = e
+                    .as_sequence()
+                    .map(|s| {
+                        s.iter()
+                            .map(|x| x.as_str().unwrap_or_default().to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pair = Pair::parse(&parts)
+                    .map_err(|why| invalid("model.kd.intermediate_layer_pairs", &shown, why))?;
+                intermediate.push(pair);
             }
+        }
+        if !intermediate.is_empty() && pp > 1 {
+            return Err(invalid(
+                "model.kd.intermediate_layer_pairs",
+                format!("{} pairs", intermediate.len()),
+                "intermediate-layer losses are not supported with pipeline parallelism yet",
+            ));
         }
         let skip_lm_loss = cfg.bool("model.kd.skip_lm_loss")?.unwrap_or(true);
         let kd_loss_scale = cfg.f64("model.kd.kd_loss_scale")?.unwrap_or(1.0);
@@ -538,6 +566,7 @@ impl Job {
             distributed_optimizer,
             schedule,
             kd,
+            intermediate,
             chunk_tokens,
             recompute,
             blend,
@@ -637,9 +666,28 @@ mod tests {
                 .unwrap_or_default()
         };
         assert!(e(with(&["model.kd.logit_layers=[a,b]"])).contains("output_layer"));
-        assert!(
-            e(with(&["model.kd.intermediate_layer_pairs=[[a,b]]"])).contains("not supported yet")
+        assert!(e(with(&["model.kd.intermediate_layer_pairs=[[a,b]]"]))
+            .contains("not a capturable module"));
+        assert!(e(with(&[
+            "model.kd.intermediate_layer_pairs=[[decoder.final_layernorm,decoder.final_layernorm,l1]]"
+        ]))
+        .contains("unknown intermediate loss `l1`"));
+        let j = Job::resolve(
+            &with(&["model.kd.intermediate_layer_pairs=[[decoder.final_layernorm,decoder.final_layernorm],[decoder.layers.0.input_layernorm,decoder.layers.1.input_layernorm,mse]]"]),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use crate::distill::hidden_loss::{HiddenLoss, Site};
+        assert_eq!(j.intermediate.len(), 2);
+        assert_eq!(
+            (
+                j.intermediate[1].student,
+                j.intermediate[1].teacher,
+                j.intermediate[1].loss
+            ),
+            (Site::InputNorm(0), Site::InputNorm(1), HiddenLoss::Mse)
         );
+        assert_eq!(j.intermediate[0].loss, HiddenLoss::Cosine);
         assert!(e(with(&["model.kd.kd_loss_scale=0"])).contains("must be positive"));
         std::fs::write(&f, "logit_kl_topk: 4\nbogus: 1\n").unwrap_or_else(|e| panic!("{e}"));
         assert!(e(with(&[&file])).contains("unknown key `bogus`"));

@@ -11,6 +11,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::hidden_loss::{self, Pair, Projection};
 use super::model::{self, Gpt, Recompute};
 use super::parallel::{self, ProcessGroup};
 
@@ -86,16 +87,63 @@ pub struct Parts {
     pub logits: f64,
     /// The student's LM cross-entropy, when it is part of the loss.
     pub lm: Option<f64>,
+    /// The mean of the intermediate-layer losses, when there are some.
+    pub intermediate: Option<f64>,
 }
 
 impl std::ops::AddAssign for Parts {
     fn add_assign(&mut self, o: Parts) {
-        self.total += o.total;
-        self.logits += o.logits;
-        self.lm = match (self.lm, o.lm) {
+        let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (None, None) => None,
             (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
         };
+        self.total += o.total;
+        self.logits += o.logits;
+        self.lm = add(self.lm, o.lm);
+        self.intermediate = add(self.intermediate, o.intermediate);
+    }
+}
+
+/// The weights ModelOpt's `LogitsAndIntermediatesLossBalancer` gives each term (its dynamic
+/// factors are detached, so they are constants of the step), and the total's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Balance {
+    /// Weight of the logits loss.
+    pub logits: f64,
+    /// Weight of the mean intermediate loss.
+    pub intermediate: f64,
+    /// Weight of the LM loss.
+    pub lm: f64,
+    /// The balanced total.
+    pub total: f64,
+}
+
+/// The balancer on the terms' values: the intermediate mean `i` is rescaled to the logits
+/// loss `l` (`× l/i` when `i > 0`); without the LM loss the total is their sum; with it
+/// (`lm = Some((value, kd_loss_scale))`) the KD sum is rescaled to the LM loss
+/// (`× lm/kd` when both are positive) and the total is `lm + kd_loss_scale · kd`.
+pub fn balance(l: f64, i: Option<f64>, lm: Option<(f64, f64)>) -> Balance {
+    let r = match i {
+        Some(i) if i > 0.0 => l / i,
+        _ => 0.0,
+    };
+    let kd = l + r * i.unwrap_or(0.0);
+    match lm {
+        None => Balance {
+            logits: 1.0,
+            intermediate: r,
+            lm: 0.0,
+            total: kd,
+        },
+        Some((lm, scale)) => {
+            let f = if kd > 0.0 && lm > 0.0 { lm / kd } else { 1.0 };
+            Balance {
+                logits: scale * f,
+                intermediate: scale * f * r,
+                lm: 1.0,
+                total: lm + scale * f * kd,
+            }
+        }
     }
 }
 
@@ -251,11 +299,13 @@ impl KdLoss {
         let labels = labels.ok_or_else(|| {
             Error::Input("the LM loss (skip_lm_loss: false) needs the labels".to_string())
         })?;
-        let lm = (lm_partials(pg, student, labels)? * mask.to_kind(Kind::Float)).sum(Kind::Float);
-        let lm = pg.reduce_from_tp(&(lm / n))?;
-        let (k, l) = (kd.double_value(&[]), lm.double_value(&[]));
-        let f = if k > 0.0 && l > 0.0 { l / k } else { 1.0 };
-        Ok(lm + kd * (scale * f))
+        let lm = lm_mean(pg, student, labels, mask)?;
+        let b = balance(
+            kd.double_value(&[]),
+            None,
+            Some((lm.double_value(&[]), scale)),
+        );
+        Ok(lm * b.lm + kd * b.logits)
     }
 
     /// This rank's `Σ partial·mask` (not yet divided nor TP-summed).
@@ -317,6 +367,91 @@ impl KdLoss {
     ) -> Result<f64, Error> {
         self.chunked_backward_parts(student, teacher, tokens, None, mask, chunk, recompute)
             .map(|p| p.total)
+    }
+
+    /// [`KdLoss::chunked_backward_parts`] plus intermediate-layer losses (ModelOpt's
+    /// `intermediate_layer_pairs`), balanced with the logits loss as ModelOpt does: the pairs'
+    /// module outputs are captured in the forward passes, each pair's masked token mean taken
+    /// (the student's side through `projection` when given), and their mean back-propagated
+    /// with its balancing weight in the same backward pass as the logits' gradient.
+    ///
+    /// # Errors
+    /// As [`KdLoss::chunked_backward_parts`]; [`Error::Input`] with full activation recompute
+    /// (the captured outputs would not be kept).
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunked_backward_full(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        tokens: &Tensor,
+        labels: Option<&Tensor>,
+        mask: &Tensor,
+        chunk: i64,
+        recompute: Recompute,
+        pairs: &[Pair],
+        projection: Option<&Projection>,
+    ) -> Result<Parts, Error> {
+        if pairs.is_empty() {
+            return self
+                .chunked_backward_parts(student, teacher, tokens, labels, mask, chunk, recompute);
+        }
+        if !matches!(recompute, Recompute::None | Recompute::Selective) {
+            return Err(Error::Input(
+                "intermediate_layer_pairs need activations_checkpoint_granularity null or selective (full recompute does not keep the captured outputs)"
+                    .to_string(),
+            ));
+        }
+        let n = valid_tokens(mask)?;
+        let ssites: Vec<_> = pairs.iter().map(|p| p.student).collect();
+        let tsites: Vec<_> = pairs.iter().map(|p| p.teacher).collect();
+        let (th, tcaps) = tch::no_grad(|| teacher.hidden_captured(tokens, &tsites))?;
+        let (sh, scaps) = student.hidden_captured(tokens, &ssites)?;
+        let inter = self.intermediate_mean(pairs, projection, &scaps, &tcaps, mask, n)?;
+        let iv = inter.double_value(&[]);
+        let (parts, g, w) =
+            self.balanced_loss_and_grad(student, teacher, &sh, &th, labels, mask, chunk, Some(iv))?;
+        let mut objective = inter * w;
+        if let Some(g) = g {
+            objective += (sh * g.detach()).sum(Kind::Float);
+        }
+        objective
+            .f_backward()
+            .map_err(|e| Error::Backward(e.to_string()))?;
+        Ok(parts)
+    }
+
+    /// The mean over `pairs` of each pair's masked token mean (`n` valid tokens), with graph.
+    ///
+    /// # Errors
+    /// Shapes that do not fit (a projection of the wrong size).
+    pub fn intermediate_mean(
+        &self,
+        pairs: &[Pair],
+        projection: Option<&Projection>,
+        student: &[Tensor],
+        teacher: &[Tensor],
+        mask: &Tensor,
+        n: f64,
+    ) -> Result<Tensor, Error> {
+        let mut terms = Vec::with_capacity(pairs.len());
+        for ((p, s), t) in pairs.iter().zip(student).zip(teacher) {
+            let s = match projection {
+                Some(pr) => pr.apply(s),
+                None => s.shallow_clone(),
+            };
+            if s.size() != t.size() {
+                return Err(Error::Input(format!(
+                    "intermediate pair {:?} / {:?}: student {:?} vs teacher {:?} (hidden sizes differ: a projection is needed)",
+                    p.student,
+                    p.teacher,
+                    s.size(),
+                    t.size()
+                )));
+            }
+            let mk = mask.to_device(s.device()).to_kind(Kind::Float);
+            terms.push((hidden_loss::per_token(p.loss, &s, t) * mk).sum(Kind::Float) / n);
+        }
+        Ok(Tensor::stack(&terms, 0).sum(Kind::Float) / pairs.len().max(1) as f64)
     }
 
     /// [`KdLoss::chunked_backward_with`] with the labels the LM loss needs, returning every
@@ -386,6 +521,37 @@ impl KdLoss {
         mask: &Tensor,
         chunk: i64,
     ) -> Result<(Parts, Option<Tensor>), Error> {
+        let (parts, g, _) = self.balanced_loss_and_grad(
+            student,
+            teacher,
+            student_hidden,
+            teacher_hidden,
+            labels,
+            mask,
+            chunk,
+            None,
+        )?;
+        Ok((parts, g))
+    }
+
+    /// [`KdLoss::loss_and_grad`] balanced with intermediate-layer losses whose mean is
+    /// `intermediate` (computed by the caller); also returns the weight the caller must give
+    /// their gradient ([`balance`]).
+    ///
+    /// # Errors
+    /// As [`KdLoss::loss_and_grad`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn balanced_loss_and_grad(
+        &self,
+        student: &Gpt,
+        teacher: &Gpt,
+        student_hidden: &Tensor,
+        teacher_hidden: &Tensor,
+        labels: Option<&Tensor>,
+        mask: &Tensor,
+        chunk: i64,
+        intermediate: Option<f64>,
+    ) -> Result<(Parts, Option<Tensor>, f64), Error> {
         if chunk < 1 {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
@@ -425,9 +591,10 @@ impl KdLoss {
             };
             Ok((kd, lm))
         };
-        // the balancing factors, from the terms' values
-        let (c_kd, c_lm, values) = match self.lm_loss_scale {
-            None => (1.0, 0.0, None),
+        // the balancing weights: with the LM loss they need both values first; without it
+        // the logits loss keeps weight 1 and the intermediate weight follows from its value
+        let weights = match self.lm_loss_scale {
+            None => None,
             Some(scale) => {
                 let (mut kd, mut lm) = (0.0, 0.0);
                 tch::no_grad(|| -> Result<(), Error> {
@@ -439,11 +606,10 @@ impl KdLoss {
                     Ok(())
                 })?;
                 let (kd, lm) = (pg.sum_f64(kd)? / n, pg.sum_f64(lm)? / n);
-                let f = if kd > 0.0 && lm > 0.0 { lm / kd } else { 1.0 };
-                (scale * f, 1.0, Some((kd, lm)))
+                Some((balance(kd, intermediate, Some((lm, scale))), lm))
             }
         };
-        let mut total = 0.0;
+        let (c_kd, c_lm) = weights.map_or((1.0, 0.0), |(b, _)| (b.logits, b.lm));
         let mut logits = 0.0;
         for &(s0, len) in &chunks {
             let (kd, lm) = terms(s0, len)?;
@@ -453,25 +619,38 @@ impl KdLoss {
                 Some(lm) => &kd * c_kd + pg.reduce_from_tp(&(lm / n))? * c_lm,
                 None => kd,
             };
-            total += part.double_value(&[]);
             part.f_backward()
                 .map_err(|e| Error::Backward(e.to_string()))?;
         }
-        let parts = match values {
-            None => Parts {
-                total,
-                logits,
-                lm: None,
-            },
-            Some((_, lm)) => Parts {
-                total,
-                logits,
-                lm: Some(lm),
-            },
+        let (b, lm) = match weights {
+            Some((b, lm)) => (b, Some(lm)),
+            None => (balance(logits, intermediate, None), None),
+        };
+        let parts = Parts {
+            total: b.total,
+            logits,
+            lm,
+            intermediate,
         };
         let g = leaf.grad();
-        Ok((parts, g.defined().then_some(g)))
+        Ok((parts, g.defined().then_some(g), b.intermediate))
     }
+}
+
+/// The student's LM cross-entropy of logits sharded on the last dim: the masked token mean of
+/// `-log p(label)` (Megatron's vocab-parallel cross entropy), equal on every TP rank.
+///
+/// # Errors
+/// No valid token; collective errors.
+pub fn lm_mean(
+    pg: &ProcessGroup,
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor, Error> {
+    let n = valid_tokens(mask)?;
+    let lm = (lm_partials(pg, logits, labels)? * mask.to_kind(Kind::Float)).sum(Kind::Float);
+    Ok(pg.reduce_from_tp(&(lm / n))?)
 }
 
 /// Per-token partial LM cross-entropy `-log p(label)` of logits sharded on the last dim:

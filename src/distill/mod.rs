@@ -16,6 +16,8 @@ mod ffi;
 #[cfg(feature = "distill")]
 pub mod flops;
 #[cfg(feature = "distill")]
+pub mod hidden_loss;
+#[cfg(feature = "distill")]
 pub mod job;
 #[cfg(feature = "distill")]
 pub mod loss;

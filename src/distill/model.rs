@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::layout::Rule;
 
+use super::hidden_loss::Site;
 use super::parallel::{self, ProcessGroup};
 use super::rope;
 use super::spec::{Activation, GptSpec, Norm, Positions};
@@ -123,6 +124,9 @@ impl Stage {
     }
 }
 
+/// Where a forward pass hands captured module outputs (with the layer's global index).
+type Capture<'a> = &'a mut dyn FnMut(Site, &Tensor);
+
 /// A GPT shard on this rank: its TP slice of its pipeline stage.
 #[derive(Debug)]
 pub struct Gpt {
@@ -199,6 +203,11 @@ fn normal(shape: &[i64], std: f64, seed: u64) -> Tensor {
     }
     v.truncate(usize::try_from(n).unwrap_or(0));
     Tensor::from_slice(&v).view(shape)
+}
+
+/// [`normal`] for other modules' seeded inits (the KD projection layer).
+pub fn seeded_normal(shape: &[i64], std: f64, seed: u64) -> Tensor {
+    normal(shape, std, seed)
 }
 
 /// Slices a canonical (TP=1) tensor to rank `rank` of `tp` per `rule`.
@@ -599,6 +608,48 @@ impl Gpt {
         self.final_norm_of(&x)
     }
 
+    /// [`Gpt::hidden`] that also returns the outputs of `sites` (in order), with their graph.
+    ///
+    /// # Errors
+    /// As [`Gpt::hidden`]; [`Error::Input`] for a site this model does not have.
+    pub fn hidden_captured(
+        &self,
+        tokens: &Tensor,
+        sites: &[Site],
+    ) -> Result<(Tensor, Vec<Tensor>), Error> {
+        let mut caps: Vec<Option<Tensor>> = sites.iter().map(|_| None).collect();
+        let mut put = |site: Site, t: &Tensor| {
+            for (slot, want) in caps.iter_mut().zip(sites) {
+                if *want == site {
+                    *slot = Some(t.shallow_clone());
+                }
+            }
+        };
+        let mut x = self.embed(tokens)?;
+        put(Site::Embedding, &x);
+        let offset = self.stage.layers(self.spec.num_layers)?.start;
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let rope = self.rope(s);
+        for (li, l) in self.layers.iter().enumerate() {
+            let i = offset + li;
+            x = self.layer_captured(l, x, b, s, rope.as_ref(), Some((i, &mut put)))?;
+            put(Site::Layer(i), &x);
+        }
+        let h = self.final_norm_of(&x)?;
+        put(Site::FinalNorm, &h);
+        let mut out = Vec::with_capacity(sites.len());
+        for (c, site) in caps.into_iter().zip(sites) {
+            out.push(c.ok_or_else(|| Error::Input {
+                what: "intermediate layer",
+                why: format!(
+                    "{site:?} is not in this {}-layer model",
+                    self.spec.num_layers
+                ),
+            })?);
+        }
+        Ok((h, out))
+    }
+
     /// This stage's output for `input`: the next stage's input, or on the last stage the
     /// final hidden states (no activations are kept apart from autograd's own).
     ///
@@ -715,10 +766,23 @@ impl Gpt {
     fn layer(
         &self,
         l: &Layer,
+        x: Tensor,
+        b: i64,
+        s: i64,
+        rope: Option<&rope::Rope>,
+    ) -> Result<Tensor, Error> {
+        self.layer_captured(l, x, b, s, rope, None)
+    }
+
+    /// [`Gpt::layer`], handing its two norm outputs to `cap` (with the layer's global index).
+    fn layer_captured(
+        &self,
+        l: &Layer,
         mut x: Tensor,
         b: i64,
         s: i64,
         rope: Option<&rope::Rope>,
+        mut cap: Option<(usize, Capture)>,
     ) -> Result<Tensor, Error> {
         let spec = &self.spec;
         let tp = spec.tp;
@@ -726,7 +790,11 @@ impl Gpt {
         let gl = spec.groups / tp;
         let d = spec.head_dim;
         // attention
-        let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln1))?;
+        let n1 = self.norm(&x, &l.ln1);
+        if let Some((i, f)) = cap.as_mut() {
+            f(Site::InputNorm(*i), &n1);
+        }
+        let h = self.pg.copy_to_tp(&n1)?;
         let qkv = Self::linear(&h, &l.qkv_w, l.qkv_b.as_ref()).view([b, s, gl, hpg + 2, d]);
         let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
         let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
@@ -760,7 +828,11 @@ impl Gpt {
             None => x + o,
         };
         // MLP
-        let h = self.pg.copy_to_tp(&self.norm(&x, &l.ln2))?;
+        let n2 = self.norm(&x, &l.ln2);
+        if let Some((i, f)) = cap.as_mut() {
+            f(Site::PreMlpNorm(*i), &n2);
+        }
+        let h = self.pg.copy_to_tp(&n2)?;
         let f = Self::linear(&h, &l.fc1_w, l.fc1_b.as_ref());
         let a = if spec.gated {
             let gu = f.chunk(2, -1);

@@ -102,9 +102,16 @@ struct Sharded {
 impl AdamW {
     /// Slots for every parameter of `model`.
     pub fn new(model: &Gpt, cfg: AdamWConfig) -> AdamW {
+        Self::with_extra(model, &[], cfg)
+    }
+
+    /// Slots for every parameter of `model`, then `extra` trainable parameters outside it
+    /// (the KD projection layer), replicated on every TP rank.
+    pub fn with_extra(model: &Gpt, extra: &[NamedParam], cfg: AdamWConfig) -> AdamW {
         let slots = model
             .params()
             .iter()
+            .chain(extra)
             .map(|p: &NamedParam| {
                 let master = if p.tensor.kind() == Kind::Float {
                     p.tensor.shallow_clone()
@@ -138,7 +145,17 @@ impl AdamW {
     /// when `dp` has one rank): this replica keeps the fp32 master and moments of its shard
     /// of every parameter only.
     pub fn new_distributed(model: &Gpt, cfg: AdamWConfig, dp: &ProcessGroup) -> AdamW {
-        let mut opt = AdamW::new(model, cfg);
+        Self::distributed_with_extra(model, &[], cfg, dp)
+    }
+
+    /// [`AdamW::new_distributed`] with [`AdamW::with_extra`]'s extra parameters.
+    pub fn distributed_with_extra(
+        model: &Gpt,
+        extra: &[NamedParam],
+        cfg: AdamWConfig,
+        dp: &ProcessGroup,
+    ) -> AdamW {
+        let mut opt = AdamW::with_extra(model, extra, cfg);
         let (w, d) = (i64::from(dp.world()), i64::from(dp.rank()));
         if w == 1 {
             return opt;

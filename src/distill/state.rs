@@ -60,6 +60,9 @@ pub struct StepRecord {
     /// The student's LM loss, when it is part of the step's loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm_loss: Option<f64>,
+    /// The mean intermediate-layer loss, when there are pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_loss: Option<f64>,
 }
 
 /// One validation's metrics.

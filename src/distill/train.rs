@@ -13,9 +13,10 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use super::hidden_loss::Projection;
 use super::job::{Job, Precision};
 use super::loss::{self, log_softmax_tp, Parts};
-use super::model::{self, Gpt, InitFrom, Stage};
+use super::model::{self, Gpt, InitFrom, NamedParam, Stage};
 use super::optim::{self, AdamW};
 use super::parallel::{self, Grid, ProcessGroup};
 use super::pipeline::{self, Batch};
@@ -29,6 +30,7 @@ use crate::distill::sampling::{self, BlendedSamples, Split};
 use crate::io::bytes::ByteView;
 use crate::model::checkpoint::{self as ckpt, Checkpoint};
 use crate::model::config::{self, ModelConfig};
+use crate::model::layout::Rule;
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,9 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
         why: e.to_string(),
     }
 }
+
+/// Name prefix of the KD projection layer's parameters in the optimizer and run checkpoints.
+pub const PROJECTION: &str = "kd_projection.";
 
 /// Progress reported to the caller (rank 0 only).
 #[derive(Debug)]
@@ -516,6 +521,10 @@ fn gather_student(
     let world = pg.world() as usize;
     let mut ranks: Vec<Vec<(String, Tensor)>> = (0..world).map(|_| Vec::new()).collect();
     for (s, master) in opt.slots.iter().zip(masters) {
+        if s.name.starts_with(PROJECTION) {
+            // the KD projection is not part of the student
+            continue;
+        }
         let parts = pg.all_gather(&master.detach().contiguous())?;
         for (r, p) in parts.into_iter().enumerate() {
             if let Some(v) = ranks.get_mut(r) {
@@ -696,6 +705,7 @@ impl Logs {
             ("mfu", r.mfu),
             ("logits_loss", r.logits_loss),
             ("lm_loss", r.lm_loss),
+            ("intermediate_loss", r.intermediate_loss),
         ] {
             if let Some(v) = v {
                 self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
@@ -768,10 +778,37 @@ pub fn run(
         job.seed,
     )?;
     let val = validation_samples(job)?;
+    // ModelOpt's projection of the student's hidden states to the teacher's size, trained
+    // with the student (saved in the run checkpoints, not in the student .nemo)
+    let (hs, ht) = (m.student.spec.hidden, m.teacher.spec.hidden);
+    let projection = (!job.intermediate.is_empty() && hs != ht).then(|| {
+        let seed = job.seed ^ 0x6b64_5f70_726f_6a00;
+        Projection::new(
+            model::seeded_normal(&[ht, hs], m.student.spec.init_std, seed),
+            device,
+        )
+    });
+    let extra: Vec<NamedParam> = projection
+        .iter()
+        .flat_map(|p| {
+            [
+                NamedParam {
+                    name: format!("{PROJECTION}weight"),
+                    rule: Rule::Replicated,
+                    tensor: p.weight.shallow_clone(),
+                },
+                NamedParam {
+                    name: format!("{PROJECTION}bias"),
+                    rule: Rule::Replicated,
+                    tensor: p.bias.shallow_clone(),
+                },
+            ]
+        })
+        .collect();
     let mut opt = if job.distributed_optimizer {
-        AdamW::new_distributed(&m.student, job.adamw, &grid.dp)
+        AdamW::distributed_with_extra(&m.student, &extra, job.adamw, &grid.dp)
     } else {
-        AdamW::new(&m.student, job.adamw)
+        AdamW::with_extra(&m.student, &extra, job.adamw)
     }
     .in_pipeline(&grid.pp);
     // this run's layout, recorded in every checkpoint it writes
@@ -856,7 +893,7 @@ pub fn run(
         } else {
             for j in 0..accum {
                 let b = micro(j);
-                sum += job.kd.chunked_backward_parts(
+                sum += job.kd.chunked_backward_full(
                     &m.student,
                     &m.teacher,
                     &b.tokens,
@@ -864,6 +901,8 @@ pub fn run(
                     &b.mask,
                     job.chunk_tokens,
                     job.recompute,
+                    &job.intermediate,
+                    projection.as_ref(),
                 )?;
             }
         }
@@ -875,16 +914,19 @@ pub fn run(
         // only the last stage computes the loss
         let kd_loss = grid.pp.sum_f64(kd_loss)?;
         // the terms of a balanced loss, averaged the same way
-        let (logits_loss, lm_loss) = match job.kd.lm_loss_scale {
-            None => (None, None),
-            Some(_) => {
-                let dp_n = f64::from(grid.dp_size());
-                let mean = |v: f64| -> Result<f64, Error> {
-                    Ok(grid.pp.sum_f64(grid.dp.sum_f64(v * per_micro)? / dp_n)?)
-                };
-                (Some(mean(sum.logits)?), Some(mean(sum.lm.unwrap_or(0.0))?))
+        let dp_n = f64::from(grid.dp_size());
+        let mean = |v: Option<f64>| -> Result<Option<f64>, Error> {
+            match v {
+                None => Ok(None),
+                Some(v) => Ok(Some(
+                    grid.pp.sum_f64(grid.dp.sum_f64(v * per_micro)? / dp_n)?,
+                )),
             }
         };
+        let balanced = job.kd.lm_loss_scale.is_some() || !job.intermediate.is_empty();
+        let logits_loss = mean(balanced.then_some(sum.logits))?;
+        let lm_loss = mean(sum.lm)?;
+        let intermediate_loss = mean(sum.intermediate)?;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;
@@ -900,6 +942,7 @@ pub fn run(
             mfu: peak.map(|p| step_flops / dt.max(1e-9) / (p * f64::from(grid.world.world()))),
             logits_loss,
             lm_loss,
+            intermediate_loss,
         };
         if let Some(l) = logs.as_mut() {
             l.step(&rec)?;
