@@ -527,6 +527,60 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
     println!("balanced (LM + ModelOpt top-k + 2 intermediate pairs) TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
 }
 
+/// Intermediate-layer pairs under pipeline parallelism: on the last stage, as in ModelOpt.
+/// TP1xPP2 equals TP1 over 20 steps (pairs + LM loss); a pair on another stage is refused by
+/// every rank before the first step.
+#[test]
+fn pipeline_with_intermediate_pairs_matches_tp1() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let with = |name: &str, pp: u32, pairs: &str| {
+        let mut a = common(
+            &prefix,
+            &dir.path().join(name),
+            &dir.path().join(format!("{name}.nemo")),
+        );
+        a.extend(
+            [
+                "model.num_layers=2",
+                "model.global_batch_size=4",
+                "model.micro_batch_size=1",
+                "trainer.max_steps=20",
+                "trainer.limit_val_batches=0",
+                "model.optim.lr=2e-3",
+                "model.kd.skip_lm_loss=false",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        a.push(format!("model.kd.intermediate_layer_pairs={pairs}"));
+        a.push(format!("model.pipeline_model_parallel_size={pp}"));
+        a.push(format!("trainer.devices={pp}"));
+        a
+    };
+    let pairs = "[[decoder.final_layernorm,decoder.final_layernorm],[decoder.layers.1.input_layernorm,decoder.layers.1.input_layernorm,mse]]";
+    run_tp1(&with("tp1", 1, pairs));
+    let text = run_world(2, &with("pp2", 2, pairs));
+    assert!(text.contains("intermediate_loss"), "{text}");
+    let (l, w) = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("pp2", "pp2.nemo"),
+        "pairs PP2 vs TP1",
+    );
+    println!("intermediate pairs + LM loss, TP1xPP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+    let args = with("bad", 2, "[[decoder.layers.0,decoder.layers.1]]");
+    let port = free_port().to_string();
+    for o in wait_all(spawn_ranks(2, &args, torchrun_vars(2, &port))) {
+        assert!(!o.status.success());
+        assert!(
+            show(&o).contains("the student's Layer(0) is not on the last pipeline stage"),
+            "{}",
+            show(&o)
+        );
+    }
+}
+
 #[test]
 fn learns_and_the_saved_student_reproduces_the_last_validation() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -56,6 +56,19 @@ impl Site {
         }
     }
 
+    /// Whether this module is on the last of `stages` pipeline stages of a `layers`-layer
+    /// model (where ModelOpt computes the intermediate losses).
+    pub fn on_last_stage(&self, layers: usize, stages: usize) -> bool {
+        let per = layers / stages.max(1);
+        match self {
+            Site::Embedding => stages <= 1,
+            Site::FinalNorm => true,
+            Site::InputNorm(i) | Site::PreMlpNorm(i) | Site::Layer(i) => {
+                *i < layers && *i >= layers - per
+            }
+        }
+    }
+
     /// The layer it belongs to, if any.
     pub fn layer(&self) -> Option<usize> {
         match self {
@@ -168,5 +181,65 @@ impl Projection {
     pub fn apply(&self, x: &Tensor) -> Tensor {
         x.to_kind(Kind::Float)
             .linear(&self.weight, Some(&self.bias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_modelopt_module_names_and_places_them_on_stages() {
+        let p = |s: &str| Site::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p("decoder.final_layernorm"), Site::FinalNorm);
+        assert_eq!(
+            p("module.decoder.layers.7.input_layernorm"),
+            Site::InputNorm(7)
+        );
+        assert_eq!(p("decoder.layers.3.pre_mlp_layernorm"), Site::PreMlpNorm(3));
+        assert_eq!(p("decoder.layers.12"), Site::Layer(12));
+        assert_eq!(p("embedding"), Site::Embedding);
+        for bad in [
+            "decoder.layers.x",
+            "decoder.layers.1.mlp",
+            "output_layer",
+            "",
+        ] {
+            assert!(Site::parse(bad).is_err(), "{bad}");
+        }
+        let pair = |v: &[&str]| Pair::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(matches!(
+            pair(&["embedding", "embedding"]),
+            Ok(Pair {
+                loss: HiddenLoss::Cosine,
+                ..
+            })
+        ));
+        assert!(pair(&["embedding", "embedding", "kl"]).is_err());
+        assert!(pair(&["embedding"]).is_err());
+        // 8 layers in 2 stages: layers 4..8 and the final norm are on the last
+        assert!(Site::Layer(4).on_last_stage(8, 2) && !Site::Layer(3).on_last_stage(8, 2));
+        assert!(Site::FinalNorm.on_last_stage(8, 4) && !Site::Embedding.on_last_stage(8, 2));
+        assert!(Site::Embedding.on_last_stage(8, 1) && !Site::Layer(8).on_last_stage(8, 1));
+    }
+
+    #[test]
+    fn losses_are_torchs_definitions() {
+        let s = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 2.0]).view([1, 2, 2]);
+        let t = Tensor::from_slice(&[1.0f32, 0.0, 2.0, 0.0]).view([1, 2, 2]);
+        let cos = per_token(HiddenLoss::Cosine, &s, &t);
+        assert!(cos.allclose(
+            &Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2]),
+            1e-6,
+            1e-6,
+            false
+        ));
+        let mse = per_token(HiddenLoss::Mse, &s, &t);
+        assert!(mse.allclose(
+            &Tensor::from_slice(&[0.0f32, 4.0]).view([1, 2]),
+            1e-6,
+            1e-6,
+            false
+        ));
     }
 }

@@ -403,13 +403,7 @@ impl Job {
                 intermediate.push(pair);
             }
         }
-        if !intermediate.is_empty() && pp > 1 {
-            return Err(invalid(
-                "model.kd.intermediate_layer_pairs",
-                format!("{} pairs", intermediate.len()),
-                "intermediate-layer losses are not supported with pipeline parallelism yet",
-            ));
-        }
+
         let skip_lm_loss = cfg.bool("model.kd.skip_lm_loss")?.unwrap_or(true);
         let kd_loss_scale = cfg.f64("model.kd.kd_loss_scale")?.unwrap_or(1.0);
         if !(kd_loss_scale > 0.0 && kd_loss_scale.is_finite()) {
@@ -487,6 +481,14 @@ impl Job {
                 }
             }
         };
+        if !intermediate.is_empty() && !matches!(recompute, Recompute::None | Recompute::Selective)
+        {
+            return Err(invalid(
+                "model.kd.intermediate_layer_pairs",
+                format!("{} pairs", intermediate.len()),
+                "not with full activation recompute (the captured outputs would not be kept); set activations_checkpoint_granularity to null or selective",
+            ));
+        }
         let chunk_tokens = cfg.u64("model.kd.chunk_tokens")?.unwrap_or(2048).max(1);
         let chunk_tokens = (chunk_tokens / micro_batch).max(1) as i64;
 

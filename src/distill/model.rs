@@ -617,6 +617,19 @@ impl Gpt {
         tokens: &Tensor,
         sites: &[Site],
     ) -> Result<(Tensor, Vec<Tensor>), Error> {
+        self.stage_captured(StageInput::Tokens(tokens), sites)
+    }
+
+    /// [`Gpt::stage_output`] that also returns the outputs of `sites` (in order), with their
+    /// graph; every site must be on this stage.
+    ///
+    /// # Errors
+    /// As [`Gpt::stage_output`]; [`Error::Input`] for a site this stage does not hold.
+    pub fn stage_captured(
+        &self,
+        input: StageInput,
+        sites: &[Site],
+    ) -> Result<(Tensor, Vec<Tensor>), Error> {
         let mut caps: Vec<Option<Tensor>> = sites.iter().map(|_| None).collect();
         let mut put = |site: Site, t: &Tensor| {
             for (slot, want) in caps.iter_mut().zip(sites) {
@@ -625,8 +638,10 @@ impl Gpt {
                 }
             }
         };
-        let mut x = self.embed(tokens)?;
-        put(Site::Embedding, &x);
+        let mut x = self.stage_input(input)?;
+        if self.stage.is_first() {
+            put(Site::Embedding, &x);
+        }
         let offset = self.stage.layers(self.spec.num_layers)?.start;
         let (b, s) = (x.size()[0], x.size()[1]);
         let rope = self.rope(s);
@@ -635,15 +650,29 @@ impl Gpt {
             x = self.layer_captured(l, x, b, s, rope.as_ref(), Some((i, &mut put)))?;
             put(Site::Layer(i), &x);
         }
-        let h = self.final_norm_of(&x)?;
-        put(Site::FinalNorm, &h);
+        let h = match self.stage.is_last() {
+            true => {
+                let h = self.final_norm_of(&x)?;
+                put(Site::FinalNorm, &h);
+                h
+            }
+            false => x,
+        };
         let mut out = Vec::with_capacity(sites.len());
         for (c, site) in caps.into_iter().zip(sites) {
             out.push(c.ok_or_else(|| Error::Input {
                 what: "intermediate layer",
                 why: format!(
-                    "{site:?} is not in this {}-layer model",
-                    self.spec.num_layers
+                    "{site:?} is not in this {}-layer model{}",
+                    self.spec.num_layers,
+                    if self.stage.count > 1 {
+                        format!(
+                            "'s stage {} of {} (pairs must be on the last pipeline stage, as in ModelOpt)",
+                            self.stage.index, self.stage.count
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             })?);
         }

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 use tch::{Kind, Tensor};
 
+use super::hidden_loss::{Pair, Projection};
 use super::loss::{self, KdLoss, Parts};
 use super::model::{self, Checkpointed, Gpt, Recompute, StageInput};
 use super::parallel::{self, Grid, ProcessGroup, ReduceOp};
@@ -32,6 +33,9 @@ pub enum Error {
     /// Sending or receiving between stages.
     #[error(transparent)]
     Parallel(#[from] parallel::Error),
+    /// libtorch failed during a backward pass.
+    #[error("pipeline backward: {0}")]
+    Backward(String),
 }
 
 /// A micro-batch: input ids, labels and loss mask, `[b, s]` each.
@@ -57,6 +61,10 @@ pub struct Stage<'a> {
     pub chunk: i64,
     /// Student activation recompute.
     pub recompute: Recompute,
+    /// Intermediate-layer losses (their modules on the last stage).
+    pub pairs: &'a [Pair],
+    /// The KD projection, when the hidden sizes differ.
+    pub projection: Option<&'a Projection>,
 }
 
 impl std::fmt::Debug for Stage<'_> {
@@ -159,10 +167,30 @@ impl Links<'_> {
 }
 
 /// A micro-batch between its forward and its backward.
-struct InFlight {
-    ck: Checkpointed,
-    /// The loss gradient of the student's final hidden states (last stage).
-    grad: Option<Tensor>,
+enum InFlight {
+    /// What backward needs.
+    Kept {
+        ck: Checkpointed,
+        /// The loss gradient of the student's final hidden states (last stage).
+        grad: Option<Tensor>,
+    },
+    /// Already back-propagated (the last stage with intermediate-layer losses, whose
+    /// backward runs right after the forward, as 1F1B has it there anyway).
+    Done {
+        /// The gradient of the stage's input (None on a single stage).
+        input_grad: Option<Tensor>,
+        /// Zeros shaped like it, for a gradient that did not reach the input.
+        zeros: Tensor,
+    },
+}
+
+impl InFlight {
+    fn zeros(&self) -> Tensor {
+        match self {
+            InFlight::Kept { ck, .. } => ck.hidden.zeros_like(),
+            InFlight::Done { zeros, .. } => zeros.shallow_clone(),
+        }
+    }
 }
 
 impl Stage<'_> {
@@ -201,6 +229,9 @@ impl Stage<'_> {
                 StageInput::Tokens(&micro.tokens),
             ),
         };
+        if self.student.stage.is_last() && !self.pairs.is_empty() {
+            return self.forward_backward_with_pairs(micro, s_in, t_in);
+        }
         let th = tch::no_grad(|| self.teacher.stage_output(t_in))?;
         let ck = self.student.stage_checkpointed(s_in, self.recompute)?;
         if self.student.stage.is_last() {
@@ -213,21 +244,81 @@ impl Stage<'_> {
                 &micro.mask,
                 self.chunk,
             )?;
-            Ok((InFlight { ck, grad }, None, loss))
+            Ok((InFlight::Kept { ck, grad }, None, loss))
         } else {
             let out = Tensor::cat(&[ck.hidden.detach(), th.to_kind(ck.hidden.kind())], 2);
-            Ok((InFlight { ck, grad: None }, Some(out), Parts::default()))
+            Ok((
+                InFlight::Kept { ck, grad: None },
+                Some(out),
+                Parts::default(),
+            ))
         }
+    }
+
+    /// The last stage with intermediate-layer losses: forward with the pairs' modules
+    /// captured, the balanced loss, and at once the backward of all of it.
+    fn forward_backward_with_pairs(
+        &self,
+        micro: &Batch,
+        s_in: StageInput,
+        t_in: StageInput,
+    ) -> Result<(InFlight, Option<Tensor>, Parts), Error> {
+        let leaf = match s_in {
+            StageInput::Hidden(h) => Some(h.detach().set_requires_grad(true)),
+            StageInput::Tokens(_) => None,
+        };
+        let s_in = match &leaf {
+            Some(l) => StageInput::Hidden(l),
+            None => s_in,
+        };
+        let ssites: Vec<_> = self.pairs.iter().map(|p| p.student).collect();
+        let tsites: Vec<_> = self.pairs.iter().map(|p| p.teacher).collect();
+        let (th, tcaps) = tch::no_grad(|| self.teacher.stage_captured(t_in, &tsites))?;
+        let (sh, scaps) = self.student.stage_captured(s_in, &ssites)?;
+        let n = micro.mask.sum(Kind::Double).double_value(&[]);
+        let inter = self.kd.intermediate_mean(
+            self.pairs,
+            self.projection,
+            &scaps,
+            &tcaps,
+            &micro.mask,
+            n,
+        )?;
+        let (parts, g, w) = self.kd.balanced_loss_and_grad(
+            self.student,
+            self.teacher,
+            &sh,
+            &th,
+            Some(&micro.labels),
+            &micro.mask,
+            self.chunk,
+            Some(inter.double_value(&[])),
+        )?;
+        let mut objective = inter * w;
+        if let Some(g) = g {
+            objective += (&sh * g.detach()).sum(Kind::Float);
+        }
+        objective
+            .f_backward()
+            .map_err(|e| Error::Backward(e.to_string()))?;
+        let zeros = sh.zeros_like();
+        let input_grad = leaf.map(|l| l.grad()).filter(Tensor::defined);
+        Ok((InFlight::Done { input_grad, zeros }, None, parts))
     }
 
     /// One micro-batch backward: the gradient of this stage's input (to send back).
     fn backward(&self, f: InFlight, grad: Option<Tensor>) -> Result<Option<Tensor>, Error> {
-        let g = match f.grad.or(grad) {
-            Some(g) => g,
-            // nothing reached this micro-batch's output (all positions masked upstream)
-            None => f.ck.hidden.zeros_like(),
-        };
-        Ok(f.ck.backward(self.student, &g)?)
+        match f {
+            InFlight::Done { input_grad, .. } => Ok(input_grad),
+            InFlight::Kept { ck, grad: own } => {
+                let g = match own.or(grad) {
+                    Some(g) => g,
+                    // nothing reached this micro-batch's output (all positions masked upstream)
+                    None => ck.hidden.zeros_like(),
+                };
+                Ok(ck.backward(self.student, &g)?)
+            }
+        }
     }
 
     /// Forward and backward of every micro-batch of a step in the 1F1B order; gradients
@@ -277,7 +368,7 @@ impl Stage<'_> {
             let Some(oldest) = inflight.pop_front() else {
                 break;
             };
-            let shape_of = oldest.ck.hidden.shallow_clone();
+            let shape_of = oldest.zeros();
             let gin = self.backward(oldest, g)?;
             let gin = send_grad(&gin, &shape_of);
             if i + 1 == steady {
@@ -288,7 +379,7 @@ impl Stage<'_> {
         }
         while let Some(oldest) = inflight.pop_front() {
             let g = links.recv_backward()?;
-            let shape_of = oldest.ck.hidden.shallow_clone();
+            let shape_of = oldest.zeros();
             let gin = self.backward(oldest, g)?;
             links.send_backward(&send_grad(&gin, &shape_of))?;
         }

@@ -440,7 +440,7 @@ pub fn validate(
     let vl = m.student.spec.padded_vocab / m.student.spec.tp;
     let start = i64::from(pg.rank()) * vl;
     let n_micro = job.limit_val_batches as usize * job.accumulation();
-    let stage = stage_runner(job, m);
+    let stage = stage_runner(job, m, None);
     let (dp, dp_rank) = (grid.dp_size() as usize, grid.dp_rank() as usize);
     for j in 0..n_micro {
         // each replica its share of every global batch, as in training
@@ -501,13 +501,19 @@ pub fn validate(
 }
 
 /// How this rank's stage of the two models runs.
-fn stage_runner<'a>(job: &'a Job, m: &'a Models) -> pipeline::Stage<'a> {
+fn stage_runner<'a>(
+    job: &'a Job,
+    m: &'a Models,
+    projection: Option<&'a Projection>,
+) -> pipeline::Stage<'a> {
     pipeline::Stage {
         student: &m.student,
         teacher: &m.teacher,
         kd: &job.kd,
         chunk: job.chunk_tokens,
         recompute: job.recompute,
+        pairs: &job.intermediate,
+        projection,
     }
 }
 
@@ -778,6 +784,23 @@ pub fn run(
         job.seed,
     )?;
     let val = validation_samples(job)?;
+    // every rank refuses a pair the last stage does not hold, before any step
+    let stages = grid.layout.pp as usize;
+    for p in &job.intermediate {
+        for (site, model, what) in [
+            (p.student, &m.student, "student"),
+            (p.teacher, &m.teacher, "teacher"),
+        ] {
+            if !site.on_last_stage(model.spec.num_layers, stages) {
+                return Err(Error::Setting(format!(
+                    "intermediate_layer_pairs: the {what}'s {site:?} is not {} ({} layers{}); ModelOpt computes these losses there",
+                    if stages > 1 { "on the last pipeline stage" } else { "in the model" },
+                    model.spec.num_layers,
+                    if stages > 1 { format!(", {stages} stages") } else { String::new() },
+                )));
+            }
+        }
+    }
     // ModelOpt's projection of the student's hidden states to the teacher's size, trained
     // with the student (saved in the run checkpoints, not in the student .nemo)
     let (hs, ht) = (m.student.spec.hidden, m.teacher.spec.hidden);
@@ -888,7 +911,7 @@ pub fn run(
         let mut sum = Parts::default();
         if grid.layout.pp > 1 {
             let batches: Vec<Batch> = (0..accum).map(micro).collect();
-            sum = stage_runner(job, &m).train_step(&grid.pp, &batches)?;
+            sum = stage_runner(job, &m, projection.as_ref()).train_step(&grid.pp, &batches)?;
             pipeline::sync_tied_embeddings(&m.student, grid)?;
         } else {
             for j in 0..accum {
@@ -925,8 +948,10 @@ pub fn run(
         };
         let balanced = job.kd.lm_loss_scale.is_some() || !job.intermediate.is_empty();
         let logits_loss = mean(balanced.then_some(sum.logits))?;
-        let lm_loss = mean(sum.lm)?;
-        let intermediate_loss = mean(sum.intermediate)?;
+        // by the config, not by what this stage computed: every stage joins the collectives
+        let lm_loss = mean(job.kd.lm_loss_scale.map(|_| sum.lm.unwrap_or(0.0)))?;
+        let intermediate_loss =
+            mean((!job.intermediate.is_empty()).then(|| sum.intermediate.unwrap_or(0.0)))?;
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;
