@@ -222,13 +222,7 @@ impl Stage<'_> {
         received: Option<Tensor>,
     ) -> Result<(InFlight, Option<Tensor>, Parts), Error> {
         let parts = received.as_ref().map(|x| self.halves(x));
-        let (s_in, t_in) = match &parts {
-            Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
-            None => (
-                StageInput::Tokens(&micro.tokens),
-                StageInput::Tokens(&micro.tokens),
-            ),
-        };
+        let (s_in, t_in) = inputs(micro, &parts);
         if self.student.stage.is_last() && !self.pairs.is_empty() {
             return self.forward_backward_with_pairs(micro, s_in, t_in);
         }
@@ -399,13 +393,7 @@ impl Stage<'_> {
         let links = self.links(pp, micro);
         let received = links.recv_forward()?;
         let parts = received.as_ref().map(|x| self.halves(x));
-        let (s_in, t_in) = match &parts {
-            Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
-            None => (
-                StageInput::Tokens(&micro.tokens),
-                StageInput::Tokens(&micro.tokens),
-            ),
-        };
+        let (s_in, t_in) = inputs(micro, &parts);
         let (sh, th) = tch::no_grad(|| -> Result<(Tensor, Tensor), Error> {
             Ok((
                 self.student.stage_output(s_in)?,
@@ -418,6 +406,20 @@ impl Stage<'_> {
         let out = Tensor::cat(&[&sh, &th.to_kind(sh.kind())], 2);
         links.send_forward(Some(&out))?;
         Ok(None)
+    }
+}
+
+/// The student's and the teacher's input: the previous stage's halves, or the tokens.
+fn inputs<'t>(
+    micro: &'t Batch,
+    halves: &'t Option<(Tensor, Tensor)>,
+) -> (StageInput<'t>, StageInput<'t>) {
+    match halves {
+        Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
+        None => (
+            StageInput::Tokens(&micro.tokens),
+            StageInput::Tokens(&micro.tokens),
+        ),
     }
 }
 
