@@ -179,16 +179,17 @@ enum InFlight {
     Done {
         /// The gradient of the stage's input (None on a single stage).
         input_grad: Option<Tensor>,
-        /// Zeros shaped like it, for a gradient that did not reach the input.
-        zeros: Tensor,
+        /// The stage's output (shaped like its input).
+        output: Tensor,
     },
 }
 
 impl InFlight {
-    fn zeros(&self) -> Tensor {
+    /// The stage's output, whose shape the input's gradient has.
+    fn output(&self) -> Tensor {
         match self {
-            InFlight::Kept { ck, .. } => ck.hidden.zeros_like(),
-            InFlight::Done { zeros, .. } => zeros.shallow_clone(),
+            InFlight::Kept { ck, .. } => ck.hidden.shallow_clone(),
+            InFlight::Done { output, .. } => output.shallow_clone(),
         }
     }
 }
@@ -295,24 +296,24 @@ impl Stage<'_> {
         objective
             .f_backward()
             .map_err(|e| Error::Backward(e.to_string()))?;
-        let zeros = sh.zeros_like();
         let input_grad = leaf.map(|l| l.grad()).filter(Tensor::defined);
-        Ok((InFlight::Done { input_grad, zeros }, None, parts))
+        let output = sh.detach();
+        Ok((InFlight::Done { input_grad, output }, None, parts))
     }
 
-    /// One micro-batch backward: the gradient of this stage's input (to send back).
-    fn backward(&self, f: InFlight, grad: Option<Tensor>) -> Result<Option<Tensor>, Error> {
-        match f {
-            InFlight::Done { input_grad, .. } => Ok(input_grad),
+    /// One micro-batch backward: the gradient of this stage's input (to send back; zeros
+    /// where nothing reached it).
+    fn backward(&self, f: InFlight, grad: Option<Tensor>) -> Result<Tensor, Error> {
+        let output = f.output();
+        let g = match f {
+            InFlight::Done { input_grad, .. } => input_grad,
             InFlight::Kept { ck, grad: own } => {
-                let g = match own.or(grad) {
-                    Some(g) => g,
-                    // nothing reached this micro-batch's output (all positions masked upstream)
-                    None => ck.hidden.zeros_like(),
-                };
-                Ok(ck.backward(self.student, &g)?)
+                // nothing reached this micro-batch's output: all positions masked upstream
+                let g = own.or(grad).unwrap_or_else(|| output.zeros_like());
+                ck.backward(self.student, &g)?
             }
-        }
+        };
+        Ok(g.unwrap_or_else(|| output.zeros_like()))
     }
 
     /// Forward and backward of every micro-batch of a step in the 1F1B order; gradients
@@ -334,12 +335,6 @@ impl Stage<'_> {
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut loss = Parts::default();
         let mut next = 0usize;
-        let send_grad = |g: &Option<Tensor>, inflight_hidden: &Tensor| -> Tensor {
-            match g {
-                Some(g) => g.shallow_clone(),
-                None => inflight_hidden.zeros_like(),
-            }
-        };
         for _ in 0..warmup {
             let x = links.recv_forward()?;
             let (f, y, l) = self.forward(&micro[next], x)?;
@@ -362,9 +357,7 @@ impl Stage<'_> {
             let Some(oldest) = inflight.pop_front() else {
                 break;
             };
-            let shape_of = oldest.zeros();
             let gin = self.backward(oldest, g)?;
-            let gin = send_grad(&gin, &shape_of);
             if i + 1 == steady {
                 links.send_backward(&gin)?;
             } else {
@@ -373,9 +366,8 @@ impl Stage<'_> {
         }
         while let Some(oldest) = inflight.pop_front() {
             let g = links.recv_backward()?;
-            let shape_of = oldest.zeros();
             let gin = self.backward(oldest, g)?;
-            links.send_backward(&send_grad(&gin, &shape_of))?;
+            links.send_backward(&gin)?;
         }
         Ok(loss)
     }
