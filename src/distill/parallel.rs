@@ -758,6 +758,9 @@ impl ProcessGroup {
         let mut r = [(Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu)), src)];
         self.exchange(&[], &mut r, 1)?;
         let n = r[0].0.f_int64_value(&[0]).map_err(|e| bad(e.to_string()))?;
+        if n < 0 {
+            return Err(bad(format!("header of {n} bytes")));
+        }
         let mut r = [(Tensor::zeros([n], (Kind::Uint8, tch::Device::Cpu)), src)];
         self.exchange(&[], &mut r, 1)?;
         let raw = r[0].0.to_device(tch::Device::Cpu);
