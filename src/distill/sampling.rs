@@ -263,6 +263,17 @@ impl GptSamples {
         self.order.is_empty()
     }
 
+    /// Where sample `i` (modulo the length) starts: its document's position in the shuffled
+    /// multi-epoch document stream (which names the epoch too: a window that starts at the
+    /// same document and offset in another epoch runs on into another next document), and the
+    /// token offset in that document. The same for any `num_samples` that includes the window,
+    /// and for any run layout: what a teacher cache keys its records by.
+    pub fn start(&self, i: usize) -> (u64, u32) {
+        let k = self.order[i % self.order.len()] as usize;
+        let (pos, off) = self.starts[k];
+        (pos as u64, u32::try_from(off).unwrap_or(u32::MAX))
+    }
+
     /// Sample `i` (modulo the length): `seq_length + 1` tokens.
     pub fn get(&self, i: usize) -> Vec<i64> {
         let k = self.order[i % self.order.len()] as usize;
@@ -320,6 +331,12 @@ impl BlendedSamples {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
+    }
+
+    /// Where sample `i` starts: (dataset index in the blend, [`GptSamples::start`]).
+    pub fn start(&self, i: usize) -> (usize, (u64, u32)) {
+        let (d, j) = self.index[i % self.index.len()];
+        (d, self.parts[d].start(j as usize))
     }
 
     /// Sample `i`: (dataset index in the blend, `seq_length + 1` tokens).
@@ -419,6 +436,13 @@ mod tests {
         let k0 = s.starts[0];
         let k1 = s.starts[1];
         assert!(k1 != k0);
+        // A window's start names it: the same start gives the same tokens, also in a longer
+        // sample list (whose shuffled order differs), and no two samples share one.
+        let longer = GptSamples::new(ds.clone(), Split::Train, (0, 20), 8, 60, 1234).unwrap();
+        let by_start: std::collections::HashMap<(u64, u32), Vec<i64>> =
+            (0..60).map(|i| (longer.start(i), longer.get(i))).collect();
+        assert_eq!(by_start.len(), 60);
+        assert!((0..30).all(|i| by_start.get(&s.start(i)) == Some(&s.get(i))));
         // Every token comes from the split's documents.
         let all: std::collections::HashSet<i64> = (0..20).flat_map(|d| ds.sequence(d)).collect();
         assert!((0..30).flat_map(|i| s.get(i)).all(|t| all.contains(&t)));

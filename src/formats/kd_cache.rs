@@ -93,12 +93,15 @@ impl ValueType {
     }
 }
 
-/// Where a sample starts: the blend's dataset, the document, the token offset in it.
+/// Where a sample starts: the blend's dataset, the document — as its position in the
+/// shuffled multi-epoch document stream, which also names the epoch (a window starting at the
+/// same document and offset in another epoch runs on into another next document) — and the
+/// token offset in it (`distill::sampling::GptSamples::start`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Key {
     /// Index of the dataset in the blend.
     pub dataset: u32,
-    /// Document in the dataset.
+    /// The document's position in the dataset's sample stream.
     pub document: u64,
     /// Token offset in the document.
     pub offset: u32,
