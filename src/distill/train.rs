@@ -223,6 +223,37 @@ fn stage_of(grid: &Grid, layers: usize, what: &'static str) -> Result<Stage, Err
     Ok(stage)
 }
 
+/// This rank's TP shard of its pipeline stage of the model in `ck` (`what`: student or
+/// teacher, for errors), and whether the checkpoint uses TE-fused norm names.
+fn checkpoint_model(
+    ck: &Checkpoint,
+    what: &'static str,
+    grid: &Grid,
+    tp: u64,
+    kind: Kind,
+    device: Device,
+    trainable: bool,
+) -> Result<(Gpt, bool), Error> {
+    let src = Source::new(ck).map_err(|source| Error::Weights { what, source })?;
+    let vocab = src
+        .padded_vocab(ck.config.make_vocab_size_divisible_by(), tp)
+        .map_err(|source| Error::Weights { what, source })?;
+    let spec = GptSpec::from_config(&ck.config, tp, vocab)
+        .map_err(|source| Error::Spec { what, source })?;
+    let te = src.exists("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight");
+    let stage = stage_of(grid, spec.num_layers, what)?;
+    let m = Gpt::new_stage(
+        spec,
+        &InitFrom::Checkpoint(&src),
+        &grid.tp,
+        kind,
+        device,
+        trainable,
+        stage,
+    )?;
+    Ok((m, te))
+}
+
 /// Loads the teacher and builds the student (restored or from the config) at the launch TP,
 /// this rank's pipeline stage of each.
 ///
@@ -235,30 +266,8 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
     let tp = job.tp;
     let kind = kind_of(job.precision);
     let t = open(&job.teacher)?;
-    let tsrc = Source::new(&t.ck).map_err(|source| Error::Weights {
-        what: "teacher",
-        source,
-    })?;
-    let tvocab = tsrc
-        .padded_vocab(t.ck.config.make_vocab_size_divisible_by(), tp)
-        .map_err(|source| Error::Weights {
-            what: "teacher",
-            source,
-        })?;
-    let tspec = GptSpec::from_config(&t.ck.config, tp, tvocab).map_err(|source| Error::Spec {
-        what: "teacher",
-        source,
-    })?;
-    let tstage = stage_of(grid, tspec.num_layers, "teacher")?;
-    let teacher = Gpt::new_stage(
-        tspec,
-        &InitFrom::Checkpoint(&tsrc),
-        pg,
-        kind,
-        device,
-        false,
-        tstage,
-    )?;
+    let (teacher, _) = checkpoint_model(&t.ck, "teacher", grid, tp, kind, device, false)?;
+    let tvocab = u64::try_from(teacher.spec.padded_vocab).unwrap_or(0);
 
     let mut artifacts: Vec<(String, ByteView)> = Vec::new();
     let mut updates: Vec<(String, String)> = vec![
@@ -275,31 +284,7 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
     let (student, student_config, te) = match &job.student {
         Some(path) => {
             let s = open(path)?;
-            let src = Source::new(&s.ck).map_err(|source| Error::Weights {
-                what: "student",
-                source,
-            })?;
-            let v = src
-                .padded_vocab(s.ck.config.make_vocab_size_divisible_by(), tp)
-                .map_err(|source| Error::Weights {
-                    what: "student",
-                    source,
-                })?;
-            let spec = GptSpec::from_config(&s.ck.config, tp, v).map_err(|source| Error::Spec {
-                what: "student",
-                source,
-            })?;
-            let te = src.exists("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight");
-            let stage = stage_of(grid, spec.num_layers, "student")?;
-            let m = Gpt::new_stage(
-                spec,
-                &InitFrom::Checkpoint(&src),
-                pg,
-                kind,
-                device,
-                true,
-                stage,
-            )?;
+            let (m, te) = checkpoint_model(&s.ck, "student", grid, tp, kind, device, true)?;
             for a in &s.ck.artifacts {
                 if let Ok(b) = s.ck.read_member(a) {
                     artifacts.push((a.clone(), b));
