@@ -262,7 +262,7 @@ fn tp_checks(pg: &ProcessGroup) -> String {
         let loss = k
             .chunked_backward_parts(
                 &student,
-                &teacher,
+                nemo_tool::distill::loss::Teacher::Model(&teacher),
                 &tokens,
                 Some(&next),
                 &mk,

@@ -181,10 +181,20 @@ fn spawn_ranks(
     args: &[String],
     vars: impl Fn(usize) -> Vec<(&'static str, String)>,
 ) -> Vec<std::process::Child> {
+    spawn_sub("distill", world, args, vars)
+}
+
+/// `world` ranks of `nemo-tool <sub> args` started with `vars(rank)`, output piped.
+fn spawn_sub(
+    sub: &str,
+    world: usize,
+    args: &[String],
+    vars: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Vec<std::process::Child> {
     (0..world)
         .map(|rank| {
             let mut c = distill_cmd(&bin());
-            c.arg("distill").args(args);
+            c.arg(sub).args(args);
             for (k, v) in vars(rank) {
                 c.env(k, v);
             }
@@ -1180,4 +1190,369 @@ fn mfu_is_logged_when_the_peak_is_known() {
     let (o, _) = run("bad_peak", Some("fast"));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     assert!(show(&o).contains("NEMO_TOOL_PEAK_TFLOPS"), "{}", show(&o));
+}
+
+/// `nemo-tool eval args` as `world` ranks (torchrun's variables); rank 0's output.
+fn eval_world(world: usize, args: &[String]) -> String {
+    let port = free_port().to_string();
+    let outs = wait_all(spawn_sub("eval", world, args, torchrun_vars(world, &port)));
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "eval rank {rank}: {}", show(o));
+    }
+    show(&outs[0])
+}
+
+/// The teacher fixture with the output weights of every residual branch (attention
+/// `linear_proj`, MLP `linear_fc2`) zeroed: its logits come from the embedding, the final norm
+/// and the output layer only, whose TP shards compute every logit whole, so its TP1 and TP2
+/// forwards give the same bits (the real fixture's differ in the last bits: row-parallel
+/// layers sum partial products in another order), and a TP1 cache must then equal the live
+/// teacher at TP2 exactly.
+fn tp_invariant_teacher(dir: &Path) -> PathBuf {
+    use nemo_tool::distill::save::{self, StudentArchive};
+    let ck = Checkpoint::open(teacher()).unwrap_or_else(|e| panic!("{e}"));
+    let config = ck
+        .read_member("model_config.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let artifacts = ck
+        .artifacts
+        .iter()
+        .map(|a| {
+            (
+                a.clone(),
+                ck.read_member(a).unwrap_or_else(|e| panic!("{e}")),
+            )
+        })
+        .collect();
+    let params: Vec<(String, tch::Tensor)> = weights(&teacher())
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n.ends_with("linear_proj.weight") || n.ends_with("linear_fc2.weight") {
+                t.zeros_like()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    assert_eq!(
+        params
+            .iter()
+            .filter(|(_, t)| t.abs().max().double_value(&[]) == 0.0)
+            .count(),
+        4,
+        "2 layers x (linear_proj, linear_fc2)"
+    );
+    let out = dir.join("teacher_tp_invariant.nemo");
+    save::write(
+        &StudentArchive {
+            config: String::from_utf8_lossy(config.as_slice()).into_owned(),
+            artifacts,
+            ranks: vec![params],
+            te_norm_names: false,
+        },
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+/// `eval TEACHER --teacher-cache OUT` args for the runs of [`cache_run`]: the train split's
+/// first `train` samples and the validation split's first `val`, written `micro` windows per
+/// forward and 8 positions per logits chunk (as the runs compute the teacher: its logits are
+/// then the same bits).
+fn cache_args(
+    teacher: &Path,
+    prefix: &Path,
+    out: &Path,
+    train: usize,
+    val: usize,
+    dtype: &str,
+) -> Vec<String> {
+    vec![
+        teacher.display().to_string(),
+        "--data".into(),
+        prefix.display().to_string(),
+        "--splits-string".into(),
+        "90,10,0".into(),
+        "--seq-length".into(),
+        "32".into(),
+        "--split".into(),
+        "train,validation".into(),
+        "--samples".into(),
+        format!("{train},{val}"),
+        "--topk".into(),
+        "8".into(),
+        "--micro-batch".into(),
+        "1".into(),
+        "--chunk".into(),
+        "8".into(),
+        "--cache-dtype".into(),
+        dtype.into(),
+        "--json".into(),
+        "--teacher-cache".into(),
+        out.display().to_string(),
+    ]
+}
+
+/// Overrides of a 10-step run with ModelOpt's top-k loss (k 8) against `teacher`, from
+/// `cache` when given, at `tp` x `pp` over `world` ranks.
+#[allow(clippy::too_many_arguments)]
+fn cache_run(
+    dir: &Path,
+    prefix: &Path,
+    teacher: &Path,
+    name: &str,
+    cache: Option<&Path>,
+    tp: u32,
+    pp: u32,
+    world: u32,
+) -> Vec<String> {
+    let mut a = common(prefix, &dir.join(name), &dir.join(format!("{name}.nemo")));
+    a[0] = format!("model.kd_teacher_restore_from_path={}", teacher.display());
+    a.extend(
+        [
+            "model.num_layers=2",
+            "model.global_batch_size=4",
+            "model.micro_batch_size=1",
+            "trainer.max_steps=10",
+            "trainer.val_check_interval=5",
+            "trainer.limit_val_batches=1",
+            "model.optim.lr=1e-2",
+            "model.kd.chunk_tokens=8",
+            "model.kd.logit_kl_topk=8",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    a.push(format!("model.tensor_model_parallel_size={tp}"));
+    a.push(format!("model.pipeline_model_parallel_size={pp}"));
+    a.push(format!("trainer.devices={world}"));
+    if let Some(c) = cache {
+        a.push(format!("model.kd.teacher_cache={}", c.display()));
+    }
+    a
+}
+
+/// Every training and validation loss of a run, as logged (full f64).
+fn all_losses(exp: &Path) -> Vec<(String, f64)> {
+    metrics(exp)
+        .iter()
+        .flat_map(|v| {
+            let step = v["step"].as_u64().unwrap_or(0);
+            ["kd_loss", "val_kd_loss", "val_loss"]
+                .into_iter()
+                .filter_map(move |k| v.get(k)?.as_f64().map(|x| (format!("{k}@{step}"), x)))
+        })
+        .collect()
+}
+
+/// Two runs gave the same bits: every logged loss and every weight of the saved student.
+fn assert_identical(dir: &Path, a: &str, b: &str) {
+    let (la, lb) = (all_losses(&dir.join(a)), all_losses(&dir.join(b)));
+    assert_eq!(la.len(), 16, "{a}: 10 steps, 3 validations of 2 losses");
+    assert_eq!(la.len(), lb.len());
+    for ((ka, x), (kb, y)) in la.iter().zip(&lb) {
+        assert_eq!(ka, kb);
+        assert_eq!(x.to_bits(), y.to_bits(), "{a} vs {b}, {ka}: {x} vs {y}");
+    }
+    let wa = weights(&dir.join(format!("{a}.nemo")));
+    let wb = weights(&dir.join(format!("{b}.nemo")));
+    assert_eq!(wa.len(), wb.len());
+    for ((n1, x), (n2, y)) in wa.iter().zip(&wb) {
+        assert_eq!(n1, n2);
+        assert!(x.equal(y), "{a} vs {b}: {n1} differs");
+    }
+}
+
+/// The offline teacher cache stands in for the teacher exactly: training from an fp32 cache of
+/// the teacher's top-8 logits equals training with the live teacher's ModelOpt top-k loss bit
+/// for bit (every loss, every weight) at TP1, and at TP2 x DP2 and TP1 x PP2 from the same
+/// cache written at TP1 (TP-invariant teacher, see [`tp_invariant_teacher`]; the premise, equal
+/// caches written at TP1 and TP2, is checked). With the real fixture, whose TP2 forward
+/// differs from its TP1 forward in the last bits, a TP2 cache gives the live TP2 x DP2 run
+/// exactly, and the TP1 cache stays within 1e-5 of it. A bf16 cache takes at most
+/// k·6 + 16 bytes per token.
+#[test]
+fn teacher_cache_stands_in_for_the_teacher_exactly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let (prefix, _) = dataset(d, 120);
+    let inv = tp_invariant_teacher(d);
+    // 10 steps x global batch 4; one validation batch of 4
+    let (c1, c2) = (d.join("cache_tp1"), d.join("cache_tp2"));
+    let text = eval_world(1, &cache_args(&inv, &prefix, &c1, 40, 4, "fp32"));
+    assert!(text.contains("\"records\": 46"), "{text}");
+    eval_world(2, &cache_args(&inv, &prefix, &c2, 40, 4, "fp32"));
+    // the key, the logits and the ids of each record (the log-normaliser after them is summed
+    // over TP ranks in another order: it is not what the loss reads)
+    let logits_and_ids = |c: &Path| -> Vec<Vec<u8>> {
+        let b = std::fs::read(c.join("shard_00000.bin")).unwrap_or_else(|e| panic!("{e}"));
+        let (rec, used) = (16 + 32 * 8 * 8 + 32 * 4, 16 + 32 * 8 * 8);
+        assert_eq!(b.len(), 46 * rec);
+        b.chunks(rec).map(|r| r[..used].to_vec()).collect()
+    };
+    assert!(
+        logits_and_ids(&c1) == logits_and_ids(&c2),
+        "the TP-invariant teacher's TP1 and TP2 caches differ"
+    );
+
+    let run = |name: &str, cache: Option<&Path>, tp: u32, pp: u32, world: u32| {
+        let a = cache_run(d, &prefix, &inv, name, cache, tp, pp, world);
+        let text = if world == 1 {
+            show(&run_tp1(&a))
+        } else {
+            run_world(world as usize, &a)
+        };
+        if cache.is_some() {
+            assert!(text.contains("the teacher is not run"), "{text}");
+        }
+    };
+    run("live_tp1", None, 1, 1, 1);
+    run("cache_tp1", Some(&c1), 1, 1, 1);
+    assert_identical(d, "live_tp1", "cache_tp1");
+    run("live_tp2dp2", None, 2, 1, 4);
+    run("cache_tp2dp2", Some(&c1), 2, 1, 4);
+    assert_identical(d, "live_tp2dp2", "cache_tp2dp2");
+    run("live_pp2", None, 1, 2, 2);
+    run("cache_pp2", Some(&c1), 1, 2, 2);
+    assert_identical(d, "live_pp2", "cache_pp2");
+
+    // the real fixture: exact from a cache of the same layout, close from another's
+    let real = teacher();
+    let (r1, r2) = (d.join("real_tp1"), d.join("real_tp2"));
+    eval_world(1, &cache_args(&real, &prefix, &r1, 40, 4, "fp32"));
+    eval_world(2, &cache_args(&real, &prefix, &r2, 40, 4, "fp32"));
+    let rrun = |name: &str, cache: Option<&Path>| {
+        run_world(4, &cache_run(d, &prefix, &real, name, cache, 2, 1, 4));
+    };
+    rrun("real_live", None);
+    rrun("real_cache_tp2", Some(&r2));
+    assert_identical(d, "real_live", "real_cache_tp2");
+    rrun("real_cache_tp1", Some(&r1));
+    let (la, lb) = (
+        all_losses(&d.join("real_live")),
+        all_losses(&d.join("real_cache_tp1")),
+    );
+    let worst = la
+        .iter()
+        .zip(&lb)
+        .map(|((_, x), (_, y))| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(worst <= 1e-5, "TP1 cache at TP2 x DP2: loss diff {worst}");
+
+    // compressed: bf16 values, u32 ids, f32 lse, the key: at most k·6 + 16 bytes a token
+    let b = d.join("cache_bf16");
+    let text = eval_world(1, &cache_args(&inv, &prefix, &b, 40, 4, "bf16"));
+    let bytes: u64 = std::fs::read_dir(&b)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shard_"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let per_token = bytes as f64 / (46.0 * 32.0);
+    assert!(
+        per_token <= 8.0 * 6.0 + 16.0,
+        "{per_token} bytes/token: {text}"
+    );
+    println!(
+        "teacher cache: bit-identical to the live teacher at TP1, TP2xDP2 and PP2 (TP1 cache); real fixture from a TP1 cache at TP2xDP2: max loss diff {worst:.2e}; bf16 cache {per_token:.1} bytes/token (k=8 bound 64)"
+    );
+}
+
+/// A cache is refused for a run it was not made for: another dataset, another tokenizer, more
+/// samples than it holds, a loss it cannot serve; and an existing cache is not overwritten.
+#[test]
+fn teacher_cache_refusals() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let (prefix, tok) = dataset(d, 120);
+    let cache = d.join("cache");
+    eval_world(1, &cache_args(&teacher(), &prefix, &cache, 40, 4, "bf16"));
+    let refused = |args: Vec<String>| {
+        let o = distill_cmd(&bin())
+            .arg("distill")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!o.status.success(), "{}", show(&o));
+        show(&o)
+    };
+    let base = |name: &str, pfx: &Path| cache_run(d, pfx, &teacher(), name, Some(&cache), 1, 1, 1);
+    // another dataset: same shape, other tokens
+    let other = d.join("other");
+    std::fs::create_dir_all(&other).unwrap_or_else(|e| panic!("{e}"));
+    let (other_prefix, _) = dataset(&other, 121);
+    let t = refused(base("a", &other_prefix));
+    assert!(t.contains("made for another datasets"), "{t}");
+    // another tokenizer file
+    let mut bytes = std::fs::read(&tok).unwrap_or_else(|e| panic!("{e}"));
+    bytes.push(b'\n');
+    let tok2 = d.join("other_tokenizer.model");
+    std::fs::write(&tok2, bytes).unwrap_or_else(|e| panic!("{e}"));
+    let mut a = base("b", &prefix);
+    a.push(format!("model.tokenizer.model={}", tok2.display()));
+    let t = refused(a);
+    assert!(t.contains("made for another tokenizer"), "{t}");
+    // the same tokenizer as a file is accepted (the check is by content)
+    let mut a = base("ok", &prefix);
+    a.push(format!("model.tokenizer.model={}", tok.display()));
+    a.push("trainer.max_steps=1".into());
+    run_tp1(&a);
+    // another sequence length or seed
+    let mut a = base("c", &prefix);
+    a.push("model.seed=7".into());
+    assert!(refused(a).contains("made for another seed"));
+    // more steps than cached
+    let mut a = base("e", &prefix);
+    a.push("trainer.max_steps=30".into());
+    let t = refused(a);
+    assert!(
+        t.contains("train samples are not cached") && t.contains("--teacher-cache"),
+        "{t}"
+    );
+    // k beyond the cache's; a loss the cache cannot serve; pairs need the teacher
+    let mut a = base("f", &prefix);
+    a.push("model.kd.logit_kl_topk=16".into());
+    assert!(refused(a).contains("top 8 logits per token, logit_kl_topk is 16"));
+    let a: Vec<String> = base("g", &prefix)
+        .into_iter()
+        .filter(|x| !x.starts_with("model.kd.logit_kl_topk"))
+        .collect();
+    assert!(refused(a).contains("set model.kd.logit_kl_topk"));
+    let mut a = base("h", &prefix);
+    a.push(
+        "model.kd.intermediate_layer_pairs=[[decoder.final_layernorm,decoder.final_layernorm]]"
+            .into(),
+    );
+    assert!(refused(a).contains("intermediate_layer_pairs need the live teacher"));
+    // a corrupted shard
+    let bad = d.join("bad");
+    copy_dir(&cache, &bad);
+    let shard = bad.join("shard_00000.bin");
+    let mut b = std::fs::read(&shard).unwrap_or_else(|e| panic!("{e}"));
+    b[100] ^= 1;
+    std::fs::write(&shard, b).unwrap_or_else(|e| panic!("{e}"));
+    let a: Vec<String> = base("i", &prefix)
+        .into_iter()
+        .map(|x| {
+            if x.starts_with("model.kd.teacher_cache=") {
+                format!("model.kd.teacher_cache={}", bad.display())
+            } else {
+                x
+            }
+        })
+        .collect();
+    assert!(refused(a).contains("sha256"));
+    // no overwrite without --force
+    let o = distill_cmd(&bin())
+        .arg("eval")
+        .args(cache_args(&teacher(), &prefix, &cache, 40, 4, "bf16"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !o.status.success() && show(&o).contains("--force"),
+        "{}",
+        show(&o)
+    );
 }

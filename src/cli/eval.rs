@@ -22,6 +22,7 @@ use tch::{Device, Kind};
 #[command(after_help = "Examples:\n  \
 nemo-tool eval student.nemo --data data/val --seq-length 512 --samples 64 --teacher teacher.nemo\n  \
 nemo-tool eval model.nemo --tokens tokens.json --logits-out logits.npy\n  \
+nemo-tool eval teacher.nemo --data data/train --seq-length 512 --split train,validation --samples 20000,64 --teacher-cache kd_cache --topk 64\n  \
 torchrun --no-python --nproc_per_node=2 nemo-tool eval model.nemo --data 0.7 a 0.3 b --json")]
 pub struct Args {
     /// The checkpoint to evaluate (.nemo file or extracted folder, any layout).
@@ -38,8 +39,8 @@ pub struct Args {
     /// Teacher checkpoint: also report its LM loss and the KD losses of MODEL against it.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// Dataset split.
-    #[arg(long, default_value = "validation", value_parser = ["train", "validation", "test"])]
+    /// Dataset split: train, validation or test (with --teacher-cache, a comma-separated list).
+    #[arg(long, default_value = "validation")]
     pub split: String,
     /// Train/validation/test document split (as model.data.splits_string).
     #[arg(long, default_value = "98,1,1")]
@@ -47,9 +48,10 @@ pub struct Args {
     /// Tokens per window (windows have seq-length + 1 tokens).
     #[arg(long, default_value_t = 512)]
     pub seq_length: usize,
-    /// Windows to evaluate from the dataset.
-    #[arg(long, default_value_t = 64)]
-    pub samples: usize,
+    /// Windows to evaluate from the dataset (with --teacher-cache, one count per split, as
+    /// many as the distillation run draws: global_batch_size x max_steps for train).
+    #[arg(long, default_value = "64", value_delimiter = ',')]
+    pub samples: Vec<usize>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     pub micro_batch: usize,
@@ -66,9 +68,21 @@ pub struct Args {
     /// β of the JSD loss (teacher weight of the mixture).
     #[arg(long, default_value_t = 0.5)]
     pub jsd_beta: f64,
-    /// k of the top-k KD loss.
-    #[arg(long, default_value_t = 8)]
+    /// k of the top-k KD loss, and the logits kept per token in a --teacher-cache.
+    #[arg(long, visible_alias = "topk", default_value_t = 8)]
     pub top_k: i64,
+    /// Write an offline teacher cache of MODEL (the teacher) to this folder: its top-k logits
+    /// and their ids for every window of the --data splits, for `distill
+    /// model.kd.teacher_cache=DIR` (docs/eval.md).
+    #[arg(long, requires = "data", conflicts_with_all = ["teacher", "logits_out", "dump_windows"])]
+    pub teacher_cache: Option<PathBuf>,
+    /// How a --teacher-cache stores the logits: fp32 (exact), bf16 or fp16 (6 bytes per entry
+    /// with the id).
+    #[arg(long, default_value = "bf16", value_parser = ["fp32", "bf16", "fp16"])]
+    pub cache_dtype: String,
+    /// Records (windows) per --teacher-cache shard file.
+    #[arg(long, default_value_t = 1024)]
+    pub shard_records: u64,
     /// Restrict the LM-loss softmax to the first N vocabulary columns (e.g. the tokenizer's
     /// size, as Hugging Face computes it). Default: the padded vocabulary, as NeMo does.
     #[arg(long)]
@@ -85,7 +99,7 @@ pub struct Args {
     /// Print the numbers as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Replace existing --logits-out / --dump-windows files.
+    /// Replace existing --logits-out / --dump-windows files or --teacher-cache folder.
     #[arg(long)]
     pub force: bool,
 }
@@ -145,6 +159,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
     let model = build_model(&a.model, &pg, kind, dev)?;
     let vocab = model.spec.padded_vocab;
+    let splits = a
+        .split
+        .split(',')
+        .map(|s| {
+            Split::parse(s.trim())
+                .with_context(|| format!("--split {s:?}: expected train, validation or test"))
+        })
+        .collect::<anyhow::Result<Vec<Split>>>()?;
+    if let Some(dir) = &a.teacher_cache {
+        return write_cache(&a, dir, &pg, &model, &splits);
+    }
+    if splits.len() != 1 || a.samples.len() != 1 {
+        bail!("--split and --samples take one value each (lists are for --teacher-cache)");
+    }
+    let samples_n = a.samples[0];
     let teacher = match &a.teacher {
         Some(t) => {
             let m = build_model(t, &pg, kind, dev)?;
@@ -177,21 +206,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         (None, Some(items)) => {
             let blend = Blend::parse(items).context("--data")?;
-            let split = match a.split.as_str() {
-                "train" => Split::Train,
-                "test" => Split::Test,
-                _ => Split::Validation,
-            };
             let samples = BlendedSamples::new(
                 &blend,
                 &a.splits_string,
-                split,
+                splits[0],
                 a.seq_length,
-                a.samples,
+                samples_n,
                 a.seed,
             )
             .with_context(|| format!("reading the dataset {}", items.join(" ")))?;
-            let w: Vec<Vec<i64>> = (0..a.samples).map(|i| samples.get(i).1).collect();
+            let w: Vec<Vec<i64>> = (0..samples_n).map(|i| samples.get(i).1).collect();
             (format!("dataset {}", items.join(" ")), w)
         }
         (None, None) => bail!("give --data PREFIX|BLEND or --tokens FILE"),
@@ -304,6 +328,123 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(p) = &a.logits_out {
         writeln!(o, "logits written to {}", p.display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--teacher-cache DIR`: MODEL is the teacher; every window of each split's samples is run
+/// through it and its top-k logits written to DIR (rank 0 writes; every rank computes).
+fn write_cache(
+    a: &Args,
+    dir: &Path,
+    pg: &ProcessGroup,
+    model: &Gpt,
+    splits: &[Split],
+) -> anyhow::Result<ExitCode> {
+    use nemo_tool::distill::teacher_cache::{self, WriteOptions};
+    use nemo_tool::formats::kd_cache::ValueType;
+    let lead = pg.rank() == 0;
+    if a.samples.len() != splits.len() {
+        bail!(
+            "--samples has {} counts for {} splits: give one per --split entry",
+            a.samples.len(),
+            splits.len()
+        );
+    }
+    if dir.exists() && !a.force {
+        bail!("{}: exists (use --force to replace it)", dir.display());
+    }
+    let items = a.data.as_deref().unwrap_or_default();
+    let blend = Blend::parse(items).context("--data")?;
+    let ck =
+        Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let tokenizer = teacher_cache::tokenizer_fingerprint(&ck, None);
+    let vocab = u64::try_from(model.spec.padded_vocab).unwrap_or(0);
+    let mut source = teacher_cache::source(
+        &blend,
+        &a.splits_string,
+        a.seq_length,
+        a.seed,
+        vocab,
+        &tokenizer,
+    )?;
+    let mut parts = Vec::new();
+    let mut counts = serde_json::Map::new();
+    for (&sp, &n) in splits.iter().zip(&a.samples) {
+        let s = BlendedSamples::new(&blend, &a.splits_string, sp, a.seq_length, n, a.seed)
+            .with_context(|| format!("reading the dataset {} ({})", items.join(" "), sp.name()))?;
+        counts.insert(sp.name().to_string(), serde_json::json!(n));
+        parts.push((sp, s));
+    }
+    // what was cached, for people (a run's check compares only the keys it sets)
+    if let Some(o) = source.as_object_mut() {
+        o.insert("samples".into(), serde_json::Value::Object(counts));
+        o.insert(
+            "teacher".into(),
+            serde_json::json!(a.model.display().to_string()),
+        );
+    }
+    let dtype = ValueType::parse(&a.cache_dtype).context("--cache-dtype")?;
+    let opts = WriteOptions {
+        k: a.top_k,
+        dtype,
+        micro_batch: a.micro_batch,
+        chunk: a.chunk,
+        per_shard: a.shard_records,
+        force: a.force,
+    };
+    let tty = lead && !a.json && std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut progress = |done: usize, total: usize| {
+        if tty {
+            eprint!("\reval: teacher cache {done}/{total} windows");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    let manifest = teacher_cache::write(dir, model, &parts, source, &opts, &mut progress)?;
+    pg.barrier().context("final barrier")?;
+    let Some(m) = manifest else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let records: u64 = m.shards.iter().map(|s| s.records).sum();
+    let bytes = records * m.record_bytes() as u64;
+    let per_token = m.record_bytes() as f64 / f64::from(m.seq_length.max(1));
+    #[derive(serde::Serialize)]
+    struct Out {
+        teacher_cache: String,
+        model: String,
+        tp: i32,
+        k: u32,
+        dtype: String,
+        seq_length: u32,
+        records: u64,
+        shards: usize,
+        bytes: u64,
+        bytes_per_token: f64,
+        seconds: f64,
+    }
+    let out = Out {
+        teacher_cache: dir.display().to_string(),
+        model: a.model.display().to_string(),
+        tp: pg.world(),
+        k: m.k,
+        dtype: a.cache_dtype.clone(),
+        seq_length: m.seq_length,
+        records,
+        shards: m.shards.len(),
+        bytes,
+        bytes_per_token: per_token,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        super::print_json(&out)?;
+    } else {
+        println!(
+            "teacher cache {}: {} windows of {} tokens, top {} logits per token ({}), {} shard(s), {} bytes ({:.1} bytes/token), {:.1}s",
+            out.teacher_cache, out.records, out.seq_length, out.k, out.dtype, out.shards, out.bytes, out.bytes_per_token, out.seconds
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,10 +22,11 @@ pub fn forward_flops_per_token(spec: &GptSpec, seq: i64) -> f64 {
     2.0 * (spec.num_layers as f64 * per_layer + h * spec.padded_vocab as f64)
 }
 
-/// FLOPs of one distillation step over `tokens` tokens: teacher forward, student forward and
-/// backward.
-pub fn step_flops(student: &GptSpec, teacher: &GptSpec, seq: i64, tokens: f64) -> f64 {
-    tokens * (3.0 * forward_flops_per_token(student, seq) + forward_flops_per_token(teacher, seq))
+/// FLOPs of one distillation step over `tokens` tokens: teacher forward (none when a teacher
+/// cache stands in for it), student forward and backward.
+pub fn step_flops(student: &GptSpec, teacher: Option<&GptSpec>, seq: i64, tokens: f64) -> f64 {
+    let t = teacher.map_or(0.0, |t| forward_flops_per_token(t, seq));
+    tokens * (3.0 * forward_flops_per_token(student, seq) + t)
 }
 
 /// The environment variable that gives the peak TFLOP/s of one device (it overrides the
@@ -127,7 +128,8 @@ mod tests {
         let plain = want - 2.0 * 2.0 * 64.0 * 96.0;
         assert_eq!(forward_flops_per_token(&spec(false), 128), plain);
         let s = spec(true);
-        assert_eq!(step_flops(&s, &s, 128, 10.0), 10.0 * 4.0 * want);
+        assert_eq!(step_flops(&s, Some(&s), 128, 10.0), 10.0 * 4.0 * want);
+        assert_eq!(step_flops(&s, None, 128, 10.0), 10.0 * 3.0 * want);
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub struct Job {
     pub intermediate: Vec<Pair>,
     /// `model.kd.chunk_tokens`, as sequence positions per chunk.
     pub chunk_tokens: i64,
+    /// `model.kd.teacher_cache`: the teacher's top-k logits read from this cache.
+    pub teacher_cache: Option<PathBuf>,
     /// Activation recompute of the student (`model.activations_checkpoint_*`).
     pub recompute: Recompute,
     /// `model.data.data_prefix`.
@@ -489,6 +491,23 @@ impl Job {
                 "not with full activation recompute (the captured outputs would not be kept); set activations_checkpoint_granularity to null or selective",
             ));
         }
+        let teacher_cache = path("model.kd.teacher_cache")?;
+        if let Some(dir) = &teacher_cache {
+            if !matches!(kd.kind, LossKind::ModeloptTopK { .. }) {
+                return Err(invalid(
+                    "model.kd.teacher_cache",
+                    dir.display(),
+                    "a teacher cache holds the teacher's top-k logits: it serves ModelOpt's top-k loss, set model.kd.logit_kl_topk",
+                ));
+            }
+            if !intermediate.is_empty() {
+                return Err(invalid(
+                    "model.kd.teacher_cache",
+                    dir.display(),
+                    "intermediate_layer_pairs need the live teacher's hidden states (the cache holds logits only)",
+                ));
+            }
+        }
         let chunk_tokens = cfg.u64("model.kd.chunk_tokens")?.unwrap_or(2048).max(1);
         let chunk_tokens = (chunk_tokens / micro_batch).max(1) as i64;
 
@@ -570,6 +589,7 @@ impl Job {
             kd,
             intermediate,
             chunk_tokens,
+            teacher_cache,
             recompute,
             blend,
             splits,

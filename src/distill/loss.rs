@@ -104,6 +104,66 @@ impl std::ops::AddAssign for Parts {
     }
 }
 
+/// A teacher's top-k logits per token, from a teacher cache or [`global_topk`]: raw logits
+/// (largest first) and their vocabulary ids, `[.., k]` each (f32, i64).
+#[derive(Debug)]
+pub struct TopK {
+    /// The logits.
+    pub values: Tensor,
+    /// Their ids in the whole (padded) vocabulary.
+    pub ids: Tensor,
+}
+
+/// Where the teacher's side of the logits loss comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Teacher<'a> {
+    /// A live teacher, run under no_grad.
+    Model(&'a Gpt),
+    /// Top-k logits read from a teacher cache (ModelOpt's top-k loss only).
+    Cached(&'a TopK),
+}
+
+/// The teacher's side of a micro-batch, ready for the loss.
+#[derive(Debug)]
+pub enum TeacherOut<'a> {
+    /// A live teacher's final hidden states; its output layer runs chunk by chunk.
+    Hidden(&'a Gpt, Tensor),
+    /// Cached top-k logits `[b, s, k]`.
+    Cached(&'a TopK),
+}
+
+impl<'a> Teacher<'a> {
+    /// The teacher's side for `tokens` (the live teacher's forward, under no_grad).
+    ///
+    /// # Errors
+    /// The teacher's forward.
+    pub fn run(self, tokens: &Tensor) -> Result<TeacherOut<'a>, Error> {
+        Ok(match self {
+            Teacher::Model(m) => TeacherOut::Hidden(m, tch::no_grad(|| m.hidden(tokens))?),
+            Teacher::Cached(c) => TeacherOut::Cached(c),
+        })
+    }
+}
+
+/// One sequence chunk of the teacher's side.
+enum TeacherChunk {
+    Logits(Tensor),
+    TopK(Tensor, Tensor),
+}
+
+impl TeacherOut<'_> {
+    fn chunk(&self, s0: i64, len: i64) -> Result<TeacherChunk, Error> {
+        Ok(match self {
+            TeacherOut::Hidden(m, h) => TeacherChunk::Logits(tch::no_grad(|| {
+                m.logits_from_hidden(&h.narrow(1, s0, len).to_device(m.device()))
+            })?),
+            TeacherOut::Cached(c) => {
+                TeacherChunk::TopK(c.values.narrow(1, s0, len), c.ids.narrow(1, s0, len))
+            }
+        })
+    }
+}
+
 /// The weights ModelOpt's `LogitsAndIntermediatesLossBalancer` gives each term (its dynamic
 /// factors are detached, so they are constants of the step), and the total's value.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -220,7 +280,8 @@ impl KdLoss {
         let s = scale(student.to_kind(Kind::Float));
         let t = scale(teacher.detach().to_kind(Kind::Float));
         if let LossKind::ModeloptTopK { k } = self.kind {
-            return Ok(self.t2(modelopt_topk(pg, &s, &t, k)?));
+            let (tv, ids) = global_topk(pg, &t, k)?;
+            return Ok(self.t2(topk_kl_at(pg, &s, &tv, &ids)?));
         }
         let ls = log_softmax_tp(pg, &s)?;
         let per_token = match self.kind {
@@ -251,6 +312,49 @@ impl KdLoss {
             LossKind::ModeloptTopK { .. } => unreachable!("returned above"),
         };
         Ok(self.t2(per_token))
+    }
+
+    /// [`KdLoss::token_partials`] against a teacher's cached top-k logits (`values`, raw, and
+    /// their global `ids`, `[.., k]`): ModelOpt's top-k loss with the teacher's selection
+    /// read instead of computed. Only [`LossKind::ModeloptTopK`] with `k` at most the cached.
+    ///
+    /// # Errors
+    /// Another loss kind; shapes that do not fit; collective errors.
+    pub fn token_partials_cached(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        values: &Tensor,
+        ids: &Tensor,
+    ) -> Result<Tensor, Error> {
+        let LossKind::ModeloptTopK { k } = self.kind else {
+            return Err(Error::Input(
+                "a teacher cache serves ModelOpt's top-k loss only (logit_kl_topk)".to_string(),
+            ));
+        };
+        let have = *values.size().last().unwrap_or(&0);
+        if k > have || values.size() != ids.size() {
+            return Err(Error::Input(format!(
+                "cached teacher top-k {:?} (ids {:?}) for logit_kl_topk {k}",
+                values.size(),
+                ids.size()
+            )));
+        }
+        let (tv, ids) = if k < have {
+            (values.narrow(-1, 0, k), ids.narrow(-1, 0, k))
+        } else {
+            (values.shallow_clone(), ids.shallow_clone())
+        };
+        let scale = |x: Tensor| {
+            if self.temperature == 1.0 {
+                x
+            } else {
+                x / self.temperature
+            }
+        };
+        let s = scale(student.to_kind(Kind::Float));
+        let tv = scale(tv.to_device(s.device()).to_kind(Kind::Float));
+        Ok(self.t2(topk_kl_at(pg, &s, &tv, &ids.to_device(s.device()))?))
     }
 
     fn t2(&self, x: Tensor) -> Tensor {
@@ -316,7 +420,25 @@ impl KdLoss {
         teacher: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor, Error> {
-        let per_tok = self.token_partials(pg, student, teacher)?;
+        self.masked_sum_of(
+            pg,
+            student,
+            &TeacherChunk::Logits(teacher.shallow_clone()),
+            mask,
+        )
+    }
+
+    fn masked_sum_of(
+        &self,
+        pg: &ProcessGroup,
+        student: &Tensor,
+        teacher: &TeacherChunk,
+        mask: &Tensor,
+    ) -> Result<Tensor, Error> {
+        let per_tok = match teacher {
+            TeacherChunk::Logits(t) => self.token_partials(pg, student, t)?,
+            TeacherChunk::TopK(v, i) => self.token_partials_cached(pg, student, v, i)?,
+        };
         if per_tok.size() != mask.size() {
             return Err(Error::Input(format!(
                 "mask {:?} does not match tokens {:?}",
@@ -365,8 +487,16 @@ impl KdLoss {
         chunk: i64,
         recompute: Recompute,
     ) -> Result<f64, Error> {
-        self.chunked_backward_parts(student, teacher, tokens, None, mask, chunk, recompute)
-            .map(|p| p.total)
+        self.chunked_backward_parts(
+            student,
+            Teacher::Model(teacher),
+            tokens,
+            None,
+            mask,
+            chunk,
+            recompute,
+        )
+        .map(|p| p.total)
     }
 
     /// [`KdLoss::chunked_backward_parts`] plus intermediate-layer losses (ModelOpt's
@@ -382,7 +512,7 @@ impl KdLoss {
     pub fn chunked_backward_full(
         &self,
         student: &Gpt,
-        teacher: &Gpt,
+        teacher: Teacher<'_>,
         tokens: &Tensor,
         labels: Option<&Tensor>,
         mask: &Tensor,
@@ -401,6 +531,12 @@ impl KdLoss {
                     .to_string(),
             ));
         }
+        let Teacher::Model(teacher) = teacher else {
+            return Err(Error::Input(
+                "intermediate_layer_pairs need the live teacher (a teacher cache holds logits only)"
+                    .to_string(),
+            ));
+        };
         let n = valid_tokens(mask)?;
         let ssites: Vec<_> = pairs.iter().map(|p| p.student).collect();
         let tsites: Vec<_> = pairs.iter().map(|p| p.teacher).collect();
@@ -408,8 +544,9 @@ impl KdLoss {
         let (sh, scaps) = student.hidden_captured(tokens, &ssites)?;
         let inter = self.intermediate_mean(pairs, projection, &scaps, &tcaps, mask, n)?;
         let iv = inter.double_value(&[]);
+        let th = TeacherOut::Hidden(teacher, th);
         let (parts, g, w) =
-            self.balanced_loss_and_grad(student, teacher, &sh, &th, labels, mask, chunk, Some(iv))?;
+            self.balanced_loss_and_grad(student, &th, &sh, labels, mask, chunk, Some(iv))?;
         let mut objective = inter * w;
         if let Some(g) = g {
             objective += (sh * g.detach()).sum(Kind::Float);
@@ -463,7 +600,7 @@ impl KdLoss {
     pub fn chunked_backward_parts(
         &self,
         student: &Gpt,
-        teacher: &Gpt,
+        teacher: Teacher<'_>,
         tokens: &Tensor,
         labels: Option<&Tensor>,
         mask: &Tensor,
@@ -474,7 +611,7 @@ impl KdLoss {
             return Err(Error::Input(format!("chunk {chunk} must be at least 1")));
         }
         valid_tokens(mask)?;
-        let th = tch::no_grad(|| teacher.hidden(tokens))?;
+        let th = teacher.run(tokens)?;
         let (sh, ck) = match recompute {
             Recompute::None | Recompute::Selective => (student.hidden(tokens)?, None),
             rc => {
@@ -482,7 +619,7 @@ impl KdLoss {
                 (ck.hidden.shallow_clone(), Some(ck))
             }
         };
-        let (parts, g) = self.loss_and_grad(student, teacher, &sh, &th, labels, mask, chunk)?;
+        let (parts, g) = self.loss_and_grad(student, &th, &sh, labels, mask, chunk)?;
         if let Some(g) = g {
             match ck {
                 Some(ck) => {
@@ -514,9 +651,8 @@ impl KdLoss {
     pub fn loss_and_grad(
         &self,
         student: &Gpt,
-        teacher: &Gpt,
+        teacher: &TeacherOut<'_>,
         student_hidden: &Tensor,
-        teacher_hidden: &Tensor,
         labels: Option<&Tensor>,
         mask: &Tensor,
         chunk: i64,
@@ -525,7 +661,6 @@ impl KdLoss {
             student,
             teacher,
             student_hidden,
-            teacher_hidden,
             labels,
             mask,
             chunk,
@@ -544,9 +679,8 @@ impl KdLoss {
     pub fn balanced_loss_and_grad(
         &self,
         student: &Gpt,
-        teacher: &Gpt,
+        teacher: &TeacherOut<'_>,
         student_hidden: &Tensor,
-        teacher_hidden: &Tensor,
         labels: Option<&Tensor>,
         mask: &Tensor,
         chunk: i64,
@@ -562,7 +696,6 @@ impl KdLoss {
             Error::Input("hidden states must be [batch, seq, hidden]".to_string())
         })?;
         let mask = mask.to_device(student.device());
-        let th = teacher_hidden.to_device(teacher.device());
         let labels = match (self.lm_loss_scale, labels) {
             (None, _) => None,
             (Some(_), Some(l)) => Some(l.to_device(student.device())),
@@ -578,10 +711,10 @@ impl KdLoss {
             .collect();
         // this rank's (KD, LM) masked sums of one chunk, before the TP sum
         let terms = |s0: i64, len: i64| -> Result<(Tensor, Option<Tensor>), Error> {
-            let tl = tch::no_grad(|| teacher.logits_from_hidden(&th.narrow(1, s0, len)))?;
+            let tl = teacher.chunk(s0, len)?;
             let sl = student.logits_from_hidden(&leaf.narrow(1, s0, len))?;
             let mk = mask.narrow(1, s0, len);
-            let kd = self.masked_sum(pg, &sl, &tl, &mk)?;
+            let kd = self.masked_sum_of(pg, &sl, &tl, &mk)?;
             let lm = match &labels {
                 Some(l) => Some(
                     (lm_partials(pg, &sl, &l.narrow(1, s0, len))? * mk.to_kind(Kind::Float))
@@ -693,12 +826,14 @@ pub fn log_softmax_tp(pg: &ProcessGroup, x: &Tensor) -> Result<Tensor, Error> {
     Ok(x - m - z.log())
 }
 
-/// Per-token ModelOpt top-k KL of temperature-scaled logits sharded on the last dim. Every
-/// rank computes the whole per-token loss (from the gathered candidates); the returned
-/// partial has value `L / TP` (the ranks' sum is `L`) and gradient `dL`, so each rank's own
-/// logits slice gets the full gradient through [`ProcessGroup::gather_from_tp`], whose
-/// backward keeps this rank's slice.
-fn modelopt_topk(pg: &ProcessGroup, s: &Tensor, t: &Tensor, k: i64) -> Result<Tensor, Error> {
+/// The teacher's `k` largest logits over the whole vocabulary of logits sharded on the last
+/// dim, and their global ids (`[.., k]` each, largest first), equal on every rank: each rank's
+/// own `k` candidates, then the global `k` among them in rank order (ModelOpt's
+/// `TopKLogitsKLLoss` selection; what a teacher cache stores).
+///
+/// # Errors
+/// `k` larger than the vocabulary; collective errors.
+pub fn global_topk(pg: &ProcessGroup, t: &Tensor, k: i64) -> Result<(Tensor, Tensor), Error> {
     let v_local = *t.size().last().unwrap_or(&0);
     let tp = i64::from(pg.world());
     if k > v_local * tp {
@@ -707,16 +842,35 @@ fn modelopt_topk(pg: &ProcessGroup, s: &Tensor, t: &Tensor, k: i64) -> Result<Te
             v_local * tp
         )));
     }
-    // each rank's own k candidates, then the global k among them (rank order, as ModelOpt)
     let (tv, idx) = t.topk(k.min(v_local), -1, true, true);
-    let sv = s.gather(-1, &idx, false);
-    let (tv, sv) = if tp > 1 {
-        let all_t = Tensor::cat(&pg.all_gather(&tv)?, -1);
-        let all_s = pg.gather_from_tp(&sv.contiguous())?;
-        let (gv, gidx) = all_t.topk(k, -1, true, true);
-        (gv, all_s.gather(-1, &gidx, false))
+    if tp == 1 {
+        return Ok((tv, idx));
+    }
+    let ids = idx + i64::from(pg.rank()) * v_local;
+    let all_t = Tensor::cat(&pg.all_gather(&tv.contiguous())?, -1);
+    let all_i = Tensor::cat(&pg.all_gather(&ids.contiguous())?, -1);
+    let (gv, g) = all_t.topk(k, -1, true, true);
+    Ok((gv, all_i.gather(-1, &g, false)))
+}
+
+/// Per-token ModelOpt top-k KL of temperature-scaled student logits sharded on the last dim
+/// against the teacher's top-k `tv` (scaled) at global `ids`: KL between the two softmaxes
+/// over those `k` entries. Every rank computes the whole per-token loss from the student's
+/// candidates (each rank contributes those in its slice, summed over TP with identity
+/// backward); the returned partial has value `L / TP` (the ranks' sum is `L`) and gradient
+/// `dL`, so each rank's own logits get the full gradient.
+fn topk_kl_at(pg: &ProcessGroup, s: &Tensor, tv: &Tensor, ids: &Tensor) -> Result<Tensor, Error> {
+    let v_local = *s.size().last().unwrap_or(&0);
+    let tp = i64::from(pg.world());
+    let sv = if tp > 1 {
+        let local = ids - i64::from(pg.rank()) * v_local;
+        let mine = local.ge(0).logical_and(&local.lt(v_local));
+        let picked = s
+            .gather(-1, &local.clamp(0, (v_local - 1).max(0)), false)
+            .masked_fill(&mine.logical_not(), 0.0);
+        pg.reduce_from_tp(&picked)?
     } else {
-        (tv, sv)
+        s.gather(-1, ids, false)
     };
     let ls = sv.log_softmax(-1, Kind::Float);
     let lt = tv.log_softmax(-1, Kind::Float);

@@ -38,6 +38,8 @@ pub mod spec;
 #[cfg(feature = "distill")]
 pub mod state;
 #[cfg(feature = "distill")]
+pub mod teacher_cache;
+#[cfg(feature = "distill")]
 pub mod train;
 #[cfg(feature = "distill")]
 pub mod weights;

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use tch::{Kind, Tensor};
 
 use super::hidden_loss::{Pair, Projection};
-use super::loss::{self, KdLoss, Parts};
+use super::loss::{self, KdLoss, Parts, TeacherOut, TopK};
 use super::model::{self, Checkpointed, Gpt, Recompute, StageInput};
 use super::parallel::{self, Grid, ProcessGroup, ReduceOp};
 
@@ -47,14 +47,16 @@ pub struct Batch {
     pub labels: Tensor,
     /// 1 where the position counts in the loss.
     pub mask: Tensor,
+    /// The teacher's top-k logits from a teacher cache (instead of a live teacher).
+    pub cached: Option<TopK>,
 }
 
 /// The two models of one stage and how to run them.
 pub struct Stage<'a> {
     /// Trainable student stage.
     pub student: &'a Gpt,
-    /// Frozen teacher stage (same stage index).
-    pub teacher: &'a Gpt,
+    /// Frozen teacher stage (same stage index); None when a teacher cache stands in for it.
+    pub teacher: Option<&'a Gpt>,
     /// The KD loss (last stage).
     pub kd: &'a KdLoss,
     /// Sequence positions per logits chunk of the loss.
@@ -197,7 +199,7 @@ impl InFlight {
 impl Stage<'_> {
     fn links<'g>(&self, pp: &'g ProcessGroup, micro: &Batch) -> Links<'g> {
         let (b, s) = (micro.tokens.size()[0], micro.tokens.size()[1]);
-        let (hs, ht) = (self.student.spec.hidden, self.teacher.spec.hidden);
+        let (hs, ht) = (self.student.spec.hidden, self.teacher_hidden());
         Links {
             pp,
             stage: pp.rank(),
@@ -208,10 +210,47 @@ impl Stage<'_> {
         }
     }
 
+    /// The teacher's width in what crosses between stages (0 without a live teacher).
+    fn teacher_hidden(&self) -> i64 {
+        self.teacher.map_or(0, |t| t.spec.hidden)
+    }
+
     /// The student's and the teacher's half of what the previous stage sent.
-    fn halves(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let (hs, ht) = (self.student.spec.hidden, self.teacher.spec.hidden);
-        (x.narrow(2, 0, hs), x.narrow(2, hs, ht))
+    fn halves(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
+        let (hs, ht) = (self.student.spec.hidden, self.teacher_hidden());
+        let t = self.teacher.map(|_| x.narrow(2, hs, ht));
+        (x.narrow(2, 0, hs), t)
+    }
+
+    /// The teacher's stage output for `input` (under no_grad), None with a cache.
+    fn teacher_stage(&self, input: StageInput) -> Result<Option<Tensor>, Error> {
+        match self.teacher {
+            Some(t) => Ok(Some(tch::no_grad(|| t.stage_output(input))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// What the loss takes from the teacher on the last stage.
+    fn teacher_out<'b>(
+        &'b self,
+        micro: &'b Batch,
+        th: Option<Tensor>,
+    ) -> Result<TeacherOut<'b>, Error> {
+        match (self.teacher, th, &micro.cached) {
+            (Some(t), Some(h), _) => Ok(TeacherOut::Hidden(t, h)),
+            (None, _, Some(c)) => Ok(TeacherOut::Cached(c)),
+            _ => Err(Error::Loss(loss::Error::Input(
+                "no teacher output: neither a live teacher nor cached logits".to_string(),
+            ))),
+        }
+    }
+
+    /// The student's activations and the teacher's (when live) side by side, to send on.
+    fn to_send(&self, sh: &Tensor, th: Option<Tensor>) -> Tensor {
+        match th {
+            Some(th) => Tensor::cat(&[sh.detach(), th.to_kind(sh.kind())], 2),
+            None => sh.detach(),
+        }
     }
 
     /// One micro-batch forward on this stage: the student keeping what backward needs, the
@@ -227,21 +266,21 @@ impl Stage<'_> {
         if self.student.stage.is_last() && !self.pairs.is_empty() {
             return self.forward_backward_with_pairs(micro, s_in, t_in);
         }
-        let th = tch::no_grad(|| self.teacher.stage_output(t_in))?;
+        let th = self.teacher_stage(t_in)?;
         let ck = self.student.stage_checkpointed(s_in, self.recompute)?;
         if self.student.stage.is_last() {
+            let tout = self.teacher_out(micro, th)?;
             let (loss, grad) = self.kd.loss_and_grad(
                 self.student,
-                self.teacher,
+                &tout,
                 &ck.hidden,
-                &th,
                 Some(&micro.labels),
                 &micro.mask,
                 self.chunk,
             )?;
             Ok((InFlight::Kept { ck, grad }, None, loss))
         } else {
-            let out = Tensor::cat(&[ck.hidden.detach(), th.to_kind(ck.hidden.kind())], 2);
+            let out = self.to_send(&ck.hidden, th);
             Ok((
                 InFlight::Kept { ck, grad: None },
                 Some(out),
@@ -268,7 +307,13 @@ impl Stage<'_> {
         };
         let ssites: Vec<_> = self.pairs.iter().map(|p| p.student).collect();
         let tsites: Vec<_> = self.pairs.iter().map(|p| p.teacher).collect();
-        let (th, tcaps) = tch::no_grad(|| self.teacher.stage_captured(t_in, &tsites))?;
+        let teacher = self.teacher.ok_or_else(|| {
+            Error::Loss(loss::Error::Input(
+                "intermediate_layer_pairs need the live teacher (a teacher cache holds logits only)"
+                    .to_string(),
+            ))
+        })?;
+        let (th, tcaps) = tch::no_grad(|| teacher.stage_captured(t_in, &tsites))?;
         let (sh, scaps) = self.student.stage_captured(s_in, &ssites)?;
         let n = micro.mask.sum(Kind::Double).double_value(&[]);
         let inter = self.kd.intermediate_mean(
@@ -279,11 +324,11 @@ impl Stage<'_> {
             &micro.mask,
             n,
         )?;
+        let tout = TeacherOut::Hidden(teacher, th);
         let (parts, g, w) = self.kd.balanced_loss_and_grad(
             self.student,
-            self.teacher,
+            &tout,
             &sh,
-            &th,
             Some(&micro.labels),
             &micro.mask,
             self.chunk,
@@ -373,7 +418,8 @@ impl Stage<'_> {
     }
 
     /// Forward only (validation): the last stage's final hidden states of the student and
-    /// the teacher for `micro`, None on the other stages (which pass their activations on).
+    /// the teacher (None with a cache) for `micro`, None on the other stages (which pass
+    /// their activations on).
     ///
     /// # Errors
     /// Model and communication errors.
@@ -381,21 +427,18 @@ impl Stage<'_> {
         &self,
         pp: &ProcessGroup,
         micro: &Batch,
-    ) -> Result<Option<(Tensor, Tensor)>, Error> {
+    ) -> Result<Option<(Tensor, Option<Tensor>)>, Error> {
         let links = self.links(pp, micro);
         let received = links.recv_forward()?;
         let parts = received.as_ref().map(|x| self.halves(x));
         let (s_in, t_in) = inputs(micro, &parts);
-        let (sh, th) = tch::no_grad(|| -> Result<(Tensor, Tensor), Error> {
-            Ok((
-                self.student.stage_output(s_in)?,
-                self.teacher.stage_output(t_in)?,
-            ))
+        let (sh, th) = tch::no_grad(|| -> Result<(Tensor, Option<Tensor>), Error> {
+            Ok((self.student.stage_output(s_in)?, self.teacher_stage(t_in)?))
         })?;
         if self.student.stage.is_last() {
             return Ok(Some((sh, th)));
         }
-        let out = Tensor::cat(&[&sh, &th.to_kind(sh.kind())], 2);
+        let out = self.to_send(&sh, th);
         links.send_forward(Some(&out))?;
         Ok(None)
     }
@@ -404,10 +447,11 @@ impl Stage<'_> {
 /// The student's and the teacher's input: the previous stage's halves, or the tokens.
 fn inputs<'t>(
     micro: &'t Batch,
-    halves: &'t Option<(Tensor, Tensor)>,
+    halves: &'t Option<(Tensor, Option<Tensor>)>,
 ) -> (StageInput<'t>, StageInput<'t>) {
     match halves {
-        Some((s, t)) => (StageInput::Hidden(s), StageInput::Hidden(t)),
+        Some((s, Some(t))) => (StageInput::Hidden(s), StageInput::Hidden(t)),
+        Some((s, None)) => (StageInput::Hidden(s), StageInput::Tokens(&micro.tokens)),
         None => (
             StageInput::Tokens(&micro.tokens),
             StageInput::Tokens(&micro.tokens),

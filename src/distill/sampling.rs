@@ -96,8 +96,19 @@ pub enum Split {
 }
 
 impl Split {
-    fn index(self) -> usize {
+    /// 0 train, 1 validation, 2 test.
+    pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Parses `train`, `validation` (or `val`), `test`.
+    pub fn parse(s: &str) -> Option<Split> {
+        match s {
+            "train" => Some(Split::Train),
+            "validation" | "val" => Some(Split::Validation),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
     }
 
     /// Lowercase name.
@@ -337,6 +348,12 @@ impl BlendedSamples {
     pub fn start(&self, i: usize) -> (usize, (u64, u32)) {
         let (d, j) = self.index[i % self.index.len()];
         (d, self.parts[d].start(j as usize))
+    }
+
+    /// Every dataset's samples (the windows a teacher cache holds: all of them, so that a run
+    /// drawing fewer samples, in any order, finds each of its own).
+    pub fn parts(&self) -> &[GptSamples] {
+        &self.parts
     }
 
     /// Sample `i`: (dataset index in the blend, `seq_length + 1` tokens).

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::hidden_loss::Projection;
 use super::job::{Job, Precision};
-use super::loss::{self, log_softmax_tp, Parts};
+use super::loss::{self, log_softmax_tp, Parts, Teacher};
 use super::model::{self, Gpt, InitFrom, NamedParam, Stage};
 use super::optim::{self, AdamW};
 use super::parallel::{self, Grid, ProcessGroup};
@@ -23,6 +23,7 @@ use super::pipeline::{self, Batch};
 use super::save::{self, StudentArchive};
 use super::spec::{self, GptSpec};
 use super::state::{self, StepRecord, TrainState, ValRecord};
+use super::teacher_cache::{self, Cache};
 use super::weights::{self, Source};
 use crate::distill::obs::plot::{self, Series};
 use crate::distill::obs::tensorboard::EventWriter;
@@ -85,6 +86,9 @@ pub enum Error {
     /// Data.
     #[error("data: {0}")]
     Data(#[from] sampling::Error),
+    /// The teacher cache.
+    #[error(transparent)]
+    TeacherCache(#[from] teacher_cache::Error),
     /// Checkpoints.
     #[error("training checkpoint: {0}")]
     State(#[from] state::Error),
@@ -177,8 +181,10 @@ fn true_vocab(job: &Job, teacher: &Checkpoint) -> Option<u64> {
 pub struct Models {
     /// Trainable student.
     pub student: Gpt,
-    /// Frozen teacher.
-    pub teacher: Gpt,
+    /// Frozen teacher (None when a teacher cache stands in for it).
+    pub teacher: Option<Gpt>,
+    /// The teacher cache (`model.kd.teacher_cache`).
+    pub cache: Option<Cache>,
     /// The student's config text (from its checkpoint, or the run's `model` section).
     pub student_config: ModelConfig,
     /// The student was restored from a checkpoint using TE-fused norm names.
@@ -266,8 +272,22 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
     let tp = job.tp;
     let kind = kind_of(job.precision);
     let t = open(&job.teacher)?;
-    let (teacher, _) = checkpoint_model(&t.ck, "teacher", grid, tp, kind, device, false)?;
-    let tvocab = u64::try_from(teacher.spec.padded_vocab).unwrap_or(0);
+    // with a teacher cache only the teacher's config and tokenizer are read
+    let teacher = match job.teacher_cache {
+        None => Some(checkpoint_model(&t.ck, "teacher", grid, tp, kind, device, false)?.0),
+        Some(_) => None,
+    };
+    let tvocab = match &teacher {
+        Some(m) => u64::try_from(m.spec.padded_vocab).unwrap_or(0),
+        None => Source::new(&t.ck)
+            .and_then(|s| s.padded_vocab(t.ck.config.make_vocab_size_divisible_by(), tp))
+            .map_err(|source| Error::Weights {
+                what: "teacher",
+                source,
+            })?,
+    };
+    // the tokenizer the student is trained and saved with, for the cache's check
+    let mut tokenizer = None;
 
     let mut artifacts: Vec<(String, ByteView)> = Vec::new();
     let mut updates: Vec<(String, String)> = vec![
@@ -285,6 +305,7 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
         Some(path) => {
             let s = open(path)?;
             let (m, te) = checkpoint_model(&s.ck, "student", grid, tp, kind, device, true)?;
+            tokenizer = Some(teacher_cache::tokenizer_fingerprint(&s.ck, None));
             for a in &s.ck.artifacts {
                 if let Ok(b) = s.ck.read_member(a) {
                     artifacts.push((a.clone(), b));
@@ -345,20 +366,42 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
     };
     if let Some(f) = &job.tokenizer_file {
         let bytes = std::fs::read(f).map_err(io_err(f))?;
+        tokenizer = Some(teacher_cache::tokenizer_fingerprint(&t.ck, Some(&bytes)));
         let name = save::artifact_name(f, &bytes);
         updates.push(("tokenizer.model".into(), format!("'nemo:{name}'")));
         artifacts.retain(|(n, _)| !n.ends_with("tokenizer.model"));
         artifacts.push((name, ByteView::from_vec(bytes)));
     }
-    if student.spec.padded_vocab != teacher.spec.padded_vocab {
+    if u64::try_from(student.spec.padded_vocab).unwrap_or(0) != tvocab {
         return Err(Error::Mismatch(format!(
-            "padded vocabularies differ at TP {tp}: student {} rows, teacher {} (same tokenizer and make_vocab_size_divisible_by needed, as in NeMo)",
-            student.spec.padded_vocab, teacher.spec.padded_vocab
+            "padded vocabularies differ at TP {tp}: student {} rows, teacher {tvocab} (same tokenizer and make_vocab_size_divisible_by needed, as in NeMo)",
+            student.spec.padded_vocab
         )));
     }
+    let cache = match &job.teacher_cache {
+        Some(dir) => {
+            let tokenizer =
+                tokenizer.unwrap_or_else(|| teacher_cache::tokenizer_fingerprint(&t.ck, None));
+            let source = teacher_cache::source(
+                &job.blend,
+                &job.splits,
+                job.seq_length,
+                job.seed,
+                tvocab,
+                &tokenizer,
+            )?;
+            let k = match job.kd.kind {
+                loss::LossKind::ModeloptTopK { k } => k,
+                _ => 0,
+            };
+            Some(Cache::open(dir, k, &source)?)
+        }
+        None => None,
+    };
     Ok(Models {
         student,
         teacher,
+        cache,
         student_config,
         te_norm_names: te,
         artifacts,
@@ -366,7 +409,16 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
     })
 }
 
-fn batch(samples: &BlendedSamples, first: usize, n: usize, seq: usize, eod: Option<i64>) -> Batch {
+/// Samples `first..first + n` as a micro-batch, with the teacher's cached top-k when the run
+/// has a cache (`cache`: it and the samples' split).
+fn batch(
+    samples: &BlendedSamples,
+    first: usize,
+    n: usize,
+    seq: usize,
+    eod: Option<i64>,
+    cache: Option<(&Cache, Split)>,
+) -> Result<Batch, Error> {
     let mut toks = Vec::with_capacity(n * (seq + 1));
     for i in first..first + n {
         let (_, mut w) = samples.get(i);
@@ -380,11 +432,16 @@ fn batch(samples: &BlendedSamples, first: usize, n: usize, seq: usize, eod: Opti
     if let Some(e) = eod {
         mask = mask.masked_fill(&tokens.eq(e), 0.0);
     }
-    Batch {
+    let cached = match cache {
+        Some((c, split)) => Some(c.topk(samples, split, first, n)?),
+        None => None,
+    };
+    Ok(Batch {
         tokens,
         labels,
         mask,
-    }
+        cached,
+    })
 }
 
 /// Validation data: the first `limit_val_batches` global batches of the validation split
@@ -427,6 +484,7 @@ pub fn validate(
     let n_micro = job.limit_val_batches as usize * job.accumulation();
     let stage = stage_runner(job, m, None);
     let (dp, dp_rank) = (grid.dp_size() as usize, grid.dp_rank() as usize);
+    let cache = m.cache.as_ref().map(|c| (c, Split::Validation));
     for j in 0..n_micro {
         // each replica its share of every global batch, as in training
         let b = batch(
@@ -435,7 +493,8 @@ pub fn validate(
             job.micro_batch,
             job.seq_length,
             job.eod_mask,
-        );
+            cache,
+        )?;
         let mask = b.mask.to_device(m.student.device());
         let labels = b.labels.to_device(m.student.device());
         let n = mask.sum(Kind::Double).double_value(&[]);
@@ -452,12 +511,25 @@ pub fn validate(
             let mut s0 = 0;
             while s0 < seq {
                 let len = job.chunk_tokens.min(seq - s0);
-                let tl = m.teacher.logits_from_hidden(&th.narrow(1, s0, len))?;
                 let sl = m.student.logits_from_hidden(&sh.narrow(1, s0, len))?;
                 let mk = mask.narrow(1, s0, len);
-                kd += (job.kd.token_partials(pg, &sl, &tl)? * &mk)
-                    .sum(Kind::Double)
-                    .double_value(&[]);
+                let partials = match (&m.teacher, &th, &b.cached) {
+                    (Some(t), Some(th), _) => {
+                        let tl = t.logits_from_hidden(&th.narrow(1, s0, len))?;
+                        job.kd.token_partials(pg, &sl, &tl)?
+                    }
+                    (_, _, Some(c)) => job.kd.token_partials_cached(
+                        pg,
+                        &sl,
+                        &c.values.narrow(1, s0, len),
+                        &c.ids.narrow(1, s0, len),
+                    )?,
+                    _ => return Err(Error::Setting(
+                        "validation: no teacher output (neither a live teacher nor cached logits)"
+                            .to_string(),
+                    )),
+                };
+                kd += (partials * &mk).sum(Kind::Double).double_value(&[]);
                 let ls = log_softmax_tp(pg, &sl.to_kind(Kind::Float))?;
                 let lab = labels.narrow(1, s0, len);
                 let inside = lab.ge(start).logical_and(&lab.lt(start + vl));
@@ -493,7 +565,7 @@ fn stage_runner<'a>(
 ) -> pipeline::Stage<'a> {
     pipeline::Stage {
         student: &m.student,
-        teacher: &m.teacher,
+        teacher: m.teacher.as_ref(),
         kd: &job.kd,
         chunk: job.chunk_tokens,
         recompute: job.recompute,
@@ -743,13 +815,27 @@ pub fn run(
     };
     super::ffi::keep_freed_memory();
     let m = load_models(job, grid, device)?;
+    let teacher_line = match (&m.teacher, &m.cache) {
+        (Some(t), _) => format!(
+            "teacher {}: {} layers, hidden {}",
+            job.teacher.display(),
+            t.spec.num_layers,
+            t.spec.hidden
+        ),
+        (None, Some(c)) => format!(
+            "teacher cache {}: top {} logits per token ({:?}), the teacher is not run",
+            job.teacher_cache
+                .as_ref()
+                .map_or(String::new(), |d| d.display().to_string()),
+            c.manifest().k,
+            c.manifest().dtype,
+        ),
+        (None, None) => String::new(),
+    };
     say(
         on,
         format!(
-            "teacher {}: {} layers, hidden {}; student {}: {} layers, hidden {}; TP {} x PP {} x DP {dp}, {:?}, {device:?}",
-            job.teacher.display(),
-            m.teacher.spec.num_layers,
-            m.teacher.spec.hidden,
+            "{teacher_line}; student {}: {} layers, hidden {}; TP {} x PP {} x DP {dp}, {:?}, {device:?}",
             job.student
                 .as_ref()
                 .map_or("(from config)".to_string(), |p| p.display().to_string()),
@@ -769,12 +855,24 @@ pub fn run(
         job.seed,
     )?;
     let val = validation_samples(job)?;
+    // every sample of the run must be cached: refused now, not at the step that needs it
+    if let Some(c) = &m.cache {
+        c.check_covers(&train, Split::Train, train.len())?;
+        if let Some(vs) = &val {
+            c.check_covers(vs, Split::Validation, vs.len())?;
+        }
+    }
     // every rank refuses a pair the last stage does not hold, before any step
     let stages = grid.layout.pp as usize;
     for p in &job.intermediate {
+        let Some(teacher) = &m.teacher else {
+            return Err(Error::Setting(
+                "intermediate_layer_pairs need the live teacher".to_string(),
+            ));
+        };
         for (site, model, what) in [
             (p.student, &m.student, "student"),
-            (p.teacher, &m.teacher, "teacher"),
+            (p.teacher, teacher, "teacher"),
         ] {
             if !site.on_last_stage(model.spec.num_layers, stages) {
                 return Err(Error::Setting(format!(
@@ -788,7 +886,8 @@ pub fn run(
     }
     // ModelOpt's projection of the student's hidden states to the teacher's size, trained
     // with the student (saved in the run checkpoints, not in the student .nemo)
-    let (hs, ht) = (m.student.spec.hidden, m.teacher.spec.hidden);
+    let hs = m.student.spec.hidden;
+    let ht = m.teacher.as_ref().map_or(hs, |t| t.spec.hidden);
     let projection = (!job.intermediate.is_empty() && hs != ht).then(|| {
         let seed = job.seed ^ 0x6b64_5f70_726f_6a00;
         Projection::new(
@@ -880,7 +979,7 @@ pub fn run(
     let peak = super::flops::device_peak(device, m.student.kind()).map_err(Error::Setting)?;
     let step_flops = super::flops::step_flops(
         &m.student.spec,
-        &m.teacher.spec,
+        m.teacher.as_ref().map(|t| &t.spec),
         job.seq_length as i64,
         step_tokens,
     );
@@ -889,21 +988,38 @@ pub fn run(
         opt.zero_grad();
         // Megatron's sampler: micro-step j of the global batch is micro x DP consecutive
         // samples, replica d taking the d-th micro-batch of them
+        let cache = m.cache.as_ref().map(|c| (c, Split::Train));
         let micro = |j: usize| {
             let first = hist.consumed_samples as usize + (j * dp + dp_rank) * job.micro_batch;
-            batch(&train, first, job.micro_batch, job.seq_length, job.eod_mask)
+            batch(
+                &train,
+                first,
+                job.micro_batch,
+                job.seq_length,
+                job.eod_mask,
+                cache,
+            )
         };
         let mut sum = Parts::default();
         if grid.layout.pp > 1 {
-            let batches: Vec<Batch> = (0..accum).map(micro).collect();
+            let batches: Vec<Batch> = (0..accum).map(micro).collect::<Result<_, _>>()?;
             sum = stage_runner(job, &m, projection.as_ref()).train_step(&grid.pp, &batches)?;
             pipeline::sync_tied_embeddings(&m.student, grid)?;
         } else {
             for j in 0..accum {
-                let b = micro(j);
+                let b = micro(j)?;
+                let teacher = match (&m.teacher, &b.cached) {
+                    (Some(t), _) => Teacher::Model(t),
+                    (None, Some(c)) => Teacher::Cached(c),
+                    (None, None) => {
+                        return Err(Error::Setting(
+                            "no teacher: neither a live teacher nor a teacher cache".to_string(),
+                        ))
+                    }
+                };
                 sum += job.kd.chunked_backward_full(
                     &m.student,
-                    &m.teacher,
+                    teacher,
                     &b.tokens,
                     Some(&b.labels),
                     &b.mask,

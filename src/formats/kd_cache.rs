@@ -8,13 +8,16 @@
 //! back, little-endian:
 //!
 //! ```text
-//! u32 dataset | u32 offset | u64 document        16 bytes: the sample's key
-//! seq_length × k values                           f32, bf16 or f16
-//! seq_length × k ids                              u32 (any vocabulary size)
+//! u16 split | u16 dataset | u32 offset | u64 document   16 bytes: the sample's key
+//! seq_length × k values     f32, bf16 or f16: the teacher's logits, largest first
+//! seq_length × k ids        u32: their vocabulary ids (any vocabulary size)
+//! seq_length × lse          f32: log Σ exp(logits) over the whole (padded) vocabulary
 //! ```
 //!
-//! With 16-bit values a token costs `k·6` bytes plus `16 / seq_length` for the key. The folder
-//! is written aside (`<dir>.partial`) and renamed when complete.
+//! Values are the raw logits (what ModelOpt's top-k loss takes, so a cached run can equal a
+//! live one bit for bit); `value - lse` is the log-probability. With 16-bit values a token
+//! costs `k·6 + 4` bytes plus `16 / seq_length` for the key. The folder is written aside
+//! (`<dir>.partial`) and renamed when complete.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +29,7 @@ use sha2::{Digest, Sha256};
 /// The format name in `cache.json`.
 pub const FORMAT: &str = "nemo-tool-kd-cache";
 /// Its version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of a record's key.
 pub const KEY_BYTES: usize = 16;
 
@@ -93,14 +96,16 @@ impl ValueType {
     }
 }
 
-/// Where a sample starts: the blend's dataset, the document — as its position in the
+/// Where a sample starts: the split, the blend's dataset, the document — as its position in the
 /// shuffled multi-epoch document stream, which also names the epoch (a window starting at the
 /// same document and offset in another epoch runs on into another next document) — and the
 /// token offset in it (`distill::sampling::GptSamples::start`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Key {
+    /// The split: 0 train, 1 validation, 2 test.
+    pub split: u16,
     /// Index of the dataset in the blend.
-    pub dataset: u32,
+    pub dataset: u16,
     /// The document's position in the dataset's sample stream.
     pub document: u64,
     /// Token offset in the document.
@@ -110,7 +115,8 @@ pub struct Key {
 impl Key {
     fn to_bytes(self) -> [u8; KEY_BYTES] {
         let mut b = [0u8; KEY_BYTES];
-        b[0..4].copy_from_slice(&self.dataset.to_le_bytes());
+        b[0..2].copy_from_slice(&self.split.to_le_bytes());
+        b[2..4].copy_from_slice(&self.dataset.to_le_bytes());
         b[4..8].copy_from_slice(&self.offset.to_le_bytes());
         b[8..16].copy_from_slice(&self.document.to_le_bytes());
         b
@@ -118,7 +124,8 @@ impl Key {
 
     fn from_bytes(b: &[u8]) -> Option<Key> {
         Some(Key {
-            dataset: u32::from_le_bytes(b.get(0..4)?.try_into().ok()?),
+            split: u16::from_le_bytes(b.get(0..2)?.try_into().ok()?),
+            dataset: u16::from_le_bytes(b.get(2..4)?.try_into().ok()?),
             offset: u32::from_le_bytes(b.get(4..8)?.try_into().ok()?),
             document: u64::from_le_bytes(b.get(8..16)?.try_into().ok()?),
         })
@@ -159,8 +166,8 @@ pub struct Manifest {
 impl Manifest {
     /// Bytes of one record.
     pub fn record_bytes(&self) -> usize {
-        let n = self.seq_length as usize * self.k as usize;
-        KEY_BYTES + n * (self.dtype.size() + 4)
+        let s = self.seq_length as usize;
+        KEY_BYTES + s * self.k as usize * (self.dtype.size() + 4) + s * 4
     }
 }
 
@@ -216,17 +223,25 @@ impl Writer {
     }
 
     /// Appends the record of the sample at `key`: `values` and `ids` are `seq_length × k`,
-    /// token-major.
+    /// token-major, `lse` one per token.
     ///
     /// # Errors
     /// Wrong lengths; I/O errors.
-    pub fn push(&mut self, key: Key, values: &[f32], ids: &[u32]) -> Result<(), Error> {
-        let n = self.manifest.seq_length as usize * self.manifest.k as usize;
-        if values.len() != n || ids.len() != n {
+    pub fn push(
+        &mut self,
+        key: Key,
+        values: &[f32],
+        ids: &[u32],
+        lse: &[f32],
+    ) -> Result<(), Error> {
+        let s = self.manifest.seq_length as usize;
+        let n = s * self.manifest.k as usize;
+        if values.len() != n || ids.len() != n || lse.len() != s {
             return Err(Error::Record(format!(
-                "{key:?}: {} values and {} ids, the layout needs {n} of each",
+                "{key:?}: {} values, {} ids and {} lse, the layout needs {n}, {n} and {s}",
                 values.len(),
-                ids.len()
+                ids.len(),
+                lse.len()
             )));
         }
         if self.open.as_ref().is_some_and(|o| o.2 >= self.per_shard) {
@@ -250,6 +265,9 @@ impl Writer {
         }
         for &i in ids {
             bytes.extend_from_slice(&i.to_le_bytes());
+        }
+        for &l in lse {
+            bytes.extend_from_slice(&l.to_le_bytes());
         }
         let partial = self.partial.clone();
         if let Some((w, h, count, name)) = self.open.as_mut() {
@@ -291,6 +309,17 @@ impl Writer {
         std::fs::rename(&self.partial, &self.dir).map_err(io(&self.dir))?;
         Ok(self.manifest)
     }
+}
+
+/// One sample's cached teacher outputs, token-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// `seq_length × k` logits, largest first per token.
+    pub values: Vec<f32>,
+    /// Their vocabulary ids.
+    pub ids: Vec<u32>,
+    /// Per token, log Σ exp over the whole vocabulary.
+    pub lse: Vec<f32>,
 }
 
 /// A cache opened for reading: every shard mapped, every record indexed by its key.
@@ -379,34 +408,56 @@ impl Reader {
         self.index.is_empty()
     }
 
-    /// The values (as f32) and ids of the sample at `key`, `seq_length × k` each.
+    /// Whether the sample at `key` is cached.
+    pub fn contains(&self, key: &Key) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// The record of the sample at `key`, its first `k` entries per token (`k` at most the
+    /// cache's: they are the largest, in order).
     ///
     /// # Errors
-    /// [`Error::Record`] when the sample is not in the cache.
-    pub fn get(&self, key: Key) -> Result<(Vec<f32>, Vec<u32>), Error> {
+    /// [`Error::Record`] when the sample is not in the cache or `k` exceeds the cache's.
+    pub fn get(&self, key: Key, k: usize) -> Result<Record, Error> {
+        let m = &self.manifest;
+        let kc = m.k as usize;
+        if k > kc {
+            return Err(Error::Record(format!(
+                "{k} entries per token asked, the cache holds {kc} (write it with --topk {k} or more)"
+            )));
+        }
         let (s, off) = *self.index.get(&key).ok_or_else(|| {
             Error::Record(format!(
-                "no record for {key:?}: the cache was written for other samples (another dataset, seq_length, seed or fewer samples)"
+                "no record for {key:?}: the cache was written for other samples (another dataset, split, seq_length, seed or fewer samples)"
             ))
         })?;
-        let m = &self.manifest;
-        let n = m.seq_length as usize * m.k as usize;
+        let seq = m.seq_length as usize;
         let w = m.dtype.size();
         let rec = &self.maps[s][off + KEY_BYTES..off + m.record_bytes()];
-        let (vals, ids) = rec.split_at(n * w);
-        let values = vals
-            .chunks_exact(w)
-            .map(|c| match m.dtype {
+        let (vals, rest) = rec.split_at(seq * kc * w);
+        let (ids, lse) = rest.split_at(seq * kc * 4);
+        let mut out = Record {
+            values: Vec::with_capacity(seq * k),
+            ids: Vec::with_capacity(seq * k),
+            lse: lse
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        };
+        for t in 0..seq {
+            let vs = &vals[t * kc * w..(t * kc + k) * w];
+            out.values.extend(vs.chunks_exact(w).map(|c| match m.dtype {
                 ValueType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
                 ValueType::Bf16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
                 ValueType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-            })
-            .collect();
-        let ids = ids
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok((values, ids))
+            }));
+            let is = &ids[t * kc * 4..(t * kc + k) * 4];
+            out.ids.extend(
+                is.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        Ok(out)
     }
 
     /// Checks that the cache was made from `source` (the run's teacher, tokenizer, datasets,
@@ -440,7 +491,8 @@ mod tests {
 
     fn key(i: u64) -> Key {
         Key {
-            dataset: (i % 2) as u32,
+            split: (i % 3) as u16,
+            dataset: (i % 2) as u16,
             document: i * 7,
             offset: (i * 13 % 50) as u32,
         }
@@ -459,24 +511,33 @@ mod tests {
             for i in 0..5u64 {
                 let vals: Vec<f32> = (0..n).map(|j| (i as f32) + j as f32 * 0.25).collect();
                 let ids: Vec<u32> = (0..n).map(|j| (i as u32) * 70_000 + j as u32).collect();
-                w.push(key(i), &vals, &ids)
+                let lse: Vec<f32> = (0..seq).map(|t| 10.0 + t as f32).collect();
+                w.push(key(i), &vals, &ids, &lse)
                     .unwrap_or_else(|e| panic!("{e}"));
             }
-            assert!(w.push(key(9), &[1.0], &[1]).is_err());
+            assert!(w.push(key(9), &[1.0], &[1], &[0.0]).is_err());
             let m = w.finish().unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(m.shards.len(), 3);
             // 16-bit values: k·6 bytes a token plus the key spread over the sequence
             let per_token = m.record_bytes() as f64 / f64::from(seq);
             if dtype != ValueType::F32 {
                 assert!(per_token <= f64::from(k) * 6.0 + 16.0, "{per_token}");
+                assert_eq!(m.record_bytes(), 16 + 4 * (3 * 6 + 4));
             }
             let r = Reader::open(&out, true).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(r.len(), 5);
-            let (v, ids) = r.get(key(3)).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(ids[1], 3 * 70_000 + 1, "ids above 2^17 survive");
-            assert_eq!(v[0], 3.0);
-            assert_eq!(v[5], 3.0 + 1.25, "{dtype:?}");
-            assert!(r.get(key(42)).is_err());
+            let rec = r.get(key(3), 3).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(rec.ids[1], 3 * 70_000 + 1, "ids above 2^17 survive");
+            assert_eq!(rec.values[0], 3.0);
+            assert_eq!(rec.values[5], 3.0 + 1.25, "{dtype:?}");
+            assert_eq!(rec.lse, vec![10.0, 11.0, 12.0, 13.0]);
+            // the first 2 of 3 per token
+            let two = r.get(key(3), 2).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(two.values[2], rec.values[3]);
+            assert_eq!(two.ids[3], rec.ids[4]);
+            assert!(r.get(key(3), 4).is_err());
+            assert!(r.get(key(42), 1).is_err());
+            assert!(r.contains(&key(4)) && !r.contains(&key(42)));
             r.check_source(&out, &serde_json::json!({"dataset": "abc"}))
                 .unwrap_or_else(|e| panic!("{e}"));
             let e = r

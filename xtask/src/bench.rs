@@ -32,6 +32,11 @@ const BENCHES: &[Bench] = &[
         distill,
     ),
     (
+        "teacher-cache",
+        "the bench distill job with ModelOpt's top-k loss from the live teacher and from an offline teacher cache: tokens/s, cache size",
+        crate::bench_cache::teacher_cache,
+    ),
+    (
         "recompute",
         "nemo-tool distill of a ~44M student with and without full activation recompute: peak RSS, tokens/s",
         crate::bench_recompute::recompute,
@@ -54,7 +59,7 @@ pub(crate) fn build_release() -> Result<PathBuf> {
 }
 
 /// The number after `"key": ` in a one-line JSON object.
-fn json_number(json: &str, key: &str) -> Option<f64> {
+pub(crate) fn json_number(json: &str, key: &str) -> Option<f64> {
     let k = format!("\"{key}\": ");
     let rest = &json[json.find(&k)? + k.len()..];
     let end = rest.find([',', '}']).unwrap_or(rest.len());
@@ -154,22 +159,22 @@ pub(crate) fn kv_number(line: &str, key: &str) -> Option<f64> {
 }
 
 /// Alternating rounds of `bench distill` (each side keeps its best).
-const ROUNDS: u32 = 3;
+pub(crate) const ROUNDS: u32 = 3;
 
 /// The bench job: the tiny teacher fixture, a smaller student from the config.
-struct DistillShape {
-    layers: u32,
-    hidden: u32,
-    ffn: u32,
-    heads: u32,
-    groups: u32,
-    seq: u32,
-    micro: u32,
-    global: u32,
-    steps: u32,
+pub(crate) struct DistillShape {
+    pub(crate) layers: u32,
+    pub(crate) hidden: u32,
+    pub(crate) ffn: u32,
+    pub(crate) heads: u32,
+    pub(crate) groups: u32,
+    pub(crate) seq: u32,
+    pub(crate) micro: u32,
+    pub(crate) global: u32,
+    pub(crate) steps: u32,
 }
 
-const SHAPE: DistillShape = DistillShape {
+pub(crate) const SHAPE: DistillShape = DistillShape {
     layers: 1,
     hidden: 32,
     ffn: 64,

@@ -7,6 +7,7 @@
 //! * `bench <name>`: benchmarks (see `bench.rs`).
 
 mod bench;
+mod bench_cache;
 mod bench_convert;
 mod bench_recompute;
 mod bench_reshard;
