@@ -538,6 +538,63 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
 }
 
 /// Intermediate-layer pairs under pipeline parallelism: on the last stage, as in ModelOpt.
+/// A student with the Qwen2/Qwen3/Mistral features (Q/K/V biases, per-head Q/K norms, a
+/// sliding window of 8 positions over the 32-token sequences) distils at TP2 as at TP1 over 20
+/// steps, and its saved config keeps the features.
+#[test]
+fn qwen_mistral_features_match_tp1_for_20_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let with = |name: &str, tp: u32| {
+        let mut a = common(
+            &prefix,
+            &dir.path().join(name),
+            &dir.path().join(format!("{name}.nemo")),
+        );
+        a.extend(
+            [
+                "model.global_batch_size=4",
+                "model.micro_batch_size=1",
+                "trainer.max_steps=20",
+                "trainer.val_check_interval=10",
+                "trainer.limit_val_batches=1",
+                "model.optim.lr=1e-2",
+                "model.qkv_bias=true",
+                "model.qk_layernorm=true",
+                "model.window_size=[7,0]",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("trainer.devices={tp}"));
+        a
+    };
+    run_tp1(&with("tp1", 1));
+    run_tp2(&with("tp2", 2));
+    let (l, w) = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("tp2", "tp2.nemo"),
+        "TP2 vs TP1",
+    );
+    let names: Vec<String> = weights(&dir.path().join("tp1.nemo"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for n in [
+        "decoder.layers.0.self_attention.linear_qkv.bias",
+        "decoder.layers.0.self_attention.q_layernorm.weight",
+        "decoder.layers.0.self_attention.k_layernorm.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    let ck = Checkpoint::open(dir.path().join("tp2.nemo")).unwrap_or_else(|e| panic!("{e}"));
+    let spec = GptSpec::from_config(&ck.config, 1, 128).unwrap_or_else(|e| panic!("{e}"));
+    assert!(spec.qkv_bias && spec.qk_layernorm && spec.window == Some((7, 0)));
+    println!("qwen/mistral features, TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+}
+
 /// TP1xPP2 equals TP1 over 20 steps (pairs + LM loss); a pair on another stage is refused by
 /// every rank before the first step.
 #[test]

@@ -62,6 +62,9 @@ struct Layer {
     ln1: NormW,
     qkv_w: Tensor,
     qkv_b: Option<Tensor>,
+    /// Per-head query and key norms (`qk_layernorm`).
+    q_ln: Option<NormW>,
+    k_ln: Option<NormW>,
     proj_w: Tensor,
     proj_b: Option<Tensor>,
     ln2: NormW,
@@ -301,7 +304,11 @@ impl Builder<'_> {
     }
 
     fn norm(&mut self, names: &[(&str, &str)]) -> Result<NormW, Error> {
-        let h = self.spec.hidden;
+        self.norm_of(names, self.spec.hidden)
+    }
+
+    /// A norm over `h` features (the hidden size, or the head dim of the q/k norms).
+    fn norm_of(&mut self, names: &[(&str, &str)], h: i64) -> Result<NormW, Error> {
         let one = if self.spec.norm == Norm::LayerNorm1p {
             Init::Zeros
         } else {
@@ -415,7 +422,7 @@ impl Gpt {
                 &[s.qkv_rows(), s.hidden],
                 Init::Normal(std),
             )?;
-            let qkv_b = match s.bias {
+            let qkv_b = match s.qkv_bias {
                 true => Some(b.param(
                     &[p("self_attention.linear_qkv.bias")],
                     Rule::Qkv,
@@ -423,6 +430,23 @@ impl Gpt {
                     Init::Zeros,
                 )?),
                 false => None,
+            };
+            let (q_ln, k_ln) = if s.qk_layernorm {
+                let qk = |b: &mut Builder, m: &str| {
+                    b.norm_of(
+                        &[(
+                            &p(&format!("self_attention.{m}.weight")),
+                            &p(&format!("self_attention.{m}.bias")),
+                        )],
+                        s.head_dim,
+                    )
+                };
+                (
+                    Some(qk(&mut b, "q_layernorm")?),
+                    Some(qk(&mut b, "k_layernorm")?),
+                )
+            } else {
+                (None, None)
             };
             let proj_w = b.param(
                 &[p("self_attention.linear_proj.weight")],
@@ -480,6 +504,8 @@ impl Gpt {
                 ln1,
                 qkv_w,
                 qkv_b,
+                q_ln,
+                k_ln,
                 proj_w,
                 proj_b,
                 ln2,
@@ -568,7 +594,7 @@ impl Gpt {
     }
 
     fn norm(&self, x: &Tensor, n: &NormW) -> Tensor {
-        let h = self.spec.hidden;
+        let h = *n.w.size().first().unwrap_or(&self.spec.hidden);
         match self.spec.norm {
             Norm::Rms => x.rms_norm([h], Some(&n.w), self.spec.eps),
             Norm::LayerNorm => x.layer_norm([h], Some(&n.w), n.b.as_ref(), self.spec.eps, false),
@@ -828,6 +854,19 @@ impl Gpt {
         let mut q = qkv.narrow(3, 0, hpg).reshape([b, s, gl * hpg, d]);
         let mut k = qkv.narrow(3, hpg, 1).reshape([b, s, gl, d]);
         let v = qkv.narrow(3, hpg + 1, 1).reshape([b, s, gl, d]);
+        // mcore's q_layernorm / k_layernorm: per head, before the rotary embedding. Each rank
+        // normalises its own heads with the shared weights, so their gradient is the sum of
+        // the ranks' (copy_to_tp: identity forward, all-reduce backward)
+        if let (Some(qn), Some(kn)) = (&l.q_ln, &l.k_ln) {
+            let shared = |n: &NormW| -> Result<NormW, Error> {
+                Ok(NormW {
+                    w: self.pg.copy_to_tp(&n.w)?,
+                    b: n.b.as_ref().map(|b| self.pg.copy_to_tp(b)).transpose()?,
+                })
+            };
+            q = self.norm(&q, &shared(qn)?);
+            k = self.norm(&k, &shared(kn)?);
+        }
         if let Some(r) = rope {
             q = r.apply(&q);
             k = r.apply(&k);
@@ -838,13 +877,21 @@ impl Gpt {
         let q = q.transpose(1, 2);
         let k = k.transpose(1, 2);
         let v = v.transpose(1, 2);
+        // a sliding window narrower than the sequence: causal and at most `left` keys back
+        // (megatron-core's get_sliding_window_causal_mask), as an explicit mask
+        let window = spec.window.filter(|&(left, _)| left < s - 1);
+        let mask = window.map(|(left, _)| {
+            let i = Tensor::arange(s, (Kind::Int64, q.device())).unsqueeze(1);
+            let j = Tensor::arange(s, (Kind::Int64, q.device())).unsqueeze(0);
+            j.le_tensor(&i).logical_and(&j.ge_tensor(&(&i - left)))
+        });
         let ctx = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            None::<Tensor>,
+            mask.as_ref(),
             0.0,
-            true,
+            mask.is_none(),
             None,
             hpg > 1,
         );

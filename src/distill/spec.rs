@@ -113,6 +113,14 @@ pub struct GptSpec {
     pub activation: Activation,
     /// Linear-layer biases.
     pub bias: bool,
+    /// The fused QKV has a bias (with `bias`, or alone: `qkv_bias` / `add_qkv_bias`, Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head norm of queries and keys before RoPE (`qk_layernorm`, Qwen3), of the model's
+    /// norm kind over `head_dim`.
+    pub qk_layernorm: bool,
+    /// Sliding-window attention (`window_size: [left, right]`): a query at `i` sees keys
+    /// `i - left ..= i + right` (causal: right is 0).
+    pub window: Option<(i64, i64)>,
     /// Position encoding.
     pub positions: Positions,
     /// Tied input/output embeddings.
@@ -284,6 +292,49 @@ impl GptSpec {
                 ))
             }
         };
+        let bias = cfg.bias();
+        let qkv_bias = bias
+            || as_bool(cfg, "qkv_bias")?.unwrap_or(false)
+            || as_bool(cfg, "add_qkv_bias")?.unwrap_or(false);
+        let qk_layernorm = as_bool(cfg, "qk_layernorm")?.unwrap_or(false);
+        let window = match cfg.get("window_size") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let pair = v.as_sequence().and_then(|s| match s.as_slice() {
+                    [a, b] => Some((a.as_i64()?, b.as_i64()?)),
+                    _ => None,
+                });
+                match pair {
+                    Some((left, 0)) if left >= 0 => Some((left, 0)),
+                    _ => {
+                        return Err(invalid(
+                            "window_size",
+                            format!("{v:?}"),
+                            "expected [left, 0] with left >= 0 (a causal sliding window)",
+                        ))
+                    }
+                }
+            }
+        };
+        // features the engine does not compute are refused, never dropped
+        if let Some(n) = cfg.get("num_moe_experts").filter(|v| !v.is_null()) {
+            if n.as_u64() != Some(0) {
+                return Err(invalid(
+                    "num_moe_experts",
+                    format!("{n:?}"),
+                    "mixture-of-experts layers are not supported by the distill engine yet",
+                ));
+            }
+        }
+        if window.is_some() {
+            if let Some(f) = cfg.get("window_attn_skip_freq").filter(|v| !v.is_null()) {
+                return Err(invalid(
+                    "window_attn_skip_freq",
+                    format!("{f:?}"),
+                    "per-layer windows are not supported: every layer uses window_size",
+                ));
+            }
+        }
         Ok(GptSpec {
             num_layers,
             hidden,
@@ -295,7 +346,10 @@ impl GptSpec {
             eps,
             gated: cfg.is_gated(),
             activation,
-            bias: cfg.bias(),
+            bias,
+            qkv_bias,
+            qk_layernorm,
+            window,
             positions,
             tied: cfg.share_embeddings_and_output_weights(),
             padded_vocab,
@@ -363,13 +417,44 @@ fn rope_scaling(cfg: &ModelConfig) -> Result<Option<RopeScaling>, Error> {
 mod tests {
     use super::*;
 
+    const LLAMA: &str =
+        "num_layers: 2\nhidden_size: 64\nffn_hidden_size: 96\nnum_attention_heads: 8\n\
+         num_query_groups: 2\nkv_channels: 8\nnormalization: rmsnorm\nactivation: fast-swiglu\n\
+         bias: false\nposition_embedding_type: rope\nshare_embeddings_and_output_weights: false\n";
+
     fn llama() -> ModelConfig {
-        ModelConfig::parse(
-            "num_layers: 2\nhidden_size: 64\nffn_hidden_size: 96\nnum_attention_heads: 8\n\
-             num_query_groups: 2\nkv_channels: 8\nnormalization: rmsnorm\nactivation: fast-swiglu\n\
-             bias: false\nposition_embedding_type: rope\nshare_embeddings_and_output_weights: false\n",
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        ModelConfig::parse(LLAMA).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn qwen_and_mistral_features() {
+        let with = |extra: &str| {
+            let text = format!("{LLAMA}{extra}");
+            GptSpec::from_config(
+                &ModelConfig::parse(&text).unwrap_or_else(|e| panic!("{e}")),
+                1,
+                128,
+            )
+        };
+        let s = with("qkv_bias: true\nqk_layernorm: true\nwindow_size: [3, 0]\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.qkv_bias && s.qk_layernorm && !s.bias);
+        assert_eq!(s.window, Some((3, 0)));
+        let s = with("add_qkv_bias: true\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.qkv_bias && s.window.is_none());
+        for (extra, key) in [
+            ("window_size: [3, 2]\n", "window_size"),
+            ("window_size: 4\n", "window_size"),
+            (
+                "window_size: [3, 0]\nwindow_attn_skip_freq: 2\n",
+                "window_attn_skip_freq",
+            ),
+            ("num_moe_experts: 8\n", "num_moe_experts"),
+        ] {
+            let e = with(extra).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        assert!(with("num_moe_experts: null\n").is_ok());
     }
 
     #[test]

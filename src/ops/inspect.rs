@@ -68,6 +68,12 @@ pub struct Architecture {
     pub position_embedding_type: Option<String>,
     pub tied_embeddings: bool,
     pub bias: Option<bool>,
+    /// Q/K/V biases without the other linear layers' (`qkv_bias`, Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head query/key norms (`qk_layernorm`, Qwen3).
+    pub qk_layernorm: bool,
+    /// Sliding-window attention `[left, right]` (`window_size`, Mistral).
+    pub window_size: Option<Vec<i64>>,
     pub precision: Option<String>,
 }
 
@@ -273,6 +279,14 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
         position_embedding_type: Some(cfg.position_embedding_type().to_string()),
         tied_embeddings: tied,
         bias: Some(cfg.bias()),
+        qkv_bias: ["qkv_bias", "add_qkv_bias"]
+            .iter()
+            .any(|k| cfg.get(k).and_then(|v| v.as_bool()) == Some(true)),
+        qk_layernorm: cfg.get("qk_layernorm").and_then(|v| v.as_bool()) == Some(true),
+        window_size: cfg
+            .get("window_size")
+            .and_then(|v| v.as_sequence())
+            .map(|s| s.iter().filter_map(|x| x.as_i64()).collect()),
         precision: cfg.precision().map(str::to_string),
     };
     let tensors = tensors
@@ -366,13 +380,26 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "               norm {}, activation {}{}, position {}, tied embeddings {}, bias {}, precision {}, mcore {}",
+            "               norm {}, activation {}{}, position {}, tied embeddings {}, bias {}{}, precision {}, mcore {}",
             opt(&a.normalization),
             opt(&a.activation),
             if a.gated_mlp { " (gated)" } else { "" },
             opt(&a.position_embedding_type),
             a.tied_embeddings,
             opt(&a.bias),
+            {
+                let mut extra = String::new();
+                if a.qkv_bias {
+                    extra += ", qkv bias";
+                }
+                if a.qk_layernorm {
+                    extra += ", qk layernorm";
+                }
+                if let Some(w) = &a.window_size {
+                    extra += &format!(", sliding window {w:?}");
+                }
+                extra
+            },
             opt(&a.precision),
             a.mcore_gpt
         );

@@ -1,7 +1,8 @@
-//! Reading a Hugging Face Llama folder (`config.json`, safetensors shards,
-//! tokenizer files) as whole megatron-core tensors at TP=1 (nemo-format.md §4.1:
-//! fused QKV per query group, fc1 = `[gate; up]`, norms and embeddings as
-//! they are), and the inverse: the HF tensors of a named model.
+//! Reading a Hugging Face Llama-shaped folder (Llama, Mistral, Qwen2, Qwen3: `config.json`,
+//! safetensors shards, tokenizer files) as whole megatron-core tensors at TP=1
+//! (nemo-format.md §4.1: fused QKV per query group, its bias likewise, fc1 = `[gate; up]`,
+//! norms — Qwen3's per-head `q_norm`/`k_norm` as `q_layernorm`/`k_layernorm` — and embeddings
+//! as they are), and the inverse: the HF tensors of a named model.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,7 +60,7 @@ pub enum Error {
         name: String,
     },
     /// A tensor the mapping does not know (it would be lost).
-    #[error("{dir}: unexpected tensor `{name}` (not part of a Llama model)")]
+    #[error("{dir}: unexpected tensor `{name}` (not part of this model family's mapping)")]
     Unexpected {
         /// The folder.
         dir: String,
@@ -216,7 +217,7 @@ fn global_from_hf(
             );
         }
         for kind in ["weight", "bias"] {
-            if kind == "bias" && !arch.bias {
+            if kind == "bias" && !(arch.bias || arch.qkv_bias) {
                 continue;
             }
             let q = take(&hf(&format!("self_attn.q_proj.{kind}")))?;
@@ -225,6 +226,16 @@ fn global_from_hf(
             let name = mc(&format!("self_attention.linear_qkv.{kind}"));
             let fused = interleave_qkv(&name, h, &q, &k, &v)?;
             push(name, fused);
+        }
+        if arch.qk_layernorm {
+            push(
+                mc("self_attention.q_layernorm.weight"),
+                take(&hf("self_attn.q_norm.weight"))?,
+            );
+            push(
+                mc("self_attention.k_layernorm.weight"),
+                take(&hf("self_attn.k_norm.weight"))?,
+            );
         }
         push(
             mc("pre_mlp_layernorm.weight"),
@@ -308,7 +319,7 @@ pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTenso
         };
         push(same("input_layernorm.weight", "input_layernorm.weight")?);
         for kind in ["weight", "bias"] {
-            if kind == "bias" && !arch.bias {
+            if kind == "bias" && !(arch.bias || arch.qkv_bias) {
                 continue;
             }
             let qkv = get(&mc(&format!("self_attention.linear_qkv.{kind}")))?;
@@ -327,6 +338,16 @@ pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTenso
             push(same(
                 "self_attention.linear_proj.bias",
                 "self_attn.o_proj.bias",
+            )?);
+        }
+        if arch.qk_layernorm {
+            push(same(
+                "self_attention.q_layernorm.weight",
+                "self_attn.q_norm.weight",
+            )?);
+            push(same(
+                "self_attention.k_layernorm.weight",
+                "self_attn.k_norm.weight",
             )?);
         }
         for kind in ["weight", "bias"] {

@@ -1,10 +1,13 @@
-//! Hugging Face Llama `config.json` <-> NeMo `model_config.yaml`
-//! (nemo-format.md §4.4): the architecture keys, `head_dim` as
-//! `kv_channels`, `rope_theta` as `rotary_base`, Llama-3 rope scaling as
-//! `scale_positional_embedding` + its factors, linear scaling as
-//! `seq_len_interpolation_factor`, `rms_norm_eps`, tied embeddings and
-//! biases. The NeMo side is written as the megatron_gpt keys the fixture
-//! checkpoints carry (local layer spec, `mcore_gpt: true`).
+//! Hugging Face `config.json` <-> NeMo `model_config.yaml` for the Llama-shaped families
+//! (nemo-format.md §4.4; formats-next §2.4): Llama, Mistral, Qwen2 and Qwen3. The
+//! architecture keys, `head_dim` as `kv_channels`, `rope_theta` as `rotary_base`, Llama-3 rope
+//! scaling as `scale_positional_embedding` + its factors, linear scaling as
+//! `seq_len_interpolation_factor`, `rms_norm_eps`, tied embeddings and biases; Qwen2's Q/K/V
+//! biases as `qkv_bias`, Qwen3's per-head Q/K RMSNorm as `qk_layernorm`, Mistral's sliding
+//! window `W` as megatron-core's `window_size: [W - 1, 0]` (a query sees itself and the `W - 1`
+//! keys before it). The NeMo side is written as the megatron_gpt keys the fixture checkpoints
+//! carry (local layer spec, `mcore_gpt: true`). Anything a family does that these keys cannot
+//! say (per-layer windows, an output-projection bias without MLP biases) is refused.
 
 use serde_json::{json, Map, Value};
 
@@ -61,9 +64,52 @@ pub enum RopeScaling {
     },
 }
 
-/// The architecture of a Llama-family model, as both sides need it.
+/// A Hugging Face model family this converter maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM`: Llama plus a sliding window.
+    Mistral,
+    /// `Qwen2ForCausalLM`: Llama plus Q/K/V biases.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: Llama plus per-head Q/K RMSNorm.
+    Qwen3,
+}
+
+impl Family {
+    /// `model_type` in `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The transformers class.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    fn parse(model_type: &str) -> Option<Family> {
+        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3]
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
+    }
+}
+
+/// The architecture of a Llama-shaped model, as both sides need it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaArch {
+    /// The Hugging Face family.
+    pub family: Family,
     /// Transformer layers.
     pub num_layers: u64,
     /// Hidden size.
@@ -90,6 +136,12 @@ pub struct LlamaArch {
     pub tied: bool,
     /// Linear layers have biases (attention and MLP alike).
     pub bias: bool,
+    /// Q, K and V have biases (Qwen2), without the other linear layers'.
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_layernorm: bool,
+    /// Sliding-window attention over this many positions (the query's own included).
+    pub sliding_window: Option<u64>,
     /// `initializer_range`.
     pub init_std: f64,
     /// Weight dtype, if stated.
@@ -159,11 +211,9 @@ impl LlamaArch {
             why: "not an object".into(),
         })?;
         let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if model_type != "llama" {
-            return Err(Error::Unsupported {
-                why: format!("model_type `{model_type}` (only `llama` is mapped)"),
-            });
-        }
+        let family = Family::parse(model_type).ok_or_else(|| Error::Unsupported {
+            why: format!("model_type `{model_type}` (llama, mistral, qwen2 and qwen3 are mapped)"),
+        })?;
         let act = c
             .get("hidden_act")
             .and_then(Value::as_str)
@@ -183,15 +233,45 @@ impl LlamaArch {
         }
         let groups = opt_u64(c, "num_key_value_heads")?.unwrap_or(heads);
         let head_dim = opt_u64(c, "head_dim")?.unwrap_or(hidden_size / heads);
+        // Llama's attention_bias covers q/k/v/o, Qwen3's too; only Llama has mlp_bias; Qwen2's
+        // q/k/v always have biases, nothing else does; Mistral has none.
         let attention_bias = opt_bool(c, "attention_bias")?.unwrap_or(false);
         let mlp_bias = opt_bool(c, "mlp_bias")?.unwrap_or(false);
         if attention_bias != mlp_bias {
             return Err(Error::Unsupported {
                 why: format!(
-                    "attention_bias={attention_bias} with mlp_bias={mlp_bias}: mcore's `bias` covers every linear layer"
+                    "attention_bias={attention_bias} with mlp_bias={mlp_bias}: mcore's `bias` covers every linear layer (attention and MLP)"
                 ),
             });
         }
+        let qkv_bias = family == Family::Qwen2;
+        let qk_layernorm = family == Family::Qwen3;
+        let sliding_window = match family {
+            Family::Mistral => match opt_u64(c, "sliding_window")? {
+                Some(0) => {
+                    return Err(Error::Key {
+                        key: "sliding_window".into(),
+                        why: "is 0".into(),
+                    })
+                }
+                w => w,
+            },
+            Family::Qwen2 | Family::Qwen3 => {
+                let layer_types = c.get("layer_types").and_then(Value::as_array);
+                let windowed = opt_bool(c, "use_sliding_window")?.unwrap_or(false)
+                    || layer_types
+                        .is_some_and(|l| l.iter().any(|t| t.as_str() != Some("full_attention")));
+                if windowed {
+                    return Err(Error::Unsupported {
+                        why: format!(
+                            "{model_type} with sliding-window layers (use_sliding_window / layer_types): only full attention in every layer is mapped"
+                        ),
+                    });
+                }
+                None
+            }
+            Family::Llama => None,
+        };
         // transformers 5 keeps theta and scaling together in `rope_parameters`.
         let empty = Map::new();
         let params = c
@@ -245,6 +325,10 @@ impl LlamaArch {
             }
         }
         Ok(LlamaArch {
+            family,
+            qkv_bias,
+            qk_layernorm,
+            sliding_window,
             num_layers: get_u64(c, "num_hidden_layers")?,
             hidden_size,
             ffn_hidden_size: get_u64(c, "intermediate_size")?,
@@ -321,7 +405,54 @@ impl LlamaArch {
         let max_pos = f("max_position_embeddings")
             .or_else(|| f("encoder_seq_length"))
             .unwrap_or(4096.0) as u64;
+        let bias = cfg.bias();
+        let qkv_bias = !bias && (truthy("qkv_bias") || truthy("add_qkv_bias"));
+        let qk_layernorm = truthy("qk_layernorm");
+        let sliding_window = match cfg.get("window_size") {
+            None | Some(serde_yaml_ng::Value::Null) => None,
+            Some(v) => {
+                let pair: Option<(u64, u64)> = v.as_sequence().and_then(|s| match s.as_slice() {
+                    [a, b] => Some((a.as_u64()?, b.as_u64()?)),
+                    _ => None,
+                });
+                match pair {
+                    Some((left, 0)) => Some(left + 1),
+                    _ => {
+                        return Err(nemo(
+                            "window_size",
+                            format!("{v:?}: only a causal window [W - 1, 0] maps to Hugging Face's sliding_window"),
+                        ))
+                    }
+                }
+            }
+        };
+        // the family whose config says all of it: Qwen3's q/k norms, Qwen2's q/k/v biases,
+        // Mistral's window, else Llama
+        let family = match (qk_layernorm, qkv_bias, sliding_window) {
+            (true, false, None) => Family::Qwen3,
+            (false, true, None) => Family::Qwen2,
+            (false, false, Some(_)) if !bias => Family::Mistral,
+            (false, false, None) => Family::Llama,
+            _ => {
+                return Err(nemo(
+                    "qk_layernorm",
+                    format!(
+                        "no Hugging Face family has this combination: qk_layernorm={qk_layernorm}, qkv_bias={qkv_bias}, bias={bias}, window_size={sliding_window:?}"
+                    ),
+                ))
+            }
+        };
+        if family == Family::Qwen3 && bias {
+            return Err(nemo(
+                "bias",
+                "true with qk_layernorm: Qwen3's attention_bias has no MLP biases".to_string(),
+            ));
+        }
         Ok(LlamaArch {
+            family,
+            qkv_bias,
+            qk_layernorm,
+            sliding_window,
             num_layers: req("num_layers", cfg.num_layers())?,
             hidden_size: req("hidden_size", cfg.hidden_size())?,
             ffn_hidden_size: req("ffn_hidden_size", cfg.ffn_hidden_size())?,
@@ -334,7 +465,7 @@ impl LlamaArch {
             rope_theta: f("rotary_base").unwrap_or(10000.0),
             rope_scaling,
             tied: cfg.share_embeddings_and_output_weights(),
-            bias: cfg.bias(),
+            bias,
             init_std: f("init_method_std").unwrap_or(0.02),
             dtype,
             token_ids: Map::new(),
@@ -376,8 +507,11 @@ impl LlamaArch {
             .unwrap_or("float32")
             .to_string();
         let mut c = Map::new();
-        c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-        c.insert("attention_bias".into(), json!(self.bias));
+        let f = self.family;
+        c.insert("architectures".into(), json!([f.architecture()]));
+        if matches!(f, Family::Llama | Family::Qwen3) {
+            c.insert("attention_bias".into(), json!(self.bias));
+        }
         c.insert("attention_dropout".into(), json!(0.0));
         c.insert("dtype".into(), json!(dtype));
         c.insert("head_dim".into(), json!(self.head_dim));
@@ -389,12 +523,25 @@ impl LlamaArch {
             "max_position_embeddings".into(),
             json!(self.max_position_embeddings),
         );
-        c.insert("mlp_bias".into(), json!(self.bias));
-        c.insert("model_type".into(), json!("llama"));
+        if f == Family::Llama {
+            c.insert("mlp_bias".into(), json!(self.bias));
+        }
+        if matches!(f, Family::Qwen2 | Family::Qwen3) {
+            let full = vec![json!("full_attention"); self.num_layers as usize];
+            c.insert("layer_types".into(), Value::Array(full));
+            c.insert("max_window_layers".into(), json!(self.num_layers));
+            c.insert("use_sliding_window".into(), json!(false));
+        }
+        if f != Family::Llama {
+            c.insert("sliding_window".into(), json!(self.sliding_window));
+        }
+        c.insert("model_type".into(), json!(f.model_type()));
         c.insert("num_attention_heads".into(), json!(self.heads));
         c.insert("num_hidden_layers".into(), json!(self.num_layers));
         c.insert("num_key_value_heads".into(), json!(self.groups));
-        c.insert("pretraining_tp".into(), json!(1));
+        if f == Family::Llama {
+            c.insert("pretraining_tp".into(), json!(1));
+        }
         c.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
         if self.rope_scaling != RopeScaling::None {
             let mut legacy = rope.clone();
@@ -527,7 +674,9 @@ make_vocab_size_divisible_by: {div}
 post_process: true
 persist_layer_norm: false
 bias: {bias}
-qkv_bias: false
+qkv_bias: {qkv_bias}
+qk_layernorm: {qk_layernorm}
+window_size: {window}
 activation: fast-swiglu
 headscale: false
 transformer_block_type: pre_ln
@@ -580,6 +729,12 @@ target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.Megatro
         eps = yaml_float(arch.rms_norm_eps),
         div = t.vocab_divisor,
         bias = arch.bias,
+        qkv_bias = arch.qkv_bias,
+        qk_layernorm = arch.qk_layernorm,
+        window = match arch.sliding_window {
+            Some(w) => format!("[{}, 0]", w.saturating_sub(1)),
+            None => "null".to_string(),
+        },
         theta = yaml_float(arch.rope_theta),
         tied = arch.tied,
         tok = t.tokenizer_yaml,
@@ -708,6 +863,99 @@ mod tests {
         ] {
             let e = LlamaArch::from_hf(FIXTURE_HF.replace(from, to).as_bytes()).unwrap_err();
             assert!(matches!(e, Error::Unsupported { .. }), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn families_map_both_ways() {
+        let with = |model_type: &str, extra: &str| {
+            FIXTURE_HF.replace(
+                "\"model_type\": \"llama\"",
+                &format!("\"model_type\": \"{model_type}\"{extra}"),
+            )
+        };
+        let cases = [
+            ("mistral", ", \"sliding_window\": 4", Family::Mistral),
+            ("qwen2", ", \"use_sliding_window\": false", Family::Qwen2),
+            ("qwen3", "", Family::Qwen3),
+        ];
+        for (mt, extra, family) in cases {
+            let a = LlamaArch::from_hf(with(mt, extra).as_bytes()).unwrap();
+            assert_eq!(a.family, family);
+            assert_eq!(a.qkv_bias, family == Family::Qwen2);
+            assert_eq!(a.qk_layernorm, family == Family::Qwen3);
+            assert_eq!(a.sliding_window, (family == Family::Mistral).then_some(4));
+            let cfg = ModelConfig::parse(&nemo_config_yaml(&a, &target())).unwrap();
+            let b = LlamaArch::from_nemo(&cfg, 100).unwrap();
+            assert_eq!(
+                b.family, family,
+                "{mt}: the family follows from the NeMo keys"
+            );
+            assert_eq!(
+                (b.qkv_bias, b.qk_layernorm, b.sliding_window),
+                (a.qkv_bias, a.qk_layernorm, a.sliding_window)
+            );
+            let json: Value = serde_json::from_str(&b.to_hf_json()).unwrap();
+            assert_eq!(json["model_type"], mt);
+        }
+        let mistral =
+            LlamaArch::from_hf(with("mistral", ", \"sliding_window\": 4").as_bytes()).unwrap();
+        assert!(nemo_config_yaml(&mistral, &target()).contains("window_size: [3, 0]\n"));
+    }
+
+    #[test]
+    fn family_features_without_a_mapping_are_refused() {
+        let with = |model_type: &str, extra: &str| {
+            FIXTURE_HF
+                .replace(
+                    "\"model_type\": \"llama\"",
+                    &format!("\"model_type\": \"{model_type}\"{extra}"),
+                )
+                .replace("\"attention_bias\": false,", "")
+                .replace("\"mlp_bias\": false,", "")
+        };
+        for (mt, extra, want) in [
+            (
+                "qwen2",
+                ", \"use_sliding_window\": true",
+                "sliding-window layers",
+            ),
+            (
+                "qwen3",
+                ", \"layer_types\": [\"full_attention\", \"sliding_attention\"]",
+                "sliding-window layers",
+            ),
+            (
+                "qwen3",
+                ", \"attention_bias\": true",
+                "covers every linear layer",
+            ),
+            ("gemma2", "", "model_type `gemma2`"),
+            ("mixtral", "", "model_type `mixtral`"),
+        ] {
+            let e = LlamaArch::from_hf(with(mt, extra).as_bytes()).unwrap_err();
+            assert!(
+                matches!(e, Error::Unsupported { .. }) && e.to_string().contains(want),
+                "{mt}{extra}: {e}"
+            );
+        }
+        let e =
+            LlamaArch::from_hf(with("mistral", ", \"sliding_window\": 0").as_bytes()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Key { key, .. } if key == "sliding_window"),
+            "{e}"
+        );
+        // NeMo keys no Hugging Face family has together
+        for extra in [
+            "qkv_bias: true\nqk_layernorm: true\n",
+            "qk_layernorm: true\nwindow_size: [3, 0]\n",
+            "window_size: [3, 2]\n",
+        ] {
+            let text = format!(
+                "normalization: rmsnorm\nactivation: fast-swiglu\nposition_embedding_type: rope\nnum_layers: 1\nhidden_size: 8\nffn_hidden_size: 8\nnum_attention_heads: 2\nnum_query_groups: 2\nkv_channels: 4\nbias: false\n{extra}"
+            );
+            let e = LlamaArch::from_nemo(&ModelConfig::parse(&text).unwrap(), 10).unwrap_err();
+            assert!(matches!(e, Error::Nemo { .. }), "{extra}: {e}");
         }
     }
 
