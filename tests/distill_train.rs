@@ -595,6 +595,75 @@ fn qwen_mistral_features_match_tp1_for_20_steps() {
     println!("qwen/mistral features, TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
 }
 
+/// A Qwen3-MoE-shaped student (4 experts per layer, top-2 after a softmax over all of them,
+/// per-head Q/K norms) distils from the dense teacher at TP2 as at TP1 over 20 steps; the saved
+/// student has every expert, and a load-balancing loss coefficient is refused, not dropped.
+#[test]
+fn moe_student_matches_tp1_for_20_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let with = |name: &str, tp: u32| {
+        let mut a = common(
+            &prefix,
+            &dir.path().join(name),
+            &dir.path().join(format!("{name}.nemo")),
+        );
+        a.extend(
+            [
+                "model.global_batch_size=4",
+                "model.micro_batch_size=1",
+                "trainer.max_steps=20",
+                "trainer.val_check_interval=10",
+                "trainer.limit_val_batches=1",
+                "model.optim.lr=1e-2",
+                "model.qk_layernorm=true",
+                "model.num_moe_experts=4",
+                "model.moe_router_topk=2",
+                "model.moe_ffn_hidden_size=32",
+                "model.moe_router_pre_softmax=true",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        a.push(format!("model.tensor_model_parallel_size={tp}"));
+        a.push(format!("trainer.devices={tp}"));
+        a
+    };
+    run_tp1(&with("tp1", 1));
+    run_tp2(&with("tp2", 2));
+    let (l, w) = compare_runs(
+        dir.path(),
+        ("tp1", "tp1.nemo"),
+        ("tp2", "tp2.nemo"),
+        "MoE TP2 vs TP1",
+    );
+    let names: Vec<String> = weights(&dir.path().join("tp2.nemo"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for n in [
+        "decoder.layers.0.mlp.router.weight",
+        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight",
+        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    assert!(!names.iter().any(|x| x.contains("layers.0.mlp.linear_fc1")));
+    let mut a = with("aux", 1);
+    a.push("model.moe_aux_loss_coeff=0.01".into());
+    let o = distill_cmd(&bin())
+        .arg("distill")
+        .args(&a)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !o.status.success() && show(&o).contains("moe_aux_loss_coeff"),
+        "{}",
+        show(&o)
+    );
+    println!("MoE student, TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+}
+
 /// TP1xPP2 equals TP1 over 20 steps (pairs + LM loss); a pair on another stage is refused by
 /// every rank before the first step.
 #[test]

@@ -14,8 +14,16 @@ pub fn forward_flops_per_token(spec: &GptSpec, seq: i64) -> f64 {
     let h = spec.hidden as f64;
     let q = (spec.heads * spec.head_dim) as f64;
     let kv = (spec.groups * spec.head_dim) as f64;
-    let fc1_rows = if spec.gated { 2 * spec.ffn } else { spec.ffn } as f64;
-    let linear = h * (q + 2.0 * kv) + q * h + h * fc1_rows + spec.ffn as f64 * h;
+    let mlp = |ffn: i64| {
+        let fc1_rows = if spec.gated { 2 * ffn } else { ffn } as f64;
+        h * fc1_rows + ffn as f64 * h
+    };
+    // an MoE layer: the router, and each token's top-k experts
+    let mlp = match &spec.moe {
+        Some(m) => h * m.experts as f64 + m.topk as f64 * mlp(m.ffn),
+        None => mlp(spec.ffn),
+    };
+    let linear = h * (q + 2.0 * kv) + q * h + mlp;
     // QKᵀ and AV: q·(s+1)/2 multiply-adds each for an average causal row
     let attention = q * (seq as f64 + 1.0);
     let per_layer = linear + attention;
@@ -111,6 +119,7 @@ mod tests {
             qkv_bias: false,
             qk_layernorm: false,
             window: None,
+            moe: None,
             positions: Positions::None,
             tied: false,
             padded_vocab: 128,

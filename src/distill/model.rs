@@ -68,10 +68,24 @@ struct Layer {
     proj_w: Tensor,
     proj_b: Option<Tensor>,
     ln2: NormW,
-    fc1_w: Tensor,
-    fc1_b: Option<Tensor>,
-    fc2_w: Tensor,
-    fc2_b: Option<Tensor>,
+    mlp: Mlp,
+}
+
+/// A layer's MLP: dense, or megatron-core's MoELayer with SequentialMLP experts.
+#[derive(Debug)]
+enum Mlp {
+    Dense {
+        fc1_w: Tensor,
+        fc1_b: Option<Tensor>,
+        fc2_w: Tensor,
+        fc2_b: Option<Tensor>,
+    },
+    Moe {
+        /// `[E, H]`, replicated.
+        router: Tensor,
+        /// Each expert's fc1 (this rank's `[gate_r; up_r]` rows) and fc2 (its columns).
+        experts: Vec<(Tensor, Tensor)>,
+    },
 }
 
 /// How a parameter is initialised when there is no checkpoint.
@@ -470,35 +484,72 @@ impl Gpt {
                     &p("mlp.linear_fc1.layer_norm_bias"),
                 ),
             ])?;
-            let fc1_w = b.param(
-                &[p("mlp.linear_fc1.weight")],
-                fc1_rule,
-                &[fc1_rows, s.hidden],
-                Init::Normal(std),
-            )?;
-            let fc1_b = match s.bias {
-                true => Some(b.param(
-                    &[p("mlp.linear_fc1.bias")],
-                    fc1_rule,
-                    &[fc1_rows],
-                    Init::Zeros,
-                )?),
-                false => None,
-            };
-            let fc2_w = b.param(
-                &[p("mlp.linear_fc2.weight")],
-                Rule::Row,
-                &[s.hidden, s.ffn],
-                Init::Normal(out_std),
-            )?;
-            let fc2_b = match s.bias {
-                true => Some(b.param(
-                    &[p("mlp.linear_fc2.bias")],
-                    Rule::Replicated,
-                    &[s.hidden],
-                    Init::Zeros,
-                )?),
-                false => None,
+            let mlp = match &s.moe {
+                Some(moe) => {
+                    let router = b.param(
+                        &[p("mlp.router.weight")],
+                        Rule::Replicated,
+                        &[moe.experts, s.hidden],
+                        Init::Normal(std),
+                    )?;
+                    let rows = if s.gated { 2 * moe.ffn } else { moe.ffn };
+                    let mut experts = Vec::with_capacity(moe.experts as usize);
+                    for e in 0..moe.experts {
+                        let x = |m: &str| p(&format!("mlp.experts.local_experts.{e}.{m}"));
+                        let fc1 = b.param(
+                            &[x("linear_fc1.weight")],
+                            fc1_rule,
+                            &[rows, s.hidden],
+                            Init::Normal(std),
+                        )?;
+                        let fc2 = b.param(
+                            &[x("linear_fc2.weight")],
+                            Rule::Row,
+                            &[s.hidden, moe.ffn],
+                            Init::Normal(out_std),
+                        )?;
+                        experts.push((fc1, fc2));
+                    }
+                    Mlp::Moe { router, experts }
+                }
+                None => {
+                    let fc1_w = b.param(
+                        &[p("mlp.linear_fc1.weight")],
+                        fc1_rule,
+                        &[fc1_rows, s.hidden],
+                        Init::Normal(std),
+                    )?;
+                    let fc1_b = match s.bias {
+                        true => Some(b.param(
+                            &[p("mlp.linear_fc1.bias")],
+                            fc1_rule,
+                            &[fc1_rows],
+                            Init::Zeros,
+                        )?),
+                        false => None,
+                    };
+                    let fc2_w = b.param(
+                        &[p("mlp.linear_fc2.weight")],
+                        Rule::Row,
+                        &[s.hidden, s.ffn],
+                        Init::Normal(out_std),
+                    )?;
+                    let fc2_b = match s.bias {
+                        true => Some(b.param(
+                            &[p("mlp.linear_fc2.bias")],
+                            Rule::Replicated,
+                            &[s.hidden],
+                            Init::Zeros,
+                        )?),
+                        false => None,
+                    };
+                    Mlp::Dense {
+                        fc1_w,
+                        fc1_b,
+                        fc2_w,
+                        fc2_b,
+                    }
+                }
             };
             layers.push(Layer {
                 ln1,
@@ -509,10 +560,7 @@ impl Gpt {
                 proj_w,
                 proj_b,
                 ln2,
-                fc1_w,
-                fc1_b,
-                fc2_w,
-                fc2_b,
+                mlp,
             });
         }
         let (final_norm, output) = if stage.is_last() {
@@ -909,19 +957,89 @@ impl Gpt {
             f(Site::PreMlpNorm(*i), &n2);
         }
         let h = self.pg.copy_to_tp(&n2)?;
-        let f = Self::linear(&h, &l.fc1_w, l.fc1_b.as_ref());
-        let a = if spec.gated {
+        match &l.mlp {
+            Mlp::Dense {
+                fc1_w,
+                fc1_b,
+                fc2_w,
+                fc2_b,
+            } => {
+                let a = self.glu(&Self::linear(&h, fc1_w, fc1_b.as_ref()));
+                let o = self.pg.reduce_from_tp(&Self::linear(&a, fc2_w, None))?;
+                x = match fc2_b {
+                    Some(bias) => x + o + bias,
+                    None => x + o,
+                };
+            }
+            Mlp::Moe { router, experts } => {
+                // not `+=`: the norm above keeps `x` for its backward
+                x = &x + self.moe(&h, router, experts)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// The activation of fc1's output (gated: `act(gate) * up`).
+    fn glu(&self, f: &Tensor) -> Tensor {
+        if self.spec.gated {
             let gu = f.chunk(2, -1);
             self.act(&gu[0]) * &gu[1]
         } else {
-            self.act(&f)
+            self.act(f)
+        }
+    }
+
+    /// megatron-core's MoELayer on `h` `[b, s, H]` (every rank holds every token): the router
+    /// picks each token's top-k experts — softmax over all experts then top-k
+    /// (`moe_router_pre_softmax`), or top-k of the logits then a softmax over those k — and
+    /// each expert's MLP (its TP shard) runs on its tokens; the outputs, weighted by the
+    /// routing probabilities, are summed per token and over TP ranks.
+    fn moe(
+        &self,
+        h: &Tensor,
+        router: &Tensor,
+        experts: &[(Tensor, Tensor)],
+    ) -> Result<Tensor, Error> {
+        let Some(moe) = &self.spec.moe else {
+            return Err(Error::Input {
+                what: "num_moe_experts",
+                why: "an MoE layer without the MoE settings".to_string(),
+            });
         };
-        let o = self.pg.reduce_from_tp(&Self::linear(&a, &l.fc2_w, None))?;
-        x = match &l.fc2_b {
-            Some(bias) => x + o + bias,
-            None => x + o,
+        let size = h.size();
+        let hidden = *size.last().unwrap_or(&0);
+        let flat = h.reshape([-1, hidden]);
+        // each rank's expert outputs are partial sums, so the routing weights' gradient is
+        // too: the router's weight gets the ranks' sum (copy_to_tp: all-reduce backward), as
+        // megatron-core's gather of the probabilities over TP gives it
+        let logits = flat.matmul(&self.pg.copy_to_tp(router)?.tr());
+        let (probs, top) = if moe.pre_softmax {
+            let scores = logits.softmax(-1, Kind::Float);
+            scores.topk(moe.topk, -1, true, true)
+        } else {
+            let (v, i) = logits.topk(moe.topk, -1, true, true);
+            (v.softmax(-1, Kind::Float), i)
         };
-        Ok(x)
+        let probs = probs.to_kind(flat.kind());
+        let mut out = flat.zeros_like();
+        for (e, (fc1, fc2)) in experts.iter().enumerate() {
+            // the tokens routed to expert e, and their weight for it
+            let hit = top.eq(e as i64);
+            let rows = hit.any_dim(-1, false).nonzero().squeeze_dim(-1);
+            if rows.size()[0] == 0 {
+                continue;
+            }
+            let w = (probs.index_select(0, &rows)
+                * hit.index_select(0, &rows).to_kind(probs.kind()))
+            .sum_dim_intlist(-1, true, probs.kind());
+            let y = Self::linear(
+                &self.glu(&Self::linear(&flat.index_select(0, &rows), fc1, None)),
+                fc2,
+                None,
+            );
+            out = out.index_add(0, &rows, &(y * w));
+        }
+        Ok(self.pg.reduce_from_tp(&out)?.reshape(size.as_slice()))
     }
 
     /// Layers `range` on `x`.

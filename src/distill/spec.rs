@@ -6,6 +6,23 @@ use serde_yaml_ng::Value;
 
 use crate::model::config::{self, ModelConfig};
 
+/// megatron-core's MoELayer as the engine computes it: SequentialMLP experts (expert
+/// parallelism 1, expert TP = TP), a softmax top-k router without capacity or token dropping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moe {
+    /// `num_moe_experts`.
+    pub experts: i64,
+    /// `moe_router_topk`.
+    pub topk: i64,
+    /// `moe_ffn_hidden_size` (default `ffn_hidden_size`).
+    pub ffn: i64,
+    /// `moe_router_pre_softmax`: softmax over every expert, then the top k (Qwen3-MoE with
+    /// `norm_topk_prob: false`); else top-k logits, then a softmax over them (Mixtral).
+    pub pre_softmax: bool,
+    /// `moe_aux_loss_coeff` (with `moe_router_load_balancing_type: aux_loss`).
+    pub aux_loss_coeff: f64,
+}
+
 /// Errors reading an architecture.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -121,6 +138,8 @@ pub struct GptSpec {
     /// Sliding-window attention (`window_size: [left, right]`): a query at `i` sees keys
     /// `i - left ..= i + right` (causal: right is 0).
     pub window: Option<(i64, i64)>,
+    /// Mixture-of-experts MLPs in every layer (`num_moe_experts`).
+    pub moe: Option<Moe>,
     /// Position encoding.
     pub positions: Positions,
     /// Tied input/output embeddings.
@@ -316,16 +335,7 @@ impl GptSpec {
                 }
             }
         };
-        // features the engine does not compute are refused, never dropped
-        if let Some(n) = cfg.get("num_moe_experts").filter(|v| !v.is_null()) {
-            if n.as_u64() != Some(0) {
-                return Err(invalid(
-                    "num_moe_experts",
-                    format!("{n:?}"),
-                    "mixture-of-experts layers are not supported by the distill engine yet",
-                ));
-            }
-        }
+        let moe = moe_of(cfg, ffn, tp_i)?;
         if window.is_some() {
             if let Some(f) = cfg.get("window_attn_skip_freq").filter(|v| !v.is_null()) {
                 return Err(invalid(
@@ -350,6 +360,7 @@ impl GptSpec {
             qkv_bias,
             qk_layernorm,
             window,
+            moe,
             positions,
             tied: cfg.share_embeddings_and_output_weights(),
             padded_vocab,
@@ -368,6 +379,105 @@ impl GptSpec {
     pub fn qkv_rows(&self) -> i64 {
         (self.heads + 2 * self.groups) * self.head_dim
     }
+}
+
+/// The MoE settings, refusing what the engine does not compute (never dropping it).
+fn moe_of(cfg: &ModelConfig, ffn: i64, tp: i64) -> Result<Option<Moe>, Error> {
+    let experts = match cfg.get("num_moe_experts") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(0) => return Ok(None),
+            Some(n) if n > 0 => n,
+            _ => return Err(invalid("num_moe_experts", format!("{v:?}"), "not a count")),
+        },
+    };
+    let int = |k: &'static str| -> Result<Option<i64>, Error> {
+        match cfg.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| invalid(k, format!("{v:?}"), "not an integer")),
+        }
+    };
+    let topk = int("moe_router_topk")?.unwrap_or(2);
+    if topk < 1 || topk > experts {
+        return Err(invalid(
+            "moe_router_topk",
+            topk,
+            format!("must be in 1..={experts}"),
+        ));
+    }
+    let ffn = int("moe_ffn_hidden_size")?.unwrap_or(ffn);
+    if ffn % tp != 0 {
+        return Err(invalid(
+            "moe_ffn_hidden_size",
+            ffn,
+            format!("must be a multiple of the launch TP size {tp}"),
+        ));
+    }
+    let set = |k: &str| {
+        cfg.get(k)
+            .filter(|v| !v.is_null() && v.as_bool() != Some(false))
+    };
+    for (key, why) in [
+        ("moe_shared_expert_intermediate_size", "shared experts"),
+        ("moe_router_topk_scaling_factor", "a top-k scaling factor"),
+        (
+            "moe_expert_capacity_factor",
+            "expert capacity (token dropping)",
+        ),
+        ("moe_router_num_groups", "group-limited routing"),
+        ("moe_router_enable_expert_bias", "a router expert bias"),
+        (
+            "moe_grouped_gemm",
+            "grouped-GEMM experts (TEGroupedMLP names)",
+        ),
+    ] {
+        if let Some(v) = set(key) {
+            return Err(invalid(
+                key,
+                format!("{v:?}"),
+                format!("{why}: not supported by the engine (SequentialMLP experts with a plain softmax top-k router are)"),
+            ));
+        }
+    }
+    match int("moe_layer_freq")? {
+        None | Some(1) => {}
+        Some(f) => {
+            return Err(invalid(
+                "moe_layer_freq",
+                f,
+                "only MoE in every layer (1) is supported",
+            ))
+        }
+    }
+    match int("expert_model_parallel_size")? {
+        None | Some(1) => {}
+        Some(n) => {
+            return Err(invalid(
+                "expert_model_parallel_size",
+                n,
+                "expert parallelism is not supported yet (1)",
+            ))
+        }
+    }
+    if let Some(v) = cfg.get("moe_router_score_function").and_then(Value::as_str) {
+        if v != "softmax" {
+            return Err(invalid(
+                "moe_router_score_function",
+                v,
+                "only softmax is supported",
+            ));
+        }
+    }
+    Ok(Some(Moe {
+        experts,
+        topk,
+        ffn,
+        pre_softmax: as_bool(cfg, "moe_router_pre_softmax")?.unwrap_or(false),
+        aux_loss_coeff: as_f64(cfg, "moe_aux_loss_coeff")?.unwrap_or(0.0),
+    }))
 }
 
 /// Llama-3 scaling: mcore's `rope_scaling: true` (+ `rope_scaling_factor`), NeMo's
@@ -449,12 +559,40 @@ mod tests {
                 "window_size: [3, 0]\nwindow_attn_skip_freq: 2\n",
                 "window_attn_skip_freq",
             ),
-            ("num_moe_experts: 8\n", "num_moe_experts"),
+            (
+                "num_moe_experts: 8\nmoe_router_topk: 9\n",
+                "moe_router_topk",
+            ),
+            (
+                "num_moe_experts: 8\nmoe_shared_expert_intermediate_size: 16\n",
+                "moe_shared_expert_intermediate_size",
+            ),
+            (
+                "num_moe_experts: 8\nexpert_model_parallel_size: 2\n",
+                "expert_model_parallel_size",
+            ),
+            ("num_moe_experts: 8\nmoe_layer_freq: 2\n", "moe_layer_freq"),
+            (
+                "num_moe_experts: 8\nmoe_router_score_function: sigmoid\n",
+                "moe_router_score_function",
+            ),
         ] {
             let e = with(extra).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains(key), "{extra}: {e}");
         }
-        assert!(with("num_moe_experts: null\n").is_ok());
+        assert!(with("num_moe_experts: null\n").is_ok_and(|s| s.moe.is_none()));
+        let s = with("num_moe_experts: 4\nmoe_router_topk: 2\nmoe_ffn_hidden_size: 32\nmoe_router_pre_softmax: true\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.moe,
+            Some(Moe {
+                experts: 4,
+                topk: 2,
+                ffn: 32,
+                pre_softmax: true,
+                aux_loss_coeff: 0.0
+            })
+        );
     }
 
     #[test]

@@ -372,6 +372,17 @@ pub fn load_models(job: &Job, grid: &Grid, device: Device) -> Result<Models, Err
         artifacts.retain(|(n, _)| !n.ends_with("tokenizer.model"));
         artifacts.push((name, ByteView::from_vec(bytes)));
     }
+    if let Some(moe) = student
+        .spec
+        .moe
+        .as_ref()
+        .filter(|m| m.aux_loss_coeff != 0.0)
+    {
+        return Err(Error::Setting(format!(
+            "moe_aux_loss_coeff {}: the load-balancing loss is not part of the distillation objective yet; set model.moe_aux_loss_coeff=0",
+            moe.aux_loss_coeff
+        )));
+    }
     if u64::try_from(student.spec.padded_vocab).unwrap_or(0) != tvocab {
         return Err(Error::Mismatch(format!(
             "padded vocabularies differ at TP {tp}: student {} rows, teacher {tvocab} (same tokenizer and make_vocab_size_divisible_by needed, as in NeMo)",

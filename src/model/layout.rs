@@ -206,9 +206,18 @@ impl Family {
     }
 }
 
+/// Segment-wise equality where a later `*` matches one numeric segment (an expert's index).
+fn segs_match(pat: &[&str], segs: &[&str]) -> bool {
+    pat.len() == segs.len()
+        && pat.iter().zip(segs).all(|(p, s)| {
+            *p == *s || (*p == "*" && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 /// Matches `pattern` against key segments. `*` as the first segment matches any
-/// prefix (for `*._extra_state`); elsewhere it matches one numeric segment, or
-/// nothing at all (a stacked distributed-checkpoint key).
+/// prefix (for `*._extra_state`); elsewhere the first `*` matches the layer number, or
+/// nothing at all (a stacked distributed-checkpoint key), and a later one any numeric
+/// segment (`local_experts.*`).
 fn match_pattern(pattern: &str, segs: &[&str], rule: Rule) -> Option<Match> {
     let pat: Vec<&str> = pattern.split('.').collect();
     if pat.first() == Some(&"*") && pat.len() >= 2 {
@@ -226,7 +235,7 @@ fn match_pattern(pattern: &str, segs: &[&str], rule: Rule) -> Option<Match> {
         let (before, after) = (&pat[..star], &pat[star + 1..]);
         if segs.len() == pat.len()
             && segs[..star] == *before
-            && segs[star + 1..] == *after
+            && segs_match(after, &segs[star + 1..])
             && segs[star].bytes().all(|b| b.is_ascii_digit())
         {
             let layer = segs[star].parse().ok();
@@ -236,7 +245,10 @@ fn match_pattern(pattern: &str, segs: &[&str], rule: Rule) -> Option<Match> {
                 stacked: false,
             });
         }
-        if segs.len() + 1 == pat.len() && segs[..star] == *before && segs[star..] == *after {
+        if segs.len() + 1 == pat.len()
+            && segs[..star] == *before
+            && segs_match(after, &segs[star..])
+        {
             return Some(Match {
                 rule,
                 layer: None,
@@ -339,6 +351,22 @@ mod tests {
         );
         assert!(f
             .lookup("model.decoder.layers.x.mlp.linear_fc1.weight")
+            .is_none());
+        // mixture-of-experts: the layer is the first number, the expert any later one
+        let m = f
+            .lookup("model.decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight")
+            .unwrap();
+        assert_eq!((m.rule, m.layer, m.stacked), (Rule::Fc1, Some(1), false));
+        let m = f
+            .lookup("model.decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight")
+            .unwrap();
+        assert_eq!(m.rule, Rule::Row);
+        let m = f
+            .lookup("model.decoder.layers.0.mlp.router.weight")
+            .unwrap();
+        assert_eq!((m.rule, m.layer), (Rule::Replicated, Some(0)));
+        assert!(f
+            .lookup("model.decoder.layers.1.mlp.experts.local_experts.x.linear_fc2.weight")
             .is_none());
         assert!(f.lookup("model.something_else").is_none());
     }

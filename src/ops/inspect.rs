@@ -74,7 +74,20 @@ pub struct Architecture {
     pub qk_layernorm: bool,
     /// Sliding-window attention `[left, right]` (`window_size`, Mistral).
     pub window_size: Option<Vec<i64>>,
+    /// Mixture-of-experts MLPs (`num_moe_experts`).
+    pub moe: Option<MoeReport>,
     pub precision: Option<String>,
+}
+
+/// The MoE layers' settings.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MoeReport {
+    /// `num_moe_experts`.
+    pub experts: u64,
+    /// `moe_router_topk`.
+    pub topk: u64,
+    /// `moe_ffn_hidden_size` (else `ffn_hidden_size`).
+    pub ffn_hidden_size: Option<u64>,
 }
 
 /// True and padded vocabulary.
@@ -287,6 +300,21 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
             .get("window_size")
             .and_then(|v| v.as_sequence())
             .map(|s| s.iter().filter_map(|x| x.as_i64()).collect()),
+        moe: cfg
+            .get("num_moe_experts")
+            .and_then(|v| v.as_u64())
+            .filter(|&n| n > 0)
+            .map(|experts| MoeReport {
+                experts,
+                topk: cfg
+                    .get("moe_router_topk")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(2),
+                ffn_hidden_size: cfg
+                    .get("moe_ffn_hidden_size")
+                    .and_then(|v| v.as_u64())
+                    .or_else(|| cfg.ffn_hidden_size().ok()),
+            }),
         precision: cfg.precision().map(str::to_string),
     };
     let tensors = tensors
@@ -397,6 +425,14 @@ impl Report {
                 }
                 if let Some(w) = &a.window_size {
                     extra += &format!(", sliding window {w:?}");
+                }
+                if let Some(m) = &a.moe {
+                    extra += &format!(
+                        ", {} experts (top-{}, ffn {})",
+                        m.experts,
+                        m.topk,
+                        opt(&m.ffn_hidden_size)
+                    );
                 }
                 extra
             },

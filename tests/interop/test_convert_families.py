@@ -167,7 +167,7 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
     "config,message",
     [
         ({"model_type": "gemma2"}, "model_type `gemma2`"),
-        ({"model_type": "mixtral"}, "model_type `mixtral`"),
+        ({"model_type": "deepseek_v3"}, "model_type `deepseek_v3`"),
         ({"model_type": "qwen2", "use_sliding_window": True}, "sliding-window layers"),
         ({"model_type": "qwen3", "attention_bias": True}, "covers every linear layer"),
         (
@@ -175,7 +175,7 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
             "rope type `yarn`",
         ),
     ],
-    ids=["gemma2", "mixtral", "qwen2-sliding", "qwen3-attention-bias", "qwen2-yarn"],
+    ids=["gemma2", "deepseek_v3", "qwen2-sliding", "qwen3-attention-bias", "qwen2-yarn"],
 )
 def test_unmapped_features_are_refused(tmp_path, run_tool, config, message):
     """What the NeMo keys cannot express is refused with the reason and exit 2, before any

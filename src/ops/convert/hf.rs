@@ -12,7 +12,7 @@ use crate::formats::torch::value::Value;
 use crate::io::bytes::ByteView;
 use crate::model::checkpoint::{GlobalTensor, GlobalValue};
 
-use super::hf_config::LlamaArch;
+use super::hf_config::{Family, LlamaArch};
 use super::named::NamedModel;
 use super::tensor::{self, cat_rows, interleave_qkv, resize_rows, split_qkv, Flat, Heads};
 
@@ -91,6 +91,27 @@ pub struct HfModel {
     pub name_or_path: Option<String>,
     /// Non-fatal findings.
     pub warnings: Vec<String>,
+}
+
+/// Hugging Face names of a layer's MoE tensors: the router, and expert `e`'s gate, up and
+/// down projections (Mixtral's `block_sparse_moe.experts.e.w1/w3/w2`, Qwen3-MoE's
+/// `mlp.experts.e.gate_proj/up_proj/down_proj`).
+fn moe_names(family: Family, layer: u64, e: Option<u64>) -> [String; 3] {
+    let p = format!("model.layers.{layer}");
+    match (family, e) {
+        (Family::Mixtral, None) => [
+            format!("{p}.block_sparse_moe.gate.weight"),
+            String::new(),
+            String::new(),
+        ],
+        (Family::Mixtral, Some(e)) => {
+            ["w1", "w3", "w2"].map(|w| format!("{p}.block_sparse_moe.experts.{e}.{w}.weight"))
+        }
+        (_, None) => [format!("{p}.mlp.gate.weight"), String::new(), String::new()],
+        (_, Some(e)) => {
+            ["gate_proj", "up_proj", "down_proj"].map(|w| format!("{p}.mlp.experts.{e}.{w}.weight"))
+        }
+    }
 }
 
 fn heads(arch: &LlamaArch) -> Heads {
@@ -178,9 +199,9 @@ fn global_from_hf(
             name: name.to_string(),
         })
     };
-    let mut out = Vec::new();
-    let mut push = |key: String, t: Flat| {
-        out.push(GlobalTensor {
+    let out = std::cell::RefCell::new(Vec::new());
+    let push = |key: String, t: Flat| {
+        out.borrow_mut().push(GlobalTensor {
             key,
             value: GlobalValue::Tensor {
                 dtype: t.dtype,
@@ -193,6 +214,8 @@ fn global_from_hf(
         key,
         value: GlobalValue::Object(Value::None),
     };
+    // an extra state at this point of the state dict (the experts' interleave with weights)
+    let push_none = |key: String| out.borrow_mut().push(none(key));
     let h = heads(arch);
     push(
         "model.embedding.word_embeddings.weight".into(),
@@ -241,6 +264,25 @@ fn global_from_hf(
             mc("pre_mlp_layernorm.weight"),
             take(&hf("post_attention_layernorm.weight"))?,
         );
+        if let Some(moe) = &arch.moe {
+            // SequentialMLP state-dict order: the router, then each expert's fc1, its extra
+            // state, fc2, its extra state
+            let [router, _, _] = moe_names(arch.family, l, None);
+            push(mc("mlp.router.weight"), take(&router)?);
+            for e in 0..moe.experts {
+                let [g, u, d] = moe_names(arch.family, l, Some(e));
+                let x = |m: &str| mc(&format!("mlp.experts.local_experts.{e}.{m}"));
+                let fc1 = cat_rows(&x("linear_fc1.weight"), &take(&g)?, &take(&u)?)?;
+                push(x("linear_fc1.weight"), fc1);
+                push_none(x("linear_fc1._extra_state"));
+                push(x("linear_fc2.weight"), take(&d)?);
+                push_none(x("linear_fc2._extra_state"));
+            }
+            for m in ["self_attention.linear_proj", "self_attention.linear_qkv"] {
+                objects.push(none(mc(&format!("{m}._extra_state"))));
+            }
+            continue;
+        }
         for kind in ["weight", "bias"] {
             if kind == "bias" && !arch.bias {
                 continue;
@@ -277,6 +319,7 @@ fn global_from_hf(
     } else {
         push("model.output_layer.weight".into(), take("lm_head.weight")?);
     }
+    let mut out = out.into_inner();
     out.extend(objects);
     out.push(none("model.output_layer._extra_state".into()));
     Ok(out)
@@ -350,29 +393,47 @@ pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTenso
                 "self_attn.k_norm.weight",
             )?);
         }
-        for kind in ["weight", "bias"] {
-            if kind == "bias" && !arch.bias {
-                continue;
-            }
-            let fc1 = get(&mc(&format!("mlp.linear_fc1.{kind}")))?;
+        // fc1 = [gate; up] -> the two halves under their HF names
+        let halves = |fc1: &Flat, names: [String; 2]| -> Result<[Flat; 2], Error> {
             let f = fc1.shape.first().copied().unwrap_or(0) / 2;
             let mut half = fc1.shape.clone();
             if let Some(r) = half.first_mut() {
                 *r = f;
             }
-            for (i, p) in ["gate_proj", "up_proj"].iter().enumerate() {
-                let i = i as u64;
-                push(Flat::new(
-                    hf(&format!("mlp.{p}.{kind}")),
-                    fc1.dtype,
-                    half.clone(),
-                    fc1.rows(i * f, (i + 1) * f)?,
-                )?);
+            let [g, u] = names;
+            Ok([
+                Flat::new(g, fc1.dtype, half.clone(), fc1.rows(0, f)?)?,
+                Flat::new(u, fc1.dtype, half, fc1.rows(f, 2 * f)?)?,
+            ])
+        };
+        if let Some(moe) = &arch.moe {
+            let [router, _, _] = moe_names(arch.family, l, None);
+            let r = get(&mc("mlp.router.weight"))?;
+            push(r.renamed(router, r.shape.clone())?);
+            for e in 0..moe.experts {
+                let [g, u, d] = moe_names(arch.family, l, Some(e));
+                let x = |m: &str| mc(&format!("mlp.experts.local_experts.{e}.{m}"));
+                let [gt, ut] = halves(get(&x("linear_fc1.weight"))?, [g, u])?;
+                push(gt);
+                push(ut);
+                let fc2 = get(&x("linear_fc2.weight"))?;
+                push(fc2.renamed(d, fc2.shape.clone())?);
             }
-        }
-        push(same("mlp.linear_fc2.weight", "mlp.down_proj.weight")?);
-        if arch.bias {
-            push(same("mlp.linear_fc2.bias", "mlp.down_proj.bias")?);
+        } else {
+            for kind in ["weight", "bias"] {
+                if kind == "bias" && !arch.bias {
+                    continue;
+                }
+                let fc1 = get(&mc(&format!("mlp.linear_fc1.{kind}")))?;
+                let names = ["gate_proj", "up_proj"].map(|p| hf(&format!("mlp.{p}.{kind}")));
+                let [g, u] = halves(fc1, names)?;
+                push(g);
+                push(u);
+            }
+            push(same("mlp.linear_fc2.weight", "mlp.down_proj.weight")?);
+            if arch.bias {
+                push(same("mlp.linear_fc2.bias", "mlp.down_proj.bias")?);
+            }
         }
         push(same(
             "pre_mlp_layernorm.weight",

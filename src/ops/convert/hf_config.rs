@@ -75,6 +75,10 @@ pub enum Family {
     Qwen2,
     /// `Qwen3ForCausalLM`: Llama plus per-head Q/K RMSNorm.
     Qwen3,
+    /// `MixtralForCausalLM`: Mistral with mixture-of-experts MLPs.
+    Mixtral,
+    /// `Qwen3MoeForCausalLM`: Qwen3 with mixture-of-experts MLPs.
+    Qwen3Moe,
 }
 
 impl Family {
@@ -85,6 +89,8 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Mixtral => "mixtral",
+            Family::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -95,14 +101,40 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
     fn parse(model_type: &str) -> Option<Family> {
-        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3]
-            .into_iter()
-            .find(|f| f.model_type() == model_type)
+        [
+            Family::Llama,
+            Family::Mistral,
+            Family::Qwen2,
+            Family::Qwen3,
+            Family::Mixtral,
+            Family::Qwen3Moe,
+        ]
+        .into_iter()
+        .find(|f| f.model_type() == model_type)
     }
+}
+
+/// Mixture-of-experts MLPs (every layer), as megatron-core's MoELayer with SequentialMLP
+/// experts computes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeArch {
+    /// Experts per layer (`num_local_experts` / `num_experts`).
+    pub experts: u64,
+    /// Experts per token (`num_experts_per_tok`).
+    pub topk: u64,
+    /// An expert's MLP size (Mixtral `intermediate_size`, Qwen3-MoE `moe_intermediate_size`).
+    pub ffn: u64,
+    /// Softmax over every expert, then the top k, not renormalised (Qwen3-MoE with
+    /// `norm_topk_prob: false`); else the top-k probabilities renormalised (Mixtral).
+    pub pre_softmax: bool,
+    /// `router_aux_loss_coef`.
+    pub aux_loss_coeff: f64,
 }
 
 /// The architecture of a Llama-shaped model, as both sides need it.
@@ -142,6 +174,8 @@ pub struct LlamaArch {
     pub qk_layernorm: bool,
     /// Sliding-window attention over this many positions (the query's own included).
     pub sliding_window: Option<u64>,
+    /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE).
+    pub moe: Option<MoeArch>,
     /// `initializer_range`.
     pub init_std: f64,
     /// Weight dtype, if stated.
@@ -212,7 +246,9 @@ impl LlamaArch {
         })?;
         let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("");
         let family = Family::parse(model_type).ok_or_else(|| Error::Unsupported {
-            why: format!("model_type `{model_type}` (llama, mistral, qwen2 and qwen3 are mapped)"),
+            why: format!(
+                "model_type `{model_type}` (llama, mistral, qwen2, qwen3, mixtral and qwen3_moe are mapped)"
+            ),
         })?;
         let act = c
             .get("hidden_act")
@@ -245,9 +281,9 @@ impl LlamaArch {
             });
         }
         let qkv_bias = family == Family::Qwen2;
-        let qk_layernorm = family == Family::Qwen3;
+        let qk_layernorm = matches!(family, Family::Qwen3 | Family::Qwen3Moe);
         let sliding_window = match family {
-            Family::Mistral => match opt_u64(c, "sliding_window")? {
+            Family::Mistral | Family::Mixtral => match opt_u64(c, "sliding_window")? {
                 Some(0) => {
                     return Err(Error::Key {
                         key: "sliding_window".into(),
@@ -256,7 +292,7 @@ impl LlamaArch {
                 }
                 w => w,
             },
-            Family::Qwen2 | Family::Qwen3 => {
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => {
                 let layer_types = c.get("layer_types").and_then(Value::as_array);
                 let windowed = opt_bool(c, "use_sliding_window")?.unwrap_or(false)
                     || layer_types
@@ -324,11 +360,16 @@ impl LlamaArch {
                 token_ids.insert(k.to_string(), v.clone());
             }
         }
+        let moe = match family {
+            Family::Mixtral | Family::Qwen3Moe => Some(moe_from_hf(c, family)?),
+            _ => None,
+        };
         Ok(LlamaArch {
             family,
             qkv_bias,
             qk_layernorm,
             sliding_window,
+            moe,
             num_layers: get_u64(c, "num_hidden_layers")?,
             hidden_size,
             ffn_hidden_size: get_u64(c, "intermediate_size")?,
@@ -426,18 +467,22 @@ impl LlamaArch {
                 }
             }
         };
+        let moe = moe_from_nemo(cfg)?;
         // the family whose config says all of it: Qwen3's q/k norms, Qwen2's q/k/v biases,
-        // Mistral's window, else Llama
-        let family = match (qk_layernorm, qkv_bias, sliding_window) {
-            (true, false, None) => Family::Qwen3,
-            (false, true, None) => Family::Qwen2,
-            (false, false, Some(_)) if !bias => Family::Mistral,
-            (false, false, None) => Family::Llama,
+        // Mistral's window, else Llama; with experts Qwen3-MoE or Mixtral
+        let family = match (qk_layernorm, qkv_bias, sliding_window, moe.is_some()) {
+            (true, false, None, false) => Family::Qwen3,
+            (false, true, None, false) => Family::Qwen2,
+            (false, false, Some(_), false) if !bias => Family::Mistral,
+            (false, false, None, false) => Family::Llama,
+            (true, false, None, true) if !bias => Family::Qwen3Moe,
+            (false, false, _, true) if !bias => Family::Mixtral,
             _ => {
                 return Err(nemo(
                     "qk_layernorm",
                     format!(
-                        "no Hugging Face family has this combination: qk_layernorm={qk_layernorm}, qkv_bias={qkv_bias}, bias={bias}, window_size={sliding_window:?}"
+                        "no Hugging Face family has this combination: qk_layernorm={qk_layernorm}, qkv_bias={qkv_bias}, bias={bias}, window_size={sliding_window:?}, experts={}",
+                        moe.as_ref().map_or(0, |m| m.experts)
                     ),
                 ))
             }
@@ -453,6 +498,7 @@ impl LlamaArch {
             qkv_bias,
             qk_layernorm,
             sliding_window,
+            moe,
             num_layers: req("num_layers", cfg.num_layers())?,
             hidden_size: req("hidden_size", cfg.hidden_size())?,
             ffn_hidden_size: req("ffn_hidden_size", cfg.ffn_hidden_size())?,
@@ -509,8 +555,22 @@ impl LlamaArch {
         let mut c = Map::new();
         let f = self.family;
         c.insert("architectures".into(), json!([f.architecture()]));
-        if matches!(f, Family::Llama | Family::Qwen3) {
+        if matches!(f, Family::Llama | Family::Qwen3 | Family::Qwen3Moe) {
             c.insert("attention_bias".into(), json!(self.bias));
+        }
+        if let Some(m) = &self.moe {
+            c.insert("num_local_experts".into(), json!(m.experts));
+            c.insert("num_experts_per_tok".into(), json!(m.topk));
+            c.insert("router_aux_loss_coef".into(), json!(m.aux_loss_coeff));
+            c.insert("output_router_logits".into(), json!(false));
+            if f == Family::Qwen3Moe {
+                c.insert("moe_intermediate_size".into(), json!(m.ffn));
+                c.insert("norm_topk_prob".into(), json!(!m.pre_softmax));
+                c.insert("decoder_sparse_step".into(), json!(1));
+                c.insert("mlp_only_layers".into(), json!([]));
+            } else {
+                c.insert("router_jitter_noise".into(), json!(0.0));
+            }
         }
         c.insert("attention_dropout".into(), json!(0.0));
         c.insert("dtype".into(), json!(dtype));
@@ -526,7 +586,7 @@ impl LlamaArch {
         if f == Family::Llama {
             c.insert("mlp_bias".into(), json!(self.bias));
         }
-        if matches!(f, Family::Qwen2 | Family::Qwen3) {
+        if matches!(f, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe) {
             let full = vec![json!("full_attention"); self.num_layers as usize];
             c.insert("layer_types".into(), Value::Array(full));
             c.insert("max_window_layers".into(), json!(self.num_layers));
@@ -571,6 +631,109 @@ impl LlamaArch {
         }
         m
     }
+}
+
+/// The MoE keys of a Mixtral or Qwen3-MoE `config.json`; refuses dense layers among the
+/// experts' (`mlp_only_layers`, `decoder_sparse_step`) and router noise.
+fn moe_from_hf(c: &Map<String, Value>, family: Family) -> Result<MoeArch, Error> {
+    let experts = match opt_u64(c, "num_local_experts")? {
+        Some(n) => n,
+        None => get_u64(c, "num_experts")?,
+    };
+    let topk = get_u64(c, "num_experts_per_tok")?;
+    if topk == 0 || topk > experts {
+        return Err(Error::Key {
+            key: "num_experts_per_tok".into(),
+            why: format!("{topk} is not in 1..={experts}"),
+        });
+    }
+    let aux_loss_coeff = opt_f64(c, "router_aux_loss_coef")?.unwrap_or(0.0);
+    Ok(match family {
+        Family::Qwen3Moe => {
+            let step = opt_u64(c, "decoder_sparse_step")?.unwrap_or(1);
+            let dense = c
+                .get("mlp_only_layers")
+                .and_then(Value::as_array)
+                .is_some_and(|l| !l.is_empty());
+            if step != 1 || dense {
+                return Err(Error::Unsupported {
+                    why: "qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers): only experts in every layer are mapped".into(),
+                });
+            }
+            MoeArch {
+                experts,
+                topk,
+                ffn: get_u64(c, "moe_intermediate_size")?,
+                pre_softmax: !opt_bool(c, "norm_topk_prob")?.unwrap_or(false),
+                aux_loss_coeff,
+            }
+        }
+        _ => {
+            if opt_f64(c, "router_jitter_noise")?.unwrap_or(0.0) != 0.0 {
+                return Err(Error::Unsupported {
+                    why: "router_jitter_noise != 0 (megatron-core's router has no jitter of this kind)".into(),
+                });
+            }
+            MoeArch {
+                experts,
+                topk,
+                ffn: get_u64(c, "intermediate_size")?,
+                pre_softmax: false,
+                aux_loss_coeff,
+            }
+        }
+    })
+}
+
+/// The MoE keys of a NeMo config, refusing what the mapping cannot carry to Hugging Face.
+fn moe_from_nemo(cfg: &ModelConfig) -> Result<Option<MoeArch>, Error> {
+    let u = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
+    let experts = match u("num_moe_experts") {
+        None | Some(0) => return Ok(None),
+        Some(n) => n,
+    };
+    let nemo = |key: &str, why: String| Error::Nemo {
+        key: key.into(),
+        why,
+    };
+    for key in [
+        "moe_shared_expert_intermediate_size",
+        "moe_router_topk_scaling_factor",
+        "moe_router_num_groups",
+    ] {
+        if cfg.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(nemo(
+                key,
+                "has no Hugging Face Mixtral/Qwen3-MoE counterpart".into(),
+            ));
+        }
+    }
+    if u("moe_layer_freq").is_some_and(|f| f != 1) {
+        return Err(nemo(
+            "moe_layer_freq",
+            "only experts in every layer are mapped".into(),
+        ));
+    }
+    if cfg.get("moe_grouped_gemm").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(nemo(
+            "moe_grouped_gemm",
+            "grouped-GEMM expert names (TEGroupedMLP) are not mapped; SequentialMLP names are"
+                .into(),
+        ));
+    }
+    let ffn = u("moe_ffn_hidden_size")
+        .or_else(|| u("ffn_hidden_size"))
+        .ok_or_else(|| nemo("moe_ffn_hidden_size", "missing".into()))?;
+    Ok(Some(MoeArch {
+        experts,
+        topk: u("moe_router_topk").unwrap_or(2),
+        ffn,
+        pre_softmax: cfg.get("moe_router_pre_softmax").and_then(|v| v.as_bool()) == Some(true),
+        aux_loss_coeff: cfg
+            .get("moe_aux_loss_coeff")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
+    }))
 }
 
 /// A YAML float PyYAML (and so OmegaConf/NeMo) reads as a float: always a
@@ -677,7 +840,7 @@ bias: {bias}
 qkv_bias: {qkv_bias}
 qk_layernorm: {qk_layernorm}
 window_size: {window}
-activation: fast-swiglu
+{moe}activation: fast-swiglu
 headscale: false
 transformer_block_type: pre_ln
 openai_gelu: false
@@ -734,6 +897,17 @@ target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.Megatro
         window = match arch.sliding_window {
             Some(w) => format!("[{}, 0]", w.saturating_sub(1)),
             None => "null".to_string(),
+        },
+        moe = match &arch.moe {
+            Some(m) => format!(
+                "num_moe_experts: {}\nmoe_router_topk: {}\nmoe_ffn_hidden_size: {}\nmoe_router_pre_softmax: {}\nmoe_router_load_balancing_type: aux_loss\nmoe_aux_loss_coeff: {}\nmoe_grouped_gemm: false\nmoe_token_dispatcher_type: alltoall\n",
+                m.experts,
+                m.topk,
+                m.ffn,
+                m.pre_softmax,
+                yaml_float(m.aux_loss_coeff)
+            ),
+            None => String::new(),
         },
         theta = yaml_float(arch.rope_theta),
         tied = arch.tied,
@@ -904,6 +1078,74 @@ mod tests {
     }
 
     #[test]
+    fn moe_families_map_both_ways() {
+        let with = |model_type: &str, extra: &str| {
+            FIXTURE_HF.replace(
+                "\"model_type\": \"llama\"",
+                &format!("\"model_type\": \"{model_type}\", \"num_experts_per_tok\": 2{extra}"),
+            )
+        };
+        let mixtral = with(
+            "mixtral",
+            ", \"num_local_experts\": 8, \"router_aux_loss_coef\": 0.001",
+        );
+        let qwen = with(
+            "qwen3_moe",
+            ", \"num_experts\": 4, \"moe_intermediate_size\": 32, \"norm_topk_prob\": false",
+        );
+        for (text, family, want) in [
+            (&mixtral, Family::Mixtral, (8, 2, 96, false)),
+            (&qwen, Family::Qwen3Moe, (4, 2, 32, true)),
+        ] {
+            let a = LlamaArch::from_hf(text.as_bytes()).unwrap();
+            let m = a.moe.clone().unwrap();
+            assert_eq!((m.experts, m.topk, m.ffn, m.pre_softmax), want);
+            let yaml = nemo_config_yaml(&a, &target());
+            assert!(
+                yaml.contains(&format!("num_moe_experts: {}\n", want.0)),
+                "{yaml}"
+            );
+            let b = LlamaArch::from_nemo(&ModelConfig::parse(&yaml).unwrap(), 100).unwrap();
+            assert_eq!((b.family, &b.moe), (family, &a.moe));
+            let json: Value = serde_json::from_str(&b.to_hf_json()).unwrap();
+            assert_eq!(json["num_local_experts"], want.0);
+        }
+        assert_eq!(
+            LlamaArch::from_hf(mixtral.as_bytes())
+                .unwrap()
+                .moe
+                .unwrap()
+                .aux_loss_coeff,
+            0.001
+        );
+        for (text, why) in [
+            (
+                with(
+                    "qwen3_moe",
+                    ", \"num_experts\": 4, \"moe_intermediate_size\": 32, \"mlp_only_layers\": [1]",
+                ),
+                "dense layers",
+            ),
+            (
+                with(
+                    "mixtral",
+                    ", \"num_local_experts\": 4, \"router_jitter_noise\": 0.1",
+                ),
+                "router_jitter_noise",
+            ),
+        ] {
+            let e = LlamaArch::from_hf(text.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let e = LlamaArch::from_hf(with("mixtral", ", \"num_local_experts\": 1").as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Key { key, .. } if key == "num_experts_per_tok"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn family_features_without_a_mapping_are_refused() {
         let with = |model_type: &str, extra: &str| {
             FIXTURE_HF
@@ -931,7 +1173,7 @@ mod tests {
                 "covers every linear layer",
             ),
             ("gemma2", "", "model_type `gemma2`"),
-            ("mixtral", "", "model_type `mixtral`"),
+            ("phimoe", "", "model_type `phimoe`"),
         ] {
             let e = LlamaArch::from_hf(with(mt, extra).as_bytes()).unwrap_err();
             assert!(

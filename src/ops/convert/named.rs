@@ -64,6 +64,8 @@ pub const LAYER_ORDER: &[&str] = &[
     "self_attention.k_layernorm.bias",
     "pre_mlp_layernorm.weight",
     "pre_mlp_layernorm.bias",
+    "mlp.router.weight",
+    "mlp.router.expert_bias",
     "mlp.linear_fc1.weight",
     "mlp.linear_fc1.bias",
     "mlp.linear_fc1._extra_state",

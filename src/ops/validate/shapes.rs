@@ -147,7 +147,9 @@ fn expected(ckpt: &Checkpoint, rows: u64, sink: Sink) -> Option<Expected> {
         req(true, &format!("{pre}bias"), vec![h], on_bias);
     }
     req(true, "self_attention.linear_qkv.weight", vec![qkv, h], true);
-    req(true, "self_attention.linear_qkv.bias", vec![qkv], bias);
+    let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool()) == Some(true);
+    let qkv_bias = bias || flag("qkv_bias") || flag("add_qkv_bias");
+    req(true, "self_attention.linear_qkv.bias", vec![qkv], qkv_bias);
     req(
         true,
         "self_attention.linear_proj.weight",
@@ -155,13 +157,49 @@ fn expected(ckpt: &Checkpoint, rows: u64, sink: Sink) -> Option<Expected> {
         true,
     );
     req(true, "self_attention.linear_proj.bias", vec![h], bias);
-    req(true, "mlp.linear_fc1.weight", vec![fc1, h], true);
-    req(true, "mlp.linear_fc1.bias", vec![fc1], bias);
-    req(true, "mlp.linear_fc2.weight", vec![h, ffn], true);
-    req(true, "mlp.linear_fc2.bias", vec![h], bias);
+    let experts = cfg
+        .get("num_moe_experts")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if experts > 0 {
+        // SequentialMLP: the router and every expert's MLP, in every layer
+        let effn = cfg
+            .get("moe_ffn_hidden_size")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(ffn);
+        let efc1 = if cfg.is_gated() { 2 * effn } else { effn };
+        req(true, "mlp.router.weight", vec![experts, h], true);
+        for e in 0..experts {
+            let x = |m: &str| format!("mlp.experts.local_experts.{e}.{m}");
+            req(true, &x("linear_fc1.weight"), vec![efc1, h], true);
+            req(true, &x("linear_fc1.bias"), vec![efc1], bias);
+            req(true, &x("linear_fc2.weight"), vec![h, effn], true);
+            req(true, &x("linear_fc2.bias"), vec![h], bias);
+        }
+    } else {
+        req(true, "mlp.linear_fc1.weight", vec![fc1, h], true);
+        req(true, "mlp.linear_fc1.bias", vec![fc1], bias);
+        req(true, "mlp.linear_fc2.weight", vec![h, ffn], true);
+        req(true, "mlp.linear_fc2.bias", vec![h], bias);
+    }
+    let qk_norm = flag("qk_layernorm");
     for n in ["q_layernorm", "k_layernorm"] {
-        optional.insert((true, format!("self_attention.{n}.weight")), vec![d]);
-        optional.insert((true, format!("self_attention.{n}.bias")), vec![d]);
+        req(
+            true,
+            &format!("self_attention.{n}.weight"),
+            vec![d],
+            qk_norm,
+        );
+        req(
+            true,
+            &format!("self_attention.{n}.bias"),
+            vec![d],
+            qk_norm && norm_bias,
+        );
+        if !qk_norm {
+            optional.insert((true, format!("self_attention.{n}.weight")), vec![d]);
+            optional.insert((true, format!("self_attention.{n}.bias")), vec![d]);
+        }
     }
     Some(Expected {
         shapes,
