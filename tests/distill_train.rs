@@ -649,6 +649,23 @@ fn moe_student_matches_tp1_for_20_steps() {
         assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
     }
     assert!(!names.iter().any(|x| x.contains("layers.0.mlp.linear_fc1")));
+    // the load-balancing loss is logged every step, the same at both TPs (1 when perfectly
+    // balanced)
+    let lb = |run: &str| -> Vec<f64> {
+        metrics(&dir.path().join(run))
+            .iter()
+            .filter(|v| v.get("kd_loss").is_some())
+            .map(|v| v["moe_load_balancing_loss"].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let (a, b) = (lb("tp1"), lb("tp2"));
+    assert_eq!(a.len(), 20);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            *x > 0.0 && x.is_finite() && (x - y).abs() <= 1e-5,
+            "{x} vs {y}"
+        );
+    }
     let mut a = with("aux", 1);
     a.push("model.moe_aux_loss_coeff=0.01".into());
     let o = distill_cmd(&bin())

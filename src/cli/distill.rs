@@ -129,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ("logits_loss", r.logits_loss),
                 ("intermediate_loss", r.intermediate_loss),
                 ("lm_loss", r.lm_loss),
+                ("moe_load_balancing_loss", r.moe_load_balancing_loss),
             ]
             .iter()
             .filter_map(|(k, v)| v.map(|v| format!("{k} {v:.5}")))

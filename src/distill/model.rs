@@ -164,6 +164,9 @@ pub struct Gpt {
     output: Option<Tensor>,
     /// The rotary tables of the last sequence length (training repeats one length).
     rope: std::sync::Mutex<Option<(i64, rope::Rope)>>,
+    /// Sum and count of the MoE layers' load-balancing losses since the last
+    /// [`Gpt::take_moe_balance`].
+    moe_balance: std::sync::Mutex<(f64, u64)>,
 }
 
 /// Where weights come from.
@@ -604,6 +607,7 @@ impl Gpt {
             final_norm,
             output,
             rope: std::sync::Mutex::new(None),
+            moe_balance: std::sync::Mutex::new((0.0, 0)),
         })
     }
 
@@ -619,6 +623,14 @@ impl Gpt {
                 Some(out)
             }
         }
+    }
+
+    /// The MoE layers' load-balancing losses recorded since the last call: their sum and
+    /// count (a recomputed forward records its layer again, with the same value, so the mean
+    /// is unchanged).
+    pub fn take_moe_balance(&self) -> (f64, u64) {
+        let mut g = self.moe_balance.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *g, (0.0, 0))
     }
 
     /// The parameter shards, in construction order (the tied output layer is not repeated).
@@ -1021,6 +1033,25 @@ impl Gpt {
             (v.softmax(-1, Kind::Float), i)
         };
         let probs = probs.to_kind(flat.kind());
+        // megatron-core's switch load-balancing loss, unscaled: E · Σ_i f_i · P_i with f_i the
+        // share of the T·k assignments that go to expert i and P_i its mean router probability
+        let lb = tch::no_grad(|| {
+            let t = flat.size()[0] as f64;
+            let all = logits.softmax(-1, Kind::Float);
+            let counts = Tensor::zeros([moe.experts], (Kind::Float, all.device())).scatter_add(
+                0,
+                &top.reshape([-1]),
+                &Tensor::ones([top.numel() as i64], (Kind::Float, all.device())),
+            );
+            let p = all.sum_dim_intlist(0, false, Kind::Float) / t;
+            let f = counts / (t * moe.topk as f64);
+            (f * p).sum(Kind::Double).double_value(&[]) * moe.experts as f64
+        });
+        {
+            let mut g = self.moe_balance.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 += lb;
+            g.1 += 1;
+        }
         let mut out = flat.zeros_like();
         for (e, (fc1, fc2)) in experts.iter().enumerate() {
             // the tokens routed to expert e, and their weight for it

@@ -63,6 +63,11 @@ pub struct StepRecord {
     /// The mean intermediate-layer loss, when there are pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate_loss: Option<f64>,
+    /// A mixture-of-experts student's load-balancing loss (megatron-core's
+    /// `load_balancing_loss`: `E · Σ_i f_i · P_i`, unscaled), the mean over its MoE layers and
+    /// the step's micro-batches; logged, not part of the objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_load_balancing_loss: Option<f64>,
 }
 
 /// One validation's metrics.

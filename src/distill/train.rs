@@ -780,6 +780,7 @@ impl Logs {
             ("logits_loss", r.logits_loss),
             ("lm_loss", r.lm_loss),
             ("intermediate_loss", r.intermediate_loss),
+            ("moe_load_balancing_loss", r.moe_load_balancing_loss),
         ] {
             if let Some(v) = v {
                 self.tb.scalar(tag, v as f32, s).map_err(io_err(&p))?;
@@ -996,6 +997,8 @@ pub fn run(
     );
     while hist.step < job.max_steps {
         let t0 = Instant::now();
+        // what the last validation recorded is not this step's
+        let _ = m.student.take_moe_balance();
         opt.zero_grad();
         // Megatron's sampler: micro-step j of the global batch is micro x DP consecutive
         // samples, replica d taking the d-th micro-batch of them
@@ -1064,6 +1067,15 @@ pub fn run(
         let lm_loss = mean(job.kd.lm_loss_scale.map(|_| sum.lm.unwrap_or(0.0)))?;
         let intermediate_loss =
             mean((!job.intermediate.is_empty()).then(|| sum.intermediate.unwrap_or(0.0)))?;
+        // the MoE layers' load-balancing loss: mean over layers, micro-batches and replicas
+        let moe_load_balancing_loss = match m.student.spec.moe {
+            Some(_) => {
+                let (sum, n) = m.student.take_moe_balance();
+                let (sum, n) = (grid.pp.sum_f64(sum)?, grid.pp.sum_f64(n as f64)?);
+                Some(grid.dp.sum_f64(sum / n.max(1.0))? / dp_n)
+            }
+            None => None,
+        };
         let grad_norm = opt.clip(job.clip)?;
         let lr = job.schedule.lr(hist.step);
         opt.step(lr)?;
@@ -1080,6 +1092,7 @@ pub fn run(
             logits_loss,
             lm_loss,
             intermediate_loss,
+            moe_load_balancing_loss,
         };
         if let Some(l) = logs.as_mut() {
             l.step(&rec)?;

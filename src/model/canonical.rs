@@ -136,6 +136,14 @@ pub enum Error {
         /// Target TP.
         tp: u64,
     },
+    /// A tensor this view cannot place yet (refused rather than guessed at).
+    #[error("{key}: {why}")]
+    Unsupported {
+        /// The key.
+        key: String,
+        /// Why.
+        why: String,
+    },
     /// A stacked layer axis longer than [`MAX_LAYERS`] (hostile metadata
     /// could otherwise make the view loop over 2^40 layers).
     #[error("{key}: stacked layer axis of {found} layers is over the {MAX_LAYERS} cap")]
@@ -705,6 +713,14 @@ impl<'c> Canonical<'c> {
             let body = self.ckpt.family.strip_prefix(&t.key);
             if body.len() < t.key.len() {
                 self.prefix = t.key[..t.key.len() - body.len()].to_string();
+            }
+            if body.contains(".experts.") {
+                // megatron-core stacks SequentialMLP experts as [layers, experts, ...]: without a
+                // rule for that axis they would be written as one replicated tensor
+                return Err(Error::Unsupported {
+                    key: t.key.clone(),
+                    why: "mixture-of-experts weights in a distributed checkpoint are not read yet (megatron-core stacks them as [layers, experts, ...]); save the model per rank (model_weights.ckpt, mp_rank_XX) to use it here".into(),
+                });
             }
             let rule = self.rule_for(&t.key);
             let stacked = self.ckpt.family.lookup(&t.key).is_some_and(|m| m.stacked);

@@ -98,6 +98,16 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     tp1 = [torch.load(tmp_path / "tp1_rank0.pt", weights_only=True)]
     tp2 = [torch.load(tmp_path / f"tp2_rank{r}.pt", weights_only=True) for r in range(2)]
     assert "model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight" in tp1[0]
+    # megatron-core's own distributed checkpoint of it: its stacked [layers, experts, ...]
+    # experts are refused with the reason, not resharded as one replicated tensor
+    folder = tmp_path / "dist_nemo"
+    folder.mkdir()
+    (folder / "model_config.yaml").write_text(yaml.safe_dump({**MOE_CONFIG, "tensor_model_parallel_size": 1}))
+    os.rename(dist, folder / "model_weights")
+    p = run_tool("reshard", folder, tmp_path / "from_dist.nemo", "--tp", "2", "--vocab-size", "128", check=False)
+    assert p.returncode == 2 and "mixture-of-experts weights in a distributed checkpoint" in p.stderr, p.stderr
+    assert not (tmp_path / "from_dist.nemo").exists()
+
     m1, m2 = tmp_path / "mcore_tp1.nemo", tmp_path / "mcore_tp2.nemo"
     _pack(m1, MOE_CONFIG, tp1)
     _pack(m2, MOE_CONFIG, tp2)
