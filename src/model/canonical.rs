@@ -136,14 +136,6 @@ pub enum Error {
         /// Target TP.
         tp: u64,
     },
-    /// A tensor this view cannot place yet (refused rather than guessed at).
-    #[error("{key}: {why}")]
-    Unsupported {
-        /// The key.
-        key: String,
-        /// Why.
-        why: String,
-    },
     /// A stacked layer axis longer than [`MAX_LAYERS`] (hostile metadata
     /// could otherwise make the view loop over 2^40 layers).
     #[error("{key}: stacked layer axis of {found} layers is over the {MAX_LAYERS} cap")]
@@ -153,6 +145,32 @@ pub enum Error {
         /// Its leading dim.
         found: u64,
     },
+}
+
+/// The layer-relative name megatron-core's distributed checkpoint gives SequentialMLP experts,
+/// stacked `[experts, ...]` (and `[layers, experts, ...]` across layers).
+const DIST_EXPERTS: &str = "mlp.experts.experts.";
+/// The per-expert name of the per-rank state dict.
+const LOCAL_EXPERTS: &str = "mlp.experts.local_experts.";
+
+/// Where an expert's entry sorts within its layer: by expert, then fc1 before fc2, each
+/// tensor before its extra state; None (first) for the other entries.
+fn expert_order(name: &str) -> Option<(u64, u8)> {
+    let rest = name.strip_prefix(LOCAL_EXPERTS)?;
+    let (e, tail) = rest.split_once('.')?;
+    let e = e.parse().ok()?;
+    let k = [
+        "linear_fc1.weight",
+        "linear_fc1.bias",
+        "linear_fc1._extra_state",
+        "linear_fc2.weight",
+        "linear_fc2.bias",
+        "linear_fc2._extra_state",
+    ]
+    .iter()
+    .position(|k| *k == tail)
+    .unwrap_or(6) as u8;
+    Some((e, k))
 }
 
 /// Most layers a stacked distributed tensor may declare.
@@ -344,8 +362,9 @@ pub enum Source {
     Dist {
         /// Index into `DistCheckpoint::tensors`.
         tensor: usize,
-        /// The layer index on a stacked tensor's leading axis.
-        layer: Option<u64>,
+        /// Fixed indices of its leading axes: the layer of a stacked tensor, then the expert
+        /// of stacked MoE experts (`[layers, experts, ...]`).
+        lead: Vec<u64>,
     },
 }
 
@@ -705,6 +724,80 @@ impl<'c> Canonical<'c> {
         }))
     }
 
+    /// The per-expert entries of a distributed-checkpoint tensor of stacked experts
+    /// (`decoder.layers.mlp.experts.experts.X` as `[layers, experts, ...]`, or
+    /// `decoder.layers.N.mlp.experts.experts.X` as `[experts, ...]`), named as the per-rank
+    /// state dict names them (`mlp.experts.local_experts.E.X`); None for other tensors.
+    fn dist_experts(
+        &self,
+        i: usize,
+        t: &crate::formats::dist::DistTensor,
+        body: &str,
+        num_layers: &mut Option<u64>,
+    ) -> Result<Option<Vec<Entry>>, Error> {
+        let Some(rest) = body.strip_prefix(self.layer_stem.as_str()) else {
+            return Ok(None);
+        };
+        let (layers, tail): (Vec<u64>, &str) = match rest.strip_prefix(DIST_EXPERTS) {
+            Some(tail) => {
+                let n = t.shape.first().copied().unwrap_or(0);
+                if n > MAX_LAYERS {
+                    return Err(Error::TooManyLayers {
+                        key: t.key.clone(),
+                        found: n,
+                    });
+                }
+                match *num_layers {
+                    Some(prev) if prev != n => {
+                        return Err(Error::LayerCount {
+                            key: t.key.clone(),
+                            found: n,
+                            expected: prev,
+                        })
+                    }
+                    _ => *num_layers = Some(n),
+                }
+                ((0..n).collect(), tail)
+            }
+            None => match rest.split_once('.') {
+                Some((num, r)) => match (num.parse::<u64>(), r.strip_prefix(DIST_EXPERTS)) {
+                    (Ok(l), Some(tail)) => (vec![l], tail),
+                    _ => return Ok(None),
+                },
+                None => return Ok(None),
+            },
+        };
+        let stacked = usize::from(rest.starts_with(DIST_EXPERTS));
+        let experts = t.shape.get(stacked).copied().unwrap_or(0);
+        if experts > MAX_LAYERS {
+            return Err(Error::TooManyLayers {
+                key: t.key.clone(),
+                found: experts,
+            });
+        }
+        let shape = t.shape.get(stacked + 1..).unwrap_or(&[]).to_vec();
+        let mut out = Vec::new();
+        for &l in &layers {
+            for e in 0..experts {
+                let name = format!("{LOCAL_EXPERTS}{e}.{tail}");
+                let key = format!("{}{l}.{name}", self.layer_stem);
+                let lead = if stacked == 1 { vec![l, e] } else { vec![e] };
+                out.push(Entry {
+                    layer: Some(l),
+                    name,
+                    value: EntryValue::Tensor(Tensor {
+                        dtype: t.dtype,
+                        shape: shape.clone(),
+                        rule: self.rule_for(&key),
+                        source: Source::Dist { tensor: i, lead },
+                        replicas: Vec::new(),
+                    }),
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+
     fn build_dist(&mut self, dist: &DistCheckpoint) -> Result<(), Error> {
         let mut head = Vec::new();
         let mut layers = Vec::new();
@@ -714,13 +807,9 @@ impl<'c> Canonical<'c> {
             if body.len() < t.key.len() {
                 self.prefix = t.key[..t.key.len() - body.len()].to_string();
             }
-            if body.contains(".experts.") {
-                // megatron-core stacks SequentialMLP experts as [layers, experts, ...]: without a
-                // rule for that axis they would be written as one replicated tensor
-                return Err(Error::Unsupported {
-                    key: t.key.clone(),
-                    why: "mixture-of-experts weights in a distributed checkpoint are not read yet (megatron-core stacks them as [layers, experts, ...]); save the model per rank (model_weights.ckpt, mp_rank_XX) to use it here".into(),
-                });
+            if let Some(experts) = self.dist_experts(i, t, body, &mut num_layers)? {
+                layers.extend(experts);
+                continue;
             }
             let rule = self.rule_for(&t.key);
             let stacked = self.ckpt.family.lookup(&t.key).is_some_and(|m| m.stacked);
@@ -756,7 +845,7 @@ impl<'c> Canonical<'c> {
                             rule,
                             source: Source::Dist {
                                 tensor: i,
-                                layer: Some(l),
+                                lead: vec![l],
                             },
                             replicas: Vec::new(),
                         }),
@@ -773,7 +862,7 @@ impl<'c> Canonical<'c> {
                         rule,
                         source: Source::Dist {
                             tensor: i,
-                            layer: None,
+                            lead: Vec::new(),
                         },
                         replicas: Vec::new(),
                     }),
@@ -810,6 +899,21 @@ impl<'c> Canonical<'c> {
                 }
                 _ => self.split_layer(body),
             };
+            // a stacked expert's object: `shard_{layer}.{expert}_...` names the expert
+            let name = match name.strip_prefix(DIST_EXPERTS) {
+                Some(rest) => {
+                    let e = shard
+                        .strip_prefix("shard_")
+                        .and_then(|s| s.split('_').next())
+                        .and_then(|s| s.split('.').nth(1))
+                        .and_then(|s| s.parse::<u64>().ok());
+                    match e {
+                        Some(e) => format!("{LOCAL_EXPERTS}{e}.{rest}"),
+                        None => name,
+                    }
+                }
+                None => name,
+            };
             if let Some(Entry {
                 value: EntryValue::Object(_),
                 ..
@@ -832,7 +936,9 @@ impl<'c> Canonical<'c> {
             .or_else(|| layers.iter().filter_map(|e| e.layer).max().map(|l| l + 1))
             .unwrap_or(0);
         self.norm_style = NormStyle::Te;
-        layers.sort_by_key(|e| e.layer); // stable: metadata order within a layer
+        // stable: metadata order within a layer, each expert's entries together after the rest
+        // in megatron-core's order (fc1, its extra state, fc2, its extra state)
+        layers.sort_by_key(|e| (e.layer, expert_order(&e.name)));
         self.entries = head;
         self.entries.extend(layers);
         Ok(())
@@ -968,7 +1074,7 @@ impl<'c> Canonical<'c> {
         }
         let es = t.dtype.size() as u64;
         match &t.source {
-            Source::Dist { tensor, layer } => {
+            Source::Dist { tensor, lead } => {
                 let Weights::Dist(dist) = &self.ckpt.weights else {
                     return Err(bad());
                 };
@@ -979,9 +1085,9 @@ impl<'c> Canonical<'c> {
                     offsets[d] = range.start;
                     sizes[d] = range.end - range.start;
                 }
-                if let Some(l) = layer {
-                    offsets.insert(0, *l);
-                    sizes.insert(0, 1);
+                for (i, &x) in lead.iter().enumerate() {
+                    offsets.insert(i, x);
+                    sizes.insert(i, 1);
                 }
                 dist.read_box(self.ckpt.archive(), dt, &offsets, &sizes)
                     .map_err(|source| Error::Dist {

@@ -472,8 +472,7 @@ fn canonical_error(acc: &mut Acc, e: crate::model::canonical::Error) {
         E::Tensor { key, .. }
         | E::Dist { key, .. }
         | E::BadSlice { key, .. }
-        | E::Indivisible { key, .. }
-        | E::Unsupported { key, .. } => acc.error(Code::UnreadableTensor, key, msg),
+        | E::Indivisible { key, .. } => acc.error(Code::UnreadableTensor, key, msg),
     }
 }
 

@@ -2,8 +2,10 @@
 (SequentialMLP experts, CPU, Gloo) and against transformers' Mixtral and Qwen3-MoE:
 
 * megatron-core writes the same random MoE model at TP1 and, resharded by its own
-  `dist_checkpointing`, at TP2; `nemo-tool reshard` turns each into the other with the same
-  keys in the same order and the same tensor bytes;
+  `dist_checkpointing`, at TP2; `nemo-tool reshard` turns each into the other, and its
+  `torch_dist` checkpoint (experts stacked `[layers, experts, ...]`) into each, with the same keys
+  in the same order and the same tensor bytes; `convert --to dist` writes a checkpoint megatron-core
+  loads at TP2 into exactly its own shards;
 * `nemo-tool eval --logits-out` of those archives equals megatron-core's logits within 1e-4,
   at TP1 and TP2;
 * tiny random Mixtral and Qwen3-MoE (GQA; untied and tied) -> `.nemo` TP2 -> HF give the same
@@ -98,15 +100,17 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     tp1 = [torch.load(tmp_path / "tp1_rank0.pt", weights_only=True)]
     tp2 = [torch.load(tmp_path / f"tp2_rank{r}.pt", weights_only=True) for r in range(2)]
     assert "model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight" in tp1[0]
-    # megatron-core's own distributed checkpoint of it: its stacked [layers, experts, ...]
-    # experts are refused with the reason, not resharded as one replicated tensor
+    # megatron-core's own distributed checkpoint of it (experts stacked [layers, experts, ...])
+    # reshards to its per-rank shards at TP1 and TP2
     folder = tmp_path / "dist_nemo"
     folder.mkdir()
     (folder / "model_config.yaml").write_text(yaml.safe_dump({**MOE_CONFIG, "tensor_model_parallel_size": 1}))
     os.rename(dist, folder / "model_weights")
-    p = run_tool("reshard", folder, tmp_path / "from_dist.nemo", "--tp", "2", "--vocab-size", "128", check=False)
-    assert p.returncode == 2 and "mixture-of-experts weights in a distributed checkpoint" in p.stderr, p.stderr
-    assert not (tmp_path / "from_dist.nemo").exists()
+    for tp, want in ((1, tp1), (2, tp2)):
+        out = tmp_path / f"from_dist_tp{tp}.nemo"
+        run_tool("reshard", folder, out, "--tp", str(tp), "--vocab-size", "128")
+        for r, (o, t) in enumerate(zip(_ranks(out, tp), want)):
+            _same(o, t, f"dist -> TP{tp}, rank {r}")
 
     m1, m2 = tmp_path / "mcore_tp1.nemo", tmp_path / "mcore_tp2.nemo"
     _pack(m1, MOE_CONFIG, tp1)
@@ -119,6 +123,17 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     for r, (o, t) in enumerate(zip(_ranks(ours2, 2), tp2)):
         _same(o, t, f"TP1 -> TP2, rank {r}")
     _same(_ranks(ours1, 1)[0], tp1[0], "TP2 -> TP1")
+
+    # ... and ours: `convert --to dist` stacks the experts as megatron-core does, which loads
+    # it at TP2 into exactly its own shards
+    ours_dist = tmp_path / "ours_dist.nemo"
+    run_tool("convert", m1, "--to", "dist", ours_dist)
+    extracted = tmp_path / "ours_dist"
+    with tarfile.open(ours_dist) as tf:
+        tf.extractall(extracted, filter="data")
+    _torchrun(2, HELPERS / "mcore_moe_save.py", cfg_path, extracted / "model_weights", tmp_path / "loaded")
+    for r in range(2):
+        _same(torch.load(tmp_path / f"loaded_rank{r}.pt", weights_only=True), tp2[r], f"mcore loads our dist, rank {r}")
 
     # validate checks every expert's shape against the config
     run_tool("validate", m2)

@@ -5,7 +5,10 @@
 //! gate and up), TE norm names, `_extra_state` as ShardedObjects
 //! `…/shard_{l}_{L}` holding `torch.save([obj])`, no
 //! `output_layer._extra_state`, `common.pt` = `torch.save({})`, and the
-//! torch_dist `metadata.json`. megatron-core loads it at any TP.
+//! torch_dist `metadata.json`. SequentialMLP experts are stacked as megatron-core stacks
+//! them: `decoder.layers.mlp.experts.experts.X` of shape `[layers, experts, ...]`, one chunk
+//! per (layer, expert) (two for a gated fc1), objects `…/shard_{l}.{e}_{L}.{E}`.
+//! megatron-core loads it at any TP.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -92,12 +95,92 @@ pub fn plan(
     Error,
 > {
     let layers = canon.num_layers();
+    let experts = canon
+        .entries
+        .iter()
+        .filter_map(|e| expert_of(&e.name).map(|(_, x, _)| x + 1))
+        .max()
+        .unwrap_or(0);
     let mut tensors: Vec<DistTensor> = Vec::new();
     let mut pieces: Vec<Vec<Vec<Piece>>> = Vec::new();
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
     for e in &canon.entries {
         let te = te_name(&e.name);
+        if let Some((l, x, key)) = expert_of(&te) {
+            match &e.item {
+                Item::Object(v) => {
+                    let k = format!("{key}/shard_{l}.{x}_{layers}.{experts}");
+                    let b = torch_save(&k, &Value::List(vec![v.clone()]))?;
+                    objects.push((k, b));
+                }
+                Item::Tensor(t) => {
+                    let idx = match tensors.iter().position(|d| d.key == key) {
+                        Some(i) => i,
+                        None => {
+                            let mut shape = vec![layers, experts];
+                            shape.extend(&t.shape);
+                            tensors.push(DistTensor {
+                                key: key.clone(),
+                                dtype: t.dtype,
+                                shape,
+                                chunks: Vec::new(),
+                            });
+                            pieces.push(Vec::new());
+                            tensors.len() - 1
+                        }
+                    };
+                    let (Some(dt), Some(ps)) = (tensors.get_mut(idx), pieces.get_mut(idx)) else {
+                        continue;
+                    };
+                    if dt.dtype != t.dtype || dt.shape.get(2..) != Some(&t.shape[..]) {
+                        return Err(Error::Stack {
+                            key,
+                            why: format!(
+                                "layer {l} expert {x} is {}{:?}, the first {}{:?}",
+                                t.dtype, t.shape, dt.dtype, dt.shape
+                            ),
+                        });
+                    }
+                    let rows = t.shape.first().copied().unwrap_or(0);
+                    let halves = gated && key.contains("linear_fc1.") && rows % 2 == 0;
+                    let parts: Vec<(u64, u64)> = if halves {
+                        vec![(0, rows / 2), (rows / 2, rows)]
+                    } else {
+                        vec![(0, rows)]
+                    };
+                    for (r0, r1) in parts {
+                        let mut offsets = vec![0; dt.shape.len()];
+                        let mut sizes = dt.shape.clone();
+                        offsets[0] = l;
+                        sizes[0] = 1;
+                        offsets[1] = x;
+                        sizes[1] = 1;
+                        if sizes.len() > 2 {
+                            offsets[2] = r0;
+                            sizes[2] = r1 - r0;
+                        }
+                        let p = if sizes.len() > 2 {
+                            t.rows(r0, r1).map_err(|e| Error::Stack {
+                                key: key.clone(),
+                                why: e.to_string(),
+                            })?
+                        } else {
+                            t.pieces().to_vec()
+                        };
+                        dt.chunks.push(Chunk {
+                            offsets,
+                            sizes,
+                            location: Location::File {
+                                member: String::new(),
+                            },
+                        });
+                        ps.push(p);
+                    }
+                }
+            }
+            continue;
+        }
         match (&e.item, stack_name(&te)) {
             (Item::Object(v), Some((l, key))) => {
                 let k = format!("{key}/shard_{l}_{layers}");
@@ -201,6 +284,20 @@ pub fn plan(
         crate::formats::dist::validate_chunks(t)?;
     }
     Ok((tensors, pieces, objects, warnings))
+}
+
+/// (layer, expert, stacked key) of a SequentialMLP expert's entry
+/// (`model.decoder.layers.L.mlp.experts.local_experts.E.X` ->
+/// `model.decoder.layers.mlp.experts.experts.X`).
+fn expert_of(name: &str) -> Option<(u64, u64, String)> {
+    let (l, suffix) = stack_name(name)?;
+    let rest = suffix.strip_prefix("model.decoder.layers.mlp.experts.local_experts.")?;
+    let (x, tail) = rest.split_once('.')?;
+    Some((
+        l,
+        x.parse().ok()?,
+        format!("model.decoder.layers.mlp.experts.experts.{tail}"),
+    ))
 }
 
 /// Writes `canon` (from `ck`, whose config and artifacts are copied) as a
