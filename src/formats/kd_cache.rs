@@ -307,7 +307,15 @@ impl Writer {
         std::fs::write(&p, json).map_err(io(&p))?;
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::rename(&self.partial, &self.dir).map_err(io(&self.dir))?;
-        Ok(self.manifest)
+        Ok(self.manifest.clone())
+    }
+}
+
+impl Drop for Writer {
+    /// A cache that was not finished leaves nothing behind (after `finish` the partial
+    /// folder has been renamed into place and this does nothing).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.partial);
     }
 }
 
@@ -547,6 +555,17 @@ mod tests {
                 .unwrap_or_default();
             assert!(e.contains("made for another dataset"), "{e}");
         }
+        // an unfinished cache leaves nothing behind
+        let other = dir.path().join("unfinished");
+        let mut w = Writer::create(&other, k, seq, ValueType::F32, src.clone(), 2, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let vals = vec![0f32; n];
+        let ids = vec![0u32; n];
+        w.push(key(1), &vals, &ids, &[0.0; 4])
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(w);
+        assert!(!other.exists());
+        assert!(!PathBuf::from(format!("{}.partial", other.display())).exists());
         // an existing cache is kept without --force; a corrupted shard is refused
         assert!(Writer::create(&out, 1, 1, ValueType::F32, src, 1, false).is_err());
         let shard = out.join("shard_00000.bin");

@@ -88,6 +88,8 @@ pub struct MoeReport {
     pub topk: u64,
     /// `moe_ffn_hidden_size` (else `ffn_hidden_size`).
     pub ffn_hidden_size: Option<u64>,
+    /// `expert_model_parallel_size` (default 1).
+    pub expert_parallel: u64,
 }
 
 /// True and padded vocabulary.
@@ -314,6 +316,10 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
                     .get("moe_ffn_hidden_size")
                     .and_then(|v| v.as_u64())
                     .or_else(|| cfg.ffn_hidden_size().ok()),
+                expert_parallel: cfg
+                    .get("expert_model_parallel_size")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(1),
             }),
         precision: cfg.precision().map(str::to_string),
     };
@@ -428,10 +434,11 @@ impl Report {
                 }
                 if let Some(m) = &a.moe {
                     extra += &format!(
-                        ", {} experts (top-{}, ffn {})",
+                        ", {} experts (top-{}, ffn {}, EP {})",
                         m.experts,
                         m.topk,
-                        opt(&m.ffn_hidden_size)
+                        opt(&m.ffn_hidden_size),
+                        m.expert_parallel
                     );
                 }
                 extra

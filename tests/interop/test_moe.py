@@ -145,7 +145,9 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     assert p.returncode != 0 and "local_experts.2.linear_fc2.weight" in p.stdout + p.stderr, p.stdout + p.stderr
 
     info = json.loads(run_tool("inspect", m2, "--json").stdout)
-    assert info["architecture"]["moe"] == {"experts": 4, "topk": 2, "ffn_hidden_size": 32}, info["architecture"]
+    assert info["architecture"]["moe"] == {"experts": 4, "topk": 2, "ffn_hidden_size": 32, "expert_parallel": 1}, info[
+        "architecture"
+    ]
 
     diffs = []
     for tp, nemo in ((1, m1), (2, m2)):
