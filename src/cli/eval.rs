@@ -387,6 +387,7 @@ fn write_cache(
     let dtype = ValueType::parse(&a.cache_dtype).context("--cache-dtype")?;
     let opts = WriteOptions {
         k: a.top_k,
+        seq_length: a.seq_length,
         dtype,
         micro_batch: a.micro_batch,
         chunk: a.chunk,

@@ -160,6 +160,8 @@ fn key(split: Split, d: usize, (document, offset): (u64, u32)) -> Key {
 pub struct WriteOptions {
     /// Entries per token.
     pub k: i64,
+    /// Tokens per window (the samples' windows have one more, the last target).
+    pub seq_length: usize,
     /// How values are stored.
     pub dtype: ValueType,
     /// Windows per forward pass.
@@ -189,10 +191,7 @@ pub fn write(
 ) -> Result<Option<Manifest>, Error> {
     let pg = model.group();
     let lead = pg.rank() == 0;
-    let seq_length = splits
-        .first()
-        .and_then(|(_, s)| s.parts().first())
-        .map_or(0, |p| p.get(0).len().saturating_sub(1));
+    let seq_length = o.seq_length;
     let mut writer = if lead {
         Some(Writer::create(
             out,

@@ -93,25 +93,28 @@ pub struct HfModel {
     pub warnings: Vec<String>,
 }
 
-/// Hugging Face names of a layer's MoE tensors: the router, and expert `e`'s gate, up and
-/// down projections (Mixtral's `block_sparse_moe.experts.e.w1/w3/w2`, Qwen3-MoE's
-/// `mlp.experts.e.gate_proj/up_proj/down_proj`).
-fn moe_names(family: Family, layer: u64, e: Option<u64>) -> [String; 3] {
-    let p = format!("model.layers.{layer}");
-    match (family, e) {
-        (Family::Mixtral, None) => [
-            format!("{p}.block_sparse_moe.gate.weight"),
-            String::new(),
-            String::new(),
-        ],
-        (Family::Mixtral, Some(e)) => {
-            ["w1", "w3", "w2"].map(|w| format!("{p}.block_sparse_moe.experts.{e}.{w}.weight"))
-        }
-        (_, None) => [format!("{p}.mlp.gate.weight"), String::new(), String::new()],
-        (_, Some(e)) => {
-            ["gate_proj", "up_proj", "down_proj"].map(|w| format!("{p}.mlp.experts.{e}.{w}.weight"))
-        }
+/// The Hugging Face module of a layer's experts and router: Mixtral's `block_sparse_moe`,
+/// Qwen3-MoE's `mlp`.
+fn moe_module(family: Family, layer: u64) -> String {
+    match family {
+        Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
+        _ => format!("model.layers.{layer}.mlp"),
     }
+}
+
+/// The Hugging Face name of a layer's router.
+fn router_name(family: Family, layer: u64) -> String {
+    format!("{}.gate.weight", moe_module(family, layer))
+}
+
+/// Expert `e`'s gate, up and down projections (Mixtral's `w1`, `w3`, `w2`).
+fn expert_names(family: Family, layer: u64, e: u64) -> [String; 3] {
+    let m = moe_module(family, layer);
+    let names = match family {
+        Family::Mixtral => ["w1", "w3", "w2"],
+        _ => ["gate_proj", "up_proj", "down_proj"],
+    };
+    names.map(|w| format!("{m}.experts.{e}.{w}.weight"))
 }
 
 fn heads(arch: &LlamaArch) -> Heads {
@@ -267,10 +270,9 @@ fn global_from_hf(
         if let Some(moe) = &arch.moe {
             // SequentialMLP state-dict order: the router, then each expert's fc1, its extra
             // state, fc2, its extra state
-            let [router, _, _] = moe_names(arch.family, l, None);
-            push(mc("mlp.router.weight"), take(&router)?);
+            push(mc("mlp.router.weight"), take(&router_name(arch.family, l))?);
             for e in 0..moe.experts {
-                let [g, u, d] = moe_names(arch.family, l, Some(e));
+                let [g, u, d] = expert_names(arch.family, l, e);
                 let x = |m: &str| mc(&format!("mlp.experts.local_experts.{e}.{m}"));
                 let fc1 = cat_rows(&x("linear_fc1.weight"), &take(&g)?, &take(&u)?)?;
                 push(x("linear_fc1.weight"), fc1);
@@ -407,11 +409,10 @@ pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTenso
             ])
         };
         if let Some(moe) = &arch.moe {
-            let [router, _, _] = moe_names(arch.family, l, None);
             let r = get(&mc("mlp.router.weight"))?;
-            push(r.renamed(router, r.shape.clone())?);
+            push(r.renamed(router_name(arch.family, l), r.shape.clone())?);
             for e in 0..moe.experts {
-                let [g, u, d] = moe_names(arch.family, l, Some(e));
+                let [g, u, d] = expert_names(arch.family, l, e);
                 let x = |m: &str| mc(&format!("mlp.experts.local_experts.{e}.{m}"));
                 let [gt, ut] = halves(get(&x("linear_fc1.weight"))?, [g, u])?;
                 push(gt);
