@@ -270,15 +270,8 @@ impl KdLoss {
                 teacher.size()
             )));
         }
-        let scale = |x: Tensor| {
-            if self.temperature == 1.0 {
-                x
-            } else {
-                x / self.temperature
-            }
-        };
-        let s = scale(student.to_kind(Kind::Float));
-        let t = scale(teacher.detach().to_kind(Kind::Float));
+        let s = self.scaled(student);
+        let t = self.scaled(&teacher.detach());
         if let LossKind::ModeloptTopK { k } = self.kind {
             let (tv, ids) = global_topk(pg, &t, k)?;
             return Ok(self.t2(topk_kl_at(pg, &s, &tv, &ids)?));
@@ -345,16 +338,19 @@ impl KdLoss {
         } else {
             (values.shallow_clone(), ids.shallow_clone())
         };
-        let scale = |x: Tensor| {
-            if self.temperature == 1.0 {
-                x
-            } else {
-                x / self.temperature
-            }
-        };
-        let s = scale(student.to_kind(Kind::Float));
-        let tv = scale(tv.to_device(s.device()).to_kind(Kind::Float));
+        let s = self.scaled(student);
+        let tv = self.scaled(&tv.to_device(s.device()));
         Ok(self.t2(topk_kl_at(pg, &s, &tv, &ids.to_device(s.device()))?))
+    }
+
+    /// `x` in fp32, divided by the temperature.
+    fn scaled(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        if self.temperature == 1.0 {
+            x
+        } else {
+            x / self.temperature
+        }
     }
 
     fn t2(&self, x: Tensor) -> Tensor {
