@@ -538,6 +538,28 @@ fn modelopt_config_with_the_lm_loss_matches_at_tp2() {
 }
 
 /// Intermediate-layer pairs under pipeline parallelism: on the last stage, as in ModelOpt.
+/// Overrides of a 20-step run of `name` at `tp` (global batch 4 of micro-batches of 1, a
+/// validation at steps 10 and 20) with the student's architecture `features`.
+fn twenty_steps(prefix: &Path, dir: &Path, name: &str, tp: u32, features: &[&str]) -> Vec<String> {
+    let mut a = common(prefix, &dir.join(name), &dir.join(format!("{name}.nemo")));
+    a.extend(
+        [
+            "model.global_batch_size=4",
+            "model.micro_batch_size=1",
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "trainer.limit_val_batches=1",
+            "model.optim.lr=1e-2",
+        ]
+        .iter()
+        .chain(features)
+        .map(|s| s.to_string()),
+    );
+    a.push(format!("model.tensor_model_parallel_size={tp}"));
+    a.push(format!("trainer.devices={tp}"));
+    a
+}
+
 /// A student with the Qwen2/Qwen3/Mistral features (Q/K/V biases, per-head Q/K norms, a
 /// sliding window of 8 positions over the 32-token sequences) distils at TP2 as at TP1 over 20
 /// steps, and its saved config keeps the features.
@@ -546,29 +568,17 @@ fn qwen_mistral_features_match_tp1_for_20_steps() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
     let with = |name: &str, tp: u32| {
-        let mut a = common(
+        twenty_steps(
             &prefix,
-            &dir.path().join(name),
-            &dir.path().join(format!("{name}.nemo")),
-        );
-        a.extend(
-            [
-                "model.global_batch_size=4",
-                "model.micro_batch_size=1",
-                "trainer.max_steps=20",
-                "trainer.val_check_interval=10",
-                "trainer.limit_val_batches=1",
-                "model.optim.lr=1e-2",
+            dir.path(),
+            name,
+            tp,
+            &[
                 "model.qkv_bias=true",
                 "model.qk_layernorm=true",
                 "model.window_size=[7,0]",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        );
-        a.push(format!("model.tensor_model_parallel_size={tp}"));
-        a.push(format!("trainer.devices={tp}"));
-        a
+            ],
+        )
     };
     run_tp1(&with("tp1", 1));
     run_tp2(&with("tp2", 2));
@@ -603,31 +613,19 @@ fn moe_student_matches_tp1_for_20_steps() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
     let with = |name: &str, tp: u32| {
-        let mut a = common(
+        twenty_steps(
             &prefix,
-            &dir.path().join(name),
-            &dir.path().join(format!("{name}.nemo")),
-        );
-        a.extend(
-            [
-                "model.global_batch_size=4",
-                "model.micro_batch_size=1",
-                "trainer.max_steps=20",
-                "trainer.val_check_interval=10",
-                "trainer.limit_val_batches=1",
-                "model.optim.lr=1e-2",
+            dir.path(),
+            name,
+            tp,
+            &[
                 "model.qk_layernorm=true",
                 "model.num_moe_experts=4",
                 "model.moe_router_topk=2",
                 "model.moe_ffn_hidden_size=32",
                 "model.moe_router_pre_softmax=true",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        );
-        a.push(format!("model.tensor_model_parallel_size={tp}"));
-        a.push(format!("trainer.devices={tp}"));
-        a
+            ],
+        )
     };
     run_tp1(&with("tp1", 1));
     run_tp2(&with("tp2", 2));

@@ -107,83 +107,23 @@ pub fn plan(
     let mut warnings = Vec::new();
     for e in &canon.entries {
         let te = te_name(&e.name);
-        if let Some((l, x, key)) = expert_of(&te) {
-            match &e.item {
-                Item::Object(v) => {
-                    let k = format!("{key}/shard_{l}.{x}_{layers}.{experts}");
-                    let b = torch_save(&k, &Value::List(vec![v.clone()]))?;
-                    objects.push((k, b));
-                }
-                Item::Tensor(t) => {
-                    let idx = match tensors.iter().position(|d| d.key == key) {
-                        Some(i) => i,
-                        None => {
-                            let mut shape = vec![layers, experts];
-                            shape.extend(&t.shape);
-                            tensors.push(DistTensor {
-                                key: key.clone(),
-                                dtype: t.dtype,
-                                shape,
-                                chunks: Vec::new(),
-                            });
-                            pieces.push(Vec::new());
-                            tensors.len() - 1
-                        }
-                    };
-                    let (Some(dt), Some(ps)) = (tensors.get_mut(idx), pieces.get_mut(idx)) else {
-                        continue;
-                    };
-                    if dt.dtype != t.dtype || dt.shape.get(2..) != Some(&t.shape[..]) {
-                        return Err(Error::Stack {
-                            key,
-                            why: format!(
-                                "layer {l} expert {x} is {}{:?}, the first {}{:?}",
-                                t.dtype, t.shape, dt.dtype, dt.shape
-                            ),
-                        });
-                    }
-                    let rows = t.shape.first().copied().unwrap_or(0);
-                    let halves = gated && key.contains("linear_fc1.") && rows % 2 == 0;
-                    let parts: Vec<(u64, u64)> = if halves {
-                        vec![(0, rows / 2), (rows / 2, rows)]
-                    } else {
-                        vec![(0, rows)]
-                    };
-                    for (r0, r1) in parts {
-                        let mut offsets = vec![0; dt.shape.len()];
-                        let mut sizes = dt.shape.clone();
-                        offsets[0] = l;
-                        sizes[0] = 1;
-                        offsets[1] = x;
-                        sizes[1] = 1;
-                        if sizes.len() > 2 {
-                            offsets[2] = r0;
-                            sizes[2] = r1 - r0;
-                        }
-                        let p = if sizes.len() > 2 {
-                            t.rows(r0, r1).map_err(|e| Error::Stack {
-                                key: key.clone(),
-                                why: e.to_string(),
-                            })?
-                        } else {
-                            t.pieces().to_vec()
-                        };
-                        dt.chunks.push(Chunk {
-                            offsets,
-                            sizes,
-                            location: Location::File {
-                                member: String::new(),
-                            },
-                        });
-                        ps.push(p);
-                    }
-                }
+        // where a layer's (or a layer's expert's) entry goes: the stacked key, its indices on
+        // the leading axes, those axes, and the object shard suffix
+        let stacked = match (expert_of(&te), stack_name(&te)) {
+            (Some((l, x, key)), _) => Some((
+                key,
+                vec![l, x],
+                vec![layers, experts],
+                format!("shard_{l}.{x}_{layers}.{experts}"),
+            )),
+            (None, Some((l, key))) => {
+                Some((key, vec![l], vec![layers], format!("shard_{l}_{layers}")))
             }
-            continue;
-        }
-        match (&e.item, stack_name(&te)) {
-            (Item::Object(v), Some((l, key))) => {
-                let k = format!("{key}/shard_{l}_{layers}");
+            (None, None) => None,
+        };
+        match (&e.item, stacked) {
+            (Item::Object(v), Some((key, _, _, shard))) => {
+                let k = format!("{key}/{shard}");
                 let b = torch_save(&k, &Value::List(vec![v.clone()]))?;
                 objects.push((k, b));
             }
@@ -193,75 +133,8 @@ pub fn plan(
                     warnings.push(format!("dropped non-layer object `{}`", e.name));
                 }
             }
-            (Item::Tensor(t), Some((l, key))) => {
-                let idx = match tensors.iter().position(|x| x.key == key) {
-                    Some(i) => i,
-                    None => {
-                        let mut shape = vec![layers];
-                        shape.extend(&t.shape);
-                        tensors.push(DistTensor {
-                            key: key.clone(),
-                            dtype: t.dtype,
-                            shape,
-                            chunks: Vec::new(),
-                        });
-                        pieces.push(Vec::new());
-                        tensors.len() - 1
-                    }
-                };
-                let (Some(dt), Some(ps)) = (tensors.get_mut(idx), pieces.get_mut(idx)) else {
-                    continue;
-                };
-                if dt.dtype != t.dtype || dt.shape.get(1..) != Some(&t.shape[..]) {
-                    return Err(Error::Stack {
-                        key,
-                        why: format!(
-                            "layer {l} is {}{:?}, layer 0 {}{:?}",
-                            t.dtype, t.shape, dt.dtype, dt.shape
-                        ),
-                    });
-                }
-                // Gated fc1 is saved as gate and up halves (swiglu factory).
-                let rows = t.shape.first().copied().unwrap_or(0);
-                let halves = gated
-                    && (key.ends_with("mlp.linear_fc1.weight")
-                        || key.ends_with("mlp.linear_fc1.bias"))
-                    && rows % 2 == 0;
-                let parts: Vec<(u64, u64)> = if halves {
-                    vec![(0, rows / 2), (rows / 2, rows)]
-                } else {
-                    vec![(0, rows)]
-                };
-                for (r0, r1) in parts {
-                    let mut offsets = vec![0; dt.shape.len()];
-                    let mut sizes = dt.shape.clone();
-                    if let Some(o) = offsets.first_mut() {
-                        *o = l;
-                    }
-                    if let Some(s) = sizes.first_mut() {
-                        *s = 1;
-                    }
-                    if sizes.len() > 1 {
-                        offsets[1] = r0;
-                        sizes[1] = r1 - r0;
-                    }
-                    let p = if sizes.len() > 1 {
-                        t.rows(r0, r1).map_err(|e| Error::Stack {
-                            key: key.clone(),
-                            why: e.to_string(),
-                        })?
-                    } else {
-                        t.pieces().to_vec()
-                    };
-                    dt.chunks.push(Chunk {
-                        offsets,
-                        sizes,
-                        location: Location::File {
-                            member: String::new(),
-                        },
-                    });
-                    ps.push(p);
-                }
+            (Item::Tensor(t), Some((key, lead, dims, _))) => {
+                stack_into(&mut tensors, &mut pieces, key, &dims, &lead, t, gated)?;
             }
             (Item::Tensor(t), None) => {
                 tensors.push(DistTensor {
@@ -284,6 +157,84 @@ pub fn plan(
         crate::formats::dist::validate_chunks(t)?;
     }
     Ok((tensors, pieces, objects, warnings))
+}
+
+/// Adds `t` to the stacked tensor `key` (leading axes `dims`, created at the first entry) at
+/// the leading indices `lead`: one chunk, or two for a gated fc1 (its gate and up halves, as
+/// mcore's swiglu factory saves them).
+fn stack_into(
+    tensors: &mut Vec<DistTensor>,
+    pieces: &mut Vec<Vec<Vec<Piece>>>,
+    key: String,
+    dims: &[u64],
+    lead: &[u64],
+    t: &super::tensor::Flat,
+    gated: bool,
+) -> Result<(), Error> {
+    let idx = match tensors.iter().position(|x| x.key == key) {
+        Some(i) => i,
+        None => {
+            let mut shape = dims.to_vec();
+            shape.extend(&t.shape);
+            tensors.push(DistTensor {
+                key: key.clone(),
+                dtype: t.dtype,
+                shape,
+                chunks: Vec::new(),
+            });
+            pieces.push(Vec::new());
+            tensors.len() - 1
+        }
+    };
+    let (Some(dt), Some(ps)) = (tensors.get_mut(idx), pieces.get_mut(idx)) else {
+        return Ok(());
+    };
+    let n = lead.len();
+    if dt.dtype != t.dtype || dt.shape.get(n..) != Some(&t.shape[..]) {
+        return Err(Error::Stack {
+            key,
+            why: format!(
+                "at {lead:?} it is {}{:?}, the first {}{:?}",
+                t.dtype, t.shape, dt.dtype, dt.shape
+            ),
+        });
+    }
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let halves = gated
+        && (key.ends_with("linear_fc1.weight") || key.ends_with("linear_fc1.bias"))
+        && rows % 2 == 0;
+    let parts: Vec<(u64, u64)> = if halves {
+        vec![(0, rows / 2), (rows / 2, rows)]
+    } else {
+        vec![(0, rows)]
+    };
+    for (r0, r1) in parts {
+        let mut offsets = vec![0; dt.shape.len()];
+        let mut sizes = dt.shape.clone();
+        for (i, &x) in lead.iter().enumerate() {
+            offsets[i] = x;
+            sizes[i] = 1;
+        }
+        let p = if sizes.len() > n {
+            offsets[n] = r0;
+            sizes[n] = r1 - r0;
+            t.rows(r0, r1).map_err(|e| Error::Stack {
+                key: key.clone(),
+                why: e.to_string(),
+            })?
+        } else {
+            t.pieces().to_vec()
+        };
+        dt.chunks.push(Chunk {
+            offsets,
+            sizes,
+            location: Location::File {
+                member: String::new(),
+            },
+        });
+        ps.push(p);
+    }
+    Ok(())
 }
 
 /// (layer, expert, stacked key) of a SequentialMLP expert's entry
