@@ -560,6 +560,19 @@ fn twenty_steps(prefix: &Path, dir: &Path, name: &str, tp: u32, features: &[&str
     a
 }
 
+/// Runs [`twenty_steps`] with `features` at TP1 and TP2, checks they agree (within 1e-5), and
+/// returns the loss and weight differences and the saved TP2 student's parameter names.
+fn tp1_vs_tp2(dir: &Path, prefix: &Path, features: &[&str], what: &str) -> (f64, f64, Vec<String>) {
+    run_tp1(&twenty_steps(prefix, dir, "tp1", 1, features));
+    run_tp2(&twenty_steps(prefix, dir, "tp2", 2, features));
+    let (l, w) = compare_runs(dir, ("tp1", "tp1.nemo"), ("tp2", "tp2.nemo"), what);
+    let names = weights(&dir.join("tp2.nemo"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    (l, w, names)
+}
+
 /// A student with the Qwen2/Qwen3/Mistral features (Q/K/V biases, per-head Q/K norms, a
 /// sliding window of 8 positions over the 32-token sequences) distils at TP2 as at TP1 over 20
 /// steps, and its saved config keeps the features.
@@ -567,31 +580,12 @@ fn twenty_steps(prefix: &Path, dir: &Path, name: &str, tp: u32, features: &[&str
 fn qwen_mistral_features_match_tp1_for_20_steps() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
-    let with = |name: &str, tp: u32| {
-        twenty_steps(
-            &prefix,
-            dir.path(),
-            name,
-            tp,
-            &[
-                "model.qkv_bias=true",
-                "model.qk_layernorm=true",
-                "model.window_size=[7,0]",
-            ],
-        )
-    };
-    run_tp1(&with("tp1", 1));
-    run_tp2(&with("tp2", 2));
-    let (l, w) = compare_runs(
-        dir.path(),
-        ("tp1", "tp1.nemo"),
-        ("tp2", "tp2.nemo"),
-        "TP2 vs TP1",
-    );
-    let names: Vec<String> = weights(&dir.path().join("tp1.nemo"))
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let features = [
+        "model.qkv_bias=true",
+        "model.qk_layernorm=true",
+        "model.window_size=[7,0]",
+    ];
+    let (l, w, names) = tp1_vs_tp2(dir.path(), &prefix, &features, "TP2 vs TP1");
     for n in [
         "decoder.layers.0.self_attention.linear_qkv.bias",
         "decoder.layers.0.self_attention.q_layernorm.weight",
@@ -612,33 +606,14 @@ fn qwen_mistral_features_match_tp1_for_20_steps() {
 fn moe_student_matches_tp1_for_20_steps() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (prefix, _) = dataset(dir.path(), 120);
-    let with = |name: &str, tp: u32| {
-        twenty_steps(
-            &prefix,
-            dir.path(),
-            name,
-            tp,
-            &[
-                "model.qk_layernorm=true",
-                "model.num_moe_experts=4",
-                "model.moe_router_topk=2",
-                "model.moe_ffn_hidden_size=32",
-                "model.moe_router_pre_softmax=true",
-            ],
-        )
-    };
-    run_tp1(&with("tp1", 1));
-    run_tp2(&with("tp2", 2));
-    let (l, w) = compare_runs(
-        dir.path(),
-        ("tp1", "tp1.nemo"),
-        ("tp2", "tp2.nemo"),
-        "MoE TP2 vs TP1",
-    );
-    let names: Vec<String> = weights(&dir.path().join("tp2.nemo"))
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let features = [
+        "model.qk_layernorm=true",
+        "model.num_moe_experts=4",
+        "model.moe_router_topk=2",
+        "model.moe_ffn_hidden_size=32",
+        "model.moe_router_pre_softmax=true",
+    ];
+    let (l, w, names) = tp1_vs_tp2(dir.path(), &prefix, &features, "MoE TP2 vs TP1");
     for n in [
         "decoder.layers.0.mlp.router.weight",
         "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight",
@@ -664,7 +639,7 @@ fn moe_student_matches_tp1_for_20_steps() {
             "{x} vs {y}"
         );
     }
-    let mut a = with("aux", 1);
+    let mut a = twenty_steps(&prefix, dir.path(), "aux", 1, &features);
     a.push("model.moe_aux_loss_coeff=0.01".into());
     let o = distill_cmd(&bin())
         .arg("distill")

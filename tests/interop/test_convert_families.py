@@ -104,6 +104,21 @@ def _our_logits(nemo: Path, tp: int, tmp: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(out))
 
 
+def _check_logits(what: str, want: torch.Tensor, nemo1: Path, nemo2: Path, tmp: Path) -> None:
+    """megatron-core's and the distill engine's logits of the TP1 and TP2 archives equal
+    transformers' `want` (first 100 columns) within 1e-4."""
+    diffs = []
+    for tp, nemo in ((1, nemo1), (2, nemo2)):
+        mc = _mcore_logits(nemo, tp, tmp)
+        d = (mc[..., :100] - want).abs().max().item()
+        assert d <= 1e-4, f"{what}: megatron-core TP{tp}: {d}"
+        ours = _our_logits(nemo, tp, tmp)
+        e = (ours[..., :100] - want).abs().max().item()
+        assert e <= 1e-4, f"{what}: nemo-tool eval TP{tp}: {e}"
+        diffs.append(f"TP{tp} mcore {d:.1e} ours {e:.1e}")
+    print(f"{what}: max |logits - transformers|: " + ", ".join(diffs))
+
+
 @pytest.mark.parametrize("family,tied", CASES, ids=IDS)
 def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
     src = tmp_path / "hf"
@@ -151,16 +166,7 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
         assert (v is None and b[k] is None) or torch.equal(v, b[k]), k
 
     # megatron-core's own model, and the distill engine, compute the same function
-    diffs = []
-    for tp, nemo in ((1, nemo1), (2, nemo2)):
-        mc = _mcore_logits(nemo, tp, tmp_path)
-        d = (mc[..., :100] - want).abs().max().item()
-        assert d <= 1e-4, f"megatron-core TP{tp}: {d}"
-        ours = _our_logits(nemo, tp, tmp_path)
-        e = (ours[..., :100] - want).abs().max().item()
-        assert e <= 1e-4, f"nemo-tool eval TP{tp}: {e}"
-        diffs.append(f"TP{tp} mcore {d:.1e} ours {e:.1e}")
-    print(f"{family} tied={tied}: max |logits - transformers|: " + ", ".join(diffs))
+    _check_logits(f"{family} tied={tied}", want, nemo1, nemo2, tmp_path)
 
 
 @pytest.mark.parametrize(

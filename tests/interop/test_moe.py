@@ -29,7 +29,7 @@ import yaml
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 from conftest import free_port
-from test_convert_families import _mcore_logits, _our_logits, _tokens
+from test_convert_families import _check_logits, _mcore_logits, _our_logits, _tokens
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -202,13 +202,4 @@ def test_hf_moe_round_trip_and_mcore(tmp_path, run_tool, family, tied):
 
     nemo1 = tmp_path / "m_tp1.nemo"
     run_tool("convert", "--from", "hf", src, nemo1)
-    diffs = []
-    for tp, nemo in ((1, nemo1), (2, nemo2)):
-        mc = _mcore_logits(nemo, tp, tmp_path)
-        d = (mc[..., :100] - want).abs().max().item()
-        assert d <= 1e-4, f"megatron-core TP{tp}: {d}"
-        ours = _our_logits(nemo, tp, tmp_path)
-        e = (ours[..., :100] - want).abs().max().item()
-        assert e <= 1e-4, f"nemo-tool eval TP{tp}: {e}"
-        diffs.append(f"TP{tp} mcore {d:.1e} ours {e:.1e}")
-    print(f"{family} tied={tied}: max |logits - transformers|: " + ", ".join(diffs))
+    _check_logits(f"{family} tied={tied}", want, nemo1, nemo2, tmp_path)

@@ -242,31 +242,7 @@ fn distill(args: &[String]) -> Result<()> {
         let mut ours_cmd = Command::new(&tool);
         ours_cmd
             .env("OMP_NUM_THREADS", threads.to_string())
-            .args([
-                "distill".to_string(),
-                format!("model.kd_teacher_restore_from_path={}", teacher.display()),
-                format!("model.data.data_prefix=[1.0,{}]", prefix.display()),
-                format!("model.nemo_path={}", dir.join("student.nemo").display()),
-                format!("exp_manager.explicit_log_dir={}", dir.join("exp").display()),
-                "exp_manager.resume_if_exists=false".into(),
-                "exp_manager.create_checkpoint_callback=false".into(),
-                "model.data.splits_string=100,0,0".into(),
-                format!("model.data.seq_length={}", s.seq),
-                format!("model.num_layers={}", s.layers),
-                format!("model.hidden_size={}", s.hidden),
-                format!("model.ffn_hidden_size={}", s.ffn),
-                format!("model.num_attention_heads={}", s.heads),
-                format!("model.num_query_groups={}", s.groups),
-                "model.make_vocab_size_divisible_by=32".into(),
-                format!("model.micro_batch_size={}", s.micro),
-                format!("model.global_batch_size={}", s.global),
-                format!("trainer.max_steps={}", s.steps),
-                "trainer.limit_val_batches=0".into(),
-                "trainer.log_every_n_steps=1000".into(),
-                "model.optim.lr=1e-3".into(),
-                "model.optim.sched.warmup_steps=5".into(),
-                "model.optim.sched.min_lr=1e-4".into(),
-            ])
+            .args(distill_job(&teacher, &prefix, &dir, s))
             .arg(format!("trainer.devices={dp}"));
         let ours = run_ranks(&mut ours_cmd, dp)?;
         let ours_text = String::from_utf8_lossy(&ours.stdout).into_owned();
@@ -369,6 +345,41 @@ fn distill(args: &[String]) -> Result<()> {
         bail!("bench distill: below the 1.1x target");
     }
     Ok(())
+}
+
+/// `nemo-tool distill` and the overrides of the bench job: `teacher` distilled into a student of
+/// shape `s` on the data at `prefix`, outputs in `dir`, no validation or checkpoints.
+pub(crate) fn distill_job(
+    teacher: &std::path::Path,
+    prefix: &std::path::Path,
+    dir: &std::path::Path,
+    s: &DistillShape,
+) -> Vec<String> {
+    vec![
+        "distill".to_string(),
+        format!("model.kd_teacher_restore_from_path={}", teacher.display()),
+        format!("model.data.data_prefix=[1.0,{}]", prefix.display()),
+        format!("model.nemo_path={}", dir.join("student.nemo").display()),
+        format!("exp_manager.explicit_log_dir={}", dir.join("exp").display()),
+        "exp_manager.resume_if_exists=false".into(),
+        "exp_manager.create_checkpoint_callback=false".into(),
+        "model.data.splits_string=100,0,0".into(),
+        format!("model.data.seq_length={}", s.seq),
+        format!("model.num_layers={}", s.layers),
+        format!("model.hidden_size={}", s.hidden),
+        format!("model.ffn_hidden_size={}", s.ffn),
+        format!("model.num_attention_heads={}", s.heads),
+        format!("model.num_query_groups={}", s.groups),
+        "model.make_vocab_size_divisible_by=32".into(),
+        format!("model.micro_batch_size={}", s.micro),
+        format!("model.global_batch_size={}", s.global),
+        format!("trainer.max_steps={}", s.steps),
+        "trainer.limit_val_batches=0".into(),
+        "trainer.log_every_n_steps=1000".into(),
+        "model.optim.lr=1e-3".into(),
+        "model.optim.sched.warmup_steps=5".into(),
+        "model.optim.sched.min_lr=1e-4".into(),
+    ]
 }
 
 /// The bench's token data (400 documents, vocabulary 100) as an indexed dataset in `dir`,

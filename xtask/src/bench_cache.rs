@@ -91,32 +91,8 @@ pub fn teacher_cache(args: &[String]) -> Result<()> {
     }
     let fp32 = written[0].1.clone();
     let run = |cache: Option<&Path>| -> Result<String> {
-        let mut a = vec![
-            "distill".to_string(),
-            format!("model.kd_teacher_restore_from_path={}", teacher.display()),
-            format!("model.data.data_prefix=[1.0,{}]", prefix.display()),
-            format!("model.nemo_path={}", dir.join("student.nemo").display()),
-            format!("exp_manager.explicit_log_dir={}", dir.join("exp").display()),
-            "exp_manager.resume_if_exists=false".into(),
-            "exp_manager.create_checkpoint_callback=false".into(),
-            "model.data.splits_string=100,0,0".into(),
-            format!("model.data.seq_length={}", s.seq),
-            format!("model.num_layers={}", s.layers),
-            format!("model.hidden_size={}", s.hidden),
-            format!("model.ffn_hidden_size={}", s.ffn),
-            format!("model.num_attention_heads={}", s.heads),
-            format!("model.num_query_groups={}", s.groups),
-            "model.make_vocab_size_divisible_by=32".into(),
-            format!("model.micro_batch_size={}", s.micro),
-            format!("model.global_batch_size={}", s.global),
-            format!("trainer.max_steps={}", s.steps),
-            "trainer.limit_val_batches=0".into(),
-            "trainer.log_every_n_steps=1000".into(),
-            "model.optim.lr=1e-3".into(),
-            "model.optim.sched.warmup_steps=5".into(),
-            "model.optim.sched.min_lr=1e-4".into(),
-            format!("model.kd.logit_kl_topk={topk}"),
-        ];
+        let mut a = crate::bench::distill_job(&teacher, &prefix, &dir, s);
+        a.push(format!("model.kd.logit_kl_topk={topk}"));
         if let Some(c) = cache {
             a.push(format!("model.kd.teacher_cache={}", c.display()));
         }
