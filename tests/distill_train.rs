@@ -599,6 +599,43 @@ fn qwen_mistral_features_match_tp1_for_20_steps() {
     println!("qwen/mistral features, TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
 }
 
+/// A Gemma-shaped student (GeGLU with the tanh GELU, zero-centred RMSNorm, post-norms,
+/// scaled embeddings, a query scale of its own, soft-capped scores and logits, Gemma 3's Q/K
+/// norms and local RoPE base, a window of 8 on layer 1 of 2) distils at TP2 as at TP1 over 20
+/// steps, and the saved student carries the post-norms.
+#[test]
+fn gemma_features_match_tp1_for_20_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (prefix, _) = dataset(dir.path(), 120);
+    let features = [
+        "model.num_layers=2",
+        "++model.activation=fast-geglu",
+        "++model.openai_gelu=true",
+        "++model.layernorm_zero_centered_gamma=true",
+        "++model.post_layernorm=true",
+        "++model.scale_embedding=true",
+        "++model.query_pre_attn_scalar=24",
+        "++model.attn_logit_softcapping=5.0",
+        "++model.final_logit_softcapping=10.0",
+        "++model.qk_layernorm=true",
+        "++model.window_size=[7,0]",
+        "++model.window_attn_skip_freq=2",
+        "++model.rope_local_base_freq=1000.0",
+    ];
+    let (l, w, names) = tp1_vs_tp2(dir.path(), &prefix, &features, "TP2 vs TP1");
+    for n in [
+        "decoder.layers.1.self_attention.linear_proj.post_layernorm.weight",
+        "decoder.layers.1.mlp.linear_fc2.post_layernorm.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    let ck = Checkpoint::open(dir.path().join("tp2.nemo")).unwrap_or_else(|e| panic!("{e}"));
+    let spec = GptSpec::from_config(&ck.config, 1, 128).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.window_layers, vec![true, false]);
+    assert!(spec.gemma.post_norms && spec.gemma.final_softcap == Some(10.0));
+    println!("gemma features, TP2 vs TP1: loss diff {l:.2e}, weights {w:.2e}");
+}
+
 /// A Qwen3-MoE-shaped student (4 experts per layer, top-2 after a softmax over all of them,
 /// per-head Q/K norms) distils from the dense teacher at TP2 as at TP1 over 20 steps; the saved
 /// student has every expert, and a load-balancing loss coefficient is refused, not dropped.

@@ -119,6 +119,8 @@ mod tests {
             qkv_bias: false,
             qk_layernorm: false,
             window: None,
+            window_layers: Vec::new(),
+            gemma: Default::default(),
             moe: None,
             positions: Positions::None,
             tied: false,

@@ -59,6 +59,8 @@ struct NormW {
 
 #[derive(Debug)]
 struct Layer {
+    /// Uses the sliding window (and, with `rope_local_base_freq`, the local RoPE).
+    windowed: bool,
     ln1: NormW,
     qkv_w: Tensor,
     qkv_b: Option<Tensor>,
@@ -67,8 +69,35 @@ struct Layer {
     k_ln: Option<NormW>,
     proj_w: Tensor,
     proj_b: Option<Tensor>,
+    /// Gemma's norms of the attention and MLP outputs, before their residual adds.
+    post_attn: Option<NormW>,
+    post_mlp: Option<NormW>,
     ln2: NormW,
     mlp: Mlp,
+}
+
+/// The rotary tables of one sequence length: the model's, and the windowed layers' own when
+/// they have a different base (Gemma 3's `rope_local_base_freq`).
+#[derive(Debug)]
+struct Ropes {
+    global: Option<rope::Rope>,
+    local: Option<rope::Rope>,
+}
+
+impl Ropes {
+    fn shallow_clone(&self) -> Ropes {
+        Ropes {
+            global: self.global.as_ref().map(rope::Rope::shallow_clone),
+            local: self.local.as_ref().map(rope::Rope::shallow_clone),
+        }
+    }
+
+    fn of(&self, l: &Layer) -> Option<&rope::Rope> {
+        match (&self.local, l.windowed) {
+            (Some(r), true) => Some(r),
+            _ => self.global.as_ref(),
+        }
+    }
 }
 
 /// A layer's MLP: dense, or megatron-core's MoELayer with SequentialMLP experts.
@@ -163,7 +192,7 @@ pub struct Gpt {
     final_norm: Option<NormW>,
     output: Option<Tensor>,
     /// The rotary tables of the last sequence length (training repeats one length).
-    rope: std::sync::Mutex<Option<(i64, rope::Rope)>>,
+    rope: std::sync::Mutex<Option<(i64, Ropes)>>,
     /// Sum and count of the MoE layers' load-balancing losses since the last
     /// [`Gpt::take_moe_balance`].
     moe_balance: std::sync::Mutex<(f64, u64)>,
@@ -326,14 +355,14 @@ impl Builder<'_> {
 
     /// A norm over `h` features (the hidden size, or the head dim of the q/k norms).
     fn norm_of(&mut self, names: &[(&str, &str)], h: i64) -> Result<NormW, Error> {
-        let one = if self.spec.norm == Norm::LayerNorm1p {
+        let one = if matches!(self.spec.norm, Norm::LayerNorm1p | Norm::Rms1p) {
             Init::Zeros
         } else {
             Init::Ones
         };
         let wn: Vec<String> = names.iter().map(|(w, _)| w.to_string()).collect();
         let w = self.param(&wn, Rule::Replicated, &[h], one)?;
-        let b = if self.spec.norm == Norm::Rms {
+        let b = if matches!(self.spec.norm, Norm::Rms | Norm::Rms1p) {
             None
         } else {
             let bn: Vec<String> = names.iter().map(|(_, b)| b.to_string()).collect();
@@ -480,6 +509,14 @@ impl Gpt {
                 )?),
                 false => None,
             };
+            // NeMo 2's names for Gemma's post-norms (TERowParallelLinearLayerNorm)
+            let post_attn = match s.gemma.post_norms {
+                true => Some(b.norm(&[(
+                    &p("self_attention.linear_proj.post_layernorm.weight"),
+                    &p("self_attention.linear_proj.post_layernorm.bias"),
+                )])?),
+                false => None,
+            };
             let ln2 = b.norm(&[
                 (&p("pre_mlp_layernorm.weight"), &p("pre_mlp_layernorm.bias")),
                 (
@@ -554,7 +591,16 @@ impl Gpt {
                     }
                 }
             };
+            let post_mlp = match s.gemma.post_norms {
+                true => Some(b.norm(&[(
+                    &p("mlp.linear_fc2.post_layernorm.weight"),
+                    &p("mlp.linear_fc2.post_layernorm.bias"),
+                )])?),
+                false => None,
+            };
+            let windowed = s.window.is_some() && s.window_layers.get(i).copied().unwrap_or(true);
             layers.push(Layer {
+                windowed,
                 ln1,
                 qkv_w,
                 qkv_b,
@@ -562,6 +608,8 @@ impl Gpt {
                 k_ln,
                 proj_w,
                 proj_b,
+                post_attn,
+                post_mlp,
                 ln2,
                 mlp,
             });
@@ -612,15 +660,37 @@ impl Gpt {
     }
 
     /// The rotary tables for sequence length `s` (cached), or None without rotary positions.
-    fn rope(&self, s: i64) -> Option<rope::Rope> {
+    fn rope(&self, s: i64) -> Ropes {
         let mut cache = self.rope.lock().unwrap_or_else(|p| p.into_inner());
         match &*cache {
-            Some((len, r)) if *len == s => Some(r.shallow_clone()),
+            Some((len, r)) if *len == s => r.shallow_clone(),
             _ => {
-                let r = rope::Rope::new(&self.spec.positions, s, self.device, self.kind)?;
+                let positions = &self.spec.positions;
+                let local = match (positions, self.spec.gemma.local_rope_base) {
+                    // Gemma 3's windowed layers: their own base, without the global scaling
+                    (
+                        Positions::Rope {
+                            rot_dim,
+                            interleaved,
+                            ..
+                        },
+                        Some(base),
+                    ) => Positions::Rope {
+                        rot_dim: *rot_dim,
+                        base,
+                        interleaved: *interleaved,
+                        interpolation: None,
+                        scaling: None,
+                    },
+                    _ => Positions::None,
+                };
+                let r = Ropes {
+                    global: rope::Rope::new(positions, s, self.device, self.kind),
+                    local: rope::Rope::new(&local, s, self.device, self.kind),
+                };
                 let out = r.shallow_clone();
                 *cache = Some((s, r));
-                Some(out)
+                out
             }
         }
     }
@@ -657,6 +727,10 @@ impl Gpt {
         let h = *n.w.size().first().unwrap_or(&self.spec.hidden);
         match self.spec.norm {
             Norm::Rms => x.rms_norm([h], Some(&n.w), self.spec.eps),
+            Norm::Rms1p => {
+                let w = &n.w + 1.0;
+                x.rms_norm([h], Some(&w), self.spec.eps)
+            }
             Norm::LayerNorm => x.layer_norm([h], Some(&n.w), n.b.as_ref(), self.spec.eps, false),
             Norm::LayerNorm1p => {
                 let w = &n.w + 1.0;
@@ -733,7 +807,7 @@ impl Gpt {
         let rope = self.rope(s);
         for (li, l) in self.layers.iter().enumerate() {
             let i = offset + li;
-            x = self.layer_captured(l, x, b, s, rope.as_ref(), Some((i, &mut put)))?;
+            x = self.layer_captured(l, x, b, s, &rope, Some((i, &mut put)))?;
             put(Site::Layer(i), &x);
         }
         let h = match self.stage.is_last() {
@@ -874,18 +948,18 @@ impl Gpt {
             }
             x += pos.narrow(0, 0, s).unsqueeze(0);
         }
+        if spec.gemma.scale_embedding {
+            // sqrt(H) rounded to the model dtype first, as transformers' Gemma does
+            let scale = Tensor::from((spec.hidden as f64).sqrt())
+                .to_kind(x.kind())
+                .to_device(x.device());
+            x = &x * scale;
+        }
         Ok(x)
     }
 
     /// One transformer layer on `x` `[b, s, H]`.
-    fn layer(
-        &self,
-        l: &Layer,
-        x: Tensor,
-        b: i64,
-        s: i64,
-        rope: Option<&rope::Rope>,
-    ) -> Result<Tensor, Error> {
+    fn layer(&self, l: &Layer, x: Tensor, b: i64, s: i64, rope: &Ropes) -> Result<Tensor, Error> {
         self.layer_captured(l, x, b, s, rope, None)
     }
 
@@ -896,7 +970,7 @@ impl Gpt {
         mut x: Tensor,
         b: i64,
         s: i64,
-        rope: Option<&rope::Rope>,
+        rope: &Ropes,
         mut cap: Option<(usize, Capture)>,
     ) -> Result<Tensor, Error> {
         let spec = &self.spec;
@@ -927,7 +1001,7 @@ impl Gpt {
             q = self.norm(&q, &shared(qn)?);
             k = self.norm(&k, &shared(kn)?);
         }
-        if let Some(r) = rope {
+        if let Some(r) = rope.of(l) {
             q = r.apply(&q);
             k = r.apply(&k);
         }
@@ -939,30 +1013,55 @@ impl Gpt {
         let v = v.transpose(1, 2);
         // a sliding window narrower than the sequence: causal and at most `left` keys back
         // (megatron-core's get_sliding_window_causal_mask), as an explicit mask
-        let window = spec.window.filter(|&(left, _)| left < s - 1);
-        let mask = window.map(|(left, _)| {
+        let window = spec.window.filter(|&(left, _)| l.windowed && left < s - 1);
+        let gemma = &spec.gemma;
+        let causal_or_window = |left: Option<i64>| {
             let i = Tensor::arange(s, (Kind::Int64, q.device())).unsqueeze(1);
             let j = Tensor::arange(s, (Kind::Int64, q.device())).unsqueeze(0);
-            j.le_tensor(&i).logical_and(&j.ge_tensor(&(&i - left)))
-        });
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask.as_ref(),
-            0.0,
-            mask.is_none(),
-            None,
-            hpg > 1,
-        );
+            let causal = j.le_tensor(&i);
+            match left {
+                Some(left) => causal.logical_and(&j.ge_tensor(&(&i - left))),
+                None => causal,
+            }
+        };
+        let ctx = match gemma.attn_softcap {
+            // Gemma 2's soft-capped scores (`cap * tanh(scores / cap)`, then the mask) have
+            // no fused kernel: eager attention, softmax in fp32 as transformers does
+            Some(cap) => {
+                let scale = gemma.softmax_scale.unwrap_or(1.0 / (d as f64).sqrt());
+                let k = k.repeat_interleave_self_int(hpg, Some(1), None);
+                let v = v.repeat_interleave_self_int(hpg, Some(1), None);
+                let scores = q.matmul(&k.transpose(-2, -1)) * scale;
+                let scores = (scores / cap).tanh() * cap;
+                let allowed = causal_or_window(window.map(|(left, _)| left));
+                let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+            }
+            None => {
+                let mask = window.map(|(left, _)| causal_or_window(Some(left)));
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    mask.as_ref(),
+                    0.0,
+                    mask.is_none(),
+                    gemma.softmax_scale,
+                    hpg > 1,
+                )
+            }
+        };
         let ctx = ctx.transpose(1, 2).reshape([b, s, gl * hpg * d]);
-        let o = self
+        let mut o = self
             .pg
             .reduce_from_tp(&Self::linear(&ctx, &l.proj_w, None))?;
-        x = match &l.proj_b {
-            Some(bias) => x + o + bias,
-            None => x + o,
-        };
+        if let Some(bias) = &l.proj_b {
+            o = &o + bias;
+        }
+        if let Some(n) = &l.post_attn {
+            o = self.norm(&o, n);
+        }
+        x = &x + o;
         // MLP
         let n2 = self.norm(&x, &l.ln2);
         if let Some((i, f)) = cap.as_mut() {
@@ -977,15 +1076,22 @@ impl Gpt {
                 fc2_b,
             } => {
                 let a = self.glu(&Self::linear(&h, fc1_w, fc1_b.as_ref()));
-                let o = self.pg.reduce_from_tp(&Self::linear(&a, fc2_w, None))?;
-                x = match fc2_b {
-                    Some(bias) => x + o + bias,
-                    None => x + o,
-                };
+                let mut o = self.pg.reduce_from_tp(&Self::linear(&a, fc2_w, None))?;
+                if let Some(bias) = fc2_b {
+                    o = &o + bias;
+                }
+                if let Some(n) = &l.post_mlp {
+                    o = self.norm(&o, n);
+                }
+                x = &x + o;
             }
             Mlp::Moe { router, experts } => {
+                let mut o = self.moe(&h, router, experts)?;
+                if let Some(n) = &l.post_mlp {
+                    o = self.norm(&o, n);
+                }
                 // not `+=`: the norm above keeps `x` for its backward
-                x = &x + self.moe(&h, router, experts)?;
+                x = &x + o;
             }
         }
         Ok(x)
@@ -1078,7 +1184,7 @@ impl Gpt {
         let (b, s) = (x.size()[0], x.size()[1]);
         let rope = self.rope(s);
         for l in &self.layers[range] {
-            x = self.layer(l, x, b, s, rope.as_ref())?;
+            x = self.layer(l, x, b, s, &rope)?;
         }
         Ok(x)
     }
@@ -1150,7 +1256,11 @@ impl Gpt {
             .output
             .as_ref()
             .ok_or_else(|| self.not_here("the output layer"))?;
-        Ok(self.pg.copy_to_tp(h)?.matmul(&out.tr()))
+        let logits = self.pg.copy_to_tp(h)?.matmul(&out.tr());
+        Ok(match self.spec.gemma.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        })
     }
 
     /// The last stage's copy of tied word embeddings at PP > 1 (the first stage holds the

@@ -23,6 +23,25 @@ pub struct Moe {
     pub aux_loss_coeff: f64,
 }
 
+/// Gemma 2 / Gemma 3 features, each off by default (NeMo 2 / Megatron-Bridge key names where
+/// they have one; docs/convert.md lists them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Gemma {
+    /// `scale_embedding`: embeddings multiplied by `sqrt(hidden_size)` (in the model dtype).
+    pub scale_embedding: bool,
+    /// `post_layernorm`: a norm after attention and after the MLP, before each residual add
+    /// (`self_attention.linear_proj.post_layernorm`, `mlp.linear_fc2.post_layernorm`).
+    pub post_norms: bool,
+    /// `query_pre_attn_scalar` (scale `1/sqrt(it)`) or `softmax_scale`.
+    pub softmax_scale: Option<f64>,
+    /// `attn_logit_softcapping`: scores become `cap * tanh(scores / cap)` before the mask.
+    pub attn_softcap: Option<f64>,
+    /// `final_logit_softcapping`: logits become `cap * tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
+    /// `rope_local_base_freq`: the RoPE base of windowed layers (Gemma 3; no scaling).
+    pub local_rope_base: Option<f64>,
+}
+
 /// Errors reading an architecture.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,6 +69,8 @@ pub enum Norm {
     LayerNorm,
     /// LayerNorm with a zero-centred weight (applied as `1 + w`).
     LayerNorm1p,
+    /// RMSNorm with a zero-centred weight (`layernorm_zero_centered_gamma`, Gemma).
+    Rms1p,
 }
 
 /// MLP activation (of the gate, for gated MLPs).
@@ -138,6 +159,11 @@ pub struct GptSpec {
     /// Sliding-window attention (`window_size: [left, right]`): a query at `i` sees keys
     /// `i - left ..= i + right` (causal: right is 0).
     pub window: Option<(i64, i64)>,
+    /// Which layers use the window (`window_attn_skip_freq`, megatron-core's
+    /// `is_layer_window_attention`); empty: every layer.
+    pub window_layers: Vec<bool>,
+    /// Gemma's architecture beyond the Llama shape.
+    pub gemma: Gemma,
     /// Mixture-of-experts MLPs in every layer (`num_moe_experts`).
     pub moe: Option<Moe>,
     /// Position encoding.
@@ -238,8 +264,11 @@ impl GptSpec {
                 format!("padded vocab must be a positive multiple of TP={tp}"),
             ));
         }
+        let zero_centered = as_bool(cfg, "layernorm_zero_centered_gamma")?.unwrap_or(false);
         let norm = match cfg.normalization() {
+            "rmsnorm" if zero_centered => Norm::Rms1p,
             "rmsnorm" => Norm::Rms,
+            "layernorm" if zero_centered => Norm::LayerNorm1p,
             "layernorm" => Norm::LayerNorm,
             "layernorm1p" => Norm::LayerNorm1p,
             other => {
@@ -336,15 +365,11 @@ impl GptSpec {
             }
         };
         let moe = moe_of(cfg, ffn, tp_i)?;
-        if window.is_some() {
-            if let Some(f) = cfg.get("window_attn_skip_freq").filter(|v| !v.is_null()) {
-                return Err(invalid(
-                    "window_attn_skip_freq",
-                    format!("{f:?}"),
-                    "per-layer windows are not supported: every layer uses window_size",
-                ));
-            }
-        }
+        let window_layers = match window {
+            Some(_) => window_layers(cfg, num_layers)?,
+            None => Vec::new(),
+        };
+        let gemma = gemma_of(cfg)?;
         Ok(GptSpec {
             num_layers,
             hidden,
@@ -360,6 +385,8 @@ impl GptSpec {
             qkv_bias,
             qk_layernorm,
             window,
+            window_layers,
+            gemma,
             moe,
             positions,
             tied: cfg.share_embeddings_and_output_weights(),
@@ -382,6 +409,71 @@ impl GptSpec {
 }
 
 /// The MoE settings, refusing what the engine does not compute (never dropping it).
+/// megatron-core's `window_attn_skip_freq`: an integer N windows every layer whose 1-based
+/// number is not a multiple of N; a list of 0/1 per layer says it layer by layer.
+fn window_layers(cfg: &ModelConfig, layers: usize) -> Result<Vec<bool>, Error> {
+    let key = "window_attn_skip_freq";
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(f) if f >= 1 => Ok((1..=layers as u64).map(|l| l % f != 0).collect()),
+            _ => Err(invalid(key, n, "expected a positive integer or a 0/1 list")),
+        },
+        Some(Value::Sequence(list)) => {
+            if list.len() != layers {
+                return Err(invalid(
+                    key,
+                    format!("{} entries", list.len()),
+                    format!("one 0/1 entry per layer ({layers})"),
+                ));
+            }
+            list.iter()
+                .map(|v| match v.as_u64() {
+                    Some(0) => Ok(false),
+                    Some(1) => Ok(true),
+                    _ => Err(invalid(key, format!("{v:?}"), "entries must be 0 or 1")),
+                })
+                .collect()
+        }
+        Some(v) => Err(invalid(
+            key,
+            format!("{v:?}"),
+            "expected a positive integer or a 0/1 list",
+        )),
+    }
+}
+
+fn gemma_of(cfg: &ModelConfig) -> Result<Gemma, Error> {
+    let positive = |key: &'static str| -> Result<Option<f64>, Error> {
+        match as_f64(cfg, key)? {
+            Some(x) if !(x > 0.0 && x.is_finite()) => Err(invalid(key, x, "must be positive")),
+            x => Ok(x),
+        }
+    };
+    let softmax_scale = match (
+        positive("query_pre_attn_scalar")?,
+        positive("softmax_scale")?,
+    ) {
+        (Some(q), None) => Some(1.0 / q.sqrt()),
+        (None, s) => s,
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "softmax_scale",
+                "set",
+                "give query_pre_attn_scalar or softmax_scale, not both",
+            ))
+        }
+    };
+    Ok(Gemma {
+        scale_embedding: as_bool(cfg, "scale_embedding")?.unwrap_or(false),
+        post_norms: as_bool(cfg, "post_layernorm")?.unwrap_or(false),
+        softmax_scale,
+        attn_softcap: positive("attn_logit_softcapping")?,
+        final_softcap: positive("final_logit_softcapping")?,
+        local_rope_base: positive("rope_local_base_freq")?,
+    })
+}
+
 fn moe_of(cfg: &ModelConfig, ffn: i64, tp: i64) -> Result<Option<Moe>, Error> {
     let experts = match cfg.get("num_moe_experts") {
         None | Some(Value::Null) => return Ok(None),
@@ -556,8 +648,17 @@ mod tests {
             ("window_size: [3, 2]\n", "window_size"),
             ("window_size: 4\n", "window_size"),
             (
-                "window_size: [3, 0]\nwindow_attn_skip_freq: 2\n",
+                "window_size: [3, 0]\nwindow_attn_skip_freq: [1, 0, 1]\n",
                 "window_attn_skip_freq",
+            ),
+            (
+                "window_size: [3, 0]\nwindow_attn_skip_freq: 0\n",
+                "window_attn_skip_freq",
+            ),
+            ("attn_logit_softcapping: -1.0\n", "attn_logit_softcapping"),
+            (
+                "query_pre_attn_scalar: 16\nsoftmax_scale: 0.25\n",
+                "softmax_scale",
             ),
             (
                 "num_moe_experts: 8\nmoe_router_topk: 9\n",
@@ -581,6 +682,31 @@ mod tests {
             assert!(e.contains(key), "{extra}: {e}");
         }
         assert!(with("num_moe_experts: null\n").is_ok_and(|s| s.moe.is_none()));
+        // Gemma 2: every second layer windowed (1-based numbers not a multiple of 2)
+        let s = with(
+            "layernorm_zero_centered_gamma: true\nwindow_size: [3, 0]\nwindow_attn_skip_freq: 2\n\
+             scale_embedding: true\npost_layernorm: true\nquery_pre_attn_scalar: 16\n\
+             attn_logit_softcapping: 50.0\nfinal_logit_softcapping: 30.0\nrope_local_base_freq: 10000\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (s.norm, s.window_layers.clone()),
+            (Norm::Rms1p, vec![true, false])
+        );
+        assert_eq!(
+            s.gemma,
+            Gemma {
+                scale_embedding: true,
+                post_norms: true,
+                softmax_scale: Some(0.25),
+                attn_softcap: Some(50.0),
+                final_softcap: Some(30.0),
+                local_rope_base: Some(10000.0),
+            }
+        );
+        let s = with("window_size: [3, 0]\nwindow_attn_skip_freq: [0, 1]\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.window_layers, vec![false, true]);
         let s = with("num_moe_experts: 4\nmoe_router_topk: 2\nmoe_ffn_hidden_size: 32\nmoe_router_pre_softmax: true\n")
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(

@@ -10,6 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::model::checkpoint::{is_weights_member, Checkpoint, Weights};
+use crate::model::config::ModelConfig;
 
 /// Everything `inspect` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -76,7 +77,72 @@ pub struct Architecture {
     pub window_size: Option<Vec<i64>>,
     /// Mixture-of-experts MLPs (`num_moe_experts`).
     pub moe: Option<MoeReport>,
+    /// Gemma 2 / 3 features, when any is set.
+    pub gemma: Option<GemmaReport>,
     pub precision: Option<String>,
+}
+
+/// Gemma's keys (docs/convert.md).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GemmaReport {
+    /// `layernorm_zero_centered_gamma`: norms apply `1 + w`.
+    pub zero_centered_norms: bool,
+    /// `post_layernorm`: norms after attention and after the MLP.
+    pub post_norms: bool,
+    /// `scale_embedding`: embeddings times `sqrt(hidden_size)`.
+    pub scale_embedding: bool,
+    /// `query_pre_attn_scalar`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `attn_logit_softcapping`.
+    pub attn_logit_softcapping: Option<f64>,
+    /// `final_logit_softcapping`.
+    pub final_logit_softcapping: Option<f64>,
+    /// Layers using the sliding window (1-based), from `window_attn_skip_freq`.
+    pub windowed_layers: Option<Vec<u64>>,
+    /// `rope_local_base_freq`.
+    pub rope_local_base_freq: Option<f64>,
+}
+
+fn gemma_report(cfg: &ModelConfig) -> Option<GemmaReport> {
+    let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool()) == Some(true);
+    let num = |k: &str| {
+        let v = cfg.get(k)?;
+        v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
+    };
+    let layers = cfg.num_layers().ok();
+    let windowed_layers = match (cfg.get("window_attn_skip_freq"), layers) {
+        (Some(v), Some(n)) if !v.is_null() => match (v.as_u64(), v.as_sequence()) {
+            (Some(f), _) if f > 0 => Some((1..=n).filter(|l| l % f != 0).collect()),
+            (_, Some(list)) => Some(
+                (1..=n)
+                    .zip(list)
+                    .filter(|(_, x)| x.as_u64() == Some(1))
+                    .map(|(l, _)| l)
+                    .collect(),
+            ),
+            _ => None,
+        },
+        _ => None,
+    };
+    let r = GemmaReport {
+        zero_centered_norms: flag("layernorm_zero_centered_gamma"),
+        post_norms: flag("post_layernorm"),
+        scale_embedding: flag("scale_embedding"),
+        query_pre_attn_scalar: num("query_pre_attn_scalar"),
+        attn_logit_softcapping: num("attn_logit_softcapping"),
+        final_logit_softcapping: num("final_logit_softcapping"),
+        windowed_layers,
+        rope_local_base_freq: num("rope_local_base_freq"),
+    };
+    let any = r.zero_centered_norms
+        || r.post_norms
+        || r.scale_embedding
+        || r.query_pre_attn_scalar.is_some()
+        || r.attn_logit_softcapping.is_some()
+        || r.final_logit_softcapping.is_some()
+        || r.windowed_layers.is_some()
+        || r.rope_local_base_freq.is_some();
+    any.then_some(r)
 }
 
 /// The MoE layers' settings.
@@ -302,6 +368,7 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
             .get("window_size")
             .and_then(|v| v.as_sequence())
             .map(|s| s.iter().filter_map(|x| x.as_i64()).collect()),
+        gemma: gemma_report(cfg),
         moe: cfg
             .get("num_moe_experts")
             .and_then(|v| v.as_u64())
@@ -431,6 +498,32 @@ impl Report {
                 }
                 if let Some(w) = &a.window_size {
                     extra += &format!(", sliding window {w:?}");
+                }
+                if let Some(g) = &a.gemma {
+                    if let Some(l) = &g.windowed_layers {
+                        extra += &format!(" on layers {l:?}");
+                    }
+                    for (on, what) in [
+                        (g.zero_centered_norms, "zero-centred norms"),
+                        (g.post_norms, "post-norms"),
+                        (g.scale_embedding, "scaled embeddings"),
+                    ] {
+                        if on {
+                            extra += &format!(", {what}");
+                        }
+                    }
+                    if let Some(q) = g.query_pre_attn_scalar {
+                        extra += &format!(", query_pre_attn_scalar {q}");
+                    }
+                    if let Some(c) = g.attn_logit_softcapping {
+                        extra += &format!(", attention softcap {c}");
+                    }
+                    if let Some(c) = g.final_logit_softcapping {
+                        extra += &format!(", logit softcap {c}");
+                    }
+                    if let Some(b) = g.rope_local_base_freq {
+                        extra += &format!(", local rope base {b}");
+                    }
                 }
                 if let Some(m) = &a.moe {
                     extra += &format!(

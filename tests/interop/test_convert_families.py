@@ -1,11 +1,17 @@
 """`nemo-tool convert`, `reshard` and `eval` for the Llama-shaped families beyond Llama (issue 15):
-Mistral (sliding window), Qwen2 (Q/K/V biases) and Qwen3 (per-head Q/K RMSNorm), each as a tiny
-random GQA model saved by transformers 5.24.0, untied and tied:
+Mistral (sliding window), Qwen2 (Q/K/V biases), Qwen3 (per-head Q/K RMSNorm), Gemma 2
+(zero-centred norms, post-norms, GeGLU, scaled embeddings, soft-capped scores and logits, every
+second layer windowed) and Gemma 3 (plus Q/K norms and a local RoPE base, linear scaling on the
+global layers), each as a tiny random GQA model saved by transformers 5.24.0, untied and tied:
 
 * HF -> .nemo (TP2) -> HF gives the same tensors (bit for bit), the same config class and the
   same transformers logits;
 * HF -> .nemo loads into megatron-core 0.16.1's own GPTModel (local spec, CPU, strict=True) at
-  TP1 and TP2, and its logits equal transformers' within 1e-4 (both computed in this test);
+  TP1 and TP2, and its logits equal transformers' within 1e-4 (both computed in this test).
+  megatron-core ships no Gemma spec: Gemma loads into its GPTModel built as NeMo 2 and
+  Megatron-Bridge build it, its own modules plus the few Gemma pieces (zero-centred RMSNorm,
+  post-norms, soft-capped scores and logits, scaled embeddings, local RoPE) defined in
+  helpers/mcore_gemma.py;
 * the distill engine (`nemo-tool eval --logits-out`, TP1 and TP2) computes the same logits
   within 1e-4.
 
@@ -28,18 +34,40 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from conftest import free_port
 from test_eval import exe as eval_exe
 
 HELPER = Path(__file__).parent / "helpers" / "mcore_family.py"
 
+# Gemma: a query scale unlike head_dim's, caps small enough to bend the scores and logits
+GEMMA_CFG = {"sliding_window": 4, "query_pre_attn_scalar": 24}
 FAMILIES = {
     "mistral": (MistralConfig, {"sliding_window": 4}),
     "qwen2": (Qwen2Config, {}),
     "qwen3": (Qwen3Config, {}),
+    "gemma2": (Gemma2Config, {**GEMMA_CFG, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3}),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        {
+            **GEMMA_CFG,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+            },
+        },
+    ),
 }
+GEMMA = {"gemma2", "gemma3_text"}
 CASES = [(f, tied) for f in FAMILIES for tied in (False, True)]
 IDS = [f"{f}-{'tied' if t else 'untied'}" for f, t in CASES]
 
@@ -55,7 +83,7 @@ def _random_model(family: str, tied: bool, out: Path):
         vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
         rms_norm_eps=1e-6, tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, **extra,
+        **{"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}, **extra},
     )
     torch.manual_seed(3 + tied)
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -63,6 +91,9 @@ def _random_model(family: str, tied: bool, out: Path):
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if family in GEMMA and n.endswith(("q_proj.weight", "k_proj.weight")):
+                # scores large enough for Gemma 2's 0.5 cap to bend them (~0.4 on the logits)
+                p.mul_(10.0)
     model.save_pretrained(out)
     return AutoModelForCausalLM.from_pretrained(out).eval()
 
@@ -129,24 +160,40 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
     nemo2 = tmp_path / "m_tp2.nemo"
     run_tool("convert", "--from", "hf", src, nemo2, "--tp", "2")
     cfg = yaml.safe_load(_members(nemo2)["model_config.yaml"])
+    gemma = family in GEMMA
     assert cfg["qkv_bias"] is (family == "qwen2") and cfg["bias"] is False
-    assert cfg["qk_layernorm"] is (family == "qwen3")
-    assert cfg["window_size"] == ([3, 0] if family == "mistral" else None)
+    assert cfg["qk_layernorm"] is (family in ("qwen3", "gemma3_text"))
+    assert cfg["window_size"] == ([3, 0] if family == "mistral" or gemma else None)
+    if gemma:
+        assert cfg["activation"] == "fast-geglu" and cfg["openai_gelu"] is True
+        assert cfg["layernorm_zero_centered_gamma"] is True and cfg["window_attn_skip_freq"] == 2
+        assert cfg["query_pre_attn_scalar"] == 24.0
+        assert cfg.get("rope_local_base_freq") == (1000.0 if family == "gemma3_text" else None)
+        g = json.loads(run_tool("inspect", nemo2, "--json").stdout)["architecture"]["gemma"]
+        assert g["windowed_layers"] == [1] and g["post_norms"] and g["scale_embedding"], g
+        assert g["attn_logit_softcapping"] == (0.5 if family == "gemma2" else None), g
     assert cfg["kv_channels"] == 16 and cfg["share_embeddings_and_output_weights"] is tied
     r0 = torch.load(io.BytesIO(_members(nemo2)["mp_rank_00/model_weights.ckpt"]), weights_only=True)
     if family == "qwen2":
         # the fused QKV bias is split like the weight: (8 + 2*2) * 16 / 2 rows per rank
         assert r0["model.decoder.layers.0.self_attention.linear_qkv.bias"].shape == (96,)
-    if family == "qwen3":
+    if family in ("qwen3", "gemma3_text"):
         assert r0["model.decoder.layers.1.self_attention.q_layernorm.weight"].shape == (16,)
+    if gemma:
+        for k in ("self_attention.linear_proj.post_layernorm.weight", "mlp.linear_fc2.post_layernorm.weight"):
+            assert r0[f"model.decoder.layers.1.{k}"].shape == (64,)
 
     back = tmp_path / "back"
     run_tool("convert", nemo2, "--to", "hf", back)
     again = AutoModelForCausalLM.from_pretrained(back).eval()
     assert type(again) is type(orig)
     assert again.config.model_type == family and again.config.tie_word_embeddings is tied
-    if family == "mistral":
+    if family == "mistral" or gemma:
         assert again.config.sliding_window == 4
+    if gemma:
+        for k in ("layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                  "rope_parameters"):
+            assert getattr(again.config, k) == getattr(orig.config, k), k
     sd0, sd1 = orig.state_dict(), again.state_dict()
     assert sd0.keys() == sd1.keys()
     for k in sd0:
@@ -172,7 +219,9 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"model_type": "gemma2"}, "model_type `gemma2`"),
+        ({"model_type": "gemma"}, "model_type `gemma`"),
+        ({"model_type": "gemma2", "hidden_activation": "gelu"}, "hidden_activation `gelu`"),
+        ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
         ({"model_type": "deepseek_v3"}, "model_type `deepseek_v3`"),
         ({"model_type": "qwen2", "use_sliding_window": True}, "sliding-window layers"),
         ({"model_type": "qwen3", "attention_bias": True}, "covers every linear layer"),
@@ -181,7 +230,8 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
             "rope type `yarn`",
         ),
     ],
-    ids=["gemma2", "deepseek_v3", "qwen2-sliding", "qwen3-attention-bias", "qwen2-yarn"],
+    ids=["gemma", "gemma2-exact-gelu", "gemma3-bidirectional", "deepseek_v3", "qwen2-sliding",
+         "qwen3-attention-bias", "qwen2-yarn"],
 )
 def test_unmapped_features_are_refused(tmp_path, run_tool, config, message):
     """What the NeMo keys cannot express is refused with the reason and exit 2, before any

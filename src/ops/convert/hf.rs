@@ -117,6 +117,20 @@ fn expert_names(family: Family, layer: u64, e: u64) -> [String; 3] {
     names.map(|w| format!("{m}.experts.{e}.{w}.weight"))
 }
 
+/// Gemma's norm after attention and after the MLP, under NeMo 2's (and Megatron-Bridge's)
+/// names: a `post_layernorm` inside the row-parallel projection.
+const GEMMA_POST_ATTN: &str = "self_attention.linear_proj.post_layernorm.weight";
+const GEMMA_POST_MLP: &str = "mlp.linear_fc2.post_layernorm.weight";
+
+/// The HF norm before the MLP: Llama's `post_attention_layernorm`, Gemma's
+/// `pre_feedforward_layernorm` (its `post_attention_layernorm` follows attention).
+fn pre_mlp_norm(arch: &LlamaArch) -> &'static str {
+    match arch.gemma {
+        Some(_) => "pre_feedforward_layernorm.weight",
+        None => "post_attention_layernorm.weight",
+    }
+}
+
 fn heads(arch: &LlamaArch) -> Heads {
     Heads {
         heads: arch.heads,
@@ -242,6 +256,12 @@ fn global_from_hf(
                 take(&hf("self_attn.o_proj.bias"))?,
             );
         }
+        if arch.gemma.is_some() {
+            push(
+                mc(GEMMA_POST_ATTN),
+                take(&hf("post_attention_layernorm.weight"))?,
+            );
+        }
         for kind in ["weight", "bias"] {
             if kind == "bias" && !(arch.bias || arch.qkv_bias) {
                 continue;
@@ -265,7 +285,7 @@ fn global_from_hf(
         }
         push(
             mc("pre_mlp_layernorm.weight"),
-            take(&hf("post_attention_layernorm.weight"))?,
+            take(&hf(pre_mlp_norm(arch)))?,
         );
         if let Some(moe) = &arch.moe {
             // SequentialMLP state-dict order: the router, then each expert's fc1, its extra
@@ -301,6 +321,12 @@ fn global_from_hf(
         );
         if arch.bias {
             push(mc("mlp.linear_fc2.bias"), take(&hf("mlp.down_proj.bias"))?);
+        }
+        if arch.gemma.is_some() {
+            push(
+                mc(GEMMA_POST_MLP),
+                take(&hf("post_feedforward_layernorm.weight"))?,
+            );
         }
         for m in [
             "self_attention.linear_proj",
@@ -436,10 +462,11 @@ pub fn hf_tensors(canon: &NamedModel, arch: &LlamaArch) -> Result<Vec<WriteTenso
                 push(same("mlp.linear_fc2.bias", "mlp.down_proj.bias")?);
             }
         }
-        push(same(
-            "pre_mlp_layernorm.weight",
-            "post_attention_layernorm.weight",
-        )?);
+        push(same("pre_mlp_layernorm.weight", pre_mlp_norm(arch))?);
+        if arch.gemma.is_some() {
+            push(same(GEMMA_POST_ATTN, "post_attention_layernorm.weight")?);
+            push(same(GEMMA_POST_MLP, "post_feedforward_layernorm.weight")?);
+        }
     }
     let norm = get("model.decoder.final_layernorm.weight")?;
     push(norm.renamed("model.norm.weight", norm.shape.clone())?);

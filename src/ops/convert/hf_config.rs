@@ -79,6 +79,12 @@ pub enum Family {
     Mixtral,
     /// `Qwen3MoeForCausalLM`: Qwen3 with mixture-of-experts MLPs.
     Qwen3Moe,
+    /// `Gemma2ForCausalLM`: zero-centred norms, post-norms, GeGLU, scaled embeddings,
+    /// soft-capped scores and logits, every second layer windowed.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (`gemma3_text`): Gemma 2 plus per-head Q/K norms and a local RoPE
+    /// base for the windowed layers.
+    Gemma3,
 }
 
 impl Family {
@@ -91,6 +97,8 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Mixtral => "mixtral",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
         }
     }
 
@@ -103,6 +111,8 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -114,6 +124,8 @@ impl Family {
             Family::Qwen3,
             Family::Mixtral,
             Family::Qwen3Moe,
+            Family::Gemma2,
+            Family::Gemma3,
         ]
         .into_iter()
         .find(|f| f.model_type() == model_type)
@@ -135,6 +147,41 @@ pub struct MoeArch {
     pub pre_softmax: bool,
     /// `router_aux_loss_coef`.
     pub aux_loss_coeff: f64,
+}
+
+/// What Gemma 2 and 3 add to the Llama shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaArch {
+    /// `query_pre_attn_scalar`: attention scores are scaled by `1/sqrt(it)`.
+    pub query_pre_attn_scalar: f64,
+    /// `attn_logit_softcapping`.
+    pub attn_softcap: Option<f64>,
+    /// `final_logit_softcapping`.
+    pub final_softcap: Option<f64>,
+    /// Per layer: windowed (`sliding_attention`) or not (`full_attention`).
+    pub windowed: Vec<bool>,
+    /// Gemma 3: the windowed layers' RoPE base (`rope_local_base_freq`).
+    pub local_rope_theta: Option<f64>,
+}
+
+impl GemmaArch {
+    /// megatron-core's `window_attn_skip_freq` for this pattern: `N` when every layer whose
+    /// 1-based number is not a multiple of `N` is windowed, else the 0/1 list.
+    pub fn skip_freq_yaml(&self) -> String {
+        let n = self.windowed.len() as u64;
+        let fits = |f: u64| (1..=n).all(|l| self.windowed[(l - 1) as usize] == (l % f != 0));
+        match (2..=n.max(2)).find(|&f| fits(f)) {
+            Some(f) => f.to_string(),
+            None => {
+                let v: Vec<&str> = self
+                    .windowed
+                    .iter()
+                    .map(|&w| if w { "1" } else { "0" })
+                    .collect();
+                format!("[{}]", v.join(", "))
+            }
+        }
+    }
 }
 
 /// The architecture of a Llama-shaped model, as both sides need it.
@@ -176,6 +223,8 @@ pub struct LlamaArch {
     pub sliding_window: Option<u64>,
     /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE).
     pub moe: Option<MoeArch>,
+    /// Gemma 2 / 3 specifics.
+    pub gemma: Option<GemmaArch>,
     /// `initializer_range`.
     pub init_std: f64,
     /// Weight dtype, if stated.
@@ -247,16 +296,26 @@ impl LlamaArch {
         let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("");
         let family = Family::parse(model_type).ok_or_else(|| Error::Unsupported {
             why: format!(
-                "model_type `{model_type}` (llama, mistral, qwen2, qwen3, mixtral and qwen3_moe are mapped)"
+                "model_type `{model_type}` (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral and qwen3_moe are mapped)"
             ),
         })?;
-        let act = c
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("silu");
-        if act != "silu" {
+        let is_gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+        // Gemma names it hidden_activation (hidden_act is an older, ignored key)
+        let (act_key, want) = match is_gemma {
+            true => ("hidden_activation", "gelu_pytorch_tanh"),
+            false => ("hidden_act", "silu"),
+        };
+        let act = c.get(act_key).and_then(Value::as_str).unwrap_or(want);
+        if act != want {
             return Err(Error::Unsupported {
-                why: format!("hidden_act `{act}` (NeMo's fast-swiglu is silu)"),
+                why: format!(
+                    "{act_key} `{act}` ({model_type} is mapped with {want}: NeMo's {})",
+                    if is_gemma {
+                        "fast-geglu with openai_gelu"
+                    } else {
+                        "fast-swiglu"
+                    }
+                ),
             });
         }
         let hidden_size = get_u64(c, "hidden_size")?;
@@ -281,7 +340,7 @@ impl LlamaArch {
             });
         }
         let qkv_bias = family == Family::Qwen2;
-        let qk_layernorm = matches!(family, Family::Qwen3 | Family::Qwen3Moe);
+        let qk_layernorm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3);
         let sliding_window = match family {
             Family::Mistral | Family::Mixtral => match opt_u64(c, "sliding_window")? {
                 Some(0) => {
@@ -307,14 +366,46 @@ impl LlamaArch {
                 None
             }
             Family::Llama => None,
+            Family::Gemma2 | Family::Gemma3 => match opt_u64(c, "sliding_window")? {
+                Some(0) => {
+                    return Err(Error::Key {
+                        key: "sliding_window".into(),
+                        why: "is 0".into(),
+                    })
+                }
+                w => w,
+            },
         };
         // transformers 5 keeps theta and scaling together in `rope_parameters`.
         let empty = Map::new();
-        let params = c
+        let mut params = c
             .get("rope_parameters")
             .and_then(Value::as_object)
             .or_else(|| c.get("rope_scaling").and_then(Value::as_object))
             .unwrap_or(&empty);
+        // Gemma 3 (transformers 5): one entry per layer type; the windowed layers' must be
+        // plain RoPE, its base is `rope_local_base_freq`
+        let mut local_rope_theta = None;
+        if family == Family::Gemma3 {
+            if let Some(local) = params.get("sliding_attention").and_then(Value::as_object) {
+                let t = local
+                    .get("rope_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                if t != "default" {
+                    return Err(Error::Unsupported {
+                        why: format!("rope type `{t}` for sliding_attention layers (only default is mapped there)"),
+                    });
+                }
+                local_rope_theta = opt_f64(local, "rope_theta")?;
+            }
+            if let Some(full) = params.get("full_attention").and_then(Value::as_object) {
+                params = full;
+            }
+            local_rope_theta = local_rope_theta
+                .or(opt_f64(c, "rope_local_base_freq")?)
+                .or(Some(10000.0));
+        }
         let rope_theta = opt_f64(params, "rope_theta")?
             .or(opt_f64(c, "rope_theta")?)
             .unwrap_or(10000.0);
@@ -364,13 +455,30 @@ impl LlamaArch {
             Family::Mixtral | Family::Qwen3Moe => Some(moe_from_hf(c, family)?),
             _ => None,
         };
+        let num_layers = get_u64(c, "num_hidden_layers")?;
+        let gemma = match is_gemma {
+            true => Some(gemma_from_hf(
+                c,
+                family,
+                num_layers,
+                sliding_window,
+                local_rope_theta,
+            )?),
+            false => None,
+        };
+        if is_gemma && matches!(rope_scaling, RopeScaling::Llama3 { .. }) {
+            return Err(Error::Unsupported {
+                why: "llama3 rope scaling on a Gemma model (default and linear are mapped)".into(),
+            });
+        }
         Ok(LlamaArch {
             family,
             qkv_bias,
             qk_layernorm,
             sliding_window,
             moe,
-            num_layers: get_u64(c, "num_hidden_layers")?,
+            gemma,
+            num_layers,
             hidden_size,
             ffn_hidden_size: get_u64(c, "intermediate_size")?,
             heads,
@@ -381,7 +489,7 @@ impl LlamaArch {
             rms_norm_eps: opt_f64(c, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tied: opt_bool(c, "tie_word_embeddings")?.unwrap_or(false),
+            tied: opt_bool(c, "tie_word_embeddings")?.unwrap_or(is_gemma),
             bias: attention_bias,
             init_std: opt_f64(c, "initializer_range")?.unwrap_or(0.02),
             dtype,
@@ -408,11 +516,41 @@ impl LlamaArch {
                 format!("`{}` (Llama uses rmsnorm)", cfg.normalization()),
             ));
         }
-        if !matches!(cfg.activation(), "fast-swiglu" | "swiglu") {
+        let truthy = |key: &str| cfg.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
+        // Gemma: GeGLU with the tanh GELU (openai_gelu), and the keys that say the rest
+        let geglu = matches!(cfg.activation(), "fast-geglu" | "geglu");
+        if geglu {
+            if !truthy("openai_gelu") {
+                return Err(nemo(
+                    "openai_gelu",
+                    "false with geglu: Gemma's gelu_pytorch_tanh is the tanh GELU (openai_gelu: true)".into(),
+                ));
+            }
+        } else if !matches!(cfg.activation(), "fast-swiglu" | "swiglu") {
             return Err(nemo(
                 "activation",
-                format!("`{}` (Llama uses fast-swiglu)", cfg.activation()),
+                format!(
+                    "`{}` (Llama-shaped models use fast-swiglu, Gemma fast-geglu)",
+                    cfg.activation()
+                ),
             ));
+        }
+        const GEMMA_KEYS: [&str; 3] = [
+            "layernorm_zero_centered_gamma",
+            "post_layernorm",
+            "scale_embedding",
+        ];
+        for key in GEMMA_KEYS {
+            if truthy(key) != geglu {
+                return Err(nemo(
+                    key,
+                    format!(
+                        "{} with activation {}: Gemma has it with geglu, the other families have neither",
+                        truthy(key),
+                        cfg.activation()
+                    ),
+                ));
+            }
         }
         if cfg.position_embedding_type() != "rope" {
             return Err(nemo(
@@ -424,7 +562,6 @@ impl LlamaArch {
             let v = cfg.get(key)?;
             v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
         };
-        let truthy = |key: &str| cfg.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
         let rope_scaling = if truthy("scale_positional_embedding") {
             RopeScaling::Llama3 {
                 factor: f("scale_factor").unwrap_or(8.0),
@@ -468,9 +605,42 @@ impl LlamaArch {
             }
         };
         let moe = moe_from_nemo(cfg)?;
+        let gemma = match geglu {
+            true => Some(gemma_from_nemo(
+                cfg,
+                qk_layernorm,
+                sliding_window.is_some(),
+            )?),
+            false => {
+                for key in [
+                    "window_attn_skip_freq",
+                    "query_pre_attn_scalar",
+                    "softmax_scale",
+                    "attn_logit_softcapping",
+                    "final_logit_softcapping",
+                    "rope_local_base_freq",
+                ] {
+                    if cfg.get(key).is_some_and(|v| !v.is_null()) {
+                        return Err(nemo(
+                            key,
+                            "is set, but only Gemma (geglu) maps it to Hugging Face".into(),
+                        ));
+                    }
+                }
+                None
+            }
+        };
+        if gemma.is_some() && (bias || qkv_bias || moe.is_some()) {
+            return Err(nemo(
+                "bias",
+                "Gemma has no linear-layer biases or experts".to_string(),
+            ));
+        }
         // the family whose config says all of it: Qwen3's q/k norms, Qwen2's q/k/v biases,
         // Mistral's window, else Llama; with experts Qwen3-MoE or Mixtral
         let family = match (qk_layernorm, qkv_bias, sliding_window, moe.is_some()) {
+            _ if gemma.is_some() && qk_layernorm => Family::Gemma3,
+            _ if gemma.is_some() => Family::Gemma2,
             (true, false, None, false) => Family::Qwen3,
             (false, true, None, false) => Family::Qwen2,
             (false, false, Some(_), false) if !bias => Family::Mistral,
@@ -499,6 +669,7 @@ impl LlamaArch {
             qk_layernorm,
             sliding_window,
             moe,
+            gemma,
             num_layers: req("num_layers", cfg.num_layers())?,
             hidden_size: req("hidden_size", cfg.hidden_size())?,
             ffn_hidden_size: req("ffn_hidden_size", cfg.ffn_hidden_size())?,
@@ -523,6 +694,7 @@ impl LlamaArch {
     pub fn to_hf_json(&self) -> String {
         let mut rope = Map::new();
         rope.insert("rope_theta".into(), json!(self.rope_theta));
+        // (Gemma 3 nests this under `full_attention` below)
         match &self.rope_scaling {
             RopeScaling::None => {
                 rope.insert("rope_type".into(), json!("default"));
@@ -554,7 +726,40 @@ impl LlamaArch {
             .to_string();
         let mut c = Map::new();
         let f = self.family;
+        let gemma = self.gemma.as_ref();
         c.insert("architectures".into(), json!([f.architecture()]));
+        if let Some(g) = gemma {
+            c.insert("attention_bias".into(), json!(false));
+            c.insert("attn_logit_softcapping".into(), json!(g.attn_softcap));
+            c.insert("final_logit_softcapping".into(), json!(g.final_softcap));
+            let types: Vec<Value> = g
+                .windowed
+                .iter()
+                .map(|&w| {
+                    json!(if w {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    })
+                })
+                .collect();
+            c.insert("layer_types".into(), Value::Array(types));
+            c.insert(
+                "query_pre_attn_scalar".into(),
+                json_num(g.query_pre_attn_scalar),
+            );
+            if let Some(local) = g.local_rope_theta {
+                // transformers 5's per-layer-type RoPE of Gemma 3
+                let mut local_rope = Map::new();
+                local_rope.insert("rope_theta".into(), json!(local));
+                local_rope.insert("rope_type".into(), json!("default"));
+                rope = Map::from_iter([
+                    ("full_attention".to_string(), Value::Object(rope)),
+                    ("sliding_attention".to_string(), Value::Object(local_rope)),
+                ]);
+                c.insert("use_bidirectional_attention".into(), json!(false));
+            }
+        }
         if matches!(f, Family::Llama | Family::Qwen3 | Family::Qwen3Moe) {
             c.insert("attention_bias".into(), json!(self.bias));
         }
@@ -575,7 +780,10 @@ impl LlamaArch {
         c.insert("attention_dropout".into(), json!(0.0));
         c.insert("dtype".into(), json!(dtype));
         c.insert("head_dim".into(), json!(self.head_dim));
-        c.insert("hidden_act".into(), json!("silu"));
+        match gemma {
+            Some(_) => c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh")),
+            None => c.insert("hidden_act".into(), json!("silu")),
+        };
         c.insert("hidden_size".into(), json!(self.hidden_size));
         c.insert("initializer_range".into(), json!(self.init_std));
         c.insert("intermediate_size".into(), json!(self.ffn_hidden_size));
@@ -595,6 +803,7 @@ impl LlamaArch {
         if f != Family::Llama {
             c.insert("sliding_window".into(), json!(self.sliding_window));
         }
+        let nested_rope = gemma.is_some_and(|g| g.local_rope_theta.is_some());
         c.insert("model_type".into(), json!(f.model_type()));
         c.insert("num_attention_heads".into(), json!(self.heads));
         c.insert("num_hidden_layers".into(), json!(self.num_layers));
@@ -603,13 +812,15 @@ impl LlamaArch {
             c.insert("pretraining_tp".into(), json!(1));
         }
         c.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
-        if self.rope_scaling != RopeScaling::None {
+        if self.rope_scaling != RopeScaling::None && !nested_rope {
             let mut legacy = rope.clone();
             legacy.remove("rope_theta");
             c.insert("rope_scaling".into(), Value::Object(legacy));
         }
         c.insert("rope_parameters".into(), Value::Object(rope));
-        c.insert("rope_theta".into(), json!(self.rope_theta));
+        if !nested_rope {
+            c.insert("rope_theta".into(), json!(self.rope_theta));
+        }
         c.insert("tie_word_embeddings".into(), json!(self.tied));
         c.insert("torch_dtype".into(), json!(dtype));
         c.insert("use_cache".into(), json!(true));
@@ -630,6 +841,85 @@ impl LlamaArch {
             m /= 2;
         }
         m
+    }
+}
+
+/// The Gemma keys of a `config.json`: the layer types (transformers' default pattern when
+/// absent: every second layer for Gemma 2, five of six for Gemma 3), the query scale and the
+/// soft-caps (Gemma 2 defaults 50 and 30 when absent, Gemma 3 none).
+fn gemma_from_hf(
+    c: &Map<String, Value>,
+    family: Family,
+    layers: u64,
+    window: Option<u64>,
+    local_rope_theta: Option<f64>,
+) -> Result<GemmaArch, Error> {
+    if opt_bool(c, "use_bidirectional_attention")?.unwrap_or(false) {
+        return Err(Error::Unsupported {
+            why: "use_bidirectional_attention (megatron-core's GPT attention is causal)".into(),
+        });
+    }
+    let windowed: Vec<bool> = match c.get("layer_types") {
+        None | Some(Value::Null) => {
+            let period = match family {
+                Family::Gemma3 => opt_u64(c, "sliding_window_pattern")?.unwrap_or(6),
+                _ => 2,
+            };
+            (1..=layers).map(|l| l % period.max(1) != 0).collect()
+        }
+        Some(v) => {
+            let list = v.as_array().ok_or_else(|| Error::Key {
+                key: "layer_types".into(),
+                why: "not a list".into(),
+            })?;
+            list.iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(Error::Unsupported {
+                        why: format!(
+                            "layer type {t} (sliding_attention and full_attention are mapped)"
+                        ),
+                    }),
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    if windowed.len() as u64 != layers {
+        return Err(Error::Key {
+            key: "layer_types".into(),
+            why: format!("{} entries for {layers} layers", windowed.len()),
+        });
+    }
+    if window.is_none() && windowed.iter().any(|&w| w) {
+        return Err(Error::Key {
+            key: "sliding_window".into(),
+            why: "missing, but layer_types has sliding_attention layers".into(),
+        });
+    }
+    // absent: the family's default; null: none
+    let cap = |key: &str, gemma2: f64| -> Result<Option<f64>, Error> {
+        match c.contains_key(key) {
+            true => opt_f64(c, key),
+            false => Ok((family == Family::Gemma2).then_some(gemma2)),
+        }
+    };
+    Ok(GemmaArch {
+        query_pre_attn_scalar: opt_f64(c, "query_pre_attn_scalar")?.unwrap_or(256.0),
+        attn_softcap: cap("attn_logit_softcapping", 50.0)?,
+        final_softcap: cap("final_logit_softcapping", 30.0)?,
+        windowed,
+        local_rope_theta,
+    })
+}
+
+/// A JSON number that is an integer when `x` is one (transformers' strict configs type
+/// `query_pre_attn_scalar` as int).
+fn json_num(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
     }
 }
 
@@ -682,6 +972,66 @@ fn moe_from_hf(c: &Map<String, Value>, family: Family) -> Result<MoeArch, Error>
                 aux_loss_coeff,
             }
         }
+    })
+}
+
+/// The Gemma keys of a NeMo config (`window_attn_skip_freq` over `num_layers`).
+fn gemma_from_nemo(cfg: &ModelConfig, gemma3: bool, window: bool) -> Result<GemmaArch, Error> {
+    let nemo = |key: &str, why: String| Error::Nemo {
+        key: key.into(),
+        why,
+    };
+    let f = |key: &str| -> Option<f64> {
+        let v = cfg.get(key)?;
+        v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
+    };
+    let layers = cfg
+        .num_layers()
+        .map_err(|e| nemo("num_layers", e.to_string()))?;
+    let windowed: Vec<bool> = match cfg.get("window_attn_skip_freq") {
+        _ if !window => vec![false; layers as usize],
+        None | Some(serde_yaml_ng::Value::Null) => vec![true; layers as usize],
+        Some(v) => match (v.as_u64(), v.as_sequence()) {
+            (Some(n), _) if n >= 1 => (1..=layers).map(|l| l % n != 0).collect(),
+            (_, Some(list)) if list.len() as u64 == layers => list
+                .iter()
+                .map(|x| match x.as_u64() {
+                    Some(0) => Ok(false),
+                    Some(1) => Ok(true),
+                    _ => Err(nemo(
+                        "window_attn_skip_freq",
+                        format!("entry {x:?} is not 0 or 1"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(nemo(
+                    "window_attn_skip_freq",
+                    format!("{v:?}: expected a positive integer or one 0/1 per layer"),
+                ))
+            }
+        },
+    };
+    if cfg.get("softmax_scale").is_some_and(|v| !v.is_null()) {
+        return Err(nemo(
+            "softmax_scale",
+            "Gemma's scale is written as query_pre_attn_scalar".into(),
+        ));
+    }
+    let local = f("rope_local_base_freq");
+    if local.is_some() != gemma3 {
+        return Err(nemo(
+            "rope_local_base_freq",
+            "Gemma 3 (qk_layernorm) has a local RoPE base, Gemma 2 none".into(),
+        ));
+    }
+    Ok(GemmaArch {
+        query_pre_attn_scalar: f("query_pre_attn_scalar")
+            .ok_or_else(|| nemo("query_pre_attn_scalar", "missing".into()))?,
+        attn_softcap: f("attn_logit_softcapping"),
+        final_softcap: f("final_logit_softcapping"),
+        windowed,
+        local_rope_theta: local,
     })
 }
 
@@ -840,10 +1190,10 @@ bias: {bias}
 qkv_bias: {qkv_bias}
 qk_layernorm: {qk_layernorm}
 window_size: {window}
-{moe}activation: fast-swiglu
+{gemma}{moe}activation: {activation}
 headscale: false
 transformer_block_type: pre_ln
-openai_gelu: false
+openai_gelu: {openai_gelu}
 normalize_attention_scores: true
 position_embedding_type: rope
 rotary_percentage: 1.0
@@ -909,6 +1259,28 @@ target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.Megatro
             ),
             None => String::new(),
         },
+        gemma = match &arch.gemma {
+            Some(g) => {
+                let opt = |x: Option<f64>| x.map_or("null".to_string(), yaml_float);
+                let local = match g.local_rope_theta {
+                    Some(t) => format!("rope_local_base_freq: {}\n", yaml_float(t)),
+                    None => String::new(),
+                };
+                let skip = match arch.sliding_window {
+                    Some(_) => format!("window_attn_skip_freq: {}\n", g.skip_freq_yaml()),
+                    None => String::new(),
+                };
+                format!(
+                    "{skip}layernorm_zero_centered_gamma: true\npost_layernorm: true\nscale_embedding: true\nquery_pre_attn_scalar: {}\nattn_logit_softcapping: {}\nfinal_logit_softcapping: {}\n{local}",
+                    yaml_float(g.query_pre_attn_scalar),
+                    opt(g.attn_softcap),
+                    opt(g.final_softcap),
+                )
+            }
+            None => String::new(),
+        },
+        activation = if arch.gemma.is_some() { "fast-geglu" } else { "fast-swiglu" },
+        openai_gelu = arch.gemma.is_some(),
         theta = yaml_float(arch.rope_theta),
         tied = arch.tied,
         tok = t.tokenizer_yaml,
@@ -1078,6 +1450,84 @@ mod tests {
     }
 
     #[test]
+    fn gemma_families_map_both_ways() {
+        let with = |model_type: &str, extra: &str| {
+            FIXTURE_HF.replace(
+                "\"model_type\": \"llama\"",
+                &format!("\"model_type\": \"{model_type}\", \"sliding_window\": 4{extra}"),
+            )
+        };
+        // the fixture has 2 layers: Gemma 2's default pattern windows layer 1 of 2
+        let g2 = LlamaArch::from_hf(with("gemma2", "").as_bytes()).unwrap();
+        let g = g2.gemma.clone().unwrap();
+        assert_eq!(
+            (g.windowed.clone(), g.attn_softcap, g.final_softcap),
+            (vec![true, false], Some(50.0), Some(30.0))
+        );
+        assert_eq!((g.query_pre_attn_scalar, g.local_rope_theta), (256.0, None));
+        assert!(!g2.qk_layernorm);
+        let yaml = nemo_config_yaml(&g2, &target());
+        for line in [
+            "window_size: [3, 0]\n",
+            "window_attn_skip_freq: 2\n",
+            "activation: fast-geglu\n",
+            "openai_gelu: true\n",
+            "layernorm_zero_centered_gamma: true\n",
+            "query_pre_attn_scalar: 256.0\n",
+            "final_logit_softcapping: 30.0\n",
+        ] {
+            assert!(yaml.contains(line), "{line}");
+        }
+        let b = LlamaArch::from_nemo(&ModelConfig::parse(&yaml).unwrap(), 100).unwrap();
+        assert_eq!((b.family, &b.gemma), (Family::Gemma2, &g2.gemma));
+        let json: Value = serde_json::from_str(&b.to_hf_json()).unwrap();
+        assert_eq!(json["hidden_activation"], "gelu_pytorch_tanh");
+        assert_eq!(
+            json["query_pre_attn_scalar"], 256,
+            "an integer, as transformers types it"
+        );
+        assert_eq!(
+            json["layer_types"],
+            serde_json::json!(["sliding_attention", "full_attention"])
+        );
+
+        // Gemma 3: per-layer-type RoPE, no caps, q/k norms; a pattern no period describes
+        let rope = ", \"rope_parameters\": {\"full_attention\": {\"rope_type\": \"linear\", \"factor\": 8.0, \"rope_theta\": 1000000.0}, \"sliding_attention\": {\"rope_type\": \"default\", \"rope_theta\": 10000.0}}, \"layer_types\": [\"full_attention\", \"sliding_attention\"]";
+        let fixture_rope = "\"rope_parameters\": {\n    \"rope_theta\": 10000.0,\n    \"rope_type\": \"default\"\n  },";
+        let text = with("gemma3_text", rope).replace(fixture_rope, "");
+        assert!(!text.contains(fixture_rope));
+        let g3 = LlamaArch::from_hf(text.as_bytes()).unwrap();
+        let g = g3.gemma.clone().unwrap();
+        assert_eq!(
+            (g.attn_softcap, g.final_softcap, g.local_rope_theta),
+            (None, None, Some(10000.0))
+        );
+        assert_eq!(
+            (g3.rope_theta, &g3.rope_scaling),
+            (1e6, &RopeScaling::Linear { factor: 8.0 })
+        );
+        assert!(g3.qk_layernorm);
+        let yaml = nemo_config_yaml(&g3, &target());
+        assert!(yaml.contains("window_attn_skip_freq: [0, 1]\n"), "{yaml}");
+        assert!(
+            yaml.contains("rope_local_base_freq: 10000.0\n")
+                && yaml.contains("seq_len_interpolation_factor: 8.0\n")
+        );
+        let b = LlamaArch::from_nemo(&ModelConfig::parse(&yaml).unwrap(), 100).unwrap();
+        assert_eq!(
+            (b.family, &b.gemma, &b.rope_scaling),
+            (Family::Gemma3, &g3.gemma, &g3.rope_scaling)
+        );
+        let json: Value = serde_json::from_str(&b.to_hf_json()).unwrap();
+        assert_eq!(
+            json["rope_parameters"]["sliding_attention"]["rope_theta"],
+            10000.0
+        );
+        assert_eq!(json["rope_parameters"]["full_attention"]["factor"], 8.0);
+        assert!(json.get("rope_scaling").is_none() && json.get("rope_theta").is_none());
+    }
+
+    #[test]
     fn moe_families_map_both_ways() {
         let with = |model_type: &str, extra: &str| {
             FIXTURE_HF.replace(
@@ -1172,7 +1622,22 @@ mod tests {
                 ", \"attention_bias\": true",
                 "covers every linear layer",
             ),
-            ("gemma2", "", "model_type `gemma2`"),
+            ("gemma", "", "model_type `gemma`"),
+            (
+                "gemma2",
+                ", \"sliding_window\": 4, \"hidden_activation\": \"gelu\"",
+                "hidden_activation `gelu`",
+            ),
+            (
+                "gemma3_text",
+                ", \"sliding_window\": 4, \"use_bidirectional_attention\": true",
+                "use_bidirectional_attention",
+            ),
+            (
+                "gemma2",
+                ", \"sliding_window\": 4, \"layer_types\": [\"chunked_attention\", \"full_attention\"]",
+                "layer type",
+            ),
             ("phimoe", "", "model_type `phimoe`"),
         ] {
             let e = LlamaArch::from_hf(with(mt, extra).as_bytes()).unwrap_err();
@@ -1192,6 +1657,10 @@ mod tests {
             "qkv_bias: true\nqk_layernorm: true\n",
             "qk_layernorm: true\nwindow_size: [3, 0]\n",
             "window_size: [3, 2]\n",
+            // Gemma's keys without GeGLU, or GeGLU without them
+            "layernorm_zero_centered_gamma: true\n",
+            "window_size: [3, 0]\nwindow_attn_skip_freq: 2\n",
+            "final_logit_softcapping: 30.0\n",
         ] {
             let text = format!(
                 "normalization: rmsnorm\nactivation: fast-swiglu\nposition_embedding_type: rope\nnum_layers: 1\nhidden_size: 8\nffn_hidden_size: 8\nnum_attention_heads: 2\nnum_query_groups: 2\nkv_channels: 4\nbias: false\n{extra}"

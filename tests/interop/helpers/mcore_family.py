@@ -27,6 +27,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 import megatron.core.fusions.fused_softmax as fused_softmax  # noqa: E402
 import megatron.core.transformer.moe.moe_utils as moe_utils  # noqa: E402
+from mcore_gemma import gemma_model, is_gemma  # noqa: E402
 
 # megatron-core 0.16.1 without TransformerEngine: the router's gating GEMM tests a name its
 # failed TE import never bound
@@ -80,8 +81,10 @@ def build(c, tp):
 
 
 def model_of(c, tp, vocab):
-    """megatron-core's GPTModel (local spec, SequentialMLP experts) for `c`, randomly
-    initialised."""
+    """megatron-core's GPTModel (local spec, SequentialMLP experts; Gemma's modules from
+    mcore_gemma.py) for `c`, randomly initialised."""
+    if is_gemma(c):
+        return gemma_model(c, tp, vocab)
     cfg, experts = build(c, tp)
     return GPTModel(
         config=cfg,
