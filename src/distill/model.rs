@@ -509,14 +509,17 @@ impl Gpt {
                 )?),
                 false => None,
             };
-            // NeMo 2's names for Gemma's post-norms (TERowParallelLinearLayerNorm)
-            let post_attn = match s.gemma.post_norms {
-                true => Some(b.norm(&[(
-                    &p("self_attention.linear_proj.post_layernorm.weight"),
-                    &p("self_attention.linear_proj.post_layernorm.bias"),
-                )])?),
-                false => None,
+            // Gemma's post-norms, under NeMo 2's names (TERowParallelLinearLayerNorm)
+            let post_norm = |b: &mut Builder, linear: &str| match s.gemma.post_norms {
+                true => b
+                    .norm(&[(
+                        &p(&format!("{linear}.post_layernorm.weight")),
+                        &p(&format!("{linear}.post_layernorm.bias")),
+                    )])
+                    .map(Some),
+                false => Ok(None),
             };
+            let post_attn = post_norm(&mut b, "self_attention.linear_proj")?;
             let ln2 = b.norm(&[
                 (&p("pre_mlp_layernorm.weight"), &p("pre_mlp_layernorm.bias")),
                 (
@@ -591,13 +594,7 @@ impl Gpt {
                     }
                 }
             };
-            let post_mlp = match s.gemma.post_norms {
-                true => Some(b.norm(&[(
-                    &p("mlp.linear_fc2.post_layernorm.weight"),
-                    &p("mlp.linear_fc2.post_layernorm.bias"),
-                )])?),
-                false => None,
-            };
+            let post_mlp = post_norm(&mut b, "mlp.linear_fc2")?;
             let windowed = s.window.is_some() && s.window_layers.get(i).copied().unwrap_or(true);
             layers.push(Layer {
                 windowed,

@@ -342,15 +342,18 @@ impl LlamaArch {
         let qkv_bias = family == Family::Qwen2;
         let qk_layernorm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3);
         let sliding_window = match family {
-            Family::Mistral | Family::Mixtral => match opt_u64(c, "sliding_window")? {
-                Some(0) => {
-                    return Err(Error::Key {
-                        key: "sliding_window".into(),
-                        why: "is 0".into(),
-                    })
+            // Gemma's window applies to its `sliding_attention` layers (gemma_from_hf)
+            Family::Mistral | Family::Mixtral | Family::Gemma2 | Family::Gemma3 => {
+                match opt_u64(c, "sliding_window")? {
+                    Some(0) => {
+                        return Err(Error::Key {
+                            key: "sliding_window".into(),
+                            why: "is 0".into(),
+                        })
+                    }
+                    w => w,
                 }
-                w => w,
-            },
+            }
             Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => {
                 let layer_types = c.get("layer_types").and_then(Value::as_array);
                 let windowed = opt_bool(c, "use_sliding_window")?.unwrap_or(false)
@@ -366,15 +369,6 @@ impl LlamaArch {
                 None
             }
             Family::Llama => None,
-            Family::Gemma2 | Family::Gemma3 => match opt_u64(c, "sliding_window")? {
-                Some(0) => {
-                    return Err(Error::Key {
-                        key: "sliding_window".into(),
-                        why: "is 0".into(),
-                    })
-                }
-                w => w,
-            },
         };
         // transformers 5 keeps theta and scaling together in `rope_parameters`.
         let empty = Map::new();
