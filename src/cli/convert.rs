@@ -17,6 +17,7 @@ use nemo_tool::ops::convert::{self, FromHf, ToHf};
 nemo-tool convert --from hf Llama-3.1-8B/ llama.nemo --tp 2\n  \
 nemo-tool convert llama.nemo --to hf Llama-hf/ --shard-size 2GB\n  \
 nemo-tool convert llama.nemo --to dist llama_dist.nemo\n  \
+nemo-tool convert mixtral.nemo --to dist --ep 4 mixtral_ep4.nemo\n  \
 nemo-tool convert llama_dist.nemo --to per-rank --tp 4 llama_tp4.nemo\n\n\
 HF -> .nemo writes the local-spec mcore keys (transformer_engine: false), QKV\n\
 interleaved per query group, fc1 = [gate; up], the vocabulary padded as NeMo pads\n\
@@ -39,6 +40,10 @@ pub struct Args {
     /// Output pipeline-parallel size (.nemo outputs).
     #[arg(long, value_name = "M", default_value_t = 1)]
     pub pp: u64,
+    /// With --to dist: the expert-parallel size written to the config
+    /// (expert_model_parallel_size; the experts are stored whole either way).
+    #[arg(long, value_name = "E")]
+    pub ep: Option<u64>,
     /// Cast floating-point tensors (float32/fp32, float16/fp16, bfloat16/bf16).
     #[arg(long, value_name = "D", value_parser = super::parse_dtype)]
     pub dtype: Option<Dtype>,
@@ -95,6 +100,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.no_sync && args.from != "hf" {
         bail!("--no-sync is only for --from hf");
     }
+    if args.ep.is_some() && to != Some("dist") {
+        bail!(
+            "--ep is for --to dist: NeMo keeps expert-parallel models as distributed checkpoints; per-rank and HF outputs hold every expert whole"
+        );
+    }
     let summary = match (args.from.as_str(), to) {
         ("hf", None | Some("nemo") | Some("per-rank")) => convert::hf_to_nemo(
             &args.input,
@@ -122,7 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
                 bail!("--to dist keeps the model as it is (it loads at any TP); drop --tp/--pp/--dtype");
             }
-            convert::nemo_to_dist(&args.input, &args.output, args.force)
+            convert::nemo_to_dist(&args.input, &args.output, args.ep, args.force)
         }
         (_, Some("per-rank")) => convert::nemo_to_per_rank(
             &args.input,

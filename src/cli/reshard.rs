@@ -47,6 +47,11 @@ pub struct Args {
         default_value_t = 1
     )]
     pub pp: u64,
+    /// Target expert-parallel size: only 1 for the per-rank layout reshard writes (every rank
+    /// file holds every expert); for EP > 1 write a distributed checkpoint with
+    /// `convert --to dist --ep E`.
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    pub ep: u64,
     /// Print the plan (per output rank: tensors, source slices, bytes) and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -73,6 +78,14 @@ pub struct Args {
 
 /// Runs `reshard`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.ep != 1 {
+        anyhow::bail!(
+            "--ep {}: reshard writes per-rank files, which hold every expert on each rank (NeMo keeps expert-parallel models as distributed checkpoints); use `nemo-tool convert {} --to dist --ep {} OUT.nemo`",
+            args.ep,
+            args.input.display(),
+            args.ep
+        );
+    }
     let ckpt = Checkpoint::open(&args.input)
         .with_context(|| format!("opening {}", args.input.display()))?;
     let canon =

@@ -683,6 +683,15 @@ fn config_updates(
         ("tensor_model_parallel_size".to_string(), tp.to_string()),
         ("pipeline_model_parallel_size".to_string(), pp.to_string()),
     ];
+    // per-rank files hold every expert on each rank (NeMo keeps expert-parallel models as
+    // distributed checkpoints)
+    if cfg
+        .get("expert_model_parallel_size")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|ep| ep != 1)
+    {
+        u.push(("expert_model_parallel_size".to_string(), "1".to_string()));
+    }
     if cfg
         .get("virtual_pipeline_model_parallel_size")
         .is_some_and(|v| !v.is_null())

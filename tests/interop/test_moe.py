@@ -203,3 +203,67 @@ def test_hf_moe_round_trip_and_mcore(tmp_path, run_tool, family, tied):
     nemo1 = tmp_path / "m_tp1.nemo"
     run_tool("convert", "--from", "hf", src, nemo1)
     _check_logits(f"{family} tied={tied}", want, nemo1, nemo2, tmp_path)
+
+
+def test_expert_parallel_checkpoints(tmp_path, run_tool):
+    """Expert parallelism (EP2: each rank holds two of the four experts) with megatron-core's
+    own EP run on CPU: its distributed checkpoint saved at EP2 reads as the same model (reshard
+    to TP1 equals its TP1 state dict, byte for byte); `convert --to dist --ep 2` writes a
+    checkpoint megatron-core loads at EP2 into exactly its own EP shards, with its EP1 logits;
+    per-rank outputs say EP 1 (they hold every expert); `reshard --ep 2` and an EP not dividing
+    the experts are refused with the reason."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(MOE_CONFIG))
+    tokens = tmp_path / "tokens.pt"
+    torch.save(_tokens(), tokens)
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    save = HELPERS / "mcore_moe_save.py"
+    _torchrun(1, save, cfg_path, dist, tmp_path / "tp1", "--init", "--logits", tokens)
+    _torchrun(2, save, cfg_path, dist, tmp_path / "ep2", "--ep", "2", "--save", tmp_path / "ep2dist",
+              "--logits", tokens)
+    tp1 = torch.load(tmp_path / "tp1_rank0.pt", weights_only=True)
+    ep2 = [torch.load(tmp_path / f"ep2_rank{r}.pt", weights_only=True) for r in range(2)]
+    want = torch.load(tmp_path / "tp1_logits.pt")
+    assert torch.equal(torch.load(tmp_path / "ep2_logits.pt"), want)
+    # rank 1's local expert 0 is expert 2
+    k = "model.decoder.layers.1.mlp.experts.local_experts.{}.linear_fc2.weight"
+    assert torch.equal(ep2[1][k.format(0)], tp1[k.format(2)]) and k.format(2) not in ep2[1]
+
+    # megatron-core's own checkpoint written at EP2
+    folder = tmp_path / "ep2_nemo"
+    folder.mkdir()
+    (folder / "model_config.yaml").write_text(
+        yaml.safe_dump({**MOE_CONFIG, "tensor_model_parallel_size": 1, "expert_model_parallel_size": 2}))
+    os.rename(tmp_path / "ep2dist", folder / "model_weights")
+    info = json.loads(run_tool("inspect", folder, "--json").stdout)
+    assert info["architecture"]["moe"]["expert_parallel"] == 2, info["architecture"]
+    out = tmp_path / "from_ep2.nemo"
+    run_tool("reshard", folder, out, "--tp", "1", "--vocab-size", "128")
+    _same(_ranks(out, 1)[0], tp1, "EP2 dist -> TP1")
+    with tarfile.open(out) as tf:
+        cfg = yaml.safe_load(tf.extractfile("./model_config.yaml").read())
+    assert cfg["expert_model_parallel_size"] == 1
+
+    # ours at EP2, loaded by megatron-core at EP2
+    m1 = tmp_path / "mcore_tp1.nemo"
+    _pack(m1, MOE_CONFIG, [tp1])
+    ours = tmp_path / "ours_ep2.nemo"
+    run_tool("convert", m1, "--to", "dist", "--ep", "2", ours)
+    extracted = tmp_path / "ours_ep2"
+    with tarfile.open(ours) as tf:
+        tf.extractall(extracted, filter="data")
+    assert yaml.safe_load((extracted / "model_config.yaml").read_text())["expert_model_parallel_size"] == 2
+    _torchrun(2, save, cfg_path, extracted / "model_weights", tmp_path / "loaded", "--ep", "2", "--logits", tokens)
+    for r in range(2):
+        _same(torch.load(tmp_path / f"loaded_rank{r}.pt", weights_only=True), ep2[r], f"mcore EP2 loads ours, rank {r}")
+    assert torch.equal(torch.load(tmp_path / "loaded_logits.pt"), want)
+
+    for args, message in [
+        (("reshard", m1, tmp_path / "x.nemo", "--tp", "1", "--ep", "2"), "--to dist --ep 2"),
+        (("convert", m1, "--to", "dist", "--ep", "3", tmp_path / "y.nemo"), "must divide num_moe_experts (4)"),
+        (("convert", m1, "--to", "hf", "--ep", "2", tmp_path / "z"), "--ep is for --to dist"),
+    ]:
+        p = run_tool(*args, check=False)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+        assert not Path(args[-1] if args[0] == "convert" else args[2]).exists()

@@ -251,7 +251,7 @@ fn expert_of(name: &str) -> Option<(u64, u64, String)> {
     ))
 }
 
-/// Writes `canon` (from `ck`, whose config and artifacts are copied) as a
+/// Writes `canon` (from `ck`, whose artifacts are copied; its config as `config`) as a
 /// distributed `.nemo` at `out`.
 ///
 /// # Errors
@@ -259,6 +259,7 @@ fn expert_of(name: &str) -> Option<(u64, u64, String)> {
 pub fn write(
     ck: &Checkpoint,
     canon: &NamedModel,
+    config: &str,
     out: &Path,
     force: bool,
 ) -> Result<Summary, Error> {
@@ -313,8 +314,7 @@ pub fn write(
         } else if dirs.contains(name) {
             tar.append_dir(name)?;
         } else if name == CONFIG_MEMBER {
-            let text = ck.config.text();
-            tar.append_pieces(name, text.len() as u64, [text.as_bytes()])?;
+            tar.append_pieces(name, config.len() as u64, [config.as_bytes()])?;
         } else {
             let b = ck.read_member(name)?;
             tar.append_pieces(name, b.len() as u64, [b])?;

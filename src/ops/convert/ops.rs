@@ -489,14 +489,40 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
     })
 }
 
-/// `.nemo` -> `.nemo` with a torch_dist `model_weights/` folder.
+/// `.nemo` -> `.nemo` with a torch_dist `model_weights/` folder; `ep`, when given, becomes
+/// `expert_model_parallel_size` (the folder holds every expert whole, so it loads at any
+/// expert-parallel size: only the config says which).
 ///
 /// # Errors
-/// [`Error`]; the output appears only on success.
-pub fn nemo_to_dist(input: &Path, out: &Path, force: bool) -> Result<Summary, Error> {
+/// [`Error`]; [`Error::Invalid`] for `ep` on a dense model or one not dividing the experts.
+/// The output appears only on success.
+pub fn nemo_to_dist(
+    input: &Path,
+    out: &Path,
+    ep: Option<u64>,
+    force: bool,
+) -> Result<Summary, Error> {
     let ck = Checkpoint::open(input)?;
     let canon = NamedModel::from_checkpoint(&ck)?;
-    let s = super::dist_out::write(&ck, &canon, out, force)?;
+    let config = match ep {
+        None => ck.config.text().to_string(),
+        Some(ep) => {
+            let experts = ck
+                .config
+                .get("num_moe_experts")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            if ep == 0 || (ep > 1 && (experts == 0 || experts % ep != 0)) {
+                return Err(Error::Invalid(format!(
+                    "--ep {ep}: expert parallelism splits the experts over ranks, so it must divide num_moe_experts ({experts})"
+                )));
+            }
+            ck.config
+                .with_updates(&[("expert_model_parallel_size", &ep.to_string())])
+                .map_err(|e| Error::Invalid(format!("model_config.yaml: {e}")))?
+        }
+    };
+    let s = super::dist_out::write(&ck, &canon, &config, out, force)?;
     let rows = canon
         .tensor("model.embedding.word_embeddings.weight")
         .and_then(|t| t.shape.first().copied())

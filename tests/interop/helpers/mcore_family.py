@@ -62,7 +62,7 @@ def build(c, tp):
             moe_ffn_hidden_size=c["moe_ffn_hidden_size"], moe_grouped_gemm=False,
             moe_router_pre_softmax=bool(c.get("moe_router_pre_softmax")),
             moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
+            moe_aux_loss_coeff=0.0, expert_model_parallel_size=c.get("expert_model_parallel_size") or 1,
         )
     cfg = TransformerConfig(**moe,
         num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
