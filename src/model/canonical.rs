@@ -44,6 +44,9 @@ pub enum Error {
     /// The config lacks or has an invalid architecture value.
     #[error("model_config.yaml: {0}")]
     Config(#[from] crate::model::config::Error),
+    /// Per-rank files whose split the layout rules cannot undo exactly.
+    #[error("model_config.yaml: {0}")]
+    Layout(String),
     /// A TP rank of a stage lacks a key that rank 0 has, or holds another kind of value.
     #[error("{key}: missing or not a tensor in {member}")]
     MissingShard {
@@ -153,13 +156,23 @@ const DIST_EXPERTS: &str = "mlp.experts.experts.";
 /// The per-expert name of the per-rank state dict.
 const LOCAL_EXPERTS: &str = "mlp.experts.local_experts.";
 
+/// The layer-relative prefix of megatron-core's SharedExpertMLP.
+const SHARED_EXPERTS: &str = "mlp.shared_experts.";
+
 /// Where an expert's entry sorts within its layer: by expert, then fc1 before fc2, each
-/// tensor before its extra state; None (first) for the other entries.
+/// tensor before its extra state, the shared experts (gate first) after the routed ones, as
+/// megatron-core's MoELayer orders its state dict; None (first) for the other entries.
 fn expert_order(name: &str) -> Option<(u64, u8)> {
-    let rest = name.strip_prefix(LOCAL_EXPERTS)?;
-    let (e, tail) = rest.split_once('.')?;
-    let e = e.parse().ok()?;
-    let k = [
+    let (e, tail) = match name.strip_prefix(SHARED_EXPERTS) {
+        Some("gate_weight") => return Some((u64::MAX, 0)),
+        Some(tail) => (u64::MAX, tail),
+        None => {
+            let rest = name.strip_prefix(LOCAL_EXPERTS)?;
+            let (e, tail) = rest.split_once('.')?;
+            (e.parse().ok()?, tail)
+        }
+    };
+    let k = 1 + [
         "linear_fc1.weight",
         "linear_fc1.bias",
         "linear_fc1._extra_state",
@@ -405,6 +418,29 @@ impl Tensor {
     }
 }
 
+/// Per-rank MoE files must hold every expert, split over TP like a dense MLP (the layout rules'
+/// expert TP = TP, expert parallelism 1): refuses the configs that say otherwise rather than
+/// misread local expert numbers or replicated shards. Distributed checkpoints store global
+/// tensors, so any EP / expert TP reads there.
+fn expert_split_is_tp(cfg: &crate::model::config::ModelConfig) -> Result<(), Error> {
+    let u = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
+    if u("num_moe_experts").unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    if let Some(ep) = u("expert_model_parallel_size").filter(|&e| e != 1) {
+        return Err(Error::Layout(format!(
+            "expert_model_parallel_size {ep} in a per-rank archive: each rank file would hold only its experts, numbered locally; expert-parallel models are read from distributed checkpoints (model_weights/)"
+        )));
+    }
+    let tp = cfg.tensor_model_parallel_size();
+    if let Some(etp) = u("expert_tensor_parallel_size").filter(|&e| e != tp) {
+        return Err(Error::Layout(format!(
+            "expert_tensor_parallel_size {etp} with tensor_model_parallel_size {tp} in a per-rank archive: only experts split like the dense MLP (expert TP = TP) are read from rank files; distributed checkpoints are read at any expert TP"
+        )));
+    }
+    Ok(())
+}
+
 impl<'c> Canonical<'c> {
     /// Builds the view from the checkpoint's metadata (no payload is read).
     ///
@@ -428,7 +464,10 @@ impl<'c> Canonical<'c> {
             entries: Vec::new(),
         };
         match &ckpt.weights {
-            Weights::PerRank(_) => c.build_per_rank()?,
+            Weights::PerRank(_) => {
+                expert_split_is_tp(&ckpt.config)?;
+                c.build_per_rank()?
+            }
             Weights::Dist(dist) => c.build_dist(dist)?,
             Weights::Global(tensors) => c.build_global(tensors),
         }

@@ -692,6 +692,14 @@ fn config_updates(
     {
         u.push(("expert_model_parallel_size".to_string(), "1".to_string()));
     }
+    // ... split over TP like the dense MLP
+    if cfg
+        .get("expert_tensor_parallel_size")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|etp| etp != tp)
+    {
+        u.push(("expert_tensor_parallel_size".to_string(), tp.to_string()));
+    }
     if cfg
         .get("virtual_pipeline_model_parallel_size")
         .is_some_and(|v| !v.is_null())

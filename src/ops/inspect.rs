@@ -156,6 +156,8 @@ pub struct MoeReport {
     pub ffn_hidden_size: Option<u64>,
     /// `expert_model_parallel_size` (default 1).
     pub expert_parallel: u64,
+    /// `moe_shared_expert_intermediate_size`: the shared experts' MLP size, if any.
+    pub shared_ffn_hidden_size: Option<u64>,
 }
 
 /// True and padded vocabulary.
@@ -387,6 +389,9 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
                     .get("expert_model_parallel_size")
                     .and_then(|v| v.as_u64())
                     .unwrap_or(1),
+                shared_ffn_hidden_size: cfg
+                    .get("moe_shared_expert_intermediate_size")
+                    .and_then(|v| v.as_u64()),
             }),
         precision: cfg.precision().map(str::to_string),
     };
@@ -527,11 +532,13 @@ impl Report {
                 }
                 if let Some(m) = &a.moe {
                     extra += &format!(
-                        ", {} experts (top-{}, ffn {}, EP {})",
+                        ", {} experts (top-{}, ffn {}, EP {}{})",
                         m.experts,
                         m.topk,
                         opt(&m.ffn_hidden_size),
-                        m.expert_parallel
+                        m.expert_parallel,
+                        m.shared_ffn_hidden_size
+                            .map_or(String::new(), |f| format!(", shared experts ffn {f}"))
                     );
                 }
                 extra

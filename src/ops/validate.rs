@@ -464,7 +464,7 @@ fn canonical_error(acc: &mut Acc, e: crate::model::canonical::Error) {
         E::ReplicaMismatch { key, member } => {
             acc.error(Code::ReplicaMismatch, format!("{member}:{key}"), msg)
         }
-        E::Config(_) => acc.error(
+        E::Config(_) | E::Layout(_) => acc.error(
             Code::BadConfig,
             crate::model::checkpoint::CONFIG_MEMBER,
             msg,

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 from conftest import free_port
 from test_convert_families import _check_logits, _mcore_logits, _our_logits, _tokens
+from test_eval import exe as eval_exe
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -90,9 +91,15 @@ def _same(ours: dict, theirs: dict, what: str) -> None:
         assert o.contiguous().numpy().tobytes() == v.contiguous().numpy().tobytes(), (what, k)
 
 
-def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
+# megatron-core's SharedExpertMLP beside the routed experts, with its sigmoid gate
+SHARED = {"moe_shared_expert_intermediate_size": 48, "moe_shared_expert_gate": True}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared-experts"])
+def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool, shared):
+    config = {**MOE_CONFIG, **(SHARED if shared else {})}
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(MOE_CONFIG))
+    cfg_path.write_text(yaml.safe_dump(config))
     dist = tmp_path / "dist"
     dist.mkdir()
     _torchrun(1, HELPERS / "mcore_moe_save.py", cfg_path, dist, tmp_path / "tp1", "--init")
@@ -100,11 +107,12 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     tp1 = [torch.load(tmp_path / "tp1_rank0.pt", weights_only=True)]
     tp2 = [torch.load(tmp_path / f"tp2_rank{r}.pt", weights_only=True) for r in range(2)]
     assert "model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight" in tp1[0]
+    assert ("model.decoder.layers.1.mlp.shared_experts.gate_weight" in tp1[0]) is shared
     # megatron-core's own distributed checkpoint of it (experts stacked [layers, experts, ...])
     # reshards to its per-rank shards at TP1 and TP2
     folder = tmp_path / "dist_nemo"
     folder.mkdir()
-    (folder / "model_config.yaml").write_text(yaml.safe_dump({**MOE_CONFIG, "tensor_model_parallel_size": 1}))
+    (folder / "model_config.yaml").write_text(yaml.safe_dump({**config, "tensor_model_parallel_size": 1}))
     os.rename(dist, folder / "model_weights")
     for tp, want in ((1, tp1), (2, tp2)):
         out = tmp_path / f"from_dist_tp{tp}.nemo"
@@ -113,8 +121,8 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
             _same(o, t, f"dist -> TP{tp}, rank {r}")
 
     m1, m2 = tmp_path / "mcore_tp1.nemo", tmp_path / "mcore_tp2.nemo"
-    _pack(m1, MOE_CONFIG, tp1)
-    _pack(m2, MOE_CONFIG, tp2)
+    _pack(m1, config, tp1)
+    _pack(m2, config, tp2)
 
     ours2, ours1 = tmp_path / "ours_tp2.nemo", tmp_path / "ours_tp1.nemo"
     # no tokenizer in these archives: the true vocabulary is given (all 128 rows)
@@ -140,15 +148,24 @@ def test_reshard_and_eval_match_megatron_core_moe(tmp_path, run_tool):
     bad = [dict(r) for r in tp2]
     k = "model.decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"
     bad[0][k] = bad[0][k][:, :-1].contiguous()
-    _pack(tmp_path / "bad.nemo", MOE_CONFIG, bad)
+    _pack(tmp_path / "bad.nemo", config, bad)
     p = run_tool("validate", tmp_path / "bad.nemo", check=False)
     assert p.returncode != 0 and "local_experts.2.linear_fc2.weight" in p.stdout + p.stderr, p.stdout + p.stderr
 
     info = json.loads(run_tool("inspect", m2, "--json").stdout)
-    assert info["architecture"]["moe"] == {"experts": 4, "topk": 2, "ffn_hidden_size": 32, "expert_parallel": 1}, info[
-        "architecture"
-    ]
+    assert info["architecture"]["moe"] == {
+        "experts": 4, "topk": 2, "ffn_hidden_size": 32, "expert_parallel": 1,
+        "shared_ffn_hidden_size": 48 if shared else None,
+    }, info["architecture"]
 
+    if shared:
+        # the engine has no shared experts yet: refused with the key named, not dropped
+        tok = tmp_path / "tokens.json"
+        tok.write_text("[[1, 2, 3]]")
+        p = subprocess.run([eval_exe(), "eval", str(m1), "--tokens", str(tok), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "moe_shared_expert_intermediate_size" in p.stderr, p.stderr
+        return
     diffs = []
     for tp, nemo in ((1, m1), (2, m2)):
         mc = _mcore_logits(nemo, tp, tmp_path)
@@ -244,6 +261,15 @@ def test_expert_parallel_checkpoints(tmp_path, run_tool):
     with tarfile.open(out) as tf:
         cfg = yaml.safe_load(tf.extractfile("./model_config.yaml").read())
     assert cfg["expert_model_parallel_size"] == 1
+    # an expert TP of its own is a property of the dist run too; per-rank files split experts by TP
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(
+        {**MOE_CONFIG, "tensor_model_parallel_size": 1, "expert_model_parallel_size": 2,
+         "expert_tensor_parallel_size": 1}))
+    out2 = tmp_path / "from_ep2_tp2.nemo"
+    run_tool("reshard", folder, out2, "--tp", "2", "--vocab-size", "128")
+    with tarfile.open(out2) as tf:
+        cfg = yaml.safe_load(tf.extractfile("./model_config.yaml").read())
+    assert (cfg["expert_model_parallel_size"], cfg["expert_tensor_parallel_size"]) == (1, 2)
 
     # ours at EP2, loaded by megatron-core at EP2
     m1 = tmp_path / "mcore_tp1.nemo"
@@ -259,7 +285,14 @@ def test_expert_parallel_checkpoints(tmp_path, run_tool):
         _same(torch.load(tmp_path / f"loaded_rank{r}.pt", weights_only=True), ep2[r], f"mcore EP2 loads ours, rank {r}")
     assert torch.equal(torch.load(tmp_path / "loaded_logits.pt"), want)
 
+    # per-rank files that do not hold every expert split by TP are refused, not misread
+    _pack(tmp_path / "ep_per_rank.nemo", {**MOE_CONFIG, "expert_model_parallel_size": 2}, [tp1])
+    _pack(tmp_path / "etp_per_rank.nemo", {**MOE_CONFIG, "expert_tensor_parallel_size": 1}, [tp1, tp1])
     for args, message in [
+        (("reshard", tmp_path / "ep_per_rank.nemo", tmp_path / "a.nemo", "--tp", "1"),
+         "expert_model_parallel_size 2 in a per-rank archive"),
+        (("reshard", tmp_path / "etp_per_rank.nemo", tmp_path / "b.nemo", "--tp", "1"),
+         "expert_tensor_parallel_size 1 with tensor_model_parallel_size 2"),
         (("reshard", m1, tmp_path / "x.nemo", "--tp", "1", "--ep", "2"), "--to dist --ep 2"),
         (("convert", m1, "--to", "dist", "--ep", "3", tmp_path / "y.nemo"), "must divide num_moe_experts (4)"),
         (("convert", m1, "--to", "hf", "--ep", "2", tmp_path / "z"), "--ep is for --to dist"),

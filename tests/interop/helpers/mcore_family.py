@@ -63,6 +63,8 @@ def build(c, tp):
             moe_router_pre_softmax=bool(c.get("moe_router_pre_softmax")),
             moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0, expert_model_parallel_size=c.get("expert_model_parallel_size") or 1,
+            moe_shared_expert_intermediate_size=c.get("moe_shared_expert_intermediate_size"),
+            moe_shared_expert_gate=bool(c.get("moe_shared_expert_gate")),
         )
     cfg = TransformerConfig(**moe,
         num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
