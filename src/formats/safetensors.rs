@@ -446,9 +446,23 @@ pub struct ShardPlan {
     pub files: Vec<(String, Vec<usize>)>,
 }
 
+/// Where a dtype sorts in a file the reference writer (`safetensors.torch.save_file`, which
+/// transformers uses) writes: its `Dtype` enum order, larger first.
+fn reference_rank(dtype: Dtype) -> usize {
+    const ORDER: [&str; 15] = [
+        "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+        "F32", "F64", "I64", "U64",
+    ];
+    dtype
+        .safetensors_name()
+        .and_then(|n| ORDER.iter().position(|o| *o == n))
+        .unwrap_or(ORDER.len())
+}
+
 /// Groups tensors (in order) into files of at most `max_bytes` of data each
 /// (a tensor larger than the limit gets a file of its own), named as
-/// transformers names them. One group is `model.safetensors`.
+/// transformers names them, each file in the reference writer's order. One group is
+/// `model.safetensors`.
 pub fn plan_shards(tensors: &[WriteTensor], max_bytes: u64) -> ShardPlan {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut size = 0u64;
@@ -467,6 +481,16 @@ pub fn plan_shards(tensors: &[WriteTensor], max_bytes: u64) -> ShardPlan {
     }
     if groups.is_empty() {
         groups.push(Vec::new());
+    }
+    // within a file, the reference writer's order (dtype descending, then name), so a model
+    // transformers saved as one file comes back byte for byte
+    for g in &mut groups {
+        g.sort_by(|&a, &b| {
+            let (ta, tb) = (&tensors[a], &tensors[b]);
+            reference_rank(tb.dtype)
+                .cmp(&reference_rank(ta.dtype))
+                .then_with(|| ta.name.cmp(&tb.name))
+        });
     }
     let total = groups.len();
     let files = groups

@@ -194,6 +194,8 @@ def test_hf_nemo_hf_round_trip_and_mcore(tmp_path, run_tool, family, tied):
         for k in ("layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                   "rope_parameters"):
             assert getattr(again.config, k) == getattr(orig.config, k), k
+    # the weights file itself, byte for byte as transformers wrote it
+    assert (back / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     sd0, sd1 = orig.state_dict(), again.state_dict()
     assert sd0.keys() == sd1.keys()
     for k in sd0:

@@ -210,6 +210,7 @@ def test_hf_moe_round_trip_and_mcore(tmp_path, run_tool, family, tied):
     run_tool("convert", nemo2, "--to", "hf", back)
     again = AutoModelForCausalLM.from_pretrained(back).eval()
     assert type(again) is type(orig) and again.config.tie_word_embeddings is tied
+    assert (back / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     sd0, sd1 = orig.state_dict(), again.state_dict()
     assert sd0.keys() == sd1.keys()
     for k in sd0:

@@ -177,7 +177,7 @@ fn to_dist_reads_back_equal() {
     for src in ["tiny_llama_tp1.nemo", "tiny_llama_tp2.nemo"] {
         let input = root().join("fixtures/mcore/llama/nemo").join(src);
         let out = tmp.path().join(format!("dist_{src}"));
-        nemo_to_dist(&input, &out, false).unwrap();
+        nemo_to_dist(&input, &out, None, false).unwrap();
         let ck = Checkpoint::open(&out).unwrap();
         assert_eq!(
             ck.layout.variant,
