@@ -18,11 +18,18 @@ pub struct Args {
 /// `data` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DataCommand {
-    /// Write a dataset from token ids (one document per input line or list).
+    /// Write a dataset from raw text with a tokenizer (as Megatron's preprocess_data.py), or
+    /// from token ids (one document per input line or list).
     #[command(
-        after_help = "Input: JSON Lines, each line a list of token ids or an object with \"ids\",\n\
-\"input_ids\" or \"tokens\"; or one JSON list of lists.\n\n\
-Example:\n  nemo-tool data make --input docs.jsonl --output-prefix data/train --vocab-size 32000 --append-eod 2"
+        after_help = "With --tokenizer: JSON Lines (.jsonl/.json, optionally .gz) with the texts under\n\
+--json-keys (one dataset {PREFIX}_{KEY}_document per key), or plain text (one document per\n\
+line); tokenized without special tokens; --append-eod ends each document with the\n\
+tokenizer's EOS id.\n\
+Without: token ids, JSON Lines of lists (or objects with \"ids\", \"input_ids\" or\n\
+\"tokens\"), or one JSON list of lists; writes {PREFIX}.bin/.idx.\n\n\
+Examples:\n  \
+nemo-tool data make --input corpus.jsonl --tokenizer Llama-3-8B/ --append-eod --workers 8 --output-prefix data/train\n  \
+nemo-tool data make --input ids.jsonl --output-prefix data/train --vocab-size 32000 --append-eod 2"
     )]
     Make(MakeArgs),
     /// Print a dataset's size: sequences, documents, tokens, token type.
@@ -43,21 +50,36 @@ pub struct DumpArgs {
 /// `data make`.
 #[derive(Debug, clap::Args)]
 pub struct MakeArgs {
-    /// Token ids (JSON Lines, or one JSON list of lists); `-` reads stdin.
-    #[arg(long)]
-    pub input: PathBuf,
-    /// Writes `<PREFIX>.bin` and `<PREFIX>.idx`.
+    /// Input files, read in order (repeat the flag or list several): text with --tokenizer,
+    /// token ids without (one file; `-` reads stdin).
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// Writes `<PREFIX>_<KEY>_document.bin/.idx` per JSON key with --tokenizer, else
+    /// `<PREFIX>.bin` and `<PREFIX>.idx`.
     #[arg(long)]
     pub output_prefix: PathBuf,
+    /// A Hugging Face tokenizer.json, or a model folder holding one: the inputs are text.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// JSON keys whose texts are tokenized, one dataset each (with --tokenizer).
+    #[arg(long, num_args = 1.., default_value = "text")]
+    pub json_keys: Vec<String>,
+    /// Tokenizing threads (with --tokenizer; default: the available cores).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Skip lines that are not documents (bad JSON, a missing key, not UTF-8, blank JSON
+    /// lines) and report how many, instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
     /// Vocabulary size: picks the token type as Megatron does (u16 below 65500, else i32).
     #[arg(long, conflicts_with = "token_type")]
     pub vocab_size: Option<u64>,
     /// Token type, instead of `--vocab-size`.
     #[arg(long, value_parser = ["u8", "u16", "i16", "i32", "i64"])]
     pub token_type: Option<String>,
-    /// Append this token id (end of document) to every document.
-    #[arg(long)]
-    pub append_eod: Option<i64>,
+    /// End every document with this token id; with --tokenizer and no ID, its EOS token.
+    #[arg(long, value_name = "ID", num_args = 0..=1)]
+    pub append_eod: Option<Option<i64>>,
     /// Replace existing files.
     #[arg(long)]
     pub force: bool,
@@ -166,24 +188,132 @@ fn print(s: &Summary, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `data make --tokenizer`: text through the tokenizer into one dataset per JSON key.
+fn make_text(a: &MakeArgs) -> anyhow::Result<()> {
+    use nemo_tool::ops::data_make::{self, MakeText, Progress};
+    use nemo_tool::text::tokenizer::Tokenizer;
+    use std::io::IsTerminal;
+    let Some(path) = &a.tokenizer else {
+        bail!("--tokenizer is required for text");
+    };
+    let tok = Tokenizer::open(path)?;
+    let eod = match a.append_eod {
+        None => None,
+        Some(Some(id)) => Some(u32::try_from(id).context("--append-eod: not a token id")?),
+        Some(None) => Some(tok.eod().with_context(|| {
+            format!(
+                "--append-eod: {} names no EOS token (no eos_token in tokenizer_config.json or special_tokens_map.json beside it); give the id: --append-eod ID",
+                tok.path().display()
+            )
+        })?),
+    };
+    let ty = match (a.vocab_size, a.token_type.as_deref()) {
+        (Some(v), _) => TokenType::for_vocab(v),
+        (None, Some(t)) => token_type(t)?,
+        (None, None) => TokenType::for_vocab(tok.vocab_size()),
+    };
+    let workers = a.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let tty = std::io::stderr().is_terminal() && !a.json;
+    let mut last = std::time::Instant::now();
+    let mut bar = |p: &Progress| {
+        if !tty || last.elapsed().as_millis() < 250 {
+            return;
+        }
+        last = std::time::Instant::now();
+        let s = p.seconds.max(1e-9);
+        eprint!(
+            "\rtokenizing: {} docs ({:.0} docs/s), {} tokens ({:.0} tokens/s), {:.1} MB",
+            p.documents,
+            p.documents as f64 / s,
+            p.tokens,
+            p.tokens as f64 / s,
+            p.bytes as f64 / 1e6
+        );
+    };
+    let m = MakeText {
+        inputs: &a.input,
+        keys: &a.json_keys,
+        tokenizer: &tok,
+        append_eod: eod,
+        workers,
+        prefix: &a.output_prefix,
+        skip_bad: a.skip_bad,
+        force: a.force,
+        token_type: ty,
+    };
+    let r = data_make::make_text(&m, &mut bar)?;
+    if tty {
+        eprintln!();
+    }
+    if a.json {
+        return super::print_json(&r);
+    }
+    let s = r.seconds.max(1e-9);
+    for d in &r.datasets {
+        eprintln!(
+            "wrote {}.bin/.idx: {} documents, {} sequences, {} tokens ({})",
+            d.prefix.display(),
+            d.documents,
+            d.sequences,
+            d.tokens,
+            r.token_type
+        );
+    }
+    eprintln!(
+        "{} documents in {:.1} s ({:.0} docs/s, {:.0} tokens/s, {} workers){}",
+        r.documents,
+        r.seconds,
+        r.documents as f64 / s,
+        r.tokens as f64 / s,
+        r.workers,
+        if r.skipped > 0 {
+            format!(
+                "; skipped {} bad lines, first: {}",
+                r.skipped,
+                r.skipped_examples.join("; ")
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+fn token_type(t: &str) -> anyhow::Result<TokenType> {
+    Ok(match t {
+        "u8" => TokenType::U8,
+        "u16" => TokenType::U16,
+        "i16" => TokenType::I16,
+        "i32" => TokenType::I32,
+        "i64" => TokenType::I64,
+        other => bail!("unknown token type {other}"),
+    })
+}
+
 /// Runs `data`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
+        DataCommand::Make(a) if a.tokenizer.is_some() => make_text(&a)?,
         DataCommand::Make(a) => {
+            let [input] = a.input.as_slice() else {
+                bail!("token ids come from one --input file (text needs --tokenizer)");
+            };
+            let eod: Option<i64> = a
+                .append_eod
+                .map(|e| e.context("--append-eod needs an ID without --tokenizer"))
+                .transpose()?;
             let ty = match (a.vocab_size, a.token_type.as_deref()) {
                 (Some(v), _) => TokenType::for_vocab(v),
-                (None, Some("u8")) => TokenType::U8,
-                (None, Some("u16")) => TokenType::U16,
-                (None, Some("i16")) => TokenType::I16,
-                (None, Some("i32")) => TokenType::I32,
-                (None, Some("i64")) => TokenType::I64,
-                _ => bail!("give --vocab-size or --token-type"),
+                (None, Some(t)) => token_type(t)?,
+                (None, None) => bail!("give --vocab-size or --token-type"),
             };
-            let docs = read_docs(&a.input)?;
+            let docs = read_docs(input)?;
             let mut b = Builder::create(&a.output_prefix, ty, a.force)
                 .with_context(|| format!("creating {}", a.output_prefix.display()))?;
             for (i, mut d) in docs.into_iter().enumerate() {
-                d.extend(a.append_eod);
+                d.extend(eod);
                 b.add_document(&d)
                     .with_context(|| format!("document {i}"))?;
             }

@@ -349,13 +349,16 @@ impl IndexedDataset {
     }
 }
 
-/// Writes an indexed dataset, one document per call (each document one
-/// sequence, as Megatron's preprocessing does with `end_document()` after each).
+/// Writes an indexed dataset, one document per call: one sequence ([`Builder::add_document`]),
+/// or any number of them ([`Builder::add_sequences`], megatron-core's
+/// `IndexedDatasetBuilder.add_document(tokens, lengths)`; none for an empty document).
 pub struct Builder {
     ty: TokenType,
     bin: BufWriter<OutputFile>,
     idx: OutputFile,
     lengths: Vec<u32>,
+    /// Sequence index where each document ends (after a leading 0).
+    documents: Vec<u64>,
     offset: u64,
 }
 
@@ -370,12 +373,46 @@ impl Builder {
             bin,
             idx,
             lengths: Vec::new(),
+            documents: vec![0],
             offset: 0,
         })
     }
 
+    /// Appends one document made of sequences of `lengths` tokens (their sum is
+    /// `tokens.len()`); an empty `lengths` adds a document without sequences, as megatron-core
+    /// does for a text that tokenizes to nothing.
+    ///
+    /// # Errors
+    /// [`Error::TokenRange`], [`Error::BadIndex`] for lengths that do not add up, I/O.
+    pub fn add_sequences(&mut self, tokens: &[i64], lengths: &[u32]) -> Result<(), Error> {
+        let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+        if total != tokens.len() as u64 {
+            return Err(Error::BadIndex {
+                path: self.idx.target().to_path_buf(),
+                why: format!(
+                    "sequence lengths sum to {total}, {} tokens given",
+                    tokens.len()
+                ),
+            });
+        }
+        let mut start = 0usize;
+        for &l in lengths {
+            let end = start + l as usize;
+            self.add_sequence(&tokens[start..end])?;
+            start = end;
+        }
+        self.documents.push(self.lengths.len() as u64);
+        Ok(())
+    }
+
     /// Appends one document.
     pub fn add_document(&mut self, tokens: &[i64]) -> Result<(), Error> {
+        self.add_sequence(tokens)?;
+        self.documents.push(self.lengths.len() as u64);
+        Ok(())
+    }
+
+    fn add_sequence(&mut self, tokens: &[i64]) -> Result<(), Error> {
         let mut buf = Vec::with_capacity(tokens.len() * self.ty.size());
         for &t in tokens {
             if !self.ty.encode(t, &mut buf) {
@@ -409,7 +446,7 @@ impl Builder {
         h.extend_from_slice(&1u64.to_le_bytes());
         h.push(self.ty.code());
         h.extend_from_slice(&n.to_le_bytes());
-        h.extend_from_slice(&(n + 1).to_le_bytes());
+        h.extend_from_slice(&(self.documents.len() as u64).to_le_bytes());
         for l in &self.lengths {
             h.extend_from_slice(&(*l as i32).to_le_bytes());
         }
@@ -418,8 +455,8 @@ impl Builder {
             h.extend_from_slice(&off.to_le_bytes());
             off += i64::from(*l) * self.ty.size() as i64;
         }
-        for i in 0..=n {
-            h.extend_from_slice(&(i as i64).to_le_bytes());
+        for &d in &self.documents {
+            h.extend_from_slice(&(d as i64).to_le_bytes());
         }
         let idx_target = self.idx.target().to_path_buf();
         self.idx.write_all(&h).map_err(|source| Error::Io {

@@ -450,8 +450,8 @@ pub struct ShardPlan {
 /// transformers uses) writes: its `Dtype` enum order, larger first.
 fn reference_rank(dtype: Dtype) -> usize {
     const ORDER: [&str; 15] = [
-        "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
-        "F32", "F64", "I64", "U64",
+        "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+        "F64", "I64", "U64",
     ];
     dtype
         .safetensors_name()

@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod convert;
+pub mod data_make;
 pub mod diff;
 pub mod inspect;
 pub mod reshard;

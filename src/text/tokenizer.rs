@@ -1,0 +1,139 @@
+//! The tokenizer `data make` encodes text with, as Megatron's `preprocess_data.py` calls it:
+//! the text's own tokens, no special tokens added (megatron-core's `HuggingFaceTokenizer` with
+//! `include_special_tokens: false`), the end-of-document id being the tokenizer's EOS token.
+//!
+//! Hugging Face `tokenizer.json` files are read by the `tokenizers` crate, the library
+//! transformers' fast tokenizers are built on, so ids are the Python library's by construction.
+
+use std::path::{Path, PathBuf};
+
+/// Errors opening or running a tokenizer; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read or parsed.
+    #[error("{path}: {why}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A tokenizer kind not read yet.
+    #[error("{path}: {why}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Encoding failed.
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer loaded from disk.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Option<u32>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+/// The EOS token named by `tokenizer_config.json` or `special_tokens_map.json` beside the
+/// tokenizer (a string, or an object with `content`), as transformers reads it.
+fn eos_token_name(dir: &Path) -> Option<String> {
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let Ok(text) = std::fs::read(dir.join(name)) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        match v.get("eos_token") {
+            Some(serde_json::Value::String(s)) => return Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => {
+                if let Some(s) = o.get("content").and_then(|c| c.as_str()) {
+                    return Some(s.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+impl Tokenizer {
+    /// Opens `path`: a `tokenizer.json`, or a folder holding one (a Hugging Face model
+    /// folder). The EOS token comes from `tokenizer_config.json` / `special_tokens_map.json`
+    /// in the same folder, when one names it.
+    ///
+    /// # Errors
+    /// [`Error::Open`] for an unreadable file, [`Error::Unsupported`] for a SentencePiece
+    /// `tokenizer.model` (not read yet).
+    pub fn open(path: &Path) -> Result<Tokenizer, Error> {
+        let file = if path.is_dir() {
+            let f = path.join("tokenizer.json");
+            if !f.exists() && path.join("tokenizer.model").exists() {
+                return Err(Error::Unsupported {
+                    path: path.join("tokenizer.model"),
+                    why: "SentencePiece models are not read yet: give a tokenizer.json".into(),
+                });
+            }
+            f
+        } else {
+            path.to_path_buf()
+        };
+        if file.extension().is_some_and(|e| e == "model") {
+            return Err(Error::Unsupported {
+                path: file,
+                why: "SentencePiece models are not read yet: give a tokenizer.json".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Open {
+            path: file.clone(),
+            why: e.to_string(),
+        })?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let eos = eos_token_name(dir).and_then(|t| inner.token_to_id(&t));
+        Ok(Tokenizer {
+            inner,
+            eos,
+            path: file,
+        })
+    }
+
+    /// The file read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids of `text`, without special tokens.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] when the library fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    /// The end-of-document id (the EOS token), when the tokenizer's config names one.
+    pub fn eod(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Vocabulary size with added tokens (`len(tokenizer)` in transformers, what Megatron
+    /// picks the token type by).
+    pub fn vocab_size(&self) -> u64 {
+        self.inner.get_vocab_size(true) as u64
+    }
+}
