@@ -2,4 +2,5 @@
 //! token ids (`tokenizer`), for `data make` (`crate::ops::data_make`).
 
 pub mod corpus;
+pub mod sentencepiece;
 pub mod tokenizer;

@@ -4,6 +4,9 @@
 //!
 //! Hugging Face `tokenizer.json` files are read by the `tokenizers` crate, the library
 //! transformers' fast tokenizers are built on, so ids are the Python library's by construction.
+//! SentencePiece `tokenizer.model` files (BPE) by our own encoder ([`super::sentencepiece`]),
+//! as megatron-core's `SentencePieceTokenizer` calls the C++ library (`encode_as_ids`; EOD =
+//! `eos_id`).
 
 use std::path::{Path, PathBuf};
 
@@ -33,9 +36,14 @@ pub enum Error {
 
 /// A tokenizer loaded from disk.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     eos: Option<u32>,
     path: PathBuf,
+}
+
+enum Inner {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(super::sentencepiece::SentencePiece),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -71,40 +79,50 @@ fn eos_token_name(dir: &Path) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// Opens `path`: a `tokenizer.json`, or a folder holding one (a Hugging Face model
-    /// folder). The EOS token comes from `tokenizer_config.json` / `special_tokens_map.json`
-    /// in the same folder, when one names it.
+    /// Opens `path`: a `tokenizer.json` or a SentencePiece `tokenizer.model`, or a folder
+    /// holding one (a Hugging Face model folder: `tokenizer.json` first). A `tokenizer.json`'s
+    /// EOS token comes from `tokenizer_config.json` / `special_tokens_map.json` in the same
+    /// folder, when one names it; a SentencePiece model's is its `eos_id`.
     ///
     /// # Errors
-    /// [`Error::Open`] for an unreadable file, [`Error::Unsupported`] for a SentencePiece
-    /// `tokenizer.model` (not read yet).
+    /// [`Error::Open`] for an unreadable file, [`Error::Unsupported`] for SentencePiece models
+    /// this reader does not implement.
     pub fn open(path: &Path) -> Result<Tokenizer, Error> {
         let file = if path.is_dir() {
             let f = path.join("tokenizer.json");
-            if !f.exists() && path.join("tokenizer.model").exists() {
-                return Err(Error::Unsupported {
-                    path: path.join("tokenizer.model"),
-                    why: "SentencePiece models are not read yet: give a tokenizer.json".into(),
-                });
+            match (f.exists(), path.join("tokenizer.model")) {
+                (false, spm) if spm.exists() => spm,
+                _ => f,
             }
-            f
         } else {
             path.to_path_buf()
         };
-        if file.extension().is_some_and(|e| e == "model") {
-            return Err(Error::Unsupported {
+        let open = |why: String| Error::Open {
+            path: file.clone(),
+            why,
+        };
+        let bytes = std::fs::read(&file).map_err(|e| open(e.to_string()))?;
+        // a tokenizer.json is a JSON object; anything else is taken for a ModelProto
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            let m =
+                super::sentencepiece::SentencePiece::from_bytes(&bytes).map_err(|e| match e {
+                    super::sentencepiece::Error::Unsupported(why) => Error::Unsupported {
+                        path: file.clone(),
+                        why,
+                    },
+                    e => open(e.to_string()),
+                })?;
+            return Ok(Tokenizer {
+                eos: m.eos(),
+                inner: Inner::Spm(m),
                 path: file,
-                why: "SentencePiece models are not read yet: give a tokenizer.json".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Open {
-            path: file.clone(),
-            why: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| open(e.to_string()))?;
         let dir = file.parent().unwrap_or(Path::new("."));
         let eos = eos_token_name(dir).and_then(|t| inner.token_to_id(&t));
         Ok(Tokenizer {
-            inner,
+            inner: Inner::Hf(Box::new(inner)),
             eos,
             path: file,
         })
@@ -120,10 +138,13 @@ impl Tokenizer {
     /// # Errors
     /// [`Error::Encode`] when the library fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
-        self.inner
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Encode(e.to_string()))
+        match &self.inner {
+            Inner::Hf(t) => t
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Encode(e.to_string())),
+            Inner::Spm(m) => Ok(m.encode(text)),
+        }
     }
 
     /// The end-of-document id (the EOS token), when the tokenizer's config names one.
@@ -134,6 +155,9 @@ impl Tokenizer {
     /// Vocabulary size with added tokens (`len(tokenizer)` in transformers, what Megatron
     /// picks the token type by).
     pub fn vocab_size(&self) -> u64 {
-        self.inner.get_vocab_size(true) as u64
+        match &self.inner {
+            Inner::Hf(t) => t.get_vocab_size(true) as u64,
+            Inner::Spm(m) => m.vocab_size(),
+        }
     }
 }

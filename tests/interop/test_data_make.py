@@ -1,11 +1,15 @@
 """`nemo-tool data make` from raw text (issue 16) against Megatron's pipeline, run here: each
 document tokenized by megatron-core 0.16.1's own `HuggingFaceTokenizer` (transformers'
-AutoTokenizer over the tokenizer.json; no special tokens, its EOD = the EOS token) with the
+AutoTokenizer over the tokenizer.json; no special tokens, its EOD = the EOS token) or
+`SentencePieceTokenizer` (the `sentencepiece` library's `encode_as_ids`; EOD = `eos_id`) with the
 semantics of Megatron-LM's `tools/preprocess_data.py` (a list value is pre-split sentences, each
 non-empty one a sequence; the EOD ends the last; a document without tokens is still a document),
 written by megatron-core's `IndexedDatasetBuilder` with `DType.optimal_dtype`. Our `.bin`/`.idx`
 must be byte-identical, for a byte-fallback BPE (Llama style: `▁` for spaces, unknown characters as
-`<0xXX>` bytes) and a byte-level BPE (GPT-2 / Qwen style: a regex pre-tokenizer), over a corpus
+`<0xXX>` bytes) and a byte-level BPE (GPT-2 / Qwen style: a regex pre-tokenizer) tokenizer.json, the
+fixtures' SentencePiece BPE model (unknown characters as `<unk>`, extra spaces removed) and a
+SentencePiece BPE trained here Llama-2 style (byte fallback, spaces kept, a user-defined piece),
+over a corpus
 with accents, CJK, emoji, combining marks, empty texts, whitespace runs, tabs, newlines and a
 very long document, read from a gzip file and a plain one, at 1 and 2 workers.
 """
@@ -20,8 +24,13 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import HuggingFaceTokenizer
+from megatron.core.tokenizers.text.libraries.sentencepiece_tokenizer import SentencePieceTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+SPM_FIXTURE = ROOT / "fixtures" / "mcore" / "tokenizer" / "tokenizer.model"
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -35,6 +44,7 @@ TEXTS = [
     " ",
     "numbers 1234567890 3.14159 -42",
     "line one\r\nline two",
+    "a user-defined piece: call <tool> then<tool>again",
 ]
 
 
@@ -69,6 +79,18 @@ def _byte_level_bpe(out: Path) -> str:
     return _save(tok, out, "<|endoftext|>")
 
 
+def _spm_llama2_style(out: Path) -> Path:
+    """A SentencePiece BPE trained as Llama 2's was: identity normalization, spaces kept,
+    byte fallback, digits split; plus a user-defined piece."""
+    out.mkdir()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS[:6] * 30), model_prefix=str(out / "sp"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["<tool>"],
+        character_coverage=1.0, minloglevel=2)
+    return out / "sp.model"
+
+
 def _save(tok: Tokenizer, out: Path, eos: str) -> str:
     out.mkdir()
     tok.save(str(out / "tokenizer.json"))
@@ -77,9 +99,14 @@ def _save(tok: Tokenizer, out: Path, eos: str) -> str:
     return eos
 
 
-def _reference(tok_dir: Path, files: list[Path], keys: list[str], prefix: Path) -> None:
+def _reference(tok_path: Path, files: list[Path], keys: list[str], prefix: Path) -> None:
     """Megatron's preprocess_data.py, one process: Encoder.encode per line, one builder per key."""
-    tok = HuggingFaceTokenizer(str(tok_dir))
+    if tok_path.is_dir():
+        tok = HuggingFaceTokenizer(str(tok_path))
+        eod = tok.eod
+    else:
+        tok = SentencePieceTokenizer(str(tok_path))
+        eod = tok.eos_id
     builders = {k: IndexedDatasetBuilder(f"{prefix}_{k}_document.bin", dtype=DType.optimal_dtype(tok.vocab_size))
                 for k in keys}
     for f in files:
@@ -97,17 +124,24 @@ def _reference(tok_dir: Path, files: list[Path], keys: list[str], prefix: Path) 
                             doc_ids.extend(ids)
                             lens.append(len(ids))
                     if len(doc_ids) > 0:
-                        doc_ids.append(tok.eod)
+                        doc_ids.append(eod)
                         lens[-1] += 1
                     builders[key].add_document(doc_ids, lens)
     for k, b in builders.items():
         b.finalize(f"{prefix}_{k}_document.idx")
 
 
-@pytest.mark.parametrize("kind", ["byte_fallback_bpe", "byte_level_bpe"])
+@pytest.mark.parametrize("kind", ["byte_fallback_bpe", "byte_level_bpe", "spm_fixture", "spm_llama2_style"])
 def test_text_datasets_equal_megatrons(tmp_path, run_tool, kind):
     tok_dir = tmp_path / "tok"
-    (_byte_fallback_bpe if kind == "byte_fallback_bpe" else _byte_level_bpe)(tok_dir)
+    if kind == "byte_fallback_bpe":
+        _byte_fallback_bpe(tok_dir)
+    elif kind == "byte_level_bpe":
+        _byte_level_bpe(tok_dir)
+    elif kind == "spm_fixture":
+        tok_dir = SPM_FIXTURE
+    else:
+        tok_dir = _spm_llama2_style(tok_dir)
     docs = _corpus(1, 300)
     a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl"
     with gzip.open(a, "wt", encoding="utf-8") as f:
