@@ -286,7 +286,7 @@ impl SentencePiece {
                 m.unk
             )));
         }
-        m.user_defined.sort_by(|a, b| b.len().cmp(&a.len()));
+        m.user_defined.sort_by_key(|u| std::cmp::Reverse(u.len()));
         Ok(m)
     }
 
