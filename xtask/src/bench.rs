@@ -27,6 +27,11 @@ const BENCHES: &[Bench] = &[
         crate::bench_reshard::reshard,
     ),
     (
+        "data",
+        "data make --tokenizer vs Megatron's preprocessing in Python on a generated corpus: tokens/s at 2 workers, peak RSS",
+        crate::bench_data::data,
+    ),
+    (
         "distill",
         "nemo-tool distill vs a PyTorch eager reference (tests/bench/distill_reference.py): tokens/s, peak RSS",
         distill,

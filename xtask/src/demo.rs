@@ -20,8 +20,8 @@ enum Step {
     Run(&'static [&'static str]),
     /// `nemo-tool checksum` both paths; every tensor must have the same sum.
     SameTensors(&'static str, &'static str),
-    /// Write [`token_docs`] (JSON Lines of token ids) to this path.
-    WriteDocs(&'static str),
+    /// Write [`text_docs`] (JSON Lines of raw text) to this path.
+    WriteText(&'static str),
     /// Remove a folder left by an earlier demo (so the distillation starts afresh).
     Clean(&'static str),
     /// A file the previous steps must have written; its path is printed.
@@ -92,22 +92,21 @@ const STEPS: &[(&str, Step)] = &[
         Step::SameTensors("fixtures/mcore/llama/tp2", "{out}/tp2_weights_only.nemo"),
     ),
     (
-        "write 400 token-id documents in the tiny tokenizer's id range (3..99)",
-        Step::WriteDocs("{out}/docs.jsonl"),
+        "write 400 documents of raw text (JSON Lines)",
+        Step::WriteText("{out}/corpus.jsonl"),
     ),
     (
-        "make a Megatron indexed dataset from them (EOD = 2)",
+        "tokenize them with the tiny model's SentencePiece tokenizer into a Megatron dataset (EOD = its EOS)",
         Step::Run(&[
             "data",
             "make",
             "--input",
-            "{out}/docs.jsonl",
-            "--output-prefix",
-            "{out}/tokens",
-            "--vocab-size",
-            "100",
+            "{out}/corpus.jsonl",
+            "--tokenizer",
+            "fixtures/mcore/tokenizer/tokenizer.model",
             "--append-eod",
-            "2",
+            "--output-prefix",
+            "{out}/corpus",
             "--force",
         ]),
     ),
@@ -118,7 +117,7 @@ const STEPS: &[(&str, Step)] = &[
             "distill",
             "model.restore_from_path=None",
             "model.kd_teacher_restore_from_path=fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo",
-            "model.data.data_prefix=[1.0,{out}/tokens]",
+            "model.data.data_prefix=[1.0,{out}/corpus_text_document]",
             "model.data.splits_string=90,10,0",
             "model.data.seq_length=64",
             "model.nemo_path={out}/student_tp1.nemo",
@@ -180,6 +179,70 @@ pub fn token_docs(n: usize) -> String {
         out.push('[');
         out.push_str(&ids.join(","));
         out.push_str("]\n");
+    }
+    out
+}
+
+/// `n` deterministic documents of English-like text (sentences from a small grammar, so a
+/// student has something to learn), one JSON object `{"text": ...}` per line.
+pub fn text_docs(n: usize) -> String {
+    const WHO: &[&str] = &[
+        "the teacher",
+        "a student",
+        "the model",
+        "every layer",
+        "the optimizer",
+    ];
+    const DOES: &[&str] = &["learns", "reads", "writes", "shards", "checks", "trains"];
+    const WHAT: &[&str] = &[
+        "the weights",
+        "a tensor",
+        "the data",
+        "its gradients",
+        "one checkpoint",
+    ];
+    const HOW: &[&str] = &[
+        "quickly",
+        "on the cpu",
+        "at every step",
+        "in order",
+        "again",
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pick = |m: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % m as u64) as usize
+    };
+    let mut out = String::new();
+    for d in 0..n {
+        let mut text = String::new();
+        for s in 0..(2 + d % 6) {
+            if s > 0 {
+                text.push(' ');
+            }
+            let who = pick(WHO.len());
+            // the verb and object follow from the subject most of the time: learnable
+            let does = if pick(4) == 0 {
+                pick(DOES.len())
+            } else {
+                who % DOES.len()
+            };
+            let what = if pick(4) == 0 {
+                pick(WHAT.len())
+            } else {
+                (who + does) % WHAT.len()
+            };
+            text.push_str(&format!(
+                "{} {} {} {}.",
+                WHO[who],
+                DOES[does],
+                WHAT[what],
+                HOW[pick(HOW.len())]
+            ));
+        }
+        out.push_str(&format!("{{\"text\": \"{text}\"}}\n"));
     }
     out
 }
@@ -268,9 +331,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
                 println!("identical: {} tensors, bit for bit", sa.lines().count());
             }
-            Step::WriteDocs(path) => {
+            Step::WriteText(path) => {
                 let p = out(path);
-                std::fs::write(&p, token_docs(400)).with_context(|| format!("writing {p}"))?;
+                std::fs::write(&p, text_docs(400)).with_context(|| format!("writing {p}"))?;
                 println!("wrote {p}");
             }
             Step::Clean(path) => {

@@ -9,6 +9,7 @@
 mod bench;
 mod bench_cache;
 mod bench_convert;
+mod bench_data;
 mod bench_recompute;
 mod bench_reshard;
 mod demo;

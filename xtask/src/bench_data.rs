@@ -1,0 +1,275 @@
+//! `cargo xtask bench data [--mb N] [--workers N]`: `nemo-tool data make --tokenizer` against
+//! Megatron's preprocessing in Python (tests/bench/data_reference.py: preprocess_data.py's
+//! Pool + megatron-core's HuggingFaceTokenizer + IndexedDatasetBuilder) on the same generated
+//! corpus, tokenizer (a 32k byte-level BPE trained on it) and worker count, in one run: tokens/s
+//! of each and their ratio (target >= 5x at 2 workers); the outputs must be byte-identical. Peak
+//! RSS of ours on the corpus and on three copies of it shows memory does not grow with the
+//! corpus.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+/// A deterministic corpus of about `mb` MB: JSON lines with Unicode, whitespace runs and
+/// documents from a few words to a few thousand.
+fn corpus(path: &Path, mb: usize) -> Result<()> {
+    const WORDS: &[&str] = &[
+        "the",
+        "model",
+        "checkpoint",
+        "tensor",
+        "parallel",
+        "pipeline",
+        "of",
+        "and",
+        "to",
+        "in",
+        "distillation",
+        "teacher",
+        "student",
+        "loss",
+        "gradient",
+        "café",
+        "naïve",
+        "日本語",
+        "中文",
+        "données",
+        "über",
+        "Straße",
+        "λόγος",
+        "🦀",
+        "1234",
+        "3.14",
+        "—",
+        "(x)",
+        "a\tb",
+        "  ",
+        "\n",
+        "GPU",
+        "NeMo",
+        "Megatron",
+        "shard",
+        "token",
+        "vocabulary",
+    ];
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut written = 0usize;
+    let mut i = 0u64;
+    while written < mb << 20 {
+        let n = match rand() % 10 {
+            0 => 2000 + (rand() % 3000) as usize,
+            1 => 0,
+            _ => 20 + (rand() % 300) as usize,
+        };
+        let mut text = String::new();
+        for k in 0..n {
+            if k > 0 {
+                text.push(' ');
+            }
+            text.push_str(WORDS[(rand() % WORDS.len() as u64) as usize]);
+        }
+        let line = format!("{{\"id\": {i}, \"text\": \"{}\"}}", json_escape(&text));
+        writeln!(f, "{line}")?;
+        written += line.len() + 1;
+        i += 1;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// `s` as the inside of a JSON string.
+fn json_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} needs a number")),
+        None => Ok(default),
+    }
+}
+
+fn python() -> PathBuf {
+    let venv = crate::test::venv_python(&crate::util::root().join(".venv"));
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Runs `cmd` under `/usr/bin/time -f %M` (when present): (seconds, peak RSS KiB, stdout).
+fn timed(cmd: &mut Command) -> Result<(f64, Option<u64>, String)> {
+    let time = Path::new("/usr/bin/time");
+    let mut c = if time.exists() {
+        let mut c = Command::new(time);
+        c.args(["-f", "%M"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        c
+    } else {
+        let mut c = Command::new(cmd.get_program());
+        c.args(cmd.get_args());
+        c
+    };
+    let t = Instant::now();
+    let out = c.output()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rss = time
+        .exists()
+        .then(|| {
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse().ok())
+        })
+        .flatten();
+    Ok((secs, rss, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// `cargo xtask bench data`.
+pub fn data(args: &[String]) -> Result<()> {
+    let mb = arg(args, "--mb", 20)?;
+    let workers = arg(args, "--workers", 2)?;
+    crate::util::run(crate::util::cargo().args(["build", "--release", "--bin", "nemo-tool"]))?;
+    let tool = crate::util::target_dir().join("release").join("nemo-tool");
+    let dir = crate::util::target_dir().join("bench").join("data");
+    std::fs::create_dir_all(&dir)?;
+    let input = dir.join("corpus.jsonl");
+    corpus(&input, mb)?;
+    let tok = dir.join("tokenizer");
+    let py = python();
+    let script = crate::util::root().join("tests/bench/data_reference.py");
+    crate::util::run(
+        Command::new(&py)
+            .arg(&script)
+            .arg("train")
+            .arg(&input)
+            .arg(&tok)
+            .arg("32000"),
+    )?;
+    let ours = |input: &Path, prefix: &Path| -> Result<(f64, Option<u64>, String)> {
+        timed(
+            Command::new(&tool)
+                .args([
+                    "data",
+                    "make",
+                    "--append-eod",
+                    "--force",
+                    "--json",
+                    "--input",
+                ])
+                .arg(input)
+                .arg("--tokenizer")
+                .arg(&tok)
+                .args(["--workers", &workers.to_string(), "--output-prefix"])
+                .arg(prefix),
+        )
+    };
+    let reference = |prefix: &Path| -> Result<(f64, Option<u64>, String)> {
+        timed(
+            Command::new(&py)
+                .arg(&script)
+                .arg("--input")
+                .arg(&input)
+                .arg("--tokenizer")
+                .arg(&tok)
+                .args([
+                    "--append-eod",
+                    "--workers",
+                    &workers.to_string(),
+                    "--output-prefix",
+                ])
+                .arg(prefix),
+        )
+    };
+    // best of 2 alternating rounds each
+    let (mut best_ours, mut best_ref) = (f64::MAX, f64::MAX);
+    let (mut report, mut rss_ours) = (String::new(), None);
+    for _ in 0..2 {
+        let (s, rss, out) = ours(&input, &dir.join("ours"))?;
+        if s < best_ours {
+            best_ours = s;
+            report = out;
+            rss_ours = rss;
+        }
+        let (s, _, _) = reference(&dir.join("ref"))?;
+        best_ref = best_ref.min(s);
+    }
+    for ext in ["bin", "idx"] {
+        let a = std::fs::read(dir.join(format!("ours_text_document.{ext}")))?;
+        let b = std::fs::read(dir.join(format!("ref_text_document.{ext}")))?;
+        if a != b {
+            bail!("ours and the reference differ in .{ext}");
+        }
+    }
+    let tokens = crate::bench::json_number(&report, "tokens").unwrap_or(0.0);
+    let docs = crate::bench::json_number(&report, "documents").unwrap_or(0.0);
+    // memory against corpus size: three copies of the corpus
+    let triple = dir.join("corpus3.jsonl");
+    {
+        let text = std::fs::read(&input)?;
+        let mut f = std::fs::File::create(&triple)?;
+        for _ in 0..3 {
+            f.write_all(&text)?;
+        }
+    }
+    let (_, rss3, _) = ours(&triple, &dir.join("ours3"))?;
+    let _ = std::fs::remove_file(&triple);
+    println!(
+        "bench data: {mb} MB corpus, {docs} documents, {tokens} tokens, {workers} workers (32k byte-level BPE)"
+    );
+    println!(
+        "  nemo-tool data make   {best_ours:8.2} s  {:>12.0} tokens/s",
+        tokens / best_ours
+    );
+    println!(
+        "  Python reference      {best_ref:8.2} s  {:>12.0} tokens/s",
+        tokens / best_ref
+    );
+    let ratio = best_ref / best_ours;
+    println!(
+        "  ratio {ratio:.2}x (target >= 5x): {}; outputs byte-identical",
+        if ratio >= 5.0 { "PASS" } else { "FAIL" }
+    );
+    let kib =
+        |r: Option<u64>| r.map_or("?".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    println!(
+        "  peak RSS of nemo-tool: {} on the corpus, {} on three copies of it ({} MB)",
+        kib(rss_ours),
+        kib(rss3),
+        3 * mb
+    );
+    Ok(())
+}
