@@ -50,7 +50,8 @@ pub struct DumpArgs {
 /// `data make`.
 #[derive(Debug, clap::Args)]
 pub struct MakeArgs {
-    /// Input files, read in order (repeat the flag or list several): text with --tokenizer,
+    /// Input files, read in order (list several; quoted globs such as 'shards/*.jsonl.gz' are
+    /// expanded, sorted): text with --tokenizer (.jsonl/.json or plain text, .gz or .zst),
     /// token ids without (one file; `-` reads stdin).
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
@@ -58,7 +59,8 @@ pub struct MakeArgs {
     /// `<PREFIX>.bin` and `<PREFIX>.idx`.
     #[arg(long)]
     pub output_prefix: PathBuf,
-    /// A Hugging Face tokenizer.json, or a model folder holding one: the inputs are text.
+    /// A Hugging Face tokenizer.json or a SentencePiece BPE tokenizer.model, a model folder
+    /// holding one, or a .nemo whose tokenizer artifact is used: the inputs are text.
     #[arg(long, value_name = "PATH")]
     pub tokenizer: Option<PathBuf>,
     /// JSON keys whose texts are tokenized, one dataset each (with --tokenizer).
@@ -197,6 +199,7 @@ fn make_text(a: &MakeArgs) -> anyhow::Result<()> {
         bail!("--tokenizer is required for text");
     };
     let tok = Tokenizer::open(path)?;
+    let inputs = expand_globs(&a.input)?;
     let eod = match a.append_eod {
         None => None,
         Some(Some(id)) => Some(u32::try_from(id).context("--append-eod: not a token id")?),
@@ -233,7 +236,7 @@ fn make_text(a: &MakeArgs) -> anyhow::Result<()> {
         );
     };
     let m = MakeText {
-        inputs: &a.input,
+        inputs: &inputs,
         keys: &a.json_keys,
         tokenizer: &tok,
         append_eod: eod,
@@ -279,6 +282,29 @@ fn make_text(a: &MakeArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Inputs with `*`, `?` or `[` expanded (sorted), as Megatron's script globs a quoted
+/// pattern; a pattern matching nothing is an error.
+fn expand_globs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        let s = p.to_string_lossy();
+        if !s.contains(['*', '?', '[']) {
+            out.push(p.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = glob::glob(&s)
+            .with_context(|| format!("--input {s}: not a glob pattern"))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--input {s}"))?;
+        if found.is_empty() {
+            bail!("--input {s}: no file matches");
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
 }
 
 fn token_type(t: &str) -> anyhow::Result<TokenType> {

@@ -1,5 +1,5 @@
 //! Raw-text corpora: JSON Lines (`.jsonl`, `.json`) with one document per line, or plain text
-//! with one document per line, either gzip-compressed (`.gz`). Lines are read as bytes and
+//! with one document per line, either compressed with gzip (`.gz`) or zstd (`.zst`). Lines are read as bytes and
 //! checked one by one, so a bad line is reported with its file and line number.
 
 use std::io::{BufRead, BufReader, Read};
@@ -86,7 +86,10 @@ pub struct RawLine {
 /// else plain text.
 pub fn kind_of(path: &Path) -> Kind {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let name = name.strip_suffix(".gz").unwrap_or(name);
+    let name = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(name);
     if name.ends_with(".jsonl") || name.ends_with(".json") {
         Kind::JsonLines
     } else {
@@ -95,17 +98,17 @@ pub fn kind_of(path: &Path) -> Kind {
 }
 
 impl CorpusFile {
-    /// Opens `path` (gzip when it ends in `.gz`).
+    /// Opens `path` (gzip when it ends in `.gz`, zstd in `.zst`).
     ///
     /// # Errors
-    /// [`Error::Io`]; [`Error::Unsupported`] for `.zst` / `.xz` / `.bz2`.
+    /// [`Error::Io`]; [`Error::Unsupported`] for `.xz` / `.bz2`.
     pub fn open(path: &Path) -> Result<CorpusFile, Error> {
         let name = path.to_string_lossy();
-        for ext in [".zst", ".xz", ".bz2"] {
+        for ext in [".xz", ".bz2"] {
             if name.ends_with(ext) {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
-                    why: format!("{ext} is not read yet: decompress it, or use .gz"),
+                    why: format!("{ext} is not read: decompress it, or use .gz or .zst"),
                 });
             }
         }
@@ -115,6 +118,15 @@ impl CorpusFile {
         })?;
         let raw: Box<dyn Read + Send> = if name.ends_with(".gz") {
             Box::new(flate2::read::MultiGzDecoder::new(f))
+        } else if name.ends_with(".zst") {
+            Box::new(
+                ruzstd::decoding::StreamingDecoder::new(BufReader::new(f)).map_err(|e| {
+                    Error::Unsupported {
+                        path: path.to_path_buf(),
+                        why: format!("not a zstd stream: {e}"),
+                    }
+                })?,
+            )
         } else {
             Box::new(f)
         };
@@ -244,7 +256,22 @@ mod tests {
             got,
             vec![(1, "one".into()), (2, String::new()), (3, "two".into())]
         );
-        let e = CorpusFile::open(&dir.path().join("x.jsonl.zst")).unwrap_err();
-        assert!(e.to_string().contains(".zst is not read yet"), "{e}");
+        // zstd (one frame, as the zstd tool writes)
+        let z = dir.path().join("c.jsonl.zst");
+        let packed = ruzstd::encoding::compress_to_vec(
+            &b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n"[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        std::fs::write(&z, packed).unwrap();
+        let mut f = CorpusFile::open(&z).unwrap();
+        assert_eq!(f.kind, Kind::JsonLines);
+        let mut n = 0;
+        while let Some(l) = f.next_line().unwrap() {
+            n += 1;
+            assert!(l.bytes.starts_with(b"{\"text\""));
+        }
+        assert_eq!(n, 2);
+        let e = CorpusFile::open(&dir.path().join("x.jsonl.xz")).unwrap_err();
+        assert!(e.to_string().contains(".xz is not read"), "{e}");
     }
 }

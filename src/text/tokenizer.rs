@@ -79,15 +79,22 @@ fn eos_token_name(dir: &Path) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// Opens `path`: a `tokenizer.json` or a SentencePiece `tokenizer.model`, or a folder
-    /// holding one (a Hugging Face model folder: `tokenizer.json` first). A `tokenizer.json`'s
-    /// EOS token comes from `tokenizer_config.json` / `special_tokens_map.json` in the same
-    /// folder, when one names it; a SentencePiece model's is its `eos_id`.
+    /// Opens `path`: a `tokenizer.json` or a SentencePiece `tokenizer.model`, a folder
+    /// holding one (a Hugging Face model folder: `tokenizer.json` first), or a `.nemo` (file or
+    /// extracted folder) whose config references its tokenizer artifact (`tokenizer.model`,
+    /// `tokenizer.vocab_file`). A `tokenizer.json`'s EOS token comes from
+    /// `tokenizer_config.json` / `special_tokens_map.json` in the same folder, when one names
+    /// it; a SentencePiece model's is its `eos_id`.
     ///
     /// # Errors
-    /// [`Error::Open`] for an unreadable file, [`Error::Unsupported`] for SentencePiece models
-    /// this reader does not implement.
+    /// [`Error::Open`] for an unreadable file or a `.nemo` without a tokenizer artifact,
+    /// [`Error::Unsupported`] for SentencePiece models this reader does not implement.
     pub fn open(path: &Path) -> Result<Tokenizer, Error> {
+        let is_nemo = path.extension().is_some_and(|e| e == "nemo")
+            || path.join(crate::model::checkpoint::CONFIG_MEMBER).is_file();
+        if is_nemo {
+            return Self::from_nemo(path);
+        }
         let file = if path.is_dir() {
             let f = path.join("tokenizer.json");
             match (f.exists(), path.join("tokenizer.model")) {
@@ -97,30 +104,65 @@ impl Tokenizer {
         } else {
             path.to_path_buf()
         };
+        let bytes = std::fs::read(&file).map_err(|e| Error::Open {
+            path: file.clone(),
+            why: e.to_string(),
+        })?;
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_bytes(&bytes, file, Some(&dir))
+    }
+
+    /// The tokenizer artifact a `.nemo`'s config references.
+    fn from_nemo(path: &Path) -> Result<Tokenizer, Error> {
+        let open = |why: String| Error::Open {
+            path: path.to_path_buf(),
+            why,
+        };
+        let ck =
+            crate::model::checkpoint::Checkpoint::open(path).map_err(|e| open(e.to_string()))?;
+        let refs = ck.config.artifact_refs();
+        let Some(r) = refs
+            .iter()
+            .find(|r| ck.artifacts.contains(&r.name) && r.key != "tokenizer.merge_file")
+        else {
+            return Err(open(
+                "no tokenizer artifact (tokenizer.model or tokenizer.vocab_file as nemo:<member>) in its config"
+                    .into(),
+            ));
+        };
+        let bytes = ck
+            .read_member(&r.name)
+            .map_err(|e| open(format!("{}: {e}", r.name)))?;
+        let name = PathBuf::from(format!("{}:{}", path.display(), r.name));
+        Self::from_bytes(bytes.as_slice(), name, None)
+    }
+
+    /// A tokenizer from its file's bytes: a `tokenizer.json` (a JSON object) or a
+    /// SentencePiece `ModelProto`; `dir` holds a tokenizer.json's config files.
+    fn from_bytes(bytes: &[u8], file: PathBuf, dir: Option<&Path>) -> Result<Tokenizer, Error> {
         let open = |why: String| Error::Open {
             path: file.clone(),
             why,
         };
-        let bytes = std::fs::read(&file).map_err(|e| open(e.to_string()))?;
         // a tokenizer.json is a JSON object; anything else is taken for a ModelProto
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            let m =
-                super::sentencepiece::SentencePiece::from_bytes(&bytes).map_err(|e| match e {
-                    super::sentencepiece::Error::Unsupported(why) => Error::Unsupported {
-                        path: file.clone(),
-                        why,
-                    },
-                    e => open(e.to_string()),
-                })?;
+            let m = super::sentencepiece::SentencePiece::from_bytes(bytes).map_err(|e| match e {
+                super::sentencepiece::Error::Unsupported(why) => Error::Unsupported {
+                    path: file.clone(),
+                    why,
+                },
+                e => open(e.to_string()),
+            })?;
             return Ok(Tokenizer {
                 eos: m.eos(),
                 inner: Inner::Spm(m),
                 path: file,
             });
         }
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| open(e.to_string()))?;
-        let dir = file.parent().unwrap_or(Path::new("."));
-        let eos = eos_token_name(dir).and_then(|t| inner.token_to_id(&t));
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| open(e.to_string()))?;
+        let eos = dir
+            .and_then(eos_token_name)
+            .and_then(|t| inner.token_to_id(&t));
         Ok(Tokenizer {
             inner: Inner::Hf(Box::new(inner)),
             eos,

@@ -166,6 +166,35 @@ def test_text_datasets_equal_megatrons(tmp_path, run_tool, kind):
     print(f"{kind}: {report['tokens']} tokens, byte-identical to megatron-core's builder at 1 and 2 workers")
 
 
+def test_globs_zstd_and_a_nemo_tokenizer(tmp_path, run_tool):
+    """A quoted glob reads its files sorted, a .zst corpus (written by the zstd tool when it is
+    installed) reads as its plain copy, and a .nemo's tokenizer artifact is the tokenizer."""
+    import shutil
+    import subprocess
+
+    docs = _corpus(2, 40)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"part{i}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[i::3]))
+    nemo = ROOT / "fixtures" / "mcore" / "llama" / "nemo" / "tiny_llama_tp1.nemo"
+
+    def make(out, *inputs, tok=SPM_FIXTURE):
+        run_tool("data", "make", "--input", *inputs, "--tokenizer", tok, "--append-eod", "--output-prefix", out)
+        return Path(f"{out}_text_document.bin").read_bytes(), Path(f"{out}_text_document.idx").read_bytes()
+
+    listed = make(tmp_path / "listed", *(shards / f"part{i}.jsonl" for i in range(3)))
+    assert make(tmp_path / "globbed", str(shards / "part*.jsonl")) == listed
+    assert make(tmp_path / "from_nemo", *(shards / f"part{i}.jsonl" for i in range(3)), tok=nemo) == listed
+    p = run_tool("data", "make", "--input", str(shards / "none*.jsonl"), "--tokenizer", SPM_FIXTURE,
+                 "--output-prefix", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "no file matches" in p.stderr, p.stderr
+    if shutil.which("zstd"):
+        for i in range(3):
+            subprocess.run(["zstd", "-q", str(shards / f"part{i}.jsonl")], check=True)
+        assert make(tmp_path / "zst", *(shards / f"part{i}.jsonl.zst" for i in range(3))) == listed
+
+
 def test_bad_lines_name_file_and_line(tmp_path, run_tool):
     tok_dir = tmp_path / "tok"
     _byte_level_bpe(tok_dir)
