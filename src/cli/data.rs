@@ -253,6 +253,13 @@ fn make_text(a: &MakeArgs) -> anyhow::Result<()> {
     if a.json {
         return super::print_json(&r);
     }
+    if r.empty_documents > 0 {
+        eprintln!(
+            "warning: {} documents tokenized to nothing and are kept as empty documents, as megatron-core keeps them (first: {})",
+            r.empty_documents,
+            r.empty_examples.join(", ")
+        );
+    }
     let s = r.seconds.max(1e-9);
     for d in &r.datasets {
         eprintln!(

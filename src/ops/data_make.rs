@@ -105,6 +105,11 @@ pub struct Report {
     pub skipped: u64,
     /// The first skipped lines (`file:line: why`), at most 10.
     pub skipped_examples: Vec<String>,
+    /// Documents that tokenized to nothing under some key (kept, as megatron-core keeps them:
+    /// a document without sequences).
+    pub empty_documents: u64,
+    /// The first of those (`file:line`), at most 10.
+    pub empty_examples: Vec<String>,
     /// Input bytes read (uncompressed).
     pub bytes: u64,
     /// Tokens written over all datasets.
@@ -214,6 +219,7 @@ pub fn make_text(m: &MakeText, progress: &mut dyn FnMut(&Progress)) -> Result<Re
     let workers = m.workers.max(1);
     let (mut documents, mut skipped, mut bytes, mut tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut examples = Vec::new();
+    let (mut empty, mut empty_examples) = (0u64, Vec::new());
     for path in m.inputs {
         let mut file = CorpusFile::open(path)?;
         let kind = file.kind;
@@ -280,6 +286,12 @@ pub fn make_text(m: &MakeText, progress: &mut dyn FnMut(&Progress)) -> Result<Re
                     }
                 };
                 documents += 1;
+                if line.iter().any(|(ids, _)| ids.is_empty()) {
+                    empty += 1;
+                    if empty_examples.len() < 10 {
+                        empty_examples.push(format!("{}:{}", path.display(), l.line));
+                    }
+                }
                 for ((b, rep), (ids, lens)) in builders.iter_mut().zip(&mut reports).zip(line) {
                     let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
                     b.add_sequences(&ids, &lens)
@@ -312,6 +324,8 @@ pub fn make_text(m: &MakeText, progress: &mut dyn FnMut(&Progress)) -> Result<Re
         documents,
         skipped,
         skipped_examples: examples,
+        empty_documents: empty,
+        empty_examples,
         bytes,
         tokens,
         seconds: start.elapsed().as_secs_f64(),

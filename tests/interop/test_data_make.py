@@ -228,6 +228,7 @@ def test_bad_lines_name_file_and_line(tmp_path, run_tool):
                  "--append-eod", "--json")
     r = json.loads(p.stdout)
     assert r["documents"] == 3 and r["datasets"][0]["sequences"] == 2, r
+    assert r["empty_documents"] == 1 and r["empty_examples"] == [f"{plain}:2"], r
     # no EOS known and none given
     (tok_dir / "tokenizer_config.json").write_text("{}")
     p = run_tool("data", "make", "--input", plain, "--tokenizer", tok_dir, "--output-prefix", tmp_path / "x",
