@@ -146,13 +146,14 @@ impl Tokenizer {
         };
         // a tokenizer.json is a JSON object; anything else is taken for a ModelProto
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            let m = super::sentencepiece::SentencePiece::from_bytes(bytes).map_err(|e| match e {
-                super::sentencepiece::Error::Unsupported(why) => Error::Unsupported {
-                    path: file.clone(),
-                    why,
-                },
-                e => open(e.to_string()),
-            })?;
+            let m =
+                super::sentencepiece::SentencePiece::from_bytes(bytes).map_err(|e| match e {
+                    super::sentencepiece::Error::Unsupported(why) => Error::Unsupported {
+                        path: file.clone(),
+                        why,
+                    },
+                    e => open(e.to_string()),
+                })?;
             return Ok(Tokenizer {
                 eos: m.eos(),
                 inner: Inner::Spm(m),
