@@ -366,7 +366,9 @@ impl GptSpec {
         };
         let moe = moe_of(cfg, ffn, tp_i)?;
         let window_layers = match window {
-            Some(_) => window_layers(cfg, num_layers)?,
+            Some(_) => cfg
+                .window_attn_layers(num_layers as u64)?
+                .unwrap_or_default(),
             None => Vec::new(),
         };
         let gemma = gemma_of(cfg)?;
@@ -409,40 +411,6 @@ impl GptSpec {
 }
 
 /// The MoE settings, refusing what the engine does not compute (never dropping it).
-/// megatron-core's `window_attn_skip_freq`: an integer N windows every layer whose 1-based
-/// number is not a multiple of N; a list of 0/1 per layer says it layer by layer.
-fn window_layers(cfg: &ModelConfig, layers: usize) -> Result<Vec<bool>, Error> {
-    let key = "window_attn_skip_freq";
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(f) if f >= 1 => Ok((1..=layers as u64).map(|l| l % f != 0).collect()),
-            _ => Err(invalid(key, n, "expected a positive integer or a 0/1 list")),
-        },
-        Some(Value::Sequence(list)) => {
-            if list.len() != layers {
-                return Err(invalid(
-                    key,
-                    format!("{} entries", list.len()),
-                    format!("one 0/1 entry per layer ({layers})"),
-                ));
-            }
-            list.iter()
-                .map(|v| match v.as_u64() {
-                    Some(0) => Ok(false),
-                    Some(1) => Ok(true),
-                    _ => Err(invalid(key, format!("{v:?}"), "entries must be 0 or 1")),
-                })
-                .collect()
-        }
-        Some(v) => Err(invalid(
-            key,
-            format!("{v:?}"),
-            "expected a positive integer or a 0/1 list",
-        )),
-    }
-}
-
 fn gemma_of(cfg: &ModelConfig) -> Result<Gemma, Error> {
     let positive = |key: &'static str| -> Result<Option<f64>, Error> {
         match as_f64(cfg, key)? {

@@ -323,6 +323,52 @@ impl ModelConfig {
         &self.f.tokenizer
     }
 
+    /// megatron-core's `window_attn_skip_freq` (`is_layer_window_attention`) over `layers`
+    /// layers: which use the sliding window. An integer N windows every layer whose 1-based
+    /// number is not a multiple of N; a list gives one 0/1 per layer. None when unset.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    pub fn window_attn_layers(&self, layers: u64) -> Result<Option<Vec<bool>>, Error> {
+        let key = "window_attn_skip_freq";
+        let bad = |value: String, why: &'static str| Error::InvalidValue {
+            key: key.into(),
+            value,
+            why,
+        };
+        let v = match self.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(v) => v,
+        };
+        if let Some(f) = v.as_u64() {
+            if f == 0 {
+                return Err(bad("0".into(), "expected a positive integer or a 0/1 list"));
+            }
+            return Ok(Some((1..=layers).map(|l| l % f != 0).collect()));
+        }
+        let Some(list) = v.as_sequence() else {
+            return Err(bad(
+                format!("{v:?}"),
+                "expected a positive integer or a 0/1 list",
+            ));
+        };
+        if list.len() as u64 != layers {
+            return Err(bad(
+                format!("{} entries for {layers} layers", list.len()),
+                "one 0/1 entry per layer",
+            ));
+        }
+        let windowed = list
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(0) => Ok(false),
+                Some(1) => Ok(true),
+                _ => Err(bad(format!("{x:?}"), "entries must be 0 or 1")),
+            })
+            .collect::<Result<Vec<bool>, Error>>()?;
+        Ok(Some(windowed))
+    }
+
     /// The `nemo:<name>` artifact references among `tokenizer.model`, `tokenizer.vocab_file` and
     /// `tokenizer.merge_file` (the artifacts NeMo registers), in that order.
     pub fn artifact_refs(&self) -> Vec<ArtifactRef> {

@@ -109,21 +109,10 @@ fn gemma_report(cfg: &ModelConfig) -> Option<GemmaReport> {
         let v = cfg.get(k)?;
         v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
     };
-    let layers = cfg.num_layers().ok();
-    let windowed_layers = match (cfg.get("window_attn_skip_freq"), layers) {
-        (Some(v), Some(n)) if !v.is_null() => match (v.as_u64(), v.as_sequence()) {
-            (Some(f), _) if f > 0 => Some((1..=n).filter(|l| l % f != 0).collect()),
-            (_, Some(list)) => Some(
-                (1..=n)
-                    .zip(list)
-                    .filter(|(_, x)| x.as_u64() == Some(1))
-                    .map(|(l, _)| l)
-                    .collect(),
-            ),
-            _ => None,
-        },
-        _ => None,
-    };
+    let windowed_layers = cfg.num_layers().ok().and_then(|n| {
+        let w = cfg.window_attn_layers(n).ok()??;
+        Some((1..=n).zip(w).filter(|(_, w)| *w).map(|(l, _)| l).collect())
+    });
     let r = GemmaReport {
         zero_centered_norms: flag("layernorm_zero_centered_gamma"),
         post_norms: flag("post_layernorm"),

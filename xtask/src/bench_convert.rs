@@ -12,20 +12,23 @@ use anyhow::{bail, Result};
 
 /// Runs `cmd` under `/usr/bin/time -f %M` when present: (seconds, peak RSS KiB).
 fn timed(cmd: &mut Command) -> Result<(f64, Option<u64>)> {
+    timed_output(cmd).map(|(s, rss, _)| (s, rss))
+}
+
+/// [`timed`], also returning the command's stdout.
+pub(crate) fn timed_output(cmd: &mut Command) -> Result<(f64, Option<u64>, String)> {
     let time = Path::new("/usr/bin/time");
-    let (mut c, measured) = if time.exists() {
+    let mut c = if time.exists() {
         let mut c = Command::new(time);
-        c.arg("-f")
-            .arg("%M")
+        c.args(["-f", "%M"])
             .arg(cmd.get_program())
             .args(cmd.get_args());
-        (c, true)
+        c
     } else {
-        (Command::new(cmd.get_program()), false)
-    };
-    if !measured {
+        let mut c = Command::new(cmd.get_program());
         c.args(cmd.get_args());
-    }
+        c
+    };
     let t = Instant::now();
     let out = c.output()?;
     let secs = t.elapsed().as_secs_f64();
@@ -36,7 +39,8 @@ fn timed(cmd: &mut Command) -> Result<(f64, Option<u64>)> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let rss = measured
+    let rss = time
+        .exists()
         .then(|| {
             String::from_utf8_lossy(&out.stderr)
                 .lines()
@@ -44,7 +48,7 @@ fn timed(cmd: &mut Command) -> Result<(f64, Option<u64>)> {
                 .and_then(|l| l.trim().parse().ok())
         })
         .flatten();
-    Ok((secs, rss))
+    Ok((secs, rss, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 fn dir_bytes(dir: &Path) -> Result<u64> {

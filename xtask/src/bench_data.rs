@@ -9,7 +9,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -122,42 +121,6 @@ fn python() -> PathBuf {
     }
 }
 
-/// Runs `cmd` under `/usr/bin/time -f %M` (when present): (seconds, peak RSS KiB, stdout).
-fn timed(cmd: &mut Command) -> Result<(f64, Option<u64>, String)> {
-    let time = Path::new("/usr/bin/time");
-    let mut c = if time.exists() {
-        let mut c = Command::new(time);
-        c.args(["-f", "%M"])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        c
-    } else {
-        let mut c = Command::new(cmd.get_program());
-        c.args(cmd.get_args());
-        c
-    };
-    let t = Instant::now();
-    let out = c.output()?;
-    let secs = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rss = time
-        .exists()
-        .then(|| {
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .and_then(|l| l.trim().parse().ok())
-        })
-        .flatten();
-    Ok((secs, rss, String::from_utf8_lossy(&out.stdout).into_owned()))
-}
-
 /// `cargo xtask bench data`.
 pub fn data(args: &[String]) -> Result<()> {
     let mb = arg(args, "--mb", 20)?;
@@ -180,7 +143,7 @@ pub fn data(args: &[String]) -> Result<()> {
             .arg("32000"),
     )?;
     let ours = |input: &Path, prefix: &Path| -> Result<(f64, Option<u64>, String)> {
-        timed(
+        crate::bench_convert::timed_output(
             Command::new(&tool)
                 .args([
                     "data",
@@ -198,7 +161,7 @@ pub fn data(args: &[String]) -> Result<()> {
         )
     };
     let reference = |prefix: &Path| -> Result<(f64, Option<u64>, String)> {
-        timed(
+        crate::bench_convert::timed_output(
             Command::new(&py)
                 .arg(&script)
                 .arg("--input")

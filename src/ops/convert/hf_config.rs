@@ -606,21 +606,18 @@ impl LlamaArch {
                 sliding_window.is_some(),
             )?),
             false => {
-                for key in [
-                    "window_attn_skip_freq",
-                    "query_pre_attn_scalar",
-                    "softmax_scale",
-                    "attn_logit_softcapping",
-                    "final_logit_softcapping",
-                    "rope_local_base_freq",
-                ] {
-                    if cfg.get(key).is_some_and(|v| !v.is_null()) {
-                        return Err(nemo(
-                            key,
-                            "is set, but only Gemma (geglu) maps it to Hugging Face".into(),
-                        ));
-                    }
-                }
+                refuse_set(
+                    cfg,
+                    &[
+                        "window_attn_skip_freq",
+                        "query_pre_attn_scalar",
+                        "softmax_scale",
+                        "attn_logit_softcapping",
+                        "final_logit_softcapping",
+                        "rope_local_base_freq",
+                    ],
+                    "is set, but only Gemma (geglu) maps it to Hugging Face",
+                )?;
                 None
             }
         };
@@ -969,6 +966,20 @@ fn moe_from_hf(c: &Map<String, Value>, family: Family) -> Result<MoeArch, Error>
     })
 }
 
+/// [`Error::Nemo`] for the first of `keys` the config sets (not null), with `why`.
+fn refuse_set(cfg: &ModelConfig, keys: &[&str], why: &str) -> Result<(), Error> {
+    match keys
+        .iter()
+        .find(|k| cfg.get(k).is_some_and(|v| !v.is_null()))
+    {
+        Some(key) => Err(Error::Nemo {
+            key: key.to_string(),
+            why: why.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The Gemma keys of a NeMo config (`window_attn_skip_freq` over `num_layers`).
 fn gemma_from_nemo(cfg: &ModelConfig, gemma3: bool, window: bool) -> Result<GemmaArch, Error> {
     let nemo = |key: &str, why: String| Error::Nemo {
@@ -982,29 +993,12 @@ fn gemma_from_nemo(cfg: &ModelConfig, gemma3: bool, window: bool) -> Result<Gemm
     let layers = cfg
         .num_layers()
         .map_err(|e| nemo("num_layers", e.to_string()))?;
-    let windowed: Vec<bool> = match cfg.get("window_attn_skip_freq") {
-        _ if !window => vec![false; layers as usize],
-        None | Some(serde_yaml_ng::Value::Null) => vec![true; layers as usize],
-        Some(v) => match (v.as_u64(), v.as_sequence()) {
-            (Some(n), _) if n >= 1 => (1..=layers).map(|l| l % n != 0).collect(),
-            (_, Some(list)) if list.len() as u64 == layers => list
-                .iter()
-                .map(|x| match x.as_u64() {
-                    Some(0) => Ok(false),
-                    Some(1) => Ok(true),
-                    _ => Err(nemo(
-                        "window_attn_skip_freq",
-                        format!("entry {x:?} is not 0 or 1"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-            _ => {
-                return Err(nemo(
-                    "window_attn_skip_freq",
-                    format!("{v:?}: expected a positive integer or one 0/1 per layer"),
-                ))
-            }
-        },
+    let windowed = match window {
+        false => vec![false; layers as usize],
+        true => cfg
+            .window_attn_layers(layers)
+            .map_err(|e| nemo("window_attn_skip_freq", e.to_string()))?
+            .unwrap_or_else(|| vec![true; layers as usize]),
     };
     if cfg.get("softmax_scale").is_some_and(|v| !v.is_null()) {
         return Err(nemo(
@@ -1040,18 +1034,15 @@ fn moe_from_nemo(cfg: &ModelConfig) -> Result<Option<MoeArch>, Error> {
         key: key.into(),
         why,
     };
-    for key in [
-        "moe_shared_expert_intermediate_size",
-        "moe_router_topk_scaling_factor",
-        "moe_router_num_groups",
-    ] {
-        if cfg.get(key).is_some_and(|v| !v.is_null()) {
-            return Err(nemo(
-                key,
-                "has no Hugging Face Mixtral/Qwen3-MoE counterpart".into(),
-            ));
-        }
-    }
+    refuse_set(
+        cfg,
+        &[
+            "moe_shared_expert_intermediate_size",
+            "moe_router_topk_scaling_factor",
+            "moe_router_num_groups",
+        ],
+        "has no Hugging Face Mixtral/Qwen3-MoE counterpart",
+    )?;
     if u("moe_layer_freq").is_some_and(|f| f != 1) {
         return Err(nemo(
             "moe_layer_freq",
