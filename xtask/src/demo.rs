@@ -371,7 +371,7 @@ mod tests {
             let paths: Vec<&str> = match what {
                 Step::Run(args) => args.to_vec(),
                 Step::SameTensors(a, b) => vec![a, b],
-                Step::WriteDocs(_) | Step::Clean(_) | Step::Show(..) => vec![],
+                Step::WriteText(_) | Step::Clean(_) | Step::Show(..) => vec![],
             };
             let paths = paths
                 .iter()
