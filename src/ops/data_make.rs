@@ -239,26 +239,34 @@ pub fn make_text(m: &MakeText, progress: &mut dyn FnMut(&Progress)) -> Result<Re
                 break;
             }
             bytes += size as u64;
-            let per = batch.len().div_ceil(workers);
-            let encoded: Vec<_> = std::thread::scope(|s| {
-                let handles: Vec<_> = batch
-                    .chunks(per)
-                    .map(|chunk| {
-                        s.spawn(move || {
-                            chunk
-                                .iter()
-                                .map(|l| {
-                                    encode_line(kind, &l.bytes, m.keys, m.tokenizer, m.append_eod)
-                                })
-                                .collect::<Vec<_>>()
+            // each thread takes the next line as it finishes one (documents vary from a few
+            // tokens to thousands), and results go back in line order
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let mut slots: Vec<Option<_>> = (0..batch.len()).map(|_| None).collect();
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..workers.min(batch.len()))
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut done = Vec::new();
+                            loop {
+                                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(l) = batch.get(k) else { break };
+                                done.push((
+                                    k,
+                                    encode_line(kind, &l.bytes, m.keys, m.tokenizer, m.append_eod),
+                                ));
+                            }
+                            done
                         })
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
+                for h in handles {
+                    for (k, r) in h.join().unwrap_or_default() {
+                        slots[k] = Some(r);
+                    }
+                }
             });
+            let encoded: Vec<_> = slots.into_iter().flatten().collect();
             if encoded.len() != batch.len() {
                 return Err(Error::Invalid("a tokenizing thread panicked".into()));
             }

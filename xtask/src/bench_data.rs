@@ -180,15 +180,24 @@ pub fn data(args: &[String]) -> Result<()> {
     // best of 2 alternating rounds each
     let (mut best_ours, mut best_ref) = (f64::MAX, f64::MAX);
     let (mut report, mut rss_ours) = (String::new(), None);
+    // the tokenizing loop alone: ours from its report, the reference's as it prints it (its
+    // wall time also holds ~5 s of importing megatron-core, transformers and torch)
+    let (mut loop_ours, mut loop_ref) = (f64::MAX, f64::MAX);
     for _ in 0..2 {
         let (s, rss, out) = ours(&input, &dir.join("ours"))?;
         if s < best_ours {
             best_ours = s;
-            report = out;
             rss_ours = rss;
         }
-        let (s, _, _) = reference(&dir.join("ref"))?;
+        loop_ours = loop_ours.min(crate::bench::json_number(&out, "seconds").unwrap_or(s));
+        report = out;
+        let (s, _, out) = reference(&dir.join("ref"))?;
         best_ref = best_ref.min(s);
+        let printed = out
+            .split("seconds=")
+            .nth(1)
+            .and_then(|x| x.trim().parse::<f64>().ok());
+        loop_ref = loop_ref.min(printed.unwrap_or(s));
     }
     for ext in ["bin", "idx"] {
         let a = std::fs::read(dir.join(format!("ours_text_document.{ext}")))?;
@@ -214,17 +223,24 @@ pub fn data(args: &[String]) -> Result<()> {
         "bench data: {mb} MB corpus, {docs} documents, {tokens} tokens, {workers} workers (32k byte-level BPE)"
     );
     println!(
-        "  nemo-tool data make   {best_ours:8.2} s  {:>12.0} tokens/s",
-        tokens / best_ours
+        "  nemo-tool data make   wall {best_ours:6.2} s  {:>10.0} tokens/s   tokenizing loop {loop_ours:6.2} s  {:>10.0} tokens/s",
+        tokens / best_ours,
+        tokens / loop_ours
     );
     println!(
-        "  Python reference      {best_ref:8.2} s  {:>12.0} tokens/s",
-        tokens / best_ref
+        "  Python reference      wall {best_ref:6.2} s  {:>10.0} tokens/s   tokenizing loop {loop_ref:6.2} s  {:>10.0} tokens/s",
+        tokens / best_ref,
+        tokens / loop_ref
     );
     let ratio = best_ref / best_ours;
+    let loop_ratio = loop_ref / loop_ours;
     println!(
-        "  ratio {ratio:.2}x (target >= 5x): {}; outputs byte-identical",
-        if ratio >= 5.0 { "PASS" } else { "FAIL" }
+        "  ratio: wall {ratio:.2}x, tokenizing loop {loop_ratio:.2}x (target >= 5x: {}); outputs byte-identical",
+        if ratio >= 5.0 && loop_ratio >= 5.0 {
+            "PASS"
+        } else {
+            "FAIL"
+        }
     );
     let kib =
         |r: Option<u64>| r.map_or("?".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
