@@ -120,6 +120,8 @@ pub struct Report {
     pub token_type: String,
     /// Threads used.
     pub workers: usize,
+    /// What encoded the text ([`Tokenizer::encoder`]).
+    pub encoder: &'static str,
 }
 
 /// Progress, after each batch.
@@ -339,5 +341,6 @@ pub fn make_text(m: &MakeText, progress: &mut dyn FnMut(&Progress)) -> Result<Re
         seconds: start.elapsed().as_secs_f64(),
         token_type: format!("{:?}", m.token_type).to_lowercase(),
         workers,
+        encoder: m.tokenizer.encoder(),
     })
 }

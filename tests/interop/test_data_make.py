@@ -45,6 +45,10 @@ TEXTS = [
     "numbers 1234567890 3.14159 -42",
     "line one\r\nline two",
     "a user-defined piece: call <tool> then<tool>again",
+    "contractions: it's, ISN'T, we'LL, they'Re, you've, I'm, he'd, the 'ſ and ''s",
+    "an added token <|endoftext|> inside a document, and <|end alone",
+    "NFC: the Kelvin sign K, the Ohm sign Ω, Å and digits 12345678 ٣٤٥٦",
+    "crlf runs\r\n\r\n  \r\n\tend \u3000wide space\u00a0nbsp",
 ]
 
 
@@ -74,6 +78,28 @@ def _byte_level_bpe(out: Path) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    return _save(tok, out, "<|endoftext|>")
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _split_byte_level_bpe(out: Path, pattern: str, nfc: bool, ignore_merges: bool) -> str:
+    """Llama 3 (ignore_merges, digits in threes) or Qwen 2 (NFC, single digits) style: a Split
+    regex, then ByteLevel without its own regex."""
+    from tokenizers import Regex
+
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXTS * 20, trainer)
     return _save(tok, out, "<|endoftext|>")
@@ -131,13 +157,22 @@ def _reference(tok_path: Path, files: list[Path], keys: list[str], prefix: Path)
         b.finalize(f"{prefix}_{k}_document.idx")
 
 
-@pytest.mark.parametrize("kind", ["byte_fallback_bpe", "byte_level_bpe", "spm_fixture", "spm_llama2_style"])
+ENCODER = {"byte_fallback_bpe": "tokenizers", "byte_level_bpe": "bytelevel-bpe",
+           "llama3_style_bpe": "bytelevel-bpe", "qwen2_style_bpe": "bytelevel-bpe",
+           "spm_fixture": "sentencepiece-bpe", "spm_llama2_style": "sentencepiece-bpe"}
+
+
+@pytest.mark.parametrize("kind", list(ENCODER))
 def test_text_datasets_equal_megatrons(tmp_path, run_tool, kind):
     tok_dir = tmp_path / "tok"
     if kind == "byte_fallback_bpe":
         _byte_fallback_bpe(tok_dir)
     elif kind == "byte_level_bpe":
         _byte_level_bpe(tok_dir)
+    elif kind == "llama3_style_bpe":
+        _split_byte_level_bpe(tok_dir, LLAMA3_PATTERN, nfc=False, ignore_merges=True)
+    elif kind == "qwen2_style_bpe":
+        _split_byte_level_bpe(tok_dir, QWEN2_PATTERN, nfc=True, ignore_merges=False)
     elif kind == "spm_fixture":
         tok_dir = SPM_FIXTURE
     else:
@@ -158,6 +193,7 @@ def test_text_datasets_equal_megatrons(tmp_path, run_tool, kind):
                      "--append-eod", "--workers", workers, "--output-prefix", out, "--json")
         report = json.loads(p.stdout)
         assert report["documents"] == len(docs) and report["skipped"] == 0, report
+        assert report["encoder"] == ENCODER[kind], report
         for k in keys:
             for ext in ("bin", "idx"):
                 ours = Path(f"{out}_{k}_document.{ext}").read_bytes()

@@ -12,35 +12,26 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// A deterministic corpus of about `mb` MB: JSON lines with Unicode, whitespace runs and
-/// documents from a few words to a few thousand.
+/// A deterministic corpus of about `mb` MB: JSON lines with documents from a few words to a few
+/// thousand. Words follow a Zipf law over a 100k-word synthetic lexicon (so tokenizers' word
+/// caches miss as they do on real text), mixed with Unicode (accents, CJK, Greek, emoji),
+/// numbers, punctuation, contractions and whitespace runs.
 fn corpus(path: &Path, mb: usize) -> Result<()> {
-    const WORDS: &[&str] = &[
-        "the",
-        "model",
-        "checkpoint",
-        "tensor",
-        "parallel",
-        "pipeline",
-        "of",
-        "and",
-        "to",
-        "in",
-        "distillation",
-        "teacher",
-        "student",
-        "loss",
-        "gradient",
+    const SYLLABLES: &[&str] = &[
+        "ka", "to", "ri", "en", "mo", "ra", "the", "ing", "er", "al", "con", "ter", "pro", "de",
+        "ma", "ti", "on", "ve", "sta", "lu", "tion", "ne", "gra", "di", "an", "ol", "is", "ber",
+        "qu", "ex", "ph", "ly", "ment", "ous", "ch", "sh", "st", "ia", "or", "un",
+    ];
+    const SPECIAL: &[&str] = &[
         "café",
         "naïve",
         "日本語",
-        "中文",
+        "中文文本",
         "données",
         "über",
         "Straße",
         "λόγος",
         "🦀",
-        "1234",
         "3.14",
         "—",
         "(x)",
@@ -49,10 +40,19 @@ fn corpus(path: &Path, mb: usize) -> Result<()> {
         "\n",
         "GPU",
         "NeMo",
-        "Megatron",
-        "shard",
-        "token",
-        "vocabulary",
+        "isn't",
+        "we'll",
+        "1,024",
+        "«quoted»",
+        "e\u{301}",
+        "2026-12-04",
+        "$5",
+        "x^2",
+        "#tag",
+        "\n\n",
+        "Ωmega",
+        "ДАННЫЕ",
+        "한국어",
     ];
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -62,6 +62,18 @@ fn corpus(path: &Path, mb: usize) -> Result<()> {
         state ^= state << 17;
         state
     };
+    let lexicon: Vec<String> = (0..100_000)
+        .map(|i| {
+            let n = 1 + (rand() % 4) as usize;
+            let mut w: String = (0..n)
+                .map(|_| SYLLABLES[(rand() % SYLLABLES.len() as u64) as usize])
+                .collect();
+            if i % 7 == 0 {
+                w = w[..1].to_uppercase() + &w[1..];
+            }
+            w
+        })
+        .collect();
     let mut written = 0usize;
     let mut i = 0u64;
     while written < mb << 20 {
@@ -75,7 +87,18 @@ fn corpus(path: &Path, mb: usize) -> Result<()> {
             if k > 0 {
                 text.push(' ');
             }
-            text.push_str(WORDS[(rand() % WORDS.len() as u64) as usize]);
+            let r = rand();
+            if r % 16 == 0 {
+                text.push_str(SPECIAL[((r >> 8) % SPECIAL.len() as u64) as usize]);
+            } else {
+                // Zipf: rank = N^u - 1 for u uniform in [0, 1)
+                let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+                let rank = ((lexicon.len() as f64).powf(u) - 1.0) as usize;
+                text.push_str(&lexicon[rank.min(lexicon.len() - 1)]);
+            }
+            if r % 11 == 0 {
+                text.push_str([",", ".", ";", ":", "!", "?"][((r >> 20) % 6) as usize]);
+            }
         }
         let line = format!("{{\"id\": {i}, \"text\": \"{}\"}}", json_escape(&text));
         writeln!(f, "{line}")?;
