@@ -31,8 +31,9 @@ pub struct Args {
     /// The input format: `hf` for a Hugging Face folder (default: a .nemo).
     #[arg(long, value_name = "FORMAT", value_parser = ["hf", "nemo"], default_value = "nemo")]
     pub from: String,
-    /// The output format: `nemo` (per-rank, with --from hf), `hf`, `dist` or `per-rank`.
-    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "hf", "dist", "per-rank"])]
+    /// The output format: `nemo` (per-rank, with --from hf), `hf`, `dist` or `per-rank`;
+    /// `nemo1` is `per-rank` (a NeMo 1 `.nemo`, e.g. from a NeMo 2 or Megatron-LM folder).
+    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "nemo1", "hf", "dist", "per-rank"])]
     pub to: Option<String>,
     /// Output tensor-parallel size (.nemo outputs).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -134,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             convert::nemo_to_dist(&args.input, &args.output, args.ep, args.force)
         }
-        (_, Some("per-rank")) => convert::nemo_to_per_rank(
+        (_, Some("per-rank" | "nemo1")) => convert::nemo_to_per_rank(
             &args.input,
             &args.output,
             args.tp,

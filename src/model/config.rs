@@ -675,6 +675,28 @@ impl Fields {
 
 mod edit;
 
+/// A YAML float PyYAML (and so OmegaConf/NeMo) reads as a float: always a
+/// `.` in the mantissa and a signed exponent (`1.0e-05`, not `1e-5`).
+pub fn yaml_float(x: f64) -> String {
+    let s = format!("{x:?}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let m = if m.contains('.') {
+                m.to_string()
+            } else {
+                format!("{m}.0")
+            };
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e.trim_start_matches('+')),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None if s.contains('.') || s.contains("inf") || s.contains("NaN") => s,
+        None => format!("{s}.0"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

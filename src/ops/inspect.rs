@@ -33,6 +33,11 @@ pub struct Report {
     pub tensors: Vec<TensorReport>,
     /// Problems worth a look that do not stop reading.
     pub warnings: Vec<String>,
+    /// For a NeMo 2, Megatron-Bridge or Megatron-LM folder: the trainer, the weights' form,
+    /// the iteration, whether optimizer state is present, where the config and the tokenizer
+    /// were found (the architecture above is its NeMo 1 translation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::model::foreign::Source>,
 }
 
 /// Where and how the weights are stored.
@@ -422,6 +427,7 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report, crate::formats::archive::Erro
         artifacts,
         tensors,
         warnings,
+        source: ckpt.source.clone(),
     })
 }
 
@@ -458,6 +464,18 @@ impl Report {
         let l = &self.layout;
         let a = &self.architecture;
         let _ = writeln!(s, "{} ({})", self.path, self.container);
+        if let Some(src) = &self.source {
+            let _ = writeln!(
+                s,
+                "source:        {} ({}), iteration {}, optimizer state {}, config from {}, tokenizer {}",
+                src.format.name(),
+                src.weights,
+                opt(&src.iteration),
+                if src.optimizer { "present (not read)" } else { "absent" },
+                src.config_from,
+                src.tokenizer.as_deref().unwrap_or("none")
+            );
+        }
         let _ = writeln!(
             s,
             "layout:        {}  TP={} PP={} on disk; config TP={} PP={}; rules {}",

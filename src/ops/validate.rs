@@ -267,6 +267,25 @@ fn finish(mut r: Report, acc: Acc) -> Report {
 pub fn validate_path(path: &Path, opts: &Options) -> Report {
     let mut r = empty_report(path, opts);
     let mut acc = Acc { findings: vec![] };
+    // NeMo 2, Megatron-Bridge and Megatron-LM folders, through NeMo 1 names
+    match crate::model::foreign::open(path) {
+        Ok(None) => {}
+        Ok(Some(_)) => match Checkpoint::open(path) {
+            Ok(ckpt) => {
+                let mut v = validate(&ckpt, opts);
+                v.path = path.display().to_string();
+                return v;
+            }
+            Err(e) => {
+                open_error(&mut acc, &[], e);
+                return finish(r, acc);
+            }
+        },
+        Err(e) => {
+            acc.error(Code::BadMember, path.display().to_string(), e.to_string());
+            return finish(r, acc);
+        }
+    }
     let archive = match Archive::open(path) {
         Ok(a) => a,
         Err(e) => {
@@ -348,6 +367,7 @@ fn open_error(acc: &mut Acc, _names: &[String], e: crate::model::checkpoint::Err
         C::Dist(_) => acc.error(Code::BadMember, "model_weights/", msg),
         C::Archive(e) => acc.error(Code::BadMember, "", e.to_string()),
         C::Rules(_) => acc.error(Code::BadMember, "formats/", msg),
+        C::Foreign(_) => acc.error(Code::BadMember, "", msg),
     }
 }
 

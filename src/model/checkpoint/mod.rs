@@ -66,6 +66,9 @@ pub enum Error {
     /// Partition rules.
     #[error(transparent)]
     Rules(#[from] crate::model::layout::Error),
+    /// A NeMo 2, Megatron-Bridge or Megatron-LM folder that could not be read.
+    #[error(transparent)]
+    Foreign(#[from] crate::model::foreign::Error),
 }
 
 /// One rank's weights file of a per-rank layout.
@@ -150,6 +153,9 @@ pub struct Checkpoint {
     pub artifacts: Vec<String>,
     /// Non-fatal findings.
     pub warnings: Vec<String>,
+    /// For a NeMo 2, Megatron-Bridge or Megatron-LM folder (read through NeMo 1 names, see
+    /// [`crate::model::foreign`]): what it is.
+    pub source: Option<crate::model::foreign::Source>,
 }
 
 impl Members for Archive {
@@ -176,14 +182,25 @@ impl Checkpoint {
     /// Opens a `.nemo` (tar, tar.gz) or an extracted folder and reads its
     /// metadata; tensors are zero-copy views ready to be read.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
-        Checkpoint::from_archive(Archive::open(path.as_ref())?, true)
+        Checkpoint::open_with(path.as_ref(), true)
+    }
+
+    /// A `.nemo`, or a NeMo 2 / Megatron-Bridge / Megatron-LM folder through NeMo 1 names.
+    fn open_with(path: &Path, with_data: bool) -> Result<Checkpoint, Error> {
+        if let Some(o) = crate::model::foreign::open(path)? {
+            let mut ck = Checkpoint::from_archive(o.archive, with_data)?;
+            ck.warnings.extend(o.source.notes.iter().cloned());
+            ck.source = Some(o.source);
+            return Ok(ck);
+        }
+        Checkpoint::from_archive(Archive::open(path)?, with_data)
     }
 
     /// Like [`Checkpoint::open`], but rank files are read metadata-only: the
     /// zip directory and pickle, never a storage page (tensors know their
     /// dtype and shape, not their bytes). What `inspect` uses.
     pub fn open_metadata(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
-        Checkpoint::from_archive(Archive::open(path.as_ref())?, false)
+        Checkpoint::open_with(path.as_ref(), false)
     }
 
     /// Reads the metadata of an opened archive; `with_data` maps tensor storages.
@@ -205,9 +222,17 @@ impl Checkpoint {
         let config = ModelConfig::parse(&text)?;
 
         let weights = if layout.variant == Variant::Distributed {
-            Weights::Dist(DistCheckpoint::open(&archive, &layout.dist_dir)?)
+            let mut dist = DistCheckpoint::open(&archive, &layout.dist_dir)?;
+            normalise_dist_keys(&mut dist, &mut warnings);
+            Weights::Dist(dist)
         } else {
-            let policy = weights_policy();
+            // a Megatron-LM model_optim_rng.pt (assembled under NeMo 1 names) also pickles
+            // the run's args, RNG and optimizer state
+            let policy = if archive.kind() == ArchiveKind::Assembled {
+                crate::model::foreign::mlm_policy()
+            } else {
+                weights_policy()
+            };
             let mut ranks = Vec::with_capacity(layout.ranks.len());
             for (tp, pp, member) in &layout.ranks {
                 let bytes = archive.read(member)?;
@@ -216,10 +241,11 @@ impl Checkpoint {
                 } else {
                     crate::formats::torch::file::load_metadata(bytes, &policy)
                 };
-                let file = loaded.map_err(|source| Error::Torch {
+                let mut file = loaded.map_err(|source| Error::Torch {
                     member: member.clone(),
                     source,
                 })?;
+                unwrap_megatron_lm(&mut file.root);
                 if file.root.dict_items().is_none() {
                     return Err(Error::NotStateDict {
                         member: member.clone(),
@@ -273,6 +299,7 @@ impl Checkpoint {
             weights,
             artifacts,
             warnings,
+            source: None,
         })
     }
 
@@ -307,6 +334,7 @@ impl Checkpoint {
             weights: Weights::Global(tensors),
             artifacts,
             warnings: Vec::new(),
+            source: None,
         })
     }
 
@@ -355,6 +383,70 @@ pub fn is_weights_member(name: &str) -> bool {
         || name.starts_with(&format!("{}/", detect::DIST_DIR))
         || name.starts_with("mp_rank_")
         || name.starts_with("tp_rank_")
+}
+
+/// The first key components of a megatron-core GPT's state dict.
+const MODEL_ROOTS: &[&str] = &[
+    "embedding",
+    "decoder",
+    "output_layer",
+    "mtp",
+    "rotary_pos_emb",
+];
+
+/// Gives a distributed checkpoint NeMo 1's `model.` keys when it has none: NeMo 2 saves
+/// `module.*`, Megatron-LM and Megatron-Bridge save the GPT's keys bare. Entries outside the
+/// model (optimizer state, RNG state, the common state of megatron-core 0.19+) are dropped:
+/// nemo-tool reads weights.
+fn normalise_dist_keys(dist: &mut DistCheckpoint, warnings: &mut Vec<String>) {
+    if dist.tensors.iter().any(|t| t.key.starts_with("model.")) {
+        return;
+    }
+    let rename = |k: &str| -> Option<String> {
+        let bare = k.strip_prefix("module.").unwrap_or(k);
+        let root = bare.split(['.', '/']).next().unwrap_or(bare);
+        MODEL_ROOTS.contains(&root).then(|| format!("model.{bare}"))
+    };
+    let before = dist.tensors.len() + dist.objects.len();
+    dist.tensors.retain_mut(|t| match rename(&t.key) {
+        Some(k) => {
+            t.key = k;
+            true
+        }
+        None => false,
+    });
+    dist.objects.retain_mut(|o| match rename(&o.key) {
+        Some(k) => {
+            o.key = k;
+            true
+        }
+        None => false,
+    });
+    // planner paths describe the original nesting; the renamed keys have none
+    dist.planner_paths.clear();
+    let dropped = before - dist.tensors.len() - dist.objects.len();
+    if dropped > 0 {
+        warnings.push(format!(
+            "{dropped} entries outside the model (optimizer, RNG or common state) not read"
+        ));
+    }
+}
+
+/// A Megatron-LM `model_optim_rng.pt` holds `{args, checkpoint_version, iteration, model,
+/// optimizer, rng_state, ...}`: its `model` state dict becomes the root, under NeMo 1's
+/// `model.` keys. Anything else is left as it is.
+fn unwrap_megatron_lm(root: &mut Value) {
+    if root.get("checkpoint_version").is_none() {
+        return;
+    }
+    let Some(items) = root.get("model").and_then(Value::dict_items) else {
+        return;
+    };
+    let renamed: Vec<(Value, Value)> = items
+        .iter()
+        .filter_map(|(k, v)| Some((Value::Str(format!("model.{}", k.as_str()?)), v.clone())))
+        .collect();
+    *root = Value::Dict(renamed);
 }
 
 /// mcore keys have `decoder.`; legacy ones `language_model.`.

@@ -1071,27 +1071,7 @@ fn moe_from_nemo(cfg: &ModelConfig) -> Result<Option<MoeArch>, Error> {
     }))
 }
 
-/// A YAML float PyYAML (and so OmegaConf/NeMo) reads as a float: always a
-/// `.` in the mantissa and a signed exponent (`1.0e-05`, not `1e-5`).
-pub fn yaml_float(x: f64) -> String {
-    let s = format!("{x:?}");
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let m = if m.contains('.') {
-                m.to_string()
-            } else {
-                format!("{m}.0")
-            };
-            let (sign, digits) = match e.strip_prefix('-') {
-                Some(d) => ('-', d),
-                None => ('+', e.trim_start_matches('+')),
-            };
-            format!("{m}e{sign}{digits:0>2}")
-        }
-        None if s.contains('.') || s.contains("inf") || s.contains("NaN") => s,
-        None => format!("{s}.0"),
-    }
-}
+pub use crate::model::config::yaml_float;
 
 /// Everything [`nemo_config_yaml`] needs beyond the architecture.
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::formats::safetensors::{self, WriteTensor};
 use crate::formats::torch::dtype::Dtype;
@@ -108,22 +107,7 @@ pub struct Summary {
     pub warnings: Vec<String>,
 }
 
-/// NeMo's artifact naming: `<32 hex>_<file name>` (content-derived here, so
-/// the same input gives the same archive).
-pub fn artifact_name(name: &str, bytes: &[u8]) -> String {
-    let h = Sha256::digest(bytes);
-    format!("{}_{name}", hex::encode(h.get(..16).unwrap_or_default()))
-}
-
-/// The original name of an artifact member (`<32 hex>_tokenizer.model` ->
-/// `tokenizer.model`; a plain name is returned as it is).
-pub fn artifact_original(member: &str) -> &str {
-    let base = member.rsplit('/').next().unwrap_or(member);
-    match base.split_once('_') {
-        Some((h, rest)) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => rest,
-        _ => base,
-    }
-}
+pub use crate::model::checkpoint::write::{artifact_name, artifact_original};
 
 /// The one dtype of every (name, dtype) tensor, or the requested cast.
 fn model_dtype<'a>(

@@ -1,0 +1,461 @@
+//! Architecture from the configs today's trainers save, translated to NeMo 1's
+//! `model_config.yaml` keys (what the rest of nemo-tool reads):
+//!
+//! - NeMo 2's `context/model.yaml` (`config:` holds megatron-core `TransformerConfig` /
+//!   NeMo `GPTConfig` fields; functions as `{_target_: ...}`),
+//! - Megatron-Bridge's `run_config.yaml` (`model:` holds the same fields),
+//! - Megatron-LM's pickled `args` (an `argparse.Namespace`: mostly the same names, plus
+//!   `swiglu`, `untie_embeddings_and_output_weights`, `num_experts`, `norm_epsilon`, ...).
+//!
+//! Values are read, never classes instantiated: a `_target_` is only a name.
+
+use std::collections::BTreeMap;
+
+use crate::formats::torch::Value as Pickled;
+use serde_yaml_ng::Value as Yaml;
+
+/// A config value, from YAML or a pickle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    /// null / None.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string, or a function / dtype named by `_target_` or a pickled global.
+    Str(String),
+    /// A list or tuple.
+    List(Vec<Field>),
+}
+
+impl Field {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Field::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            Field::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// YAML flow text of the value.
+    fn yaml(&self) -> String {
+        match self {
+            Field::Null => "null".into(),
+            Field::Bool(b) => b.to_string(),
+            Field::Int(i) => i.to_string(),
+            Field::Float(f) => crate::model::config::yaml_float(*f),
+            Field::Str(s) => serde_json::to_string(s).unwrap_or_else(|_| "null".into()),
+            Field::List(v) => format!(
+                "[{}]",
+                v.iter().map(Field::yaml).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    fn from_yaml(v: &Yaml) -> Option<Field> {
+        Some(match v {
+            Yaml::Null => Field::Null,
+            Yaml::Bool(b) => Field::Bool(*b),
+            Yaml::Number(n) => match n.as_i64() {
+                Some(i) => Field::Int(i),
+                None => Field::Float(n.as_f64()?),
+            },
+            Yaml::String(s) => Field::Str(s.clone()),
+            Yaml::Sequence(s) => Field::List(s.iter().filter_map(Field::from_yaml).collect()),
+            // a function or class reference: its name
+            Yaml::Mapping(m) => Field::Str(m.get("_target_")?.as_str()?.to_string()),
+            Yaml::Tagged(t) => Field::from_yaml(&t.value)?,
+        })
+    }
+
+    fn from_pickle(v: &Pickled) -> Option<Field> {
+        Some(match v {
+            Pickled::None => Field::Null,
+            Pickled::Bool(b) => Field::Bool(*b),
+            Pickled::Int(i) => Field::Int(*i),
+            Pickled::Float(f) => Field::Float(*f),
+            Pickled::Str(s) => Field::Str(s.clone()),
+            Pickled::Tuple(v) | Pickled::List(v) => {
+                Field::List(v.iter().filter_map(Field::from_pickle).collect())
+            }
+            Pickled::Global(g) => Field::Str(format!("{}.{}", g.module, g.name)),
+            _ => return None,
+        })
+    }
+}
+
+/// Config fields under megatron-core's `TransformerConfig` names.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    map: BTreeMap<String, Field>,
+}
+
+/// Keys NeMo 1 spells as megatron-core does; copied as they are.
+const SAME_NAME: &[&str] = &[
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "init_method_std",
+    "layernorm_epsilon",
+    "layernorm_zero_centered_gamma",
+    "make_vocab_size_divisible_by",
+    "qk_layernorm",
+    "rotary_base",
+    "rotary_interleaved",
+    "seq_len_interpolation_factor",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "window_size",
+    "window_attn_skip_freq",
+    "softmax_scale",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope_local_base_freq",
+    "num_moe_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_router_pre_softmax",
+    "moe_aux_loss_coeff",
+    "moe_grouped_gemm",
+    "moe_layer_freq",
+    "moe_router_score_function",
+    "moe_router_topk_scaling_factor",
+    "moe_router_enable_expert_bias",
+    "moe_router_num_groups",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_load_balancing_type",
+    "moe_token_dispatcher_type",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+];
+
+impl Fields {
+    /// The fields of a NeMo 2 `model.yaml` (its `config:` mapping) or a Megatron-Bridge
+    /// `run_config.yaml` (its `model:` mapping).
+    pub fn from_yaml_section(section: &Yaml) -> Fields {
+        let mut map = BTreeMap::new();
+        if let Some(m) = section.as_mapping() {
+            for (k, v) in m {
+                if let (Some(k), Some(f)) = (k.as_str(), Field::from_yaml(v)) {
+                    map.insert(k.to_string(), f);
+                }
+            }
+        }
+        Fields { map }
+    }
+
+    /// The fields of Megatron-LM's pickled `args` (the attribute dict of its
+    /// `argparse.Namespace`), renamed to megatron-core's names.
+    pub fn from_mlm_args(attrs: &[(Pickled, Pickled)]) -> Fields {
+        let mut map = BTreeMap::new();
+        for (k, v) in attrs {
+            if let (Some(k), Some(f)) = (k.as_str(), Field::from_pickle(v)) {
+                map.insert(k.to_string(), f);
+            }
+        }
+        let mut f = Fields { map };
+        let get_bool = |f: &Fields, k: &str| f.map.get(k).and_then(Field::as_bool);
+        if get_bool(&f, "swiglu") == Some(true) {
+            f.set("gated_linear_unit", Field::Bool(true));
+            f.set(
+                "activation_func",
+                Field::Str("torch.nn.functional.silu".into()),
+            );
+        } else if get_bool(&f, "squared_relu") == Some(true) {
+            f.set("activation_func", Field::Str("squared_relu".into()));
+        }
+        if let Some(u) = get_bool(&f, "untie_embeddings_and_output_weights") {
+            f.set("share_embeddings_and_output_weights", Field::Bool(!u));
+        }
+        if get_bool(&f, "group_query_attention") == Some(false) {
+            f.set("num_query_groups", Field::Null);
+        }
+        if get_bool(&f, "apply_layernorm_1p") == Some(true) {
+            f.set("layernorm_zero_centered_gamma", Field::Bool(true));
+        }
+        for (from, to) in [
+            ("num_experts", "num_moe_experts"),
+            ("norm_epsilon", "layernorm_epsilon"),
+        ] {
+            if let Some(v) = f.map.get(from).cloned() {
+                f.map.entry(to.to_string()).or_insert(v);
+            }
+        }
+        f
+    }
+
+    fn set(&mut self, k: &str, v: Field) {
+        self.map.insert(k.to_string(), v);
+    }
+
+    /// A field, if present.
+    pub fn get(&self, k: &str) -> Option<&Field> {
+        self.map.get(k)
+    }
+
+    /// An unsigned integer field.
+    pub fn u64(&self, k: &str) -> Option<u64> {
+        self.get(k).and_then(Field::as_u64)
+    }
+
+    /// A boolean field.
+    pub fn bool(&self, k: &str) -> Option<bool> {
+        self.get(k).and_then(Field::as_bool)
+    }
+
+    /// A string field.
+    pub fn str(&self, k: &str) -> Option<&str> {
+        self.get(k).and_then(Field::as_str)
+    }
+
+    /// NeMo 1's `activation` for megatron-core's `gated_linear_unit` + `activation_func`.
+    fn activation(&self) -> Result<&'static str, String> {
+        let gated = self.bool("gated_linear_unit").unwrap_or(false);
+        let func = self.str("activation_func").unwrap_or("gelu");
+        let name = func.rsplit('.').next().unwrap_or(func);
+        Ok(match (name, gated) {
+            ("silu", true) => "fast-swiglu",
+            ("silu", false) => "silu",
+            ("gelu" | "openai_gelu" | "gelu_impl" | "fast_gelu", true) => "fast-geglu",
+            ("gelu" | "openai_gelu" | "gelu_impl" | "fast_gelu", false) => "gelu",
+            ("relu", true) => "reglu",
+            ("relu", false) => "relu",
+            ("squared_relu", false) => "squared-relu",
+            _ => {
+                return Err(format!(
+                    "activation_func `{func}` (gated_linear_unit {gated}) has no NeMo 1 name"
+                ))
+            }
+        })
+    }
+
+    /// Whether tensors carry Transformer Engine's fused names.
+    fn transformer_engine(&self) -> bool {
+        if let Some(i) = self.str("transformer_impl") {
+            return i == "transformer_engine";
+        }
+        !self
+            .str("transformer_layer_spec")
+            .is_some_and(|s| s.contains("local"))
+    }
+
+    /// NeMo 1 `model_config.yaml` text with `tokenizer_yaml` (the section's lines, indented by
+    /// two spaces) and `override_vocab_size` when the embedding rows are pinned.
+    ///
+    /// # Errors
+    /// A missing architecture key or an activation NeMo 1 cannot name, as text.
+    pub fn nemo1_yaml(
+        &self,
+        tokenizer_yaml: &str,
+        override_vocab_size: Option<u64>,
+    ) -> Result<String, String> {
+        for k in [
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+        ] {
+            if self.u64(k).is_none() {
+                return Err(format!("`{k}` is missing or not a number"));
+            }
+        }
+        let mut out = String::from("mcore_gpt: true\nmicro_batch_size: 1\n");
+        let mut put = |k: &str, v: String| {
+            out.push_str(k);
+            out.push_str(": ");
+            out.push_str(&v);
+            out.push('\n');
+        };
+        let seq = self
+            .get("seq_length")
+            .or_else(|| self.get("max_position_embeddings"))
+            .cloned();
+        if let Some(s) = &seq {
+            put("encoder_seq_length", s.yaml());
+        }
+        if self.get("max_position_embeddings").is_none() {
+            if let Some(s) = &seq {
+                put("max_position_embeddings", s.yaml());
+            }
+        }
+        for k in SAME_NAME {
+            if let Some(v) = self.get(k) {
+                put(k, v.yaml());
+            }
+        }
+        let norm = match self.str("normalization").unwrap_or("LayerNorm") {
+            "RMSNorm" | "rmsnorm" => "rmsnorm",
+            _ => "layernorm",
+        };
+        put("normalization", norm.into());
+        put("activation", self.activation()?.into());
+        if let Some(b) = self.bool("add_bias_linear") {
+            put("bias", b.to_string());
+        }
+        if let Some(b) = self.bool("add_qkv_bias") {
+            put("qkv_bias", b.to_string());
+        }
+        if let Some(p) = self.get("rotary_percent") {
+            put("rotary_percentage", p.yaml());
+        }
+        if let Some(v) = override_vocab_size {
+            put("override_vocab_size", v.to_string());
+        }
+        let precision = match (
+            self.str("params_dtype"),
+            self.bool("bf16"),
+            self.bool("fp16"),
+        ) {
+            (Some(d), _, _) if d.ends_with("bfloat16") => "bf16",
+            (Some(d), _, _) if d.ends_with("float16") => "16",
+            (_, Some(true), _) => "bf16",
+            (_, _, Some(true)) => "16",
+            _ => "32",
+        };
+        put("precision", precision.into());
+        put("transformer_engine", self.transformer_engine().to_string());
+        out.push_str("tokenizer:\n");
+        out.push_str(tokenizer_yaml);
+        out.push_str(
+            "target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel\n",
+        );
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::ModelConfig;
+
+    const NEMO2: &str = "_target_: nemo.collections.llm.gpt.model.llama.LlamaModel
+config:
+  _target_: nemo.collections.llm.gpt.model.llama.LlamaConfig
+  num_layers: 2
+  hidden_size: 64
+  ffn_hidden_size: 96
+  num_attention_heads: 8
+  num_query_groups: 2
+  kv_channels: 8
+  normalization: RMSNorm
+  layernorm_epsilon: 1.0e-05
+  gated_linear_unit: true
+  activation_func:
+    _target_: torch.nn.functional.silu
+    _call_: false
+  add_bias_linear: false
+  position_embedding_type: rope
+  rotary_base: 10000
+  rotary_percent: 1.0
+  seq_length: 32
+  share_embeddings_and_output_weights: false
+  make_vocab_size_divisible_by: 128
+  tensor_model_parallel_size: 2
+  transformer_layer_spec:
+    _target_: megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec
+    _call_: false
+  params_dtype:
+    _target_: torch.bfloat16
+    _call_: false
+tokenizer:
+  _target_: nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer
+  model_path: nemo_tokenizer/tokenizer.model
+";
+
+    #[test]
+    fn nemo2_model_yaml_reads_as_nemo1() {
+        let doc: Yaml = serde_yaml_ng::from_str(NEMO2).unwrap();
+        let f = Fields::from_yaml_section(&doc["config"]);
+        let text = f
+            .nemo1_yaml(
+                "  library: sentencepiece\n  model: nemo:x_tokenizer.model\n",
+                None,
+            )
+            .unwrap();
+        let c = ModelConfig::parse(&text).unwrap();
+        assert_eq!(c.num_layers().unwrap(), 2);
+        assert_eq!(c.num_query_groups().unwrap(), 2);
+        assert_eq!(c.kv_channels().unwrap(), 8);
+        assert_eq!(c.normalization(), "rmsnorm");
+        assert_eq!(c.activation(), "fast-swiglu");
+        assert!(c.is_gated() && !c.bias() && !c.share_embeddings_and_output_weights());
+        assert_eq!(c.position_embedding_type(), "rope");
+        assert_eq!(c.tensor_model_parallel_size(), 2);
+        assert!(c.mcore_gpt() && !c.transformer_engine());
+        assert_eq!(c.precision(), Some("bf16"));
+        assert_eq!(
+            c.get("encoder_seq_length").and_then(|v| v.as_u64()),
+            Some(32)
+        );
+        assert_eq!(
+            c.get("rotary_percentage").and_then(|v| v.as_f64()),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn mlm_args_rename() {
+        let s = |k: &str| Pickled::Str(k.to_string());
+        let attrs = vec![
+            (s("num_layers"), Pickled::Int(4)),
+            (s("hidden_size"), Pickled::Int(64)),
+            (s("ffn_hidden_size"), Pickled::Int(96)),
+            (s("num_attention_heads"), Pickled::Int(8)),
+            (s("group_query_attention"), Pickled::Bool(false)),
+            (s("num_query_groups"), Pickled::Int(1)),
+            (s("swiglu"), Pickled::Bool(true)),
+            (
+                s("untie_embeddings_and_output_weights"),
+                Pickled::Bool(true),
+            ),
+            (s("normalization"), s("RMSNorm")),
+            (s("norm_epsilon"), Pickled::Float(1e-6)),
+            (s("transformer_impl"), s("transformer_engine")),
+            (s("bf16"), Pickled::Bool(true)),
+        ];
+        let f = Fields::from_mlm_args(&attrs);
+        let c = ModelConfig::parse(&f.nemo1_yaml("  library: null\n", Some(128)).unwrap()).unwrap();
+        assert_eq!(
+            c.num_query_groups().unwrap(),
+            8,
+            "no GQA: one group per head"
+        );
+        assert_eq!(c.activation(), "fast-swiglu");
+        assert!(!c.share_embeddings_and_output_weights() && c.transformer_engine());
+        assert_eq!(c.override_vocab_size(), Some(128));
+        assert_eq!(c.precision(), Some("bf16"));
+        assert_eq!(
+            c.get("layernorm_epsilon").and_then(|v| v.as_f64()),
+            Some(1e-6)
+        );
+        let bad = Fields::from_mlm_args(&attrs[..3]);
+        assert!(bad
+            .nemo1_yaml("", None)
+            .unwrap_err()
+            .contains("num_attention_heads"));
+    }
+}

@@ -1,0 +1,131 @@
+"""NeMo 2, Megatron-LM and Megatron-Bridge checkpoint folders (issue 17), made in this run by the
+real libraries from the fixture's tiny Llama (helpers/foreign_save.py): a NeMo 2 folder whose
+`weights/` megatron-core 0.16.1's `dist_checkpointing.save` wrote with `module.` keys; a
+Megatron-LM torch_dist iteration whose `common.pt` pickles a real `argparse.Namespace`; legacy
+Megatron-LM `model_optim_rng.pt` files written by `torch.save` (args, model, optimizer and RNG
+state, numpy's included) at TP2 and at PP2 (stage-local layer numbers); and a hostile one.
+
+Each is read by `inspect`, `validate` and `checksum`, and `convert --to nemo1` gives the
+fixture's own TP1 tensors bit for bit (the fixture is what megatron-core loaded before saving,
+and what the legacy files were cut from)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron.core  # noqa: F401  (pinned in requirements.txt: missing is an error, not a skip)
+
+from conftest import free_port
+
+HELPER = Path(__file__).parent / "helpers" / "foreign_save.py"
+FIXTURE_TP1 = "fixtures/mcore/llama/tp1/mp_rank_00/model_weights.ckpt"
+FIXTURE_NEMO = "fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo"
+
+# (folder, format, weights, iteration, optimizer, TP/PP on disk, where the config came from)
+SOURCES = {
+    "nemo2": ("nemo2", "torch_dist", None, False, (1, 1), "context/model.yaml"),
+    "mlm_dist": ("megatron-lm", "torch_dist", 10, False, (1, 1), "args in common.pt"),
+    "mlm_legacy": ("megatron-lm", "legacy", 20, True, (2, 1), "args in mp_rank_00/model_optim_rng.pt"),
+    "mlm_pp2": ("megatron-lm", "legacy", 30, True, (1, 2), "args in mp_rank_00_000/model_optim_rng.pt"),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("foreign")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"]:
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr", "127.0.0.1",
+           f"--master_port={free_port()}", str(HELPER), str(root), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return out
+
+
+def _rank_files(nemo: Path) -> dict[str, dict]:
+    with tarfile.open(nemo) as t:
+        return {m.name.removeprefix("./"): torch.load(io.BytesIO(t.extractfile(m).read()), weights_only=True)
+                for m in t.getmembers() if m.name.endswith("model_weights.ckpt")}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_read_and_convert_to_nemo1(folders, run_tool, root, tmp_path, name):
+    fmt, weights, iteration, optimizer, (tp, pp), config_from = SOURCES[name]
+    src = folders / name
+    rep = json.loads(run_tool("inspect", src, "--json").stdout)
+    s = rep["source"]
+    assert (s["format"], s["weights"], s["iteration"], s["optimizer"], s["config_from"]) == \
+        (fmt, weights, iteration, optimizer, config_from), s
+    assert (rep["layout"]["tp_on_disk"], rep["layout"]["pp_on_disk"]) == (tp, pp)
+    a = rep["architecture"]
+    assert (a["num_layers"], a["hidden_size"], a["ffn_hidden_size"], a["num_attention_heads"],
+            a["num_query_groups"], a["kv_channels"], a["normalization"], a["activation"],
+            a["tied_embeddings"]) == (2, 64, 96, 8, 2, 8, "rmsnorm", "fast-swiglu", False), a
+    assert rep["params"]["total"] == 74048
+    if name == "nemo2":
+        assert s["tokenizer"] == "context/nemo_tokenizer/tokenizer.model"
+        assert rep["vocab"]["true_vocab"] == 100, rep["vocab"]
+    else:
+        assert s["tokenizer"] == "/data/tokenizers/tiny/tokenizer.model"  # named by the args only
+    assert json.loads(run_tool("validate", src, "--json").stdout)["valid"]
+
+    # layout-independent checksums: the fixture's model digest (true vocabulary rows)
+    digest = json.loads(run_tool("checksum", root / FIXTURE_NEMO, "--json").stdout)["model_digest"]
+    extra = [] if name == "nemo2" else ["--vocab-size", "100"]
+    assert json.loads(run_tool("checksum", src, "--json", *extra).stdout)["model_digest"] == digest
+
+    # to a NeMo 1 .nemo: the fixture's TP1 tensors, bit for bit
+    out = tmp_path / "out.nemo"
+    run_tool("convert", src, "--to", "nemo1", out)
+    ours = _rank_files(out)["model_weights.ckpt"]
+    ref = torch.load(root / FIXTURE_TP1, weights_only=True)
+    assert list(ours) == list(ref)
+    for k, v in ref.items():
+        if v is None:  # an empty _extra_state
+            assert ours[k] is None, k
+        else:
+            assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+
+
+def test_legacy_tensors_equal_torch_load(folders, run_tool, tmp_path):
+    """The TP2 shards read from `model_optim_rng.pt` are torch's own load of each file's `model`."""
+    out = tmp_path / "tp2.nemo"
+    run_tool("convert", folders / "mlm_legacy", "--to", "nemo1", "--tp", "2", out)
+    ours = _rank_files(out)
+    for r in range(2):
+        f = folders / f"mlm_legacy/iter_0000020/mp_rank_{r:02d}/model_optim_rng.pt"
+        theirs = torch.load(f, weights_only=False)["model"]  # our own file: trusted
+        mine = ours[f"mp_rank_{r:02d}/model_weights.ckpt"]
+        assert sorted(mine) == sorted("model." + k for k in theirs)
+        for k, v in theirs.items():
+            assert (v is None and mine["model." + k] is None) or torch.equal(mine["model." + k], v), (r, k)
+
+
+def test_hostile_model_optim_rng_is_refused(folders, run_tool):
+    for cmd in (["inspect"], ["checksum"], ["convert", "--to", "nemo1"]):
+        args = [*cmd, folders / "hostile"] + ([folders / "x.nemo"] if cmd[0] == "convert" else [])
+        p = run_tool(*args, check=False)
+        assert p.returncode == 2, (cmd, p.stderr)
+        assert "refusing global posix.system" in p.stderr, p.stderr
+    assert not (folders / "x.nemo").exists()
+
+
+def test_unknown_folders_say_what_differs(folders, run_tool, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "latest_checkpointed_iteration.txt").write_text("7")
+    p = run_tool("inspect", bad, check=False)
+    assert p.returncode == 2 and "iter_0000007/, which does not exist" in p.stderr, p.stderr
+    (bad / "latest_checkpointed_iteration.txt").write_text("seven")
+    p = run_tool("inspect", bad, check=False)
+    assert p.returncode == 2 and "expected an iteration number or `release`" in p.stderr, p.stderr
