@@ -32,8 +32,9 @@ pub struct Args {
     #[arg(long, value_name = "FORMAT", value_parser = ["hf", "nemo"], default_value = "nemo")]
     pub from: String,
     /// The output format: `nemo` (per-rank, with --from hf), `hf`, `dist` or `per-rank`;
-    /// `nemo1` is `per-rank` (a NeMo 1 `.nemo`, e.g. from a NeMo 2 or Megatron-LM folder).
-    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "nemo1", "hf", "dist", "per-rank"])]
+    /// `nemo1` is `per-rank` (a NeMo 1 `.nemo`, e.g. from a NeMo 2 or Megatron-LM folder);
+    /// `nemo2` writes a NeMo 2 folder (`context/` + `weights/`).
+    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "nemo1", "nemo2", "hf", "dist", "per-rank"])]
     pub to: Option<String>,
     /// Output tensor-parallel size (.nemo outputs).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -134,6 +135,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bail!("--to dist keeps the model as it is (it loads at any TP); drop --tp/--pp/--dtype");
             }
             convert::nemo_to_dist(&args.input, &args.output, args.ep, args.force)
+        }
+        (_, Some("nemo2")) => {
+            if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
+                bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");
+            }
+            convert::to_nemo2(&args.input, &args.output, args.force)
         }
         (_, Some("per-rank" | "nemo1")) => convert::nemo_to_per_rank(
             &args.input,

@@ -129,3 +129,54 @@ def test_unknown_folders_say_what_differs(folders, run_tool, tmp_path):
     (bad / "latest_checkpointed_iteration.txt").write_text("seven")
     p = run_tool("inspect", bad, check=False)
     assert p.returncode == 2 and "expected an iteration number or `release`" in p.stderr, p.stderr
+
+
+def _dcp_as_dict(weights: Path, out: Path) -> dict:
+    """torch's own reading of a distributed checkpoint folder (every tensor and object)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(weights), str(out))
+    return torch.load(out, weights_only=False)  # written just now by torch from our test data
+
+
+def test_nemo2_round_trip_is_byte_identical(folders, run_tool, tmp_path):
+    """NeMo 2 (megatron-core's save) -> .nemo -> NeMo 2: every tensor and object of weights/
+    equal by torch's own reading; context/ and common.pt byte for byte."""
+    src = folders / "nemo2"
+    run_tool("convert", src, "--to", "nemo1", tmp_path / "n1.nemo")
+    run_tool("convert", tmp_path / "n1.nemo", "--to", "nemo2", tmp_path / "back")
+    # the .nemo lost context/; convert the NeMo 2 folder itself too, which keeps it
+    run_tool("convert", src, "--to", "nemo2", tmp_path / "direct")
+    theirs = _dcp_as_dict(src / "weights", tmp_path / "theirs.pt")
+    for out in ("back", "direct"):
+        ours = _dcp_as_dict(tmp_path / out / "weights", tmp_path / f"{out}.pt")
+        assert sorted(ours) == sorted(theirs), out
+        for k, v in theirs.items():
+            if isinstance(v, torch.Tensor):
+                assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), (out, k)
+            else:
+                assert ours[k] == v, (out, k)
+    for rel in ("context/model.yaml", "context/io.json", "context/nemo_tokenizer/tokenizer.model",
+                "weights/common.pt"):
+        assert (tmp_path / "direct" / rel).read_bytes() == (src / rel).read_bytes(), rel
+    # from a .nemo: model.yaml generated, read back to the same architecture and tokenizer
+    rep = json.loads(run_tool("inspect", tmp_path / "back", "--json").stdout)
+    assert rep["source"]["format"] == "nemo2" and rep["vocab"]["true_vocab"] == 100
+    assert rep["architecture"] == json.loads(run_tool("inspect", src, "--json").stdout)["architecture"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_loads_our_nemo2_weights(folders, run_tool, root, tmp_path, tp):
+    """megatron-core's dist_checkpointing.load reads our NeMo 2 weights/ (from the fixture's
+    .nemo, and from the Megatron-LM legacy TP2 folder) at TP1 and TP2 with the same logits, bit
+    for bit, as its own torch_dist checkpoint of the same weights, in the same processes."""
+    from conftest import mcore_logits
+
+    run_tool("convert", root / FIXTURE_NEMO, "--to", "nemo2", tmp_path / "from_nemo1")
+    run_tool("convert", folders / "mlm_legacy", "--to", "nemo2", tmp_path / "from_mlm")
+    ckpts = [root / "fixtures/mcore/llama/dcp_tp1", tmp_path / "from_nemo1/weights",
+             tmp_path / "from_mlm/weights", folders / "nemo2/weights"]
+    theirs, *ours = mcore_logits(root, ckpts, tp, tmp_path / "logits.pt", root / FIXTURE_TP1)
+    assert theirs.shape == (2, 16, 128)
+    for name, o in zip(["from .nemo", "from Megatron-LM", "megatron-core's NeMo 2"], ours):
+        assert torch.equal(o, theirs), (name, tp, (o - theirs).abs().max())

@@ -347,6 +347,139 @@ impl Fields {
     }
 }
 
+/// NeMo 1 keys whose megatron-core name differs (NeMo 1 name, megatron-core name).
+const RENAMED: &[(&str, &str)] = &[
+    ("bias", "add_bias_linear"),
+    ("qkv_bias", "add_qkv_bias"),
+    ("rotary_percentage", "rotary_percent"),
+    ("encoder_seq_length", "seq_length"),
+];
+
+/// The `_target_` of megatron-core's activation for a NeMo 1 `activation`.
+fn activation_func(activation: &str) -> Option<(&'static str, bool)> {
+    let a = activation.strip_prefix("fast-").unwrap_or(activation);
+    Some(match a {
+        "swiglu" => ("torch.nn.functional.silu", true),
+        "silu" => ("torch.nn.functional.silu", false),
+        "geglu" => ("torch.nn.functional.gelu", true),
+        "gelu" => ("torch.nn.functional.gelu", false),
+        "reglu" => ("torch.nn.functional.relu", true),
+        "relu" => ("torch.nn.functional.relu", false),
+        "squared-relu" => ("megatron.core.activations.squared_relu", false),
+        _ => return None,
+    })
+}
+
+/// A NeMo 2 `context/model.yaml` for a NeMo 1 config: a generic `GPTModel` whose `config:`
+/// holds the megatron-core fields (functions and dtypes as `{_target_, _call_: false}` nodes,
+/// as NeMo 2 dumps them), and a `tokenizer:` for the files under `context/` (`tokenizer` =
+/// (`sentencepiece` | `huggingface`, path relative to `context/`)).
+///
+/// # Errors
+/// An activation megatron-core has no function for.
+pub fn nemo2_model_yaml(
+    cfg: &crate::model::config::ModelConfig,
+    tokenizer: Option<(&str, &str)>,
+) -> Result<String, String> {
+    let arch = |r: Result<u64, crate::model::config::Error>| r.map_err(|e| e.to_string());
+    let mut out = String::from(
+        "_target_: nemo.collections.llm.gpt.model.base.GPTModel\nconfig:\n  _target_: nemo.collections.llm.gpt.model.base.GPTConfig\n",
+    );
+    let mut put = |k: &str, v: String| {
+        out.push_str("  ");
+        out.push_str(k);
+        // a nested node starts on the next line
+        out.push_str(if v.starts_with('\n') { ":" } else { ": " });
+        out.push_str(&v);
+        out.push('\n');
+    };
+    put("num_layers", arch(cfg.num_layers())?.to_string());
+    put("hidden_size", arch(cfg.hidden_size())?.to_string());
+    put("ffn_hidden_size", arch(cfg.ffn_hidden_size())?.to_string());
+    put("num_attention_heads", arch(cfg.num_attention_heads())?.to_string());
+    put("num_query_groups", arch(cfg.num_query_groups())?.to_string());
+    put("kv_channels", arch(cfg.kv_channels())?.to_string());
+    let norm = if cfg.normalization() == "rmsnorm" {
+        "RMSNorm"
+    } else {
+        "LayerNorm"
+    };
+    put("normalization", norm.into());
+    let (func, gated) = activation_func(cfg.activation())
+        .ok_or_else(|| format!("activation `{}` has no megatron-core function", cfg.activation()))?;
+    put("gated_linear_unit", gated.to_string());
+    put(
+        "activation_func",
+        format!("\n    _target_: {func}\n    _call_: false"),
+    );
+    put("add_bias_linear", cfg.bias().to_string());
+    put("position_embedding_type", cfg.position_embedding_type().into());
+    put(
+        "share_embeddings_and_output_weights",
+        cfg.share_embeddings_and_output_weights().to_string(),
+    );
+    put(
+        "make_vocab_size_divisible_by",
+        cfg.make_vocab_size_divisible_by().to_string(),
+    );
+    let skip = [
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "make_vocab_size_divisible_by",
+        "position_embedding_type",
+        "share_embeddings_and_output_weights",
+    ];
+    let yaml_of = |v: &Yaml| Field::from_yaml(v).map(|f| f.yaml());
+    for k in SAME_NAME.iter().filter(|k| !skip.contains(k)) {
+        if let Some(v) = cfg.get(k).and_then(yaml_of) {
+            put(k, v);
+        }
+    }
+    for (nemo1, mcore) in RENAMED.iter().filter(|(n, _)| *n != "bias") {
+        if let Some(v) = cfg.get(nemo1).and_then(yaml_of) {
+            put(mcore, v);
+        }
+    }
+    if let Some(v) = cfg.get("override_vocab_size").and_then(yaml_of) {
+        put("vocab_size", v);
+    }
+    let (dtype, bf16) = match cfg.precision() {
+        Some(p) if p.starts_with("bf16") => ("torch.bfloat16", true),
+        Some(p) if p.starts_with("16") => ("torch.float16", false),
+        _ => ("torch.float32", false),
+    };
+    put(
+        "params_dtype",
+        format!("\n    _target_: {dtype}\n    _call_: false"),
+    );
+    put("bf16", bf16.to_string());
+    let spec = if cfg.transformer_engine() {
+        "megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec"
+    } else {
+        "megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec"
+    };
+    put(
+        "transformer_layer_spec",
+        format!("\n    _target_: {spec}\n    _call_: false"),
+    );
+    match tokenizer {
+        Some(("sentencepiece", path)) => out.push_str(&format!(
+            "tokenizer:\n  _target_: nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer\n  model_path: {}\n",
+            serde_json::to_string(path).unwrap_or_default()
+        )),
+        Some((_, path)) => out.push_str(&format!(
+            "tokenizer:\n  _target_: nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer\n  pretrained_model_name: {}\n",
+            serde_json::to_string(path).unwrap_or_default()
+        )),
+        None => out.push_str("tokenizer: null\n"),
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +548,32 @@ tokenizer:
             c.get("rotary_percentage").and_then(|v| v.as_f64()),
             Some(1.0)
         );
+    }
+
+    /// NeMo 2 -> NeMo 1 -> NeMo 2 -> NeMo 1 gives the same NeMo 1 config.
+    #[test]
+    fn nemo2_yaml_round_trips() {
+        let doc: Yaml = serde_yaml_ng::from_str(NEMO2).unwrap();
+        let tok = "  library: sentencepiece\n  model: nemo:x_tokenizer.model\n";
+        let first = Fields::from_yaml_section(&doc["config"])
+            .nemo1_yaml(tok, None)
+            .unwrap();
+        let c = ModelConfig::parse(&first).unwrap();
+        let n2 = nemo2_model_yaml(&c, Some(("sentencepiece", "nemo_tokenizer/tokenizer.model")))
+            .unwrap();
+        let doc2: Yaml = serde_yaml_ng::from_str(&n2).unwrap();
+        assert_eq!(
+            doc2["tokenizer"]["model_path"].as_str(),
+            Some("nemo_tokenizer/tokenizer.model")
+        );
+        let second = Fields::from_yaml_section(&doc2["config"])
+            .nemo1_yaml(tok, None)
+            .unwrap();
+        let (a, b) = (
+            ModelConfig::parse(&first).unwrap(),
+            ModelConfig::parse(&second).unwrap(),
+        );
+        assert_eq!(a.section(), b.section(), "{first}\n---\n{second}");
     }
 
     #[test]

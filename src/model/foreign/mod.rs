@@ -234,7 +234,7 @@ fn map(path: &Path) -> Result<ByteView, Error> {
 
 /// Every regular file under `dir`, as (path relative to `dir` with `/`, absolute path),
 /// sorted; `skip` names top-level entries left out.
-fn files_under(dir: &Path, skip: &[&str]) -> Result<Vec<(String, PathBuf)>, Error> {
+pub fn files_under(dir: &Path, skip: &[&str]) -> Result<Vec<(String, PathBuf)>, Error> {
     fn walk(root: &Path, d: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
         for e in std::fs::read_dir(d)? {
             let e = e?;

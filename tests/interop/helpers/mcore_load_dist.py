@@ -1,6 +1,8 @@
 """Loads torch_dist folders with megatron-core's own `dist_checkpointing.load` into a
 local-spec Llama GPTModel at TP=world size (CPU over gloo) and saves their logits on rank 0.
 usage: torchrun --nproc_per_node=TP mcore_load_dist.py TOKENS.pt OUT.pt [--ref REF_TP1_CKPT] CKPT_DIR...
+Keys are read under the prefix each checkpoint's metadata uses (`model.`, NeMo 2's `module.`, or
+none as Megatron-LM saves them).
 
 OUT.pt is a list with one logits tensor per CKPT_DIR, in order, all computed by this one run:
 a test passes the fixture's own checkpoint (the reference) and ours, and compares the two, so
@@ -50,11 +52,24 @@ def build(tp):
     return model.eval()
 
 
+def key_prefix(ckpt):
+    """`model.` (NeMo 1 model_weights/), `module.` (NeMo 2 weights/) or none (Megatron-LM), as
+    the checkpoint's own metadata names its keys."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    for p in ("model.", "module."):
+        if any(k.startswith(p + "decoder.") for k in keys):
+            return p
+    return ""
+
+
 def load_and_run(ckpt, seed, tokens, ref, rank, tp):
     torch.manual_seed(seed + rank)  # random init: a tensor that is not loaded shows in the logits
     model = build(tp)
-    loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="model."), ckpt)
-    model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
+    prefix = key_prefix(ckpt)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), ckpt)
+    model.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=True)
     if ref is not None:
         got = model.state_dict()
         bad = []

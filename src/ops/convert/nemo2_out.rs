@@ -1,0 +1,167 @@
+//! `convert --to nemo2`: any checkpoint as a NeMo 2 folder.
+//!
+//! - `weights/` is the torch_dist folder [`super::dist_out`] plans (megatron-core's stacking,
+//!   TE names, `_extra_state` objects) under NeMo 2's `module.` keys; its `common.pt` is the
+//!   source's when it had one (NeMo 2 keeps Lightning's loop state there), else `{}`.
+//! - `context/` is copied byte for byte from a NeMo 2 source. Otherwise `model.yaml` is
+//!   generated from the config ([`crate::model::foreign::config::nemo2_model_yaml`]) and the
+//!   tokenizer files go to `context/nemo_tokenizer/` under their own names. `io.json` (the
+//!   fiddle graph NeMo's `load_context` rebuilds the model from) is not generated: it names
+//!   NeMo's Python classes and their arguments, which only NeMo itself can vouch for.
+//!
+//! The folder appears only when complete (written beside the target, then renamed).
+
+use std::io;
+use std::path::Path;
+
+use crate::formats::dist::{Backend, DistCheckpoint};
+use crate::formats::torch::value::Value;
+use crate::io::bytes::ByteView;
+use crate::io::outdir::FsDir;
+use crate::io::output::OutputDir;
+use crate::model::checkpoint::write::artifact_original;
+use crate::model::checkpoint::{Checkpoint, Weights};
+use crate::model::foreign::Format;
+
+use super::named::NamedModel;
+use super::ops::{true_vocab, Error, Summary};
+
+/// NeMo 2's key prefix in `weights/`.
+const PREFIX: &str = "module.";
+
+fn io_err(file: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// `input` (any checkpoint nemo-tool reads) -> a NeMo 2 folder at `out`.
+///
+/// # Errors
+/// [`Error`]; the folder appears only on success.
+pub fn to_nemo2(input: &Path, out: &Path, force: bool) -> Result<Summary, Error> {
+    let ck = Checkpoint::open(input)?;
+    let canon = NamedModel::from_checkpoint(&ck)?;
+    let (mut tensors, pieces, mut objects, mut warnings) =
+        super::dist_out::plan(&canon, ck.config.is_gated())?;
+    let rename = |k: &str| match k.strip_prefix("model.") {
+        Some(rest) => format!("{PREFIX}{rest}"),
+        None => k.to_string(),
+    };
+    for t in &mut tensors {
+        t.key = rename(&t.key);
+    }
+    for (k, _) in &mut objects {
+        *k = rename(k);
+    }
+    let common = match &ck.weights {
+        Weights::Dist(d) if d.common_bytes.is_some() => d.common_bytes.clone(),
+        _ => None,
+    };
+    let common = match common {
+        Some(c) => c,
+        None => {
+            let mut b = Vec::new();
+            crate::formats::torch::file::save(&mut b, "archive", &Value::Dict(Vec::new()))
+                .map_err(|e| Error::Invalid(format!("common.pt: {e}")))?;
+            ByteView::from_vec(b)
+        }
+    };
+    let dist = DistCheckpoint {
+        dir: String::new(),
+        backend: Backend::TorchDist,
+        metadata_json: Some(super::dist_out::METADATA_JSON.to_string()),
+        tensors,
+        objects: Vec::new(),
+        common_bytes: Some(common),
+        common: None,
+        warnings: Vec::new(),
+        mcore: false,
+        planner_paths: Vec::new(),
+    };
+    let dir = OutputDir::create(out, force)?;
+    let weights = dir.path().join("weights");
+    let mut fill =
+        |ti: usize, ci: usize, sink: &mut dyn FnMut(&[u8]) -> io::Result<()>| -> io::Result<()> {
+            let p = pieces
+                .get(ti)
+                .and_then(|c| c.get(ci))
+                .ok_or_else(|| io::Error::other("chunk without pieces"))?;
+            super::tensor::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
+        };
+    crate::formats::dist::dcp_write::write_torch_dist_streamed(
+        &dist,
+        &objects,
+        &mut fill,
+        &mut FsDir::new(&weights),
+    )
+    .map_err(|e| Error::Invalid(format!("weights/: {e}")))?;
+
+    let context = dir.path().join("context");
+    let mut artifacts = Vec::new();
+    match &ck.source {
+        Some(s) if s.format == Format::Nemo2 => {
+            // the source's context/, byte for byte
+            let from = s.root.join("context");
+            for (rel, path) in crate::model::foreign::files_under(&from, &[])
+                .map_err(|e| Error::Invalid(e.to_string()))?
+            {
+                let to = context.join(&rel);
+                if let Some(p) = to.parent() {
+                    std::fs::create_dir_all(p).map_err(io_err(p))?;
+                }
+                std::fs::copy(&path, &to).map_err(io_err(&to))?;
+                artifacts.push(format!("context/{rel}"));
+            }
+        }
+        _ => {
+            let tok_dir = context.join("nemo_tokenizer");
+            std::fs::create_dir_all(&tok_dir).map_err(io_err(&tok_dir))?;
+            let mut spm = false;
+            for a in &ck.artifacts {
+                let name = artifact_original(a);
+                let b = ck
+                    .read_member(a)
+                    .map_err(|e| Error::Invalid(format!("{a}: {e}")))?;
+                let to = tok_dir.join(name);
+                std::fs::write(&to, b.as_slice()).map_err(io_err(&to))?;
+                spm |= name == "tokenizer.model";
+                artifacts.push(format!("context/nemo_tokenizer/{name}"));
+            }
+            let tok = match (artifacts.is_empty(), spm) {
+                (true, _) => None,
+                (false, true) => Some(("sentencepiece", "nemo_tokenizer/tokenizer.model")),
+                (false, false) => Some(("huggingface", "nemo_tokenizer")),
+            };
+            let yaml = crate::model::foreign::config::nemo2_model_yaml(&ck.config, tok)
+                .map_err(Error::Invalid)?;
+            let path = context.join("model.yaml");
+            std::fs::write(&path, yaml).map_err(io_err(&path))?;
+            warnings.push(
+                "context/io.json not written (NeMo's load_context needs it; megatron-core and NeMo's exporters read model.yaml and weights/)".into(),
+            );
+        }
+    }
+    let output = dir.commit()?;
+    let rows = canon
+        .tensor("model.embedding.word_embeddings.weight")
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(0);
+    Ok(Summary {
+        output,
+        direction: format!("{} -> nemo2", source_name(&ck)),
+        tp: 1,
+        pp: 1,
+        tensors: dist.tensors.len(),
+        files: 4,
+        artifacts,
+        vocab: (true_vocab(&ck).unwrap_or(rows), rows),
+        warnings,
+    })
+}
+
+/// The input's format for summaries (`nemo`, `nemo2`, `megatron-lm`, ...).
+pub fn source_name(ck: &Checkpoint) -> &'static str {
+    ck.source.as_ref().map_or("nemo", |s| s.format.name())
+}
