@@ -75,6 +75,29 @@ impl DistCheckpoint {
                     })
                 }
             };
+            // megatron-core has written version 1 of both through 0.19; a later format
+            // is refused by name rather than misread
+            if let Some(ver) = v.get("sharded_backend_version") {
+                if ver.as_u64() != Some(1) {
+                    return Err(Error::MetadataJson {
+                        member: json_name,
+                        why: format!(
+                            "sharded_backend_version {ver}: this reader knows version 1 (what megatron-core 0.12-0.19 write)"
+                        ),
+                    });
+                }
+            }
+            match v.get("common_backend").and_then(|b| b.as_str()) {
+                None | Some("torch") => {}
+                Some(other) => {
+                    return Err(Error::MetadataJson {
+                        member: json_name,
+                        why: format!(
+                            "common_backend {other:?}: this reader knows `torch` (common.pt) and none (megatron-core 0.19+: common_state/ inside the DCP)"
+                        ),
+                    })
+                }
+            }
             (backend, Some(text))
         } else if has(&join(dir, ".metadata")) {
             (Backend::TorchDist, None)

@@ -348,8 +348,12 @@ impl Checkpoint {
         self.archive.path()
     }
 
-    /// `tar`, `tar.gz` or `folder`.
+    /// `tar`, `tar.gz` or `folder` (NeMo 2 and Megatron folders included), `assembled` for
+    /// a model mapped from another format.
     pub fn container(&self) -> &'static str {
+        if self.source.is_some() {
+            return "folder";
+        }
         match self.archive.kind() {
             ArchiveKind::Tar => "tar",
             ArchiveKind::GzipTar => "tar.gz",

@@ -481,6 +481,60 @@ fn legacy_ranks(dir: &Path) -> Result<Vec<(String, Vec<u64>)>, Error> {
     Ok(out)
 }
 
+/// The common (non-sharded) state of a distributed checkpoint folder and where it was:
+/// `common.pt` (megatron-core up to 0.18), else the DCP object `common_state/shard_0_1`
+/// (0.19+, `torch.save([state])`).
+fn common_state(dir: &Path) -> Result<(Option<Value>, &'static str), Error> {
+    let common = dir.join("common.pt");
+    if common.is_file() {
+        let f = crate::formats::torch::file::load_metadata(map(&common)?, &mlm_policy())
+            .map_err(|e| read_err(&common, e))?;
+        return Ok((Some(f.root), "common.pt"));
+    }
+    let archive = Archive::open(dir)?;
+    let dist = crate::formats::dist::DistCheckpoint::open(&archive, "")
+        .map_err(|e| read_err(dir, e))?;
+    let Some(o) = dist
+        .objects
+        .iter()
+        .find(|o| o.key.starts_with("common_state/"))
+    else {
+        return Ok((None, "common.pt or common_state/"));
+    };
+    let bytes = dist
+        .read_object_bytes(&archive, o)
+        .map_err(|e| read_err(dir, format!("{}: {e}", o.key)))?;
+    let load = |b: ByteView| {
+        crate::formats::torch::file::load_metadata(b, &mlm_policy())
+            .map(|f| f.root)
+            .map_err(|e| read_err(dir, format!("{}: {e}", o.key)))
+    };
+    let mut state = load(bytes)?;
+    // torch's DCP writer pickles a BytesIO value around the bytes megatron-core gave it
+    for _ in 0..4 {
+        let inner = match &state {
+            Value::Object(b) if b.class.is("_io", "BytesIO") => match b.state.as_ref() {
+                Some(Value::Tuple(t)) => match t.first() {
+                    Some(Value::Bytes(x)) => Some(x.clone()),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        match inner {
+            Some(x) => state = load(ByteView::from_vec(x))?,
+            None => break,
+        }
+    }
+    if let Value::List(v) = &state {
+        if let [one] = v.as_slice() {
+            state = one.clone();
+        }
+    }
+    Ok((Some(state), "common_state/"))
+}
+
 /// The per-rank file of a legacy Megatron-LM checkpoint.
 pub const LEGACY_FILE: &str = "model_optim_rng.pt";
 
@@ -598,25 +652,21 @@ fn open_iteration(
             config_from = "run_config.yaml".into();
             format = Format::MegatronBridge;
         } else {
-            let common = dir.join("common.pt");
-            let args = if common.is_file() {
-                let f = crate::formats::torch::file::load_metadata(map(&common)?, &mlm_policy())
-                    .map_err(|e| read_err(&common, e))?;
-                f.root
-                    .get("args")
-                    .and_then(namespace_items)
-                    .map(|a| a.to_vec())
-            } else {
-                None
-            };
-            let Some(args) = args else {
+            let (common, from) = common_state(dir)?;
+            let Some(args) = common
+                .as_ref()
+                .and_then(|c| c.get("args"))
+                .and_then(namespace_items)
+            else {
                 return Err(Error::Unsupported {
                     path: dir.to_path_buf(),
-                    why: "no run_config.yaml and no `args` in common.pt: the architecture is unknown (megatron-core 0.19+ keeps the common state in common_state/, not read yet)".into(),
+                    why: format!(
+                        "no run_config.yaml and no `args` in {from}: the architecture is unknown (give a folder with either)"
+                    ),
                 });
             };
-            fields = Fields::from_mlm_args(&args);
-            config_from = "args in common.pt".into();
+            fields = Fields::from_mlm_args(args);
+            config_from = format!("args in {from}");
             format = Format::MegatronLm;
         }
     }

@@ -11,6 +11,9 @@ libraries, for tests/interop/test_foreign.py (issue 17):
   10, `iter_0000010/` saved by `dist_checkpointing.save` with unprefixed keys and the common
   state Megatron-LM puts beside them (`args`, an `argparse.Namespace`; `checkpoint_version`;
   `iteration`), which megatron-core writes to `common.pt`.
+- OUT/mlm_v19/: the torch_dist iteration as megatron-core 0.19+ lays it out (one `.distcp` per
+  rank, no `common.pt`, the common state with the args in the DCP object
+  `common_state/shard_0_1`), written by torch's own DCP writer (tensors only); tracker 40.
 - OUT/mlm_legacy/: Megatron-LM `--ckpt-format torch`: tracker 20, `iter_0000020/mp_rank_0{0,1}/
   model_optim_rng.pt`, each a `torch.save` of {args (Namespace with TP=2, `exit_signal` a
   `signal.Signals`, `params_dtype` a torch dtype), checkpoint_version 3.0, iteration 20, model
@@ -23,6 +26,7 @@ libraries, for tests/interop/test_foreign.py (issue 17):
 usage: torchrun --nproc_per_node=1 foreign_save.py ROOT OUT
 """
 import argparse
+import io
 import json
 import os
 import pickle
@@ -161,6 +165,31 @@ def main():
     state = dict(model.sharded_state_dict(), args=mlm_args(1), checkpoint_version=3.0, iteration=10)
     dist_checkpointing.save(state, str(md / "iter_0000010"))
     (md / "latest_checkpointed_iteration.txt").write_text("10")
+
+    # Megatron-LM as megatron-core 0.19+ lays it out, built from the documented layout with torch's
+    # own DCP writer: one .distcp per rank, metadata.json without common_*, no common.pt, the
+    # common state in the DCP object common_state/shard_0_1 = torch.save([state])
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = out / "whole.pt"
+    dcp_to_torch_save(str(md / "iter_0000010"), str(whole))
+    sd = {}
+    for k, v in torch.load(whole, weights_only=False).items():  # written by torch just now
+        # the (empty) _extra_state objects are left out: torch's writer would wrap them in a
+        # pickled BytesIO, which megatron-core's own writer does not
+        if isinstance(v, torch.Tensor):
+            sd[k] = v
+    whole.unlink()
+    b = io.BytesIO()
+    torch.save([{"args": mlm_args(1), "checkpoint_version": 3.0, "iteration": 40}], b)
+    b.seek(0)
+    sd["common_state/shard_0_1"] = b
+    v19 = out / "mlm_v19/iter_0000040"
+    dcp_save(sd, storage_writer=FileSystemWriter(str(v19), thread_count=1))
+    (v19 / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+    (out / "mlm_v19/latest_checkpointed_iteration.txt").write_text("40")
 
     # Megatron-LM legacy, TP2 (the fixture's own TP2 shards)
     ml = out / "mlm_legacy"
