@@ -33,8 +33,9 @@ pub struct Args {
     pub from: String,
     /// The output format: `nemo` (per-rank, with --from hf), `hf`, `dist` or `per-rank`;
     /// `nemo1` is `per-rank` (a NeMo 1 `.nemo`, e.g. from a NeMo 2 or Megatron-LM folder);
-    /// `nemo2` writes a NeMo 2 folder (`context/` + `weights/`).
-    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "nemo1", "nemo2", "hf", "dist", "per-rank"])]
+    /// `nemo2` writes a NeMo 2 folder (`context/` + `weights/`); `mlm` a Megatron-LM
+    /// checkpoint folder (`iter_*/mp_rank_TT[_PPP]/model_optim_rng.pt`) at --tp x --pp.
+    #[arg(long, value_name = "FORMAT", value_parser = ["nemo", "nemo1", "nemo2", "mlm", "hf", "dist", "per-rank"])]
     pub to: Option<String>,
     /// Output tensor-parallel size (.nemo outputs).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -142,6 +143,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             convert::to_nemo2(&args.input, &args.output, args.force)
         }
+        (_, Some("mlm")) => convert::to_mlm(
+            &args.input,
+            &args.output,
+            args.tp,
+            args.pp,
+            args.dtype,
+            args.force,
+        ),
         (_, Some("per-rank" | "nemo1")) => convert::nemo_to_per_rank(
             &args.input,
             &args.output,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use nemo_tool::formats::torch::Dtype;
 use nemo_tool::model::canonical::Canonical;
 use nemo_tool::model::checkpoint::Checkpoint;
+use nemo_tool::model::foreign::Format;
 use nemo_tool::model::plan::{plan_reshard, ReshardOptions};
 use nemo_tool::ops::reshard::{write, WriteOptions};
 
@@ -15,14 +16,16 @@ use nemo_tool::ops::reshard::{write, WriteOptions};
 /// without a GPU: reads any layout (single file, mp_rank_XX/,
 /// tp_rank_XX_pp_rank_YYY/, torch_dist or zarr model_weights/) and writes the
 /// per-rank layout NeMo loads at the target TP/PP, streaming every tensor from
-/// the input with bounded memory. Config keys tensor_model_parallel_size and
+/// the input with bounded memory. A Megatron-LM legacy folder (iter_*/mp_rank_TT[_PPP]/)
+/// is written back as a Megatron-LM folder at the target TP/PP. Config keys tensor_model_parallel_size and
 /// pipeline_model_parallel_size (and the others NeMo's script edits) are
 /// rewritten; everything else, artifacts included, is kept byte for byte.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 nemo-tool reshard llama_tp1.nemo llama_tp2.nemo --tp 2\n  \
 nemo-tool reshard llama_dist.nemo llama_tp4_pp2.nemo --tp 4 --pp 2\n  \
-nemo-tool reshard model.nemo out.nemo --target_tensor_model_parallel_size 8 --dry-run\n\n\
+nemo-tool reshard model.nemo out.nemo --target_tensor_model_parallel_size 8 --dry-run\n  \
+nemo-tool reshard megatron_ckpt/ megatron_tp4/ --tp 4   (Megatron-LM iter_*/mp_rank_*)\n\n\
 Refuses a TP that does not divide the attention heads, the query groups (unless\n\
 --allow-partial-query-groups) or the FFN size, and a PP that does not divide the layers.")]
 pub struct Args {
@@ -110,6 +113,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             super::print_json(&plan)?;
         } else {
             print!("{}", plan.describe());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // a Megatron-LM legacy folder reshards into a Megatron-LM folder
+    if ckpt
+        .source
+        .as_ref()
+        .is_some_and(|s| s.format == Format::MegatronLm && s.weights == "legacy")
+    {
+        drop(canon);
+        drop(ckpt);
+        let s = nemo_tool::ops::convert::to_mlm_with(&args.input, &args.output, &opts, args.force)
+            .with_context(|| format!("resharding {}", args.input.display()))?;
+        if args.json {
+            super::print_json(&s)?;
+        } else {
+            for w in &s.warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!(
+                "wrote {} (Megatron-LM, TP={} PP={}; {} tensors in {} files)",
+                s.output.display(),
+                s.tp,
+                s.pp,
+                s.tensors,
+                s.files
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -181,73 +181,20 @@ pub fn write(
                 tar.append_pieces(name, bytes.len() as u64, [bytes])?;
             }
             Item::Rank(i) => {
-                let rank = &plan.ranks[*i];
-                let (root, jobs) = build_rank(canon, plan, *i)?;
-                tensors += jobs.len();
-                let mut next = 0usize;
-                let total = plan.bytes;
-                // Uncast tensors are read (and checksummed) on a second
-                // thread running ahead of this one, which only writes.
-                let uncast: Vec<&[Piece]> = jobs
-                    .iter()
-                    .filter(|j| j.cast.is_none())
-                    .map(|j| &j.pieces[..])
-                    .collect();
-                let written = std::thread::scope(|scope| {
-                    let mut ahead =
-                        crate::io::stream::Prefetch::start(scope, uncast).map_err(|source| {
-                            Error::Write(crate::formats::tar_write::WriteError::Member {
-                                member: rank.member.clone(),
-                                source,
-                            })
-                        })?;
-                    tar.append_streamed(&rank.member, |w| {
-                        let mut fill =
-                            |s: &StorageRef, sink: &mut dyn RecordSink| -> io::Result<()> {
-                                // A storage inside a kept object (a TE `_extra_state`
-                                // tensor) is written as it is; ours are composed
-                                // placeholders, met in first-use order = tensor order.
-                                if s.composed.is_empty() {
-                                    for p in s.pieces() {
-                                        if let Piece::Bytes(b) = p {
-                                            sink.bytes(b.as_slice())?;
-                                        }
-                                    }
-                                    return Ok(());
-                                }
-                                let job = jobs.get(next).ok_or_else(|| {
-                                    io::Error::other("storage without a planned tensor")
-                                })?;
-                                next += 1;
-                                if job.nbytes != s.nbytes() {
-                                    return Err(io::Error::other(format!(
-                                        "{}: storage of {} bytes, planned {}",
-                                        job.key,
-                                        s.nbytes(),
-                                        job.nbytes
-                                    )));
-                                }
-                                match job.cast {
-                                    None => {
-                                        sink.streamed(job.nbytes, &mut |out| ahead.write_next(out))?
-                                    }
-                                    Some((from, to)) => with_pages_of(&job.pieces, || {
-                                        cast_pieces(&job.pieces, from, to, sink)
-                                    })?,
-                                }
-                                done += job.nbytes;
-                                if let Some(cb) = progress.as_mut() {
-                                    cb(done, total);
-                                }
-                                Ok(())
-                            };
-                        crate::formats::torch::file::save_with(w, &archive_name, &root, &mut fill)
-                            .map(|_| ())
-                            .map_err(io::Error::other)
-                    })?;
-                    Ok::<_, Error>(())
-                });
-                written?;
+                let member = plan.ranks[*i].member.clone();
+                tensors += emit_rank(
+                    canon,
+                    plan,
+                    *i,
+                    &archive_name,
+                    None,
+                    &mut progress,
+                    &mut done,
+                    &mut |f| {
+                        tar.append_streamed(&member, |w| f(w))?;
+                        Ok(())
+                    },
+                )?;
             }
         }
     }
@@ -266,6 +213,95 @@ pub fn write(
         seconds: started.elapsed().as_secs_f64(),
         warnings: plan.warnings.clone(),
     })
+}
+
+/// Writes a rank file's bytes: given the emission (which writes into a sink), runs it on
+/// a tar member or a file.
+pub(crate) type RankPut<'a> = dyn FnMut(&mut dyn FnMut(&mut dyn crate::io::sink::Sink) -> io::Result<()>) -> Result<(), Error>
+    + 'a;
+
+/// Streams output rank `i` of `plan` as a `torch.save` zip through `put`, which hands the
+/// emission a sink (a tar member, a file). `wrap` turns the state dict into the pickled root
+/// (Megatron-LM's `{args, model, ...}`); `None` saves the state dict itself. Returns the
+/// number of tensors written.
+///
+/// # Errors
+/// Unreadable input slices, sizes that disagree with the plan, I/O errors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_rank(
+    canon: &Canonical,
+    plan: &Plan,
+    i: usize,
+    archive_name: &str,
+    wrap: Option<&dyn Fn(Value) -> Value>,
+    progress: &mut Option<&mut dyn FnMut(u64, u64)>,
+    done: &mut u64,
+    put: &mut RankPut<'_>,
+) -> Result<usize, Error> {
+    let rank = &plan.ranks[i];
+    let (root, jobs) = build_rank(canon, plan, i)?;
+    let root = match wrap {
+        Some(w) => w(root),
+        None => root,
+    };
+    let mut next = 0usize;
+    let total = plan.bytes;
+    // Uncast tensors are read (and checksummed) on a second thread running ahead of this
+    // one, which only writes.
+    let uncast: Vec<&[Piece]> = jobs
+        .iter()
+        .filter(|j| j.cast.is_none())
+        .map(|j| &j.pieces[..])
+        .collect();
+    std::thread::scope(|scope| {
+        let mut ahead = crate::io::stream::Prefetch::start(scope, uncast).map_err(|source| {
+            Error::Write(crate::formats::tar_write::WriteError::Member {
+                member: rank.member.clone(),
+                source,
+            })
+        })?;
+        put(&mut |w| {
+            let mut fill = |s: &StorageRef, sink: &mut dyn RecordSink| -> io::Result<()> {
+                // A storage inside a kept object (a TE `_extra_state` tensor) is written as
+                // it is; ours are composed placeholders, met in first-use order = tensor order.
+                if s.composed.is_empty() {
+                    for p in s.pieces() {
+                        if let Piece::Bytes(b) = p {
+                            sink.bytes(b.as_slice())?;
+                        }
+                    }
+                    return Ok(());
+                }
+                let job = jobs
+                    .get(next)
+                    .ok_or_else(|| io::Error::other("storage without a planned tensor"))?;
+                next += 1;
+                if job.nbytes != s.nbytes() {
+                    return Err(io::Error::other(format!(
+                        "{}: storage of {} bytes, planned {}",
+                        job.key,
+                        s.nbytes(),
+                        job.nbytes
+                    )));
+                }
+                match job.cast {
+                    None => sink.streamed(job.nbytes, &mut |out| ahead.write_next(out))?,
+                    Some((from, to)) => {
+                        with_pages_of(&job.pieces, || cast_pieces(&job.pieces, from, to, sink))?
+                    }
+                }
+                *done += job.nbytes;
+                if let Some(cb) = progress.as_mut() {
+                    cb(*done, total);
+                }
+                Ok(())
+            };
+            crate::formats::torch::file::save_with(w, archive_name, &root, &mut fill)
+                .map(|_| ())
+                .map_err(io::Error::other)
+        })
+    })?;
+    Ok(jobs.len())
 }
 
 /// One tensor to stream: its source pieces and an optional cast.

@@ -198,3 +198,50 @@ def test_megatron_loads_our_nemo2_weights(folders, run_tool, root, tmp_path, tp)
     assert theirs.shape == (2, 16, 128)
     for name, o in zip(["from .nemo", "from Megatron-LM", "megatron-core's NeMo 2"], ours):
         assert torch.equal(o, theirs), (name, tp, (o - theirs).abs().max())
+
+
+def _mlm_models(folder: Path) -> dict[str, tuple]:
+    """rank folder -> (args, iteration, model) of each model_optim_rng.pt, loaded as Megatron-LM
+    loads it (weights_only, with megatron-core's safe globals registered by its import)."""
+    out = {}
+    for f in sorted(folder.glob("*/mp_rank_*/model_optim_rng.pt")):
+        d = torch.load(f, weights_only=True)
+        assert d["checkpoint_version"] == 3.0
+        out[f.parent.name] = (d["args"], d["iteration"], d["model"])
+    return out
+
+
+def _same_models(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for rank, (_, _, m) in theirs.items():
+        mine = ours[rank][2]
+        assert list(mine) == list(m), rank
+        for k, v in m.items():
+            assert (v is None and mine[k] is None) or torch.equal(mine[k], v), (rank, k)
+
+
+def test_megatron_lm_output_and_reshard(folders, run_tool, root, tmp_path):
+    """`reshard` of a Megatron-LM folder writes a Megatron-LM folder: TP2 -> PP2 gives exactly the
+    stage files built independently (stage-local layer numbers), PP2 -> TP2 exactly the TP2
+    files; each loads with torch's weights_only and megatron-core's safe globals, with its args."""
+    run_tool("reshard", folders / "mlm_legacy", tmp_path / "pp2", "--tp", "1", "--pp", "2")
+    assert (tmp_path / "pp2/latest_checkpointed_iteration.txt").read_text() == "20"
+    ours = _mlm_models(tmp_path / "pp2")
+    _same_models(ours, _mlm_models(folders / "mlm_pp2"))
+    args = ours["mp_rank_00_001"][0]
+    assert type(args).__name__ == "Namespace" and ours["mp_rank_00_001"][1] == 20
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.num_layers,
+            args.hidden_size, args.num_query_groups, args.swiglu, args.untie_embeddings_and_output_weights,
+            args.padded_vocab_size, args.normalization) == (1, 2, 2, 64, 2, True, True, 128, "RMSNorm")
+    run_tool("convert", folders / "mlm_pp2", "--to", "mlm", "--tp", "2", tmp_path / "tp2")
+    _same_models(_mlm_models(tmp_path / "tp2"), _mlm_models(folders / "mlm_legacy"))
+
+    # a .nemo to Megatron-LM: release/, the tokenizer beside the ranks, read back whole
+    run_tool("convert", root / FIXTURE_NEMO, "--to", "mlm", tmp_path / "from_nemo")
+    assert (tmp_path / "from_nemo/latest_checkpointed_iteration.txt").read_text() == "release"
+    assert (tmp_path / "from_nemo/release/tokenizer/tokenizer.model").read_bytes() == \
+        (root / "fixtures/mcore/tokenizer/tokenizer.model").read_bytes()
+    rep = json.loads(run_tool("inspect", tmp_path / "from_nemo", "--json").stdout)
+    assert rep["source"]["tokenizer"] == "release/tokenizer" and rep["vocab"]["true_vocab"] == 100
+    digest = json.loads(run_tool("checksum", root / FIXTURE_NEMO, "--json").stdout)["model_digest"]
+    assert json.loads(run_tool("checksum", tmp_path / "from_nemo", "--json").stdout)["model_digest"] == digest

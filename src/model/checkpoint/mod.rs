@@ -7,6 +7,7 @@
 
 pub mod detect;
 mod logical;
+pub mod names;
 pub mod write;
 
 use std::path::Path;
@@ -25,8 +26,7 @@ use crate::model::layout::Family;
 pub use detect::{Detected, Variant};
 pub use logical::{LogicalTensor, Shard};
 
-/// The config member every `.nemo` has.
-pub const CONFIG_MEMBER: &str = "model_config.yaml";
+pub use names::CONFIG_MEMBER;
 
 /// Errors opening a checkpoint; each names the member it is about.
 #[derive(Debug, thiserror::Error)]

@@ -9,13 +9,13 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::formats::archive::MemberKind;
 use crate::formats::dist::{Backend, DistCheckpoint, OutDir};
 use crate::formats::tar_write::TarWriter;
 use crate::io::output::OutputFile;
 
+pub use super::names::{artifact_name, artifact_original};
 use super::{Checkpoint, Weights, CONFIG_MEMBER};
 
 /// Errors writing a checkpoint; each names the member being written.
@@ -220,21 +220,4 @@ fn write_dist<W: crate::io::sink::Sink + io::Seek>(
         source: Box::new(source),
     })?;
     Ok(n + out.count)
-}
-
-/// NeMo's artifact naming: `<32 hex>_<file name>` (content-derived here, so
-/// the same input gives the same archive).
-pub fn artifact_name(name: &str, bytes: &[u8]) -> String {
-    let h = Sha256::digest(bytes);
-    format!("{}_{name}", hex::encode(h.get(..16).unwrap_or_default()))
-}
-
-/// The original name of an artifact member (`<32 hex>_tokenizer.model` ->
-/// `tokenizer.model`; a plain name is returned as it is).
-pub fn artifact_original(member: &str) -> &str {
-    let base = member.rsplit('/').next().unwrap_or(member);
-    match base.split_once('_') {
-        Some((h, rest)) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => rest,
-        _ => base,
-    }
 }

@@ -396,8 +396,14 @@ pub fn nemo2_model_yaml(
     put("num_layers", arch(cfg.num_layers())?.to_string());
     put("hidden_size", arch(cfg.hidden_size())?.to_string());
     put("ffn_hidden_size", arch(cfg.ffn_hidden_size())?.to_string());
-    put("num_attention_heads", arch(cfg.num_attention_heads())?.to_string());
-    put("num_query_groups", arch(cfg.num_query_groups())?.to_string());
+    put(
+        "num_attention_heads",
+        arch(cfg.num_attention_heads())?.to_string(),
+    );
+    put(
+        "num_query_groups",
+        arch(cfg.num_query_groups())?.to_string(),
+    );
     put("kv_channels", arch(cfg.kv_channels())?.to_string());
     let norm = if cfg.normalization() == "rmsnorm" {
         "RMSNorm"
@@ -405,15 +411,22 @@ pub fn nemo2_model_yaml(
         "LayerNorm"
     };
     put("normalization", norm.into());
-    let (func, gated) = activation_func(cfg.activation())
-        .ok_or_else(|| format!("activation `{}` has no megatron-core function", cfg.activation()))?;
+    let (func, gated) = activation_func(cfg.activation()).ok_or_else(|| {
+        format!(
+            "activation `{}` has no megatron-core function",
+            cfg.activation()
+        )
+    })?;
     put("gated_linear_unit", gated.to_string());
     put(
         "activation_func",
         format!("\n    _target_: {func}\n    _call_: false"),
     );
     put("add_bias_linear", cfg.bias().to_string());
-    put("position_embedding_type", cfg.position_embedding_type().into());
+    put(
+        "position_embedding_type",
+        cfg.position_embedding_type().into(),
+    );
     put(
         "share_embeddings_and_output_weights",
         cfg.share_embeddings_and_output_weights().to_string(),
@@ -478,6 +491,157 @@ pub fn nemo2_model_yaml(
         None => out.push_str("tokenizer: null\n"),
     }
     Ok(out)
+}
+
+/// Megatron-LM's `args` for a NeMo 1 config at `tp` x `pp` with `padded_vocab` embedding
+/// rows: the attribute dict of the `argparse.Namespace` its checkpoints pickle, with the
+/// fields `load_args_from_checkpoint` / `check_checkpoint_args` read.
+///
+/// # Errors
+/// An activation Megatron-LM's arguments cannot express (gated GELU or ReLU).
+pub fn mlm_args(
+    cfg: &crate::model::config::ModelConfig,
+    tp: u64,
+    pp: u64,
+    padded_vocab: u64,
+) -> Result<Vec<(Pickled, Pickled)>, String> {
+    use crate::formats::torch::value::Global;
+    let arch = |r: Result<u64, crate::model::config::Error>| r.map_err(|e| e.to_string());
+    let int = |v: u64| Pickled::Int(i64::try_from(v).unwrap_or(i64::MAX));
+    let mut a: Vec<(String, Pickled)> = Vec::new();
+    let heads = arch(cfg.num_attention_heads())?;
+    let groups = arch(cfg.num_query_groups())?;
+    a.push(("num_layers".into(), int(arch(cfg.num_layers())?)));
+    a.push(("hidden_size".into(), int(arch(cfg.hidden_size())?)));
+    a.push(("ffn_hidden_size".into(), int(arch(cfg.ffn_hidden_size())?)));
+    a.push(("num_attention_heads".into(), int(heads)));
+    a.push((
+        "group_query_attention".into(),
+        Pickled::Bool(groups != heads),
+    ));
+    a.push(("num_query_groups".into(), int(groups)));
+    a.push(("kv_channels".into(), int(arch(cfg.kv_channels())?)));
+    let act = cfg.activation();
+    let act = act.strip_prefix("fast-").unwrap_or(act);
+    let (swiglu, squared_relu) = match act {
+        "swiglu" => (true, false),
+        "gelu" => (false, false),
+        "squared-relu" => (false, true),
+        other => {
+            return Err(format!(
+            "activation `{other}`: Megatron-LM's arguments have swiglu, gelu and squared-relu only"
+        ))
+        }
+    };
+    a.push(("swiglu".into(), Pickled::Bool(swiglu)));
+    a.push(("squared_relu".into(), Pickled::Bool(squared_relu)));
+    let norm = if cfg.normalization() == "rmsnorm" {
+        "RMSNorm"
+    } else {
+        "LayerNorm"
+    };
+    a.push(("normalization".into(), Pickled::Str(norm.into())));
+    let f64_of = |k: &str| cfg.get(k).and_then(|v| v.as_f64());
+    if let Some(e) = f64_of("layernorm_epsilon") {
+        a.push(("norm_epsilon".into(), Pickled::Float(e)));
+    }
+    let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    a.push((
+        "apply_layernorm_1p".into(),
+        Pickled::Bool(flag("layernorm_zero_centered_gamma")),
+    ));
+    a.push(("add_bias_linear".into(), Pickled::Bool(cfg.bias())));
+    a.push((
+        "add_qkv_bias".into(),
+        Pickled::Bool(flag("qkv_bias") || cfg.bias()),
+    ));
+    a.push(("qk_layernorm".into(), Pickled::Bool(flag("qk_layernorm"))));
+    let pos = cfg.position_embedding_type();
+    a.push(("position_embedding_type".into(), Pickled::Str(pos.into())));
+    a.push((
+        "add_position_embedding".into(),
+        Pickled::Bool(pos == "learned_absolute"),
+    ));
+    a.push((
+        "use_rotary_position_embeddings".into(),
+        Pickled::Bool(pos == "rope"),
+    ));
+    if let Some(b) = f64_of("rotary_base") {
+        a.push(("rotary_base".into(), int(b as u64)));
+    }
+    a.push((
+        "rotary_percent".into(),
+        Pickled::Float(f64_of("rotary_percentage").unwrap_or(1.0)),
+    ));
+    a.push((
+        "untie_embeddings_and_output_weights".into(),
+        Pickled::Bool(!cfg.share_embeddings_and_output_weights()),
+    ));
+    a.push(("padded_vocab_size".into(), int(padded_vocab)));
+    a.push((
+        "make_vocab_size_divisible_by".into(),
+        int(cfg.make_vocab_size_divisible_by()),
+    ));
+    for (k, from) in [
+        ("seq_length", "encoder_seq_length"),
+        ("max_position_embeddings", "max_position_embeddings"),
+    ] {
+        if let Some(v) = cfg.get(from).and_then(|v| v.as_u64()) {
+            a.push((k.into(), int(v)));
+        }
+    }
+    if let Some(v) = f64_of("init_method_std") {
+        a.push(("init_method_std".into(), Pickled::Float(v)));
+    }
+    a.push(("tensor_model_parallel_size".into(), int(tp)));
+    a.push(("pipeline_model_parallel_size".into(), int(pp)));
+    a.push(("virtual_pipeline_model_parallel_size".into(), Pickled::None));
+    a.push(("expert_model_parallel_size".into(), int(1)));
+    let te = if cfg.transformer_engine() {
+        "transformer_engine"
+    } else {
+        "local"
+    };
+    a.push(("transformer_impl".into(), Pickled::Str(te.into())));
+    a.push(("ckpt_format".into(), Pickled::Str("torch".into())));
+    let (dtype, bf16, fp16) = match cfg.precision() {
+        Some(p) if p.starts_with("bf16") => ("bfloat16", true, false),
+        Some(p) if p.starts_with("16") => ("float16", false, true),
+        _ => ("float32", false, false),
+    };
+    a.push((
+        "params_dtype".into(),
+        Pickled::Global(Global::new("torch", dtype)),
+    ));
+    a.push(("bf16".into(), Pickled::Bool(bf16)));
+    a.push(("fp16".into(), Pickled::Bool(fp16)));
+    match cfg.get("num_moe_experts").and_then(|v| v.as_u64()) {
+        Some(e) => {
+            a.push(("num_experts".into(), int(e)));
+            for k in [
+                "moe_router_topk",
+                "moe_ffn_hidden_size",
+                "moe_router_pre_softmax",
+                "moe_aux_loss_coeff",
+                "moe_grouped_gemm",
+                "moe_router_score_function",
+                "moe_shared_expert_intermediate_size",
+            ] {
+                if let Some(v) = cfg.get(k).and_then(Field::from_yaml) {
+                    let p = match v {
+                        Field::Int(i) => Pickled::Int(i),
+                        Field::Float(f) => Pickled::Float(f),
+                        Field::Bool(b) => Pickled::Bool(b),
+                        Field::Str(s) => Pickled::Str(s),
+                        _ => Pickled::None,
+                    };
+                    a.push((k.into(), p));
+                }
+            }
+        }
+        None => a.push(("num_experts".into(), Pickled::None)),
+    }
+    Ok(a.into_iter().map(|(k, v)| (Pickled::Str(k), v)).collect())
 }
 
 #[cfg(test)]
@@ -559,8 +723,11 @@ tokenizer:
             .nemo1_yaml(tok, None)
             .unwrap();
         let c = ModelConfig::parse(&first).unwrap();
-        let n2 = nemo2_model_yaml(&c, Some(("sentencepiece", "nemo_tokenizer/tokenizer.model")))
-            .unwrap();
+        let n2 = nemo2_model_yaml(
+            &c,
+            Some(("sentencepiece", "nemo_tokenizer/tokenizer.model")),
+        )
+        .unwrap();
         let doc2: Yaml = serde_yaml_ng::from_str(&n2).unwrap();
         assert_eq!(
             doc2["tokenizer"]["model_path"].as_str(),
@@ -574,6 +741,44 @@ tokenizer:
             ModelConfig::parse(&second).unwrap(),
         );
         assert_eq!(a.section(), b.section(), "{first}\n---\n{second}");
+    }
+
+    /// NeMo 1 -> Megatron-LM args -> NeMo 1 keeps the architecture.
+    #[test]
+    fn mlm_args_round_trip() {
+        let doc: Yaml = serde_yaml_ng::from_str(NEMO2).unwrap();
+        let first = Fields::from_yaml_section(&doc["config"])
+            .nemo1_yaml("  library: null\n", Some(128))
+            .unwrap();
+        let a = ModelConfig::parse(&first).unwrap();
+        let args = mlm_args(&a, 2, 1, 128).unwrap();
+        let b = ModelConfig::parse(
+            &Fields::from_mlm_args(&args)
+                .nemo1_yaml("  library: null\n", Some(128))
+                .unwrap(),
+        )
+        .unwrap();
+        for k in [
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "normalization",
+            "activation",
+            "bias",
+            "position_embedding_type",
+            "share_embeddings_and_output_weights",
+            "rotary_percentage",
+            "layernorm_epsilon",
+            "precision",
+            "transformer_engine",
+            "override_vocab_size",
+        ] {
+            assert_eq!(a.get(k), b.get(k), "{k}");
+        }
+        assert_eq!(b.tensor_model_parallel_size(), 2);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! [`open`] builds an assembled archive in NeMo 1's names, sharing the files' mapped bytes:
 //! `model_config.yaml` translated from the source's config ([`config`]), tokenizer files as
 //! artifacts, the weights under `model_weights/` or `mp_rank_XX/` / `tp_rank_XX_pp_rank_YYY/`
-//! `model_weights.ckpt`. [`crate::model::checkpoint::Checkpoint`] then reads it as any
+//! `model_weights.ckpt`. `Checkpoint::open` then reads it as any
 //! `.nemo`; its key normalisation turns `module.` and unprefixed keys into `model.` and
 //! unwraps the `model` entry of a `model_optim_rng.pt`. Nothing is converted on disk.
 
@@ -269,7 +269,7 @@ pub fn tokenizer_section(
     files: &[(String, ByteView)],
     name: Option<&str>,
 ) -> (String, Vec<(String, ByteView)>) {
-    use crate::model::checkpoint::write::artifact_name;
+    use crate::model::checkpoint::names::artifact_name;
     let mut artifacts = Vec::new();
     let mut refs = Vec::new();
     for (n, bytes) in files {
@@ -388,7 +388,7 @@ fn open_nemo2(root: &Path) -> Result<Opened, Error> {
         })?;
     let weights_dir = root.join("weights");
     let mut files = vec![(
-        crate::model::checkpoint::CONFIG_MEMBER.to_string(),
+        crate::model::checkpoint::names::CONFIG_MEMBER.to_string(),
         ByteView::from_vec(text.into_bytes()),
     )];
     files.extend(artifacts);
@@ -492,8 +492,8 @@ fn common_state(dir: &Path) -> Result<(Option<Value>, &'static str), Error> {
         return Ok((Some(f.root), "common.pt"));
     }
     let archive = Archive::open(dir)?;
-    let dist = crate::formats::dist::DistCheckpoint::open(&archive, "")
-        .map_err(|e| read_err(dir, e))?;
+    let dist =
+        crate::formats::dist::DistCheckpoint::open(&archive, "").map_err(|e| read_err(dir, e))?;
     let Some(o) = dist
         .objects
         .iter()
@@ -608,15 +608,18 @@ fn open_iteration(
             let (t, p) = match nums.as_slice() {
                 [t] if pp == 1 => (*t, 0),
                 [t, p] if pp > 1 => (*t, *p),
-                _ => return Err(Error::Invalid {
-                    path: dir.join(name),
-                    why: format!(
+                _ => {
+                    return Err(Error::Invalid {
+                        path: dir.join(name),
+                        why: format!(
                         "does not fit the args' TP={tp} PP={pp} EP={ep} (expected mp_rank_TT{})",
                         if pp > 1 { "_PPP" } else { "" }
                     ),
-                }),
+                    })
+                }
             };
-            let member = crate::model::checkpoint::Variant::for_sizes(tp, pp).rank_member(t, p);
+            let member =
+                crate::model::checkpoint::detect::Variant::for_sizes(tp, pp).rank_member(t, p);
             files.push((member, map(&dir.join(name).join(LEGACY_FILE))?));
         }
         if ranks.len() as u64 != tp * pp {
@@ -710,7 +713,7 @@ fn open_iteration(
     files.insert(
         0,
         (
-            crate::model::checkpoint::CONFIG_MEMBER.to_string(),
+            crate::model::checkpoint::names::CONFIG_MEMBER.to_string(),
             ByteView::from_vec(text.into_bytes()),
         ),
     );

@@ -9,10 +9,12 @@
 pub mod dist_out;
 pub mod hf;
 pub mod hf_config;
+pub mod mlm_out;
 pub mod named;
 pub mod nemo2_out;
 pub mod ops;
 pub mod tensor;
 
+pub use mlm_out::{to_mlm, to_mlm_with};
 pub use nemo2_out::to_nemo2;
 pub use ops::{hf_to_nemo, nemo_to_dist, nemo_to_hf, nemo_to_per_rank, FromHf, Summary, ToHf};
