@@ -121,7 +121,40 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 no_sync: args.no_sync,
             },
         ),
-        ("hf", Some(other)) => bail!("--from hf writes a .nemo; --to {other} is not possible"),
+        ("hf", Some(to @ ("nemo2" | "mlm"))) => {
+            let opts = FromHf {
+                tp: args.tp,
+                pp: args.pp,
+                dtype: args.dtype,
+                vocab_divisor: args.vocab_divisible_by,
+                force: args.force,
+                no_sync: args.no_sync,
+            };
+            let h = convert::hf_checkpoint(&args.input, &opts)?;
+            let mut s = if to == "nemo2" {
+                if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
+                    bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");
+                }
+                convert::write_nemo2(&h.ck, &args.output, args.force)
+            } else {
+                convert::write_mlm(
+                    &h.ck,
+                    &args.output,
+                    &nemo_tool::model::plan::ReshardOptions {
+                        tp: args.tp,
+                        pp: args.pp,
+                        dtype: args.dtype,
+                        allow_partial_query_groups: false,
+                        vocab_size: Some(h.vocab),
+                    },
+                    args.force,
+                )
+            }
+            .with_context(|| format!("converting {}", args.input.display()))?;
+            s.warnings.splice(0..0, h.warnings);
+            Ok(s)
+        }
+        ("hf", Some(other)) => bail!("--from hf writes a .nemo, a NeMo 2 or a Megatron-LM folder; --to {other} is not possible"),
         (_, Some("hf")) => convert::nemo_to_hf(
             &args.input,
             &args.output,

@@ -245,3 +245,46 @@ def test_megatron_lm_output_and_reshard(folders, run_tool, root, tmp_path):
     assert rep["source"]["tokenizer"] == "release/tokenizer" and rep["vocab"]["true_vocab"] == 100
     digest = json.loads(run_tool("checksum", root / FIXTURE_NEMO, "--json").stdout)["model_digest"]
     assert json.loads(run_tool("checksum", tmp_path / "from_nemo", "--json").stdout)["model_digest"] == digest
+
+
+def test_hf_to_nemo2_and_megatron_lm_and_back(run_tool, root, tmp_path):
+    """HF -> NeMo 2 -> HF and HF -> Megatron-LM TP2 -> HF give transformers' own
+    model.safetensors back byte for byte, the tokenizer file too."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(root / "fixtures/mcore/llama/hf", hf)
+    shutil.copy(root / "fixtures/mcore/tokenizer/tokenizer.model", hf / "tokenizer.model")
+    run_tool("convert", "--from", "hf", hf, "--to", "nemo2", tmp_path / "n2")
+    run_tool("convert", "--from", "hf", hf, "--to", "mlm", "--tp", "2", tmp_path / "mlm")
+    assert sorted(p.name for p in (tmp_path / "mlm/release").iterdir()) == ["mp_rank_00", "mp_rank_01", "tokenizer"]
+    for src in ("n2", "mlm"):
+        run_tool("convert", tmp_path / src, "--to", "hf", tmp_path / f"{src}_hf")
+        for f in ("model.safetensors", "tokenizer.model"):
+            assert (tmp_path / f"{src}_hf" / f).read_bytes() == (hf / f).read_bytes(), (src, f)
+
+
+def test_eval_and_diff_read_every_source(folders, run_tool, root, tmp_path):
+    """`eval --tokens` gives the fixture .nemo's logits bit for bit from each folder (same
+    weights, same engine), at TP1 and TP2; `diff` finds no tensor differing."""
+    import numpy as np
+    from test_eval import fixture_tokens, run_eval
+
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps(fixture_tokens().tolist()))
+    for tp in (1, 2):
+        ref = tmp_path / f"ref{tp}.npy"
+        run_eval(tp, root / FIXTURE_NEMO, "--tokens", tok, "--logits-out", ref)
+        for name in ("nemo2", "mlm_v19", "mlm_legacy", "mlm_pp2"):
+            out = tmp_path / f"{name}{tp}.npy"
+            run_eval(tp, folders / name, "--tokens", tok, "--logits-out", out)
+            got, want = np.load(out), np.load(ref)
+            # NeMo 2's make_vocab_size_divisible_by 128 pads to 256 rows at TP2 (zero rows)
+            n = want.shape[-1]
+            assert np.array_equal(got[..., :n], want), (name, tp)
+            assert not got[..., n:].any(), (name, tp)
+    for name in SOURCES:
+        d = json.loads(run_tool("diff", folders / name, root / FIXTURE_NEMO, "--json", "--vocab-size", "100",
+                                check=False).stdout)
+        assert (d["compared"], d["only_in_a"], d["only_in_b"], d["max_abs_diff"], d["tensors"]) == \
+            (15, [], [], 0.0, []), (name, d)

@@ -100,10 +100,22 @@ pub fn to_mlm_with(
     opts: &ReshardOptions,
     force: bool,
 ) -> Result<Summary, Error> {
+    write_mlm(&Checkpoint::open(input)?, out, opts, force)
+}
+
+/// An opened checkpoint (any source, an HF folder's included) -> a Megatron-LM legacy folder.
+///
+/// # Errors
+/// [`Error`]; the folder appears only on success.
+pub fn write_mlm(
+    ck: &Checkpoint,
+    out: &Path,
+    opts: &ReshardOptions,
+    force: bool,
+) -> Result<Summary, Error> {
     let (tp, pp) = (opts.tp, opts.pp);
-    let ck = Checkpoint::open(input)?;
     let canon =
-        Canonical::new(&ck).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+        Canonical::new(ck).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
     let plan = plan_reshard(&canon, opts).map_err(|e| Error::Plan(Box::new(e)))?;
     let cfg = match &plan.config_text {
         Some(t) => ModelConfig::parse(t).map_err(|e| Error::Invalid(e.to_string()))?,
@@ -188,7 +200,7 @@ pub fn to_mlm_with(
         .map_or(0, |v| v.true_vocab.unwrap_or(v.source_rows));
     Ok(Summary {
         output,
-        direction: format!("{} -> megatron-lm", super::nemo2_out::source_name(&ck)),
+        direction: format!("{} -> megatron-lm", super::nemo2_out::source_name(ck)),
         tp,
         pp,
         tensors,

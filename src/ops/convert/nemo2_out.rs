@@ -41,8 +41,15 @@ fn io_err(file: &Path) -> impl Fn(io::Error) -> Error + '_ {
 /// # Errors
 /// [`Error`]; the folder appears only on success.
 pub fn to_nemo2(input: &Path, out: &Path, force: bool) -> Result<Summary, Error> {
-    let ck = Checkpoint::open(input)?;
-    let canon = NamedModel::from_checkpoint(&ck)?;
+    write_nemo2(&Checkpoint::open(input)?, out, force)
+}
+
+/// An opened checkpoint (any source, an HF folder's included) -> a NeMo 2 folder at `out`.
+///
+/// # Errors
+/// [`Error`]; the folder appears only on success.
+pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, Error> {
+    let canon = NamedModel::from_checkpoint(ck)?;
     let (mut tensors, pieces, mut objects, mut warnings) =
         super::dist_out::plan(&canon, ck.config.is_gated())?;
     let rename = |k: &str| match k.strip_prefix("model.") {
@@ -150,18 +157,22 @@ pub fn to_nemo2(input: &Path, out: &Path, force: bool) -> Result<Summary, Error>
         .unwrap_or(0);
     Ok(Summary {
         output,
-        direction: format!("{} -> nemo2", source_name(&ck)),
+        direction: format!("{} -> nemo2", source_name(ck)),
         tp: 1,
         pp: 1,
         tensors: dist.tensors.len(),
         files: 4,
         artifacts,
-        vocab: (true_vocab(&ck).unwrap_or(rows), rows),
+        vocab: (true_vocab(ck).unwrap_or(rows), rows),
         warnings,
     })
 }
 
-/// The input's format for summaries (`nemo`, `nemo2`, `megatron-lm`, ...).
+/// The input's format for summaries (`nemo`, `hf`, `nemo2`, `megatron-lm`, ...).
 pub fn source_name(ck: &Checkpoint) -> &'static str {
-    ck.source.as_ref().map_or("nemo", |s| s.format.name())
+    match &ck.source {
+        Some(s) => s.format.name(),
+        None if matches!(ck.weights, Weights::Global(_)) => "hf",
+        None => "nemo",
+    }
 }

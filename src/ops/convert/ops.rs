@@ -138,11 +138,27 @@ fn dtypes_of(canon: &NamedModel) -> impl Iterator<Item = (&str, Dtype)> {
     })
 }
 
-/// HF folder -> `.nemo` (per-rank layout at `opts.tp` x `opts.pp`).
+/// An HF folder read as a TP=1 checkpoint: a generated NeMo config, the tokenizer files as
+/// artifacts, the whole tensors mapped without a copy.
+pub struct HfCheckpoint {
+    /// The checkpoint.
+    pub ck: Checkpoint,
+    /// The true vocabulary (HF `vocab_size`).
+    pub vocab: u64,
+    /// Embedding rows a per-rank `.nemo` at `opts.tp` gets.
+    pub vocab_rows: u64,
+    /// Artifact members.
+    pub artifacts: Vec<String>,
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+/// Reads the HF folder `dir` as a checkpoint ([`HfCheckpoint`]), its config written for
+/// `opts.tp` x `opts.pp`.
 ///
 /// # Errors
-/// [`Error`]; the output appears only on success.
-pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Error> {
+/// [`Error`] for a folder or config that cannot be mapped exactly.
+pub fn hf_checkpoint(dir: &Path, opts: &FromHf) -> Result<HfCheckpoint, Error> {
     let m = hf::read_dir(dir)?;
     let mut warnings = m.warnings.clone();
     let dtype = model_dtype(
@@ -180,36 +196,8 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
                 .unwrap_or_else(|| "unknown".into())
         ));
     }
-    let mut artifacts: Vec<(String, ByteView)> = Vec::new();
-    let mut refs: Vec<(String, String)> = Vec::new();
-    for (name, bytes) in &m.side_files {
-        let member = artifact_name(name, bytes.as_slice());
-        refs.push((name.clone(), format!("nemo:{member}")));
-        artifacts.push((member, bytes.clone()));
-    }
-    let r = |n: &str| {
-        refs.iter()
-            .find(|(x, _)| x == n)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| "null".into())
-    };
-    let tokenizer_yaml = if m.side_files.iter().any(|(n, _)| n == "tokenizer.model") {
-        format!(
-            "  library: sentencepiece\n  type: null\n  model: {}\n  vocab_file: null\n  merge_file: null\n  delimiter: null\n  sentencepiece_legacy: false\n",
-            r("tokenizer.model")
-        )
-    } else {
-        let ty = m
-            .name_or_path
-            .as_deref()
-            .map(|s| serde_json::to_string(s).unwrap_or_default())
-            .unwrap_or_else(|| "null".into());
-        format!(
-            "  library: huggingface\n  type: {ty}\n  model: null\n  vocab_file: {}\n  merge_file: {}\n  delimiter: null\n  use_fast: true\n",
-            r("vocab.json"),
-            r("merges.txt")
-        )
-    };
+    let (tokenizer_yaml, artifacts) =
+        crate::model::foreign::tokenizer_section(&m.side_files, m.name_or_path.as_deref());
     let config = nemo_config_yaml(
         &m.arch,
         &NemoTarget {
@@ -221,9 +209,6 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
             dtype,
         },
     );
-    // The HF folder as a TP=1 checkpoint (generated config, tokenizer files
-    // as artifacts, whole tensors mapped without a copy), written like any
-    // reshard: the one planner and per-rank writer.
     let mut files = vec![(
         CONFIG_MEMBER.to_string(),
         ByteView::from_vec(config.into_bytes()),
@@ -232,13 +217,31 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
     let archive = crate::formats::archive::Archive::assembled(dir, files)
         .map_err(|e| Error::Checkpoint(e.into()))?;
     let ck = Checkpoint::from_global(archive, m.tensors)?;
+    Ok(HfCheckpoint {
+        ck,
+        vocab: v,
+        vocab_rows,
+        artifacts: artifacts.into_iter().map(|(n, _)| n).collect(),
+        warnings,
+    })
+}
+
+/// HF folder -> `.nemo` (per-rank layout at `opts.tp` x `opts.pp`).
+///
+/// # Errors
+/// [`Error`]; the output appears only on success.
+pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Error> {
+    // The HF folder as a TP=1 checkpoint, written like any reshard: the one planner and
+    // per-rank writer.
+    let h = hf_checkpoint(dir, opts)?;
+    let mut warnings = h.warnings;
     let (s, _) = write_per_rank(
-        &ck,
+        &h.ck,
         out,
         opts.tp,
         opts.pp,
         opts.dtype,
-        Some(v),
+        Some(h.vocab),
         opts.force,
         opts.no_sync,
     )?;
@@ -250,8 +253,8 @@ pub fn hf_to_nemo(dir: &Path, out: &Path, opts: &FromHf) -> Result<Summary, Erro
         pp: s.pp,
         tensors: s.tensors,
         files: s.rank_files,
-        artifacts: artifacts.into_iter().map(|(n, _)| n).collect(),
-        vocab: (v, vocab_rows),
+        artifacts: h.artifacts,
+        vocab: (h.vocab, h.vocab_rows),
         warnings,
     })
 }
