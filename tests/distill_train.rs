@@ -1709,3 +1709,56 @@ fn teacher_cache_refusals() {
         show(&o)
     );
 }
+
+/// NeMo 2 and Megatron-LM folders (issue 17; written here by `convert --to nemo2|mlm` from the
+/// fixture, whose equality with megatron-core's own folders tests/interop/test_foreign.py
+/// shows) serve as the teacher and as the student's starting weights: each run equals the run
+/// from the fixture's `.nemo`, loss for loss, bit for bit.
+#[test]
+fn nemo2_and_megatron_lm_folders_as_teacher_and_student() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let (prefix, _) = dataset(d, 60);
+    for (to, extra) in [("nemo2", vec![]), ("mlm", vec!["--tp", "2"])] {
+        let o = Command::new(bin())
+            .arg("convert")
+            .arg(teacher())
+            .args(["--to", to])
+            .args(&extra)
+            .arg(d.join(to))
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(o.status.success(), "convert --to {to}: {}", show(&o));
+    }
+    let run = |name: &str, teacher_path: &Path, student: Option<&Path>| {
+        let exp = d.join(name);
+        let mut args = common(&prefix, &exp, &d.join(format!("{name}.nemo")));
+        args[0] = format!(
+            "model.kd_teacher_restore_from_path={}",
+            teacher_path.display()
+        );
+        if let Some(s) = student {
+            // the restored student keeps its own shape: drop the small-student overrides
+            args.retain(|a| {
+                !["model.num_", "model.hidden_size", "model.ffn_", "model.make_vocab"]
+                    .iter()
+                    .any(|p| a.starts_with(p))
+            });
+            args.push(format!("model.restore_from_path={}", s.display()));
+        }
+        args.extend(["trainer.max_steps=4".to_string(), "model.global_batch_size=2".into()]);
+        run_tp1(&args);
+        let l = step_losses(&exp);
+        assert_eq!(l.len(), 4, "{name}");
+        l
+    };
+    let fixture = teacher();
+    let base = run("base", &fixture, None);
+    assert_eq!(run("t_nemo2", &d.join("nemo2"), None), base);
+    assert_eq!(run("t_mlm", &d.join("mlm"), None), base);
+    let restored = run("s_nemo", &fixture, Some(&fixture));
+    // a student restored from the teacher's own weights starts with a KD loss of zero
+    assert!(restored[0].1.abs() < 1e-6, "{restored:?}");
+    assert_eq!(run("s_nemo2", &fixture, Some(&d.join("nemo2"))), restored);
+    assert_eq!(run("s_mlm", &fixture, Some(&d.join("mlm"))), restored);
+}

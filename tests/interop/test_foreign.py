@@ -35,6 +35,7 @@ FIXTURE_NEMO = "fixtures/mcore/llama/nemo/tiny_llama_tp1.nemo"
 # (folder, format, weights, iteration, optimizer, TP/PP on disk, where the config came from)
 SOURCES = {
     "nemo2": ("nemo2", "torch_dist", None, False, (1, 1), "context/model.yaml"),
+    "bridge": ("megatron-bridge", "torch_dist", 0, False, (1, 1), "run_config.yaml"),
     "mlm_dist": ("megatron-lm", "torch_dist", 10, False, (1, 1), "args in common.pt"),
     "mlm_v19": ("megatron-lm", "torch_dist", 40, False, (1, 1), "args in common_state/"),
     "mlm_legacy": ("megatron-lm", "legacy", 20, True, (2, 1), "args in mp_rank_00/model_optim_rng.pt"),
@@ -75,8 +76,9 @@ def test_read_and_convert_to_nemo1(folders, run_tool, root, tmp_path, name):
             a["num_query_groups"], a["kv_channels"], a["normalization"], a["activation"],
             a["tied_embeddings"]) == (2, 64, 96, 8, 2, 8, "rmsnorm", "fast-swiglu", False), a
     assert rep["params"]["total"] == 74048
-    if name == "nemo2":
-        assert s["tokenizer"] == "context/nemo_tokenizer/tokenizer.model"
+    tokenizer = {"nemo2": "context/nemo_tokenizer/tokenizer.model", "bridge": "iter_0000000/tokenizer"}
+    if name in tokenizer:
+        assert s["tokenizer"] == tokenizer[name]
         assert rep["vocab"]["true_vocab"] == 100, rep["vocab"]
     else:
         assert s["tokenizer"] == "/data/tokenizers/tiny/tokenizer.model"  # named by the args only
@@ -84,7 +86,7 @@ def test_read_and_convert_to_nemo1(folders, run_tool, root, tmp_path, name):
 
     # layout-independent checksums: the fixture's model digest (true vocabulary rows)
     digest = json.loads(run_tool("checksum", root / FIXTURE_NEMO, "--json").stdout)["model_digest"]
-    extra = [] if name == "nemo2" else ["--vocab-size", "100"]
+    extra = [] if name in tokenizer else ["--vocab-size", "100"]
     assert json.loads(run_tool("checksum", src, "--json", *extra).stdout)["model_digest"] == digest
 
     # to a NeMo 1 .nemo: the fixture's TP1 tensors, bit for bit

@@ -7,6 +7,9 @@ libraries, for tests/interop/test_foreign.py (issue 17):
   NeMo 2 dumps them (`_target_` nodes, `activation_func` a function reference),
   `context/io.json` a fiddle-style JSON, `context/nemo_tokenizer/tokenizer.model` the fixture's
   SentencePiece model.
+- OUT/bridge/: Megatron-Bridge: tracker 0, `iter_0000000/` with megatron-core's torch_dist save
+  (unprefixed keys), `run_config.yaml` (`model:` the provider's fields), `train_state.pt`,
+  `tokenizer/tokenizer.model`; `latest_train_state.pt`.
 - OUT/mlm_dist/: Megatron-LM `--ckpt-format torch_dist`: `latest_checkpointed_iteration.txt` =
   10, `iter_0000010/` saved by `dist_checkpointing.save` with unprefixed keys and the common
   state Megatron-LM puts beside them (`args`, an `argparse.Namespace`; `checkpoint_version`;
@@ -147,10 +150,11 @@ def main():
     n2 = out / "nemo2"
     (n2 / "context/nemo_tokenizer").mkdir(parents=True)
     shutil.copy(tok, n2 / "context/nemo_tokenizer/tokenizer.model")
-    (n2 / "context/model.yaml").write_text(MODEL_YAML.format(
+    model_yaml = MODEL_YAML.format(
         **{k: getattr(cfg, k) for k in ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                         "num_query_groups", "kv_channels", "normalization", "layernorm_epsilon"]},
-        gated_linear_unit=str(cfg.gated_linear_unit).lower()))
+        gated_linear_unit=str(cfg.gated_linear_unit).lower())
+    (n2 / "context/model.yaml").write_text(model_yaml)
     (n2 / "context/io.json").write_text(json.dumps({
         "root": {"type": "ref", "key": "trainer_context_1"},
         "objects": {"trainer_context_1": {"type": {"type": "pyref", "module": "nemo.lightning.io.pl",
@@ -158,6 +162,29 @@ def main():
         "refcounts": {"trainer_context_1": 1}, "version": "0.0.1"}))
     (n2 / "weights").mkdir()
     dist_checkpointing.save(model.sharded_state_dict(prefix="module."), str(n2 / "weights"))
+
+    # Megatron-Bridge: iter_0000000/ (what AutoBridge.import_ckpt writes: step 0) with the
+    # unprefixed torch_dist weights, run_config.yaml (the ConfigContainer; `model:` the provider's
+    # TransformerConfig fields), train_state.pt, tokenizer/; latest_train_state.pt and the tracker
+    mb = out / "bridge"
+    it = mb / "iter_0000000"
+    it.mkdir(parents=True)
+    dist_checkpointing.save(dict(model.sharded_state_dict(), checkpoint_version=3.0, iteration=0), str(it))
+    model_section = model_yaml.split("config:\n", 1)[1].split("tokenizer:", 1)[0].replace(
+        "nemo.collections.llm.gpt.model.llama.LlamaConfig", "megatron.bridge.models.llama.llama_provider.LlamaModelProvider")
+    (it / "run_config.yaml").write_text(
+        "_target_: megatron.bridge.training.config.ConfigContainer\n"
+        "rng:\n  _target_: megatron.bridge.training.config.RNGConfig\n  seed: 1234\n"
+        "model:\n" + model_section +
+        "tokenizer:\n  _target_: megatron.bridge.training.tokenizers.config.TokenizerConfig\n"
+        "  tokenizer_type: SentencePieceTokenizer\n  tokenizer_model: tokenizer/tokenizer.model\n")
+    state = {"step": torch.tensor(0), "consumed_train_samples": torch.tensor(0), "do_train": torch.tensor(False),
+             "floating_point_operations_so_far": torch.tensor(0.0)}
+    torch.save(state, it / "train_state.pt")
+    torch.save(state, mb / "latest_train_state.pt")
+    (it / "tokenizer").mkdir()
+    shutil.copy(tok, it / "tokenizer/tokenizer.model")
+    (mb / "latest_checkpointed_iteration.txt").write_text("0")
 
     # Megatron-LM torch_dist
     md = out / "mlm_dist"
