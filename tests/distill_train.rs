@@ -1740,13 +1740,21 @@ fn nemo2_and_megatron_lm_folders_as_teacher_and_student() {
         if let Some(s) = student {
             // the restored student keeps its own shape: drop the small-student overrides
             args.retain(|a| {
-                !["model.num_", "model.hidden_size", "model.ffn_", "model.make_vocab"]
-                    .iter()
-                    .any(|p| a.starts_with(p))
+                ![
+                    "model.num_",
+                    "model.hidden_size",
+                    "model.ffn_",
+                    "model.make_vocab",
+                ]
+                .iter()
+                .any(|p| a.starts_with(p))
             });
             args.push(format!("model.restore_from_path={}", s.display()));
         }
-        args.extend(["trainer.max_steps=4".to_string(), "model.global_batch_size=2".into()]);
+        args.extend([
+            "trainer.max_steps=4".to_string(),
+            "model.global_batch_size=2".into(),
+        ]);
         run_tp1(&args);
         let l = step_losses(&exp);
         assert_eq!(l.len(), 4, "{name}");

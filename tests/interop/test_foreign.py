@@ -37,6 +37,7 @@ SOURCES = {
     "nemo2": ("nemo2", "torch_dist", None, False, (1, 1), "context/model.yaml"),
     "bridge": ("megatron-bridge", "torch_dist", 0, False, (1, 1), "run_config.yaml"),
     "mlm_dist": ("megatron-lm", "torch_dist", 10, False, (1, 1), "args in common.pt"),
+    "mlm_v15": ("megatron-lm", "torch_dist", 10, False, (1, 1), "args in common.pt"),
     "mlm_v19": ("megatron-lm", "torch_dist", 40, False, (1, 1), "args in common_state/"),
     "mlm_legacy": ("megatron-lm", "legacy", 20, True, (2, 1), "args in mp_rank_00/model_optim_rng.pt"),
     "mlm_pp2": ("megatron-lm", "legacy", 30, True, (1, 2), "args in mp_rank_00_000/model_optim_rng.pt"),

@@ -145,9 +145,11 @@ pub fn model_from_metadata(member: &str, dir: &str, md: &Value) -> Result<Model,
         key: key.into(),
         why: why.into(),
     };
+    // megatron-core 0.15 pickled its own subclass (`MCoreMetadata`: torch's fields plus
+    // `mcore_data`); before and after, torch's `Metadata`
     let o = md
         .as_object()
-        .filter(|o| suffix(o) == "Metadata")
+        .filter(|o| matches!(suffix(o), "Metadata" | "MCoreMetadata"))
         .ok_or_else(|| shape_err("", "top object is not a Metadata"))?;
     let sdm = o
         .field("state_dict_metadata")

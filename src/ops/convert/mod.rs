@@ -17,4 +17,6 @@ pub mod tensor;
 
 pub use mlm_out::{to_mlm, to_mlm_with, write_mlm};
 pub use nemo2_out::{to_nemo2, write_nemo2};
-pub use ops::{hf_checkpoint, hf_to_nemo, nemo_to_dist, nemo_to_hf, nemo_to_per_rank, FromHf, Summary, ToHf};
+pub use ops::{
+    hf_checkpoint, hf_to_nemo, nemo_to_dist, nemo_to_hf, nemo_to_per_rank, FromHf, Summary, ToHf,
+};

@@ -14,6 +14,8 @@ libraries, for tests/interop/test_foreign.py (issue 17):
   10, `iter_0000010/` saved by `dist_checkpointing.save` with unprefixed keys and the common
   state Megatron-LM puts beside them (`args`, an `argparse.Namespace`; `checkpoint_version`;
   `iteration`), which megatron-core writes to `common.pt`.
+- OUT/mlm_v15/: that iteration with its `.metadata` pickled as megatron-core 0.15 did
+  (`megatron.core.dist_checkpointing.strategies.torch.MCoreMetadata`); tracker 10.
 - OUT/mlm_v19/: the torch_dist iteration as megatron-core 0.19+ lays it out (one `.distcp` per
   rank, no `common.pt`, the common state with the args in the DCP object
   `common_state/shard_0_1`), written by torch's own DCP writer (tensors only); tracker 40.
@@ -192,6 +194,32 @@ def main():
     state = dict(model.sharded_state_dict(), args=mlm_args(1), checkpoint_version=3.0, iteration=10)
     dist_checkpointing.save(state, str(md / "iter_0000010"))
     (md / "latest_checkpointed_iteration.txt").write_text("10")
+
+    # Megatron-LM as megatron-core 0.15 wrote it: `.metadata` pickles megatron-core's own
+    # MCoreMetadata (a dataclass subclass of torch's Metadata with `mcore_data`), re-pickled here
+    # from the 0.16 save under that class's module and name
+    import dataclasses
+    import pickle as pkl
+
+    import megatron.core.dist_checkpointing.strategies.torch as mst
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    @dataclasses.dataclass
+    class MCoreMetadata(Metadata):
+        mcore_data: dict = dataclasses.field(default_factory=dict)
+
+    MCoreMetadata.__module__, MCoreMetadata.__qualname__ = mst.__name__, "MCoreMetadata"
+    v15 = out / "mlm_v15"
+    shutil.copytree(md, v15)
+    with open(v15 / "iter_0000010/.metadata", "rb") as f:
+        plain = pkl.load(f)
+    fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(Metadata)}
+    stub, mst.MCoreMetadata = mst.MCoreMetadata, MCoreMetadata
+    try:
+        with open(v15 / "iter_0000010/.metadata", "wb") as f:
+            pkl.dump(MCoreMetadata(**fields, mcore_data=dict(getattr(plain, "mcore_data", None) or {})), f)
+    finally:
+        mst.MCoreMetadata = stub
 
     # Megatron-LM as megatron-core 0.19+ lays it out, built from the documented layout with torch's
     # own DCP writer: one .distcp per rank, metadata.json without common_*, no common.pt, the
