@@ -238,6 +238,11 @@ def test_megatron_lm_output_and_reshard(folders, run_tool, root, tmp_path):
             args.padded_vocab_size, args.normalization) == (1, 2, 2, 64, 2, True, True, 128, "RMSNorm")
     run_tool("convert", folders / "mlm_pp2", "--to", "mlm", "--tp", "2", tmp_path / "tp2")
     _same_models(_mlm_models(tmp_path / "tp2"), _mlm_models(folders / "mlm_legacy"))
+    # to a .nemo and back: the same files' models, the optimizer state dropped with a warning
+    p = run_tool("convert", folders / "mlm_legacy", "--to", "nemo1", "--tp", "2", tmp_path / "x.nemo", "--json")
+    assert "optimizer state dropped (weights only)" in json.loads(p.stdout)["warnings"]
+    run_tool("convert", tmp_path / "x.nemo", "--to", "mlm", "--tp", "2", tmp_path / "back")
+    _same_models(_mlm_models(tmp_path / "back"), _mlm_models(folders / "mlm_legacy"))
 
     # a .nemo to Megatron-LM: release/, the tokenizer beside the ranks, read back whole
     run_tool("convert", root / FIXTURE_NEMO, "--to", "mlm", tmp_path / "from_nemo")

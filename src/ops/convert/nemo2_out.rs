@@ -150,6 +150,9 @@ pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, 
             );
         }
     }
+    if ck.source.as_ref().is_some_and(|s| s.optimizer) {
+        warnings.push("optimizer state dropped (weights only)".into());
+    }
     let output = dir.commit()?;
     let rows = canon
         .tensor("model.embedding.word_embeddings.weight")

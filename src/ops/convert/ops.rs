@@ -546,16 +546,20 @@ pub fn nemo_to_per_rank(
         .as_ref()
         .map(|v| (v.true_vocab.unwrap_or(v.source_rows), v.target_rows))
         .unwrap_or((0, 0));
+    let mut warnings = s.warnings;
+    if ck.source.as_ref().is_some_and(|s| s.optimizer) {
+        warnings.push("optimizer state dropped (weights only)".into());
+    }
     Ok(Summary {
         output: s.output,
-        direction: "nemo -> per-rank".into(),
+        direction: format!("{} -> per-rank", super::nemo2_out::source_name(&ck)),
         tp: s.tp,
         pp: s.pp,
         tensors: s.tensors,
         files: s.rank_files,
         artifacts: ck.artifacts.clone(),
         vocab: rows,
-        warnings: s.warnings,
+        warnings,
     })
 }
 
