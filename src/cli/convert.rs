@@ -108,29 +108,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--ep is for --to dist: NeMo keeps expert-parallel models as distributed checkpoints; per-rank and HF outputs hold every expert whole"
         );
     }
+    let from_hf = FromHf {
+        tp: args.tp,
+        pp: args.pp,
+        dtype: args.dtype,
+        vocab_divisor: args.vocab_divisible_by,
+        force: args.force,
+        no_sync: args.no_sync,
+    };
     let summary = match (args.from.as_str(), to) {
-        ("hf", None | Some("nemo") | Some("per-rank")) => convert::hf_to_nemo(
-            &args.input,
-            &args.output,
-            &FromHf {
-                tp: args.tp,
-                pp: args.pp,
-                dtype: args.dtype,
-                vocab_divisor: args.vocab_divisible_by,
-                force: args.force,
-                no_sync: args.no_sync,
-            },
-        ),
+        ("hf", None | Some("nemo") | Some("per-rank")) => {
+            convert::hf_to_nemo(&args.input, &args.output, &from_hf)
+        }
         ("hf", Some(to @ ("nemo2" | "mlm"))) => {
-            let opts = FromHf {
-                tp: args.tp,
-                pp: args.pp,
-                dtype: args.dtype,
-                vocab_divisor: args.vocab_divisible_by,
-                force: args.force,
-                no_sync: args.no_sync,
-            };
-            let h = convert::hf_checkpoint(&args.input, &opts)?;
+            let h = convert::hf_checkpoint(&args.input, &from_hf)?;
             let mut s = if to == "nemo2" {
                 if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
                     bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");

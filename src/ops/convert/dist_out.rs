@@ -251,6 +251,47 @@ fn expert_of(name: &str) -> Option<(u64, u64, String)> {
     ))
 }
 
+/// Writes a planned torch_dist folder into `out`: `tensors` with the `pieces` of each chunk,
+/// the object items, the torch_dist `metadata.json`, and `common` as `common.pt` (`{}` when
+/// none is given).
+///
+/// # Errors
+/// I/O errors, a chunk without pieces.
+pub fn write_planned(
+    tensors: &[DistTensor],
+    pieces: &[Vec<Vec<Piece>>],
+    objects: &[(String, ByteView)],
+    common: Option<ByteView>,
+    out: &mut dyn crate::formats::dist::OutDir,
+) -> Result<(), Error> {
+    let common = match common {
+        Some(c) => c,
+        None => torch_save("common.pt", &Value::Dict(Vec::new()))?,
+    };
+    let dist = DistCheckpoint {
+        dir: String::new(),
+        backend: Backend::TorchDist,
+        metadata_json: Some(METADATA_JSON.to_string()),
+        tensors: tensors.to_vec(),
+        objects: Vec::new(),
+        common_bytes: Some(common),
+        common: None,
+        warnings: Vec::new(),
+        mcore: false,
+        planner_paths: Vec::new(),
+    };
+    let mut fill =
+        |ti: usize, ci: usize, sink: &mut dyn FnMut(&[u8]) -> io::Result<()>| -> io::Result<()> {
+            let p = pieces
+                .get(ti)
+                .and_then(|c| c.get(ci))
+                .ok_or_else(|| io::Error::other("chunk without pieces"))?;
+            super::tensor::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
+        };
+    crate::formats::dist::dcp_write::write_torch_dist_streamed(&dist, objects, &mut fill, out)?;
+    Ok(())
+}
+
 /// Writes `canon` (from `ck`, whose artifacts are copied; its config as `config`) as a
 /// distributed `.nemo` at `out`.
 ///
@@ -264,19 +305,7 @@ pub fn write(
     force: bool,
 ) -> Result<Summary, Error> {
     let (tensors, pieces, objects, warnings) = plan(canon, ck.config.is_gated())?;
-    let common = torch_save("common.pt", &Value::Dict(Vec::new()))?;
-    let dist = DistCheckpoint {
-        dir: crate::model::checkpoint::detect::DIST_DIR.to_string(),
-        backend: Backend::TorchDist,
-        metadata_json: Some(METADATA_JSON.to_string()),
-        tensors,
-        objects: Vec::new(),
-        common_bytes: Some(common),
-        common: None,
-        warnings: Vec::new(),
-        mcore: false,
-        planner_paths: Vec::new(),
-    };
+    let n_tensors = tensors.len();
     let mut names: Vec<String> = vec![CONFIG_MEMBER.to_string()];
     names.extend(ck.artifacts.iter().cloned());
     names.push(crate::model::checkpoint::detect::DIST_DIR.to_string());
@@ -295,20 +324,11 @@ pub fn write(
     for name in &names {
         if name == crate::model::checkpoint::detect::DIST_DIR {
             tar.append_dir(name)?;
-            let mut fill = |ti: usize,
-                            ci: usize,
-                            sink: &mut dyn FnMut(&[u8]) -> io::Result<()>|
-             -> io::Result<()> {
-                let p = pieces
-                    .get(ti)
-                    .and_then(|c| c.get(ci))
-                    .ok_or_else(|| io::Error::other("chunk without pieces"))?;
-                super::tensor::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
-            };
-            crate::formats::dist::dcp_write::write_torch_dist_streamed(
-                &dist,
+            write_planned(
+                &tensors,
+                &pieces,
                 &objects,
-                &mut fill,
+                None,
                 &mut TarDir::new(&mut tar, crate::model::checkpoint::detect::DIST_DIR),
             )?;
         } else if dirs.contains(name) {
@@ -325,7 +345,7 @@ pub fn write(
     let output = file.commit()?;
     Ok(Summary {
         output,
-        tensors: dist.tensors.len(),
+        tensors: n_tensors,
         warnings,
     })
 }

@@ -14,9 +14,6 @@
 use std::io;
 use std::path::Path;
 
-use crate::formats::dist::{Backend, DistCheckpoint};
-use crate::formats::torch::value::Value;
-use crate::io::bytes::ByteView;
 use crate::io::outdir::FsDir;
 use crate::io::output::OutputDir;
 use crate::model::checkpoint::write::artifact_original;
@@ -62,46 +59,19 @@ pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, 
     for (k, _) in &mut objects {
         *k = rename(k);
     }
+    // NeMo 2 keeps Lightning's loop state in common.pt: the source's, when it had one
     let common = match &ck.weights {
-        Weights::Dist(d) if d.common_bytes.is_some() => d.common_bytes.clone(),
+        Weights::Dist(d) => d.common_bytes.clone(),
         _ => None,
     };
-    let common = match common {
-        Some(c) => c,
-        None => {
-            let mut b = Vec::new();
-            crate::formats::torch::file::save(&mut b, "archive", &Value::Dict(Vec::new()))
-                .map_err(|e| Error::Invalid(format!("common.pt: {e}")))?;
-            ByteView::from_vec(b)
-        }
-    };
-    let dist = DistCheckpoint {
-        dir: String::new(),
-        backend: Backend::TorchDist,
-        metadata_json: Some(super::dist_out::METADATA_JSON.to_string()),
-        tensors,
-        objects: Vec::new(),
-        common_bytes: Some(common),
-        common: None,
-        warnings: Vec::new(),
-        mcore: false,
-        planner_paths: Vec::new(),
-    };
     let dir = OutputDir::create(out, force)?;
-    let weights = dir.path().join("weights");
-    let mut fill =
-        |ti: usize, ci: usize, sink: &mut dyn FnMut(&[u8]) -> io::Result<()>| -> io::Result<()> {
-            let p = pieces
-                .get(ti)
-                .and_then(|c| c.get(ci))
-                .ok_or_else(|| io::Error::other("chunk without pieces"))?;
-            super::tensor::stream_pieces(p, None, &mut |b: &[u8]| sink(b))
-        };
-    crate::formats::dist::dcp_write::write_torch_dist_streamed(
-        &dist,
+    let n_tensors = tensors.len();
+    super::dist_out::write_planned(
+        &tensors,
+        &pieces,
         &objects,
-        &mut fill,
-        &mut FsDir::new(&weights),
+        common,
+        &mut FsDir::new(dir.path().join("weights")),
     )
     .map_err(|e| Error::Invalid(format!("weights/: {e}")))?;
 
@@ -163,7 +133,7 @@ pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, 
         direction: format!("{} -> nemo2", source_name(ck)),
         tp: 1,
         pp: 1,
-        tensors: dist.tensors.len(),
+        tensors: n_tensors,
         files: 4,
         artifacts,
         vocab: (true_vocab(ck).unwrap_or(rows), rows),
