@@ -200,7 +200,7 @@ pub fn write_mlm(
         .map_or(0, |v| v.true_vocab.unwrap_or(v.source_rows));
     Ok(Summary {
         output,
-        direction: format!("{} -> megatron-lm", super::nemo2_out::source_name(ck)),
+        direction: format!("{} -> megatron-lm", super::ops::source_name(ck)),
         tp,
         pp,
         tensors,

@@ -21,7 +21,7 @@ use crate::model::checkpoint::{Checkpoint, Weights};
 use crate::model::foreign::Format;
 
 use super::named::NamedModel;
-use super::ops::{true_vocab, Error, Summary};
+use super::ops::{source_name, true_vocab, Error, Summary};
 
 /// NeMo 2's key prefix in `weights/`.
 const PREFIX: &str = "module.";
@@ -139,13 +139,4 @@ pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, 
         vocab: (true_vocab(ck).unwrap_or(rows), rows),
         warnings,
     })
-}
-
-/// The input's format for summaries (`nemo`, `hf`, `nemo2`, `megatron-lm`, ...).
-pub fn source_name(ck: &Checkpoint) -> &'static str {
-    match &ck.source {
-        Some(s) => s.format.name(),
-        None if matches!(ck.weights, Weights::Global(_)) => "hf",
-        None => "nemo",
-    }
 }

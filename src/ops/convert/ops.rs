@@ -552,7 +552,7 @@ pub fn nemo_to_per_rank(
     }
     Ok(Summary {
         output: s.output,
-        direction: format!("{} -> per-rank", super::nemo2_out::source_name(&ck)),
+        direction: format!("{} -> per-rank", source_name(&ck)),
         tp: s.tp,
         pp: s.pp,
         tensors: s.tensors,
@@ -561,6 +561,15 @@ pub fn nemo_to_per_rank(
         vocab: rows,
         warnings,
     })
+}
+
+/// The input's format for summaries (`nemo`, `hf`, `nemo2`, `megatron-lm`, ...).
+pub fn source_name(ck: &Checkpoint) -> &'static str {
+    match &ck.source {
+        Some(s) => s.format.name(),
+        None if matches!(ck.weights, crate::model::checkpoint::Weights::Global(_)) => "hf",
+        None => "nemo",
+    }
 }
 
 #[cfg(test)]
