@@ -272,6 +272,34 @@ def test_expert_parallel_checkpoints(tmp_path, run_tool):
         cfg = yaml.safe_load(tf.extractfile("./model_config.yaml").read())
     assert (cfg["expert_model_parallel_size"], cfg["expert_tensor_parallel_size"]) == (1, 2)
 
+    # Megatron-LM's legacy files of megatron-core's EP2 shards (mp_rank_00_00{0,1}: each EP
+    # rank's own experts, numbered from 0; PP 1 and EP 2 told apart by the args) read as the
+    # EP1 model: to a .nemo it is megatron-core's TP1 state dict, keys, order and bytes
+    import argparse
+    import signal
+
+    c = MOE_CONFIG
+    args = argparse.Namespace(
+        num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
+        num_attention_heads=c["num_attention_heads"], group_query_attention=True,
+        num_query_groups=c["num_query_groups"], kv_channels=c["kv_channels"], swiglu=True, normalization="RMSNorm",
+        norm_epsilon=c["layernorm_epsilon"], add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True,
+        position_embedding_type="rope", rotary_base=10000, rotary_percent=1.0,
+        untie_embeddings_and_output_weights=True, padded_vocab_size=128, make_vocab_size_divisible_by=32,
+        seq_length=64, max_position_embeddings=64, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        expert_model_parallel_size=2, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+        moe_router_pre_softmax=True, moe_grouped_gemm=False, transformer_impl="local",
+        params_dtype=torch.float32, exit_signal=signal.SIGTERM)
+    mlm = tmp_path / "mlm_ep2"
+    for r in range(2):
+        f = mlm / f"iter_0000005/mp_rank_00_{r:03d}/model_optim_rng.pt"
+        f.parent.mkdir(parents=True)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 5,
+                    "model": {k[len("model."):]: v for k, v in ep2[r].items()}}, f)
+    (mlm / "latest_checkpointed_iteration.txt").write_text("5")
+    run_tool("convert", mlm, "--to", "nemo1", tmp_path / "from_mlm_ep2.nemo")
+    _same(_ranks(tmp_path / "from_mlm_ep2.nemo", 1)[0], tp1, "Megatron-LM legacy EP2 -> TP1")
+
     # ours at EP2, loaded by megatron-core at EP2
     m1 = tmp_path / "mcore_tp1.nemo"
     _pack(m1, MOE_CONFIG, [tp1])

@@ -235,17 +235,34 @@ impl Checkpoint {
             };
             let mut ranks = Vec::with_capacity(layout.ranks.len());
             for (tp, pp, member) in &layout.ranks {
-                let bytes = archive.read(member)?;
-                let loaded = if with_data {
-                    crate::formats::torch::file::load(bytes, &policy)
-                } else {
-                    crate::formats::torch::file::load_metadata(bytes, &policy)
+                let load = |member: &str| -> Result<TorchFile, Error> {
+                    let bytes = archive.read(member)?;
+                    let loaded = if with_data {
+                        crate::formats::torch::file::load(bytes, &policy)
+                    } else {
+                        crate::formats::torch::file::load_metadata(bytes, &policy)
+                    };
+                    let mut file = loaded.map_err(|source| Error::Torch {
+                        member: member.to_string(),
+                        source,
+                    })?;
+                    unwrap_megatron_lm(&mut file.root);
+                    Ok(file)
                 };
-                let mut file = loaded.map_err(|source| Error::Torch {
-                    member: member.clone(),
-                    source,
-                })?;
-                unwrap_megatron_lm(&mut file.root);
+                let mut file = load(member)?;
+                // a Megatron-LM legacy rank's expert-parallel siblings (see foreign::ep_member)
+                let mut siblings = Vec::new();
+                let mut e = 1;
+                while archive
+                    .get(&crate::model::foreign::ep_member(member, e))
+                    .is_some()
+                {
+                    siblings.push(load(&crate::model::foreign::ep_member(member, e))?.root);
+                    e += 1;
+                }
+                if !siblings.is_empty() {
+                    merge_expert_ranks(&mut file.root, siblings);
+                }
                 if file.root.dict_items().is_none() {
                     return Err(Error::NotStateDict {
                         member: member.clone(),
@@ -384,6 +401,7 @@ impl Checkpoint {
 /// True for members that hold weights (rank folders, the dist folder, the single file).
 pub fn is_weights_member(name: &str) -> bool {
     name == detect::WEIGHTS_FILE
+        || name.starts_with("model_weights.ep")
         || name.starts_with(&format!("{}/", detect::DIST_DIR))
         || name.starts_with("mp_rank_")
         || name.starts_with("tp_rank_")
@@ -453,6 +471,77 @@ fn unwrap_megatron_lm(root: &mut Value) {
     *root = Value::Dict(renamed);
 }
 
+/// Where a key numbers an expert: the byte range of the number and its value
+/// (`...mlp.experts.local_experts.3.linear_fc1.weight`, TE's grouped
+/// `...mlp.experts.linear_fc1.weight3`).
+fn expert_number(key: &str) -> Option<(usize, usize, u64)> {
+    if let Some(pos) = key.find(".local_experts.") {
+        let start = pos + ".local_experts.".len();
+        let end = start + key[start..].find('.')?;
+        return Some((start, end, key[start..end].parse().ok()?));
+    }
+    if !key.contains(".mlp.experts.linear_fc") {
+        return None;
+    }
+    let digits = key.len() - key.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let head = &key[..digits];
+    (digits < key.len() && (head.ends_with(".weight") || head.ends_with(".bias")))
+        .then(|| Some((digits, key.len(), key[digits..].parse().ok()?)))
+        .flatten()
+}
+
+/// Folds a Megatron-LM legacy rank's expert-parallel siblings (EP ranks 1, 2, ...) into its
+/// EP-0 state dict: their experts, numbered from 0 on each rank, become `e * local + i` and
+/// follow EP 0's experts of the same module, so the order is megatron-core's EP-1 order;
+/// their other entries are replicas of EP 0's and are left out.
+fn merge_expert_ranks(root: &mut Value, siblings: Vec<Value>) {
+    let Value::Dict(items) = root else { return };
+    let prefix = |k: &Value| -> Option<String> {
+        let key = k.as_str()?;
+        expert_number(key).map(|(a, _, _)| key[..a].to_string())
+    };
+    let local = items
+        .iter()
+        .filter_map(|(k, _)| expert_number(k.as_str()?).map(|(_, _, i)| i + 1))
+        .max()
+        .unwrap_or(0);
+    // the siblings' experts, renumbered, by the module they belong to
+    let mut extra: Vec<(String, Vec<(Value, Value)>)> = Vec::new();
+    for (e, sib) in siblings.into_iter().enumerate() {
+        let Value::Dict(sib) = sib else { continue };
+        for (k, v) in sib {
+            let Some(key) = k.as_str() else { continue };
+            let Some((a, b, i)) = expert_number(key) else {
+                continue;
+            };
+            let global = (e as u64 + 1) * local + i;
+            let entry = (Value::Str(format!("{}{global}{}", &key[..a], &key[b..])), v);
+            match extra.iter_mut().find(|(p, _)| p == &key[..a]) {
+                Some((_, list)) => list.push(entry),
+                None => extra.push((key[..a].to_string(), vec![entry])),
+            }
+        }
+    }
+    let old = std::mem::take(items);
+    let last: std::collections::HashMap<String, usize> = old
+        .iter()
+        .enumerate()
+        .filter_map(|(n, (k, _))| Some((prefix(k)?, n)))
+        .collect();
+    for (n, (k, v)) in old.into_iter().enumerate() {
+        let p = prefix(&k);
+        items.push((k, v));
+        if let Some(p) = p.filter(|p| last.get(p) == Some(&n)) {
+            if let Some(pos) = extra.iter().position(|(x, _)| *x == p) {
+                items.extend(extra.remove(pos).1);
+            }
+        }
+    }
+    for (_, rest) in extra {
+        items.extend(rest);
+    }
+}
+
 /// mcore keys have `decoder.`; legacy ones `language_model.`.
 fn looks_mcore(weights: &Weights) -> bool {
     match weights {
@@ -472,5 +561,75 @@ fn value_kind(v: &Value) -> String {
         Value::List(_) => "a list".into(),
         Value::Tuple(_) => "a tuple".into(),
         other => format!("{other:?}").chars().take(40).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_numbers() {
+        let k = "model.decoder.layers.1.mlp.experts.local_experts.12.linear_fc1.weight";
+        let (a, b, i) = expert_number(k).unwrap();
+        assert_eq!((&k[a..b], i), ("12", 12));
+        let g = "model.decoder.layers.0.mlp.experts.linear_fc2.weight3";
+        assert_eq!(expert_number(g).map(|x| x.2), Some(3));
+        for other in [
+            "model.decoder.layers.0.mlp.router.weight",
+            "model.decoder.layers.0.mlp.experts.linear_fc1._extra_state",
+            "model.decoder.layers.3.mlp.linear_fc1.weight",
+        ] {
+            assert_eq!(expert_number(other), None, "{other}");
+        }
+    }
+
+    /// EP rank 1's experts follow EP 0's of the same module, renumbered; its replicas go.
+    #[test]
+    fn expert_ranks_merge_in_ep1_order() {
+        let s = |k: &str| Value::Str(k.to_string());
+        let e = |l: u64, i: u64, w: &str| {
+            format!("model.decoder.layers.{l}.mlp.experts.local_experts.{i}.{w}")
+        };
+        let dict =
+            |keys: &[String]| Value::Dict(keys.iter().map(|k| (s(k), Value::None)).collect());
+        let ep0 = [
+            "model.embedding.word_embeddings.weight".to_string(),
+            e(0, 0, "linear_fc1.weight"),
+            e(0, 1, "linear_fc1.weight"),
+            "model.decoder.layers.1.mlp.router.weight".to_string(),
+            e(1, 0, "linear_fc1.weight"),
+            e(1, 1, "linear_fc1.weight"),
+            "model.output_layer.weight".to_string(),
+        ];
+        let ep1 = [
+            "model.embedding.word_embeddings.weight".to_string(),
+            e(0, 0, "linear_fc1.weight"),
+            e(0, 1, "linear_fc1.weight"),
+            e(1, 0, "linear_fc1.weight"),
+            e(1, 1, "linear_fc1.weight"),
+        ];
+        let mut root = dict(&ep0);
+        merge_expert_ranks(&mut root, vec![dict(&ep1)]);
+        let keys: Vec<&str> = root
+            .dict_items()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap())
+            .collect();
+        let want = [
+            "model.embedding.word_embeddings.weight".to_string(),
+            e(0, 0, "linear_fc1.weight"),
+            e(0, 1, "linear_fc1.weight"),
+            e(0, 2, "linear_fc1.weight"),
+            e(0, 3, "linear_fc1.weight"),
+            "model.decoder.layers.1.mlp.router.weight".to_string(),
+            e(1, 0, "linear_fc1.weight"),
+            e(1, 1, "linear_fc1.weight"),
+            e(1, 2, "linear_fc1.weight"),
+            e(1, 3, "linear_fc1.weight"),
+            "model.output_layer.weight".to_string(),
+        ];
+        assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

@@ -212,6 +212,12 @@ impl Fields {
         self.map.insert(k.to_string(), v);
     }
 
+    /// These fields with `k` set to `v`.
+    pub fn with(mut self, k: &str, v: Field) -> Fields {
+        self.set(k, v);
+        self
+    }
+
     /// A field, if present.
     pub fn get(&self, k: &str) -> Option<&Field> {
         self.map.get(k)

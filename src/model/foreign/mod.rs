@@ -535,6 +535,14 @@ fn common_state(dir: &Path) -> Result<(Option<Value>, &'static str), Error> {
     Ok((Some(state), "common_state/"))
 }
 
+/// The member under which expert-parallel rank `e` (> 0) of the file `member` is assembled:
+/// `mp_rank_00/model_weights.ckpt` -> `mp_rank_00/model_weights.ep001.ckpt`.
+/// `Checkpoint::open` merges such members into the EP-0 file, experts renumbered.
+pub fn ep_member(member: &str, e: u64) -> String {
+    let stem = member.strip_suffix(".ckpt").unwrap_or(member);
+    format!("{stem}.ep{e:03}.ckpt")
+}
+
 /// The per-rank file of a legacy Megatron-LM checkpoint.
 pub const LEGACY_FILE: &str = "model_optim_rng.pt";
 
@@ -590,43 +598,44 @@ fn open_iteration(
             fl.u64("pipeline_model_parallel_size").unwrap_or(1),
             fl.u64("expert_model_parallel_size").unwrap_or(1),
         );
-        if ep > 1 {
-            return Err(Error::Unsupported {
-                path: dir.to_path_buf(),
-                why: format!(
-                    "expert parallelism {ep} in a legacy checkpoint (mp_rank_TT_PPP_EEE): not read yet; re-save it as torch_dist (--ckpt-format torch_dist), which nemo-tool reads at any EP"
-                ),
-            });
-        }
         if fl.u64("virtual_pipeline_model_parallel_size").unwrap_or(1) > 1 {
             return Err(Error::Unsupported {
                 path: dir.to_path_buf(),
                 why: "virtual pipeline stages (model0, model1, ... per file): not read yet".into(),
             });
         }
+        // mp_rank_TT[_PPP][_EEE]: the PP part only when PP > 1, the EP part only when EP > 1
+        let want = 1 + usize::from(pp > 1) + usize::from(ep > 1);
         for (name, nums) in &ranks {
-            let (t, p) = match nums.as_slice() {
-                [t] if pp == 1 => (*t, 0),
-                [t, p] if pp > 1 => (*t, *p),
-                _ => {
-                    return Err(Error::Invalid {
-                        path: dir.join(name),
-                        why: format!(
-                        "does not fit the args' TP={tp} PP={pp} EP={ep} (expected mp_rank_TT{})",
-                        if pp > 1 { "_PPP" } else { "" }
+            let (t, p, e) = match (nums.as_slice(), pp > 1) {
+                ([t], _) if want == 1 => (*t, 0, 0),
+                ([t, p], true) if want == 2 => (*t, *p, 0),
+                ([t, e], false) if want == 2 => (*t, 0, *e),
+                ([t, p, e], _) if want == 3 => (*t, *p, *e),
+                _ => return Err(Error::Invalid {
+                    path: dir.join(name),
+                    why: format!(
+                        "does not fit the args' TP={tp} PP={pp} EP={ep} (expected mp_rank_TT{}{})",
+                        if pp > 1 { "_PPP" } else { "" },
+                        if ep > 1 { "_EEE" } else { "" }
                     ),
-                    })
-                }
+                }),
             };
             let member =
                 crate::model::checkpoint::detect::Variant::for_sizes(tp, pp).rank_member(t, p);
+            // expert-parallel ranks beside the EP-0 file, merged on open (see `ep_member`)
+            let member = if e == 0 {
+                member
+            } else {
+                ep_member(&member, e)
+            };
             files.push((member, map(&dir.join(name).join(LEGACY_FILE))?));
         }
-        if ranks.len() as u64 != tp * pp {
+        if ranks.len() as u64 != tp * pp * ep {
             return Err(Error::Invalid {
                 path: dir.to_path_buf(),
                 why: format!(
-                    "{} rank folders for the args' TP={tp} x PP={pp}",
+                    "{} rank folders for the args' TP={tp} x PP={pp} x EP={ep}",
                     ranks.len()
                 ),
             });
@@ -640,7 +649,8 @@ fn open_iteration(
         config_from = format!("args in {}/{LEGACY_FILE}", ranks[0].0);
         format = Format::MegatronLm;
         weights = "legacy".to_string();
-        fields = fl;
+        // the ranks are read as one model holding every expert
+        fields = fl.with("expert_model_parallel_size", config::Field::Int(1));
     } else {
         weights = dist_members(dir, &mut files)?;
         optimizer = dist_has_optimizer(dir);
