@@ -612,14 +612,16 @@ fn open_iteration(
                 ([t, p], true) if want == 2 => (*t, *p, 0),
                 ([t, e], false) if want == 2 => (*t, 0, *e),
                 ([t, p, e], _) if want == 3 => (*t, *p, *e),
-                _ => return Err(Error::Invalid {
-                    path: dir.join(name),
-                    why: format!(
+                _ => {
+                    return Err(Error::Invalid {
+                        path: dir.join(name),
+                        why: format!(
                         "does not fit the args' TP={tp} PP={pp} EP={ep} (expected mp_rank_TT{}{})",
                         if pp > 1 { "_PPP" } else { "" },
                         if ep > 1 { "_EEE" } else { "" }
                     ),
-                }),
+                    })
+                }
             };
             let member =
                 crate::model::checkpoint::detect::Variant::for_sizes(tp, pp).rank_member(t, p);
