@@ -6,7 +6,7 @@
 //!   prefix), `run_config.yaml`, `train_state.pt` and `tokenizer/`;
 //! - **Megatron-LM**: `latest_checkpointed_iteration.txt` naming `iter_NNNNNNN/` (or
 //!   `release/`), holding a distributed checkpoint whose `common.pt` pickles the run's
-//!   `args`, or legacy `mp_rank_TT[_PPP]/model_optim_rng.pt` files (`args`, `model`,
+//!   `args`, or legacy `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` files (`args`, `model`,
 //!   optimizer and RNG state in one pickle).
 //!
 //! [`open`] builds an assembled archive in NeMo 1's names, sharing the files' mapped bytes:
