@@ -108,6 +108,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--ep is for --to dist: NeMo keeps expert-parallel models as distributed checkpoints; per-rank and HF outputs hold every expert whole"
         );
     }
+    if to == Some("nemo2") && (args.dtype.is_some() || args.tp != 1 || args.pp != 1) {
+        bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");
+    }
     let from_hf = FromHf {
         tp: args.tp,
         pp: args.pp,
@@ -123,9 +126,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ("hf", Some(to @ ("nemo2" | "mlm"))) => {
             let h = convert::hf_checkpoint(&args.input, &from_hf)?;
             let mut s = if to == "nemo2" {
-                if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
-                    bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");
-                }
                 convert::write_nemo2(&h.ck, &args.output, args.force)
             } else {
                 convert::write_mlm(
@@ -161,12 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             convert::nemo_to_dist(&args.input, &args.output, args.ep, args.force)
         }
-        (_, Some("nemo2")) => {
-            if args.dtype.is_some() || args.tp != 1 || args.pp != 1 {
-                bail!("--to nemo2 writes a distributed checkpoint (it loads at any TP); drop --tp/--pp/--dtype");
-            }
-            convert::to_nemo2(&args.input, &args.output, args.force)
-        }
+        (_, Some("nemo2")) => convert::to_nemo2(&args.input, &args.output, args.force),
         (_, Some("mlm")) => convert::to_mlm(
             &args.input,
             &args.output,
@@ -183,7 +178,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.dtype,
             args.force,
         ),
-        (_, _) => bail!("say what to convert to: --to hf, --to dist or --to per-rank (or --from hf)"),
+        (_, _) => bail!(
+            "say what to convert to: --to hf, dist, per-rank (nemo1), nemo2 or mlm (or --from hf)"
+        ),
     }
     .with_context(|| format!("converting {}", args.input.display()))?;
     if args.json {

@@ -270,7 +270,7 @@ pub fn validate_path(path: &Path, opts: &Options) -> Report {
     // NeMo 2, Megatron-Bridge and Megatron-LM folders, through NeMo 1 names
     match crate::model::foreign::open(path) {
         Ok(None) => {}
-        Ok(Some(_)) => match Checkpoint::open(path) {
+        Ok(Some(o)) => match Checkpoint::from_foreign(o, true) {
             Ok(ckpt) => {
                 let mut v = validate(&ckpt, opts);
                 v.path = path.display().to_string();

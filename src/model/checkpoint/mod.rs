@@ -188,12 +188,24 @@ impl Checkpoint {
     /// A `.nemo`, or a NeMo 2 / Megatron-Bridge / Megatron-LM folder through NeMo 1 names.
     fn open_with(path: &Path, with_data: bool) -> Result<Checkpoint, Error> {
         if let Some(o) = crate::model::foreign::open(path)? {
-            let mut ck = Checkpoint::from_archive(o.archive, with_data)?;
-            ck.warnings.extend(o.source.notes.iter().cloned());
-            ck.source = Some(o.source);
-            return Ok(ck);
+            return Checkpoint::from_foreign(o, with_data);
         }
         Checkpoint::from_archive(Archive::open(path)?, with_data)
+    }
+
+    /// Reads an opened NeMo 2 / Megatron folder ([`crate::model::foreign::open`]);
+    /// `with_data` maps tensor storages.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::from_archive`].
+    pub fn from_foreign(
+        o: crate::model::foreign::Opened,
+        with_data: bool,
+    ) -> Result<Checkpoint, Error> {
+        let mut ck = Checkpoint::from_archive(o.archive, with_data)?;
+        ck.warnings.extend(o.source.notes.iter().cloned());
+        ck.source = Some(o.source);
+        Ok(ck)
     }
 
     /// Like [`Checkpoint::open`], but rank files are read metadata-only: the

@@ -391,7 +391,14 @@ pub fn nemo2_model_yaml(
     let mut out = String::from(
         "_target_: nemo.collections.llm.gpt.model.base.GPTModel\nconfig:\n  _target_: nemo.collections.llm.gpt.model.base.GPTConfig\n",
     );
+    // the first write of a key wins: the typed values (NeMo's defaults applied) come first,
+    // the raw copies after them skip what is already there
+    let mut written: Vec<String> = Vec::new();
     let mut put = |k: &str, v: String| {
+        if written.iter().any(|w| w == k) {
+            return;
+        }
+        written.push(k.to_string());
         out.push_str("  ");
         out.push_str(k);
         // a nested node starts on the next line
@@ -441,19 +448,8 @@ pub fn nemo2_model_yaml(
         "make_vocab_size_divisible_by",
         cfg.make_vocab_size_divisible_by().to_string(),
     );
-    let skip = [
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "make_vocab_size_divisible_by",
-        "position_embedding_type",
-        "share_embeddings_and_output_weights",
-    ];
     let yaml_of = |v: &Yaml| Field::from_yaml(v).map(|f| f.yaml());
-    for k in SAME_NAME.iter().filter(|k| !skip.contains(k)) {
+    for k in SAME_NAME {
         if let Some(v) = cfg.get(k).and_then(yaml_of) {
             put(k, v);
         }

@@ -453,9 +453,9 @@ fn dist_members(dir: &Path, files: &mut Vec<(String, ByteView)>) -> Result<Strin
 }
 
 /// Whether a distributed checkpoint folder holds optimizer state: its `.metadata` names
-/// `optimizer.` keys (read as bytes: the keys are pickled strings).
+/// `optimizer.` keys (scanned in the mapped bytes: the keys are pickled strings).
 fn dist_has_optimizer(dir: &Path) -> bool {
-    std::fs::read(dir.join(".metadata")).is_ok_and(|b| b.windows(10).any(|w| w == b"optimizer."))
+    map(&dir.join(".metadata")).is_ok_and(|b| b.as_slice().windows(10).any(|w| w == b"optimizer."))
 }
 
 /// `mp_rank_TT[_PPP[_EEE]]` folders holding `model_optim_rng.pt`: (name, numbers).
