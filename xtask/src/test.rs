@@ -172,18 +172,60 @@ fn ensure_venv(root: &Path, venv: &Path) -> Result<()> {
             venv.display()
         );
     }
+    check_free_disk(venv)?;
     // Drop the stamp first, so an interrupted install is redone next time.
     let _ = fs::remove_file(&stamp);
+    // --no-cache-dir: pip's wheel cache would hold a second copy of the CUDA wheels (~3 GB)
+    // that a one-time install never reads again.
     util::run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "-r"])
+            .args(["-m", "pip", "install", "--no-cache-dir", "-r"])
             .arg(&req)
             .current_dir(root),
     )
-    .context("installing the interop requirements (needs network access to PyPI)")?;
+    .with_context(|| {
+        format!(
+            "installing the interop requirements (needs network access to PyPI and about \
+             {VENV_NEED_GIB} GiB free under {})",
+            venv.display()
+        )
+    })?;
     fs::write(&stamp, format!("{want}\n"))
         .with_context(|| format!("writing {}", stamp.display()))?;
     println!("wrote {}", stamp.display());
+    Ok(())
+}
+
+/// What installing the pinned venv needs on disk at its peak: 5.2 GiB installed (torch's cu130
+/// wheel pulls the CUDA libraries) while pip still holds the ~3 GiB of downloaded wheels.
+const VENV_NEED_GIB: u64 = 9;
+
+/// Refuses to start a multi-GB install that would end in "No space left on device" halfway,
+/// leaving a broken venv. `df` is POSIX; where it is missing or unreadable the install just runs.
+fn check_free_disk(venv: &Path) -> Result<()> {
+    let dir = venv.parent().unwrap_or(venv);
+    let Ok(out) = Command::new("df").arg("-Pk").arg(dir).output() else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // POSIX format: a header line, then `fs blocks used available capacity mount`.
+    let avail_kib = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(avail_kib) = avail_kib else {
+        return Ok(());
+    };
+    let avail_gib = avail_kib as f64 / (1024.0 * 1024.0);
+    println!("free disk under {}: {avail_gib:.1} GiB", dir.display());
+    if avail_kib < VENV_NEED_GIB * 1024 * 1024 {
+        bail!(
+            "only {avail_gib:.1} GiB free under {}: the pinned venv (torch 2.11.0 with its CUDA \
+             libraries) needs about {VENV_NEED_GIB} GiB; free some space and run again",
+            dir.display()
+        );
+    }
     Ok(())
 }
 
