@@ -22,20 +22,12 @@ use crate::formats::torch::value::{Construct, Global, Object};
 use crate::formats::torch::{Dtype, Value};
 use crate::io::output::OutputDir;
 use crate::model::canonical::Canonical;
-use crate::model::checkpoint::write::artifact_original;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::foreign::{LEGACY_FILE, TRACKER};
 use crate::model::plan::{plan_reshard, ReshardOptions};
 
-use super::ops::{Error, Summary};
-
-fn io_err(file: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        file: file.display().to_string(),
-        source,
-    }
-}
+use super::ops::{io_err, write_artifacts, Error, Summary};
 
 /// Megatron-LM's per-rank dict around a NeMo state dict (`model.` keys).
 fn wrap(state: Value, args: &Value, iteration: u64) -> Value {
@@ -175,15 +167,7 @@ pub fn write_mlm(
     }
     let mut artifacts = Vec::new();
     if !ck.artifacts.is_empty() {
-        let tok = iter_dir.join("tokenizer");
-        std::fs::create_dir_all(&tok).map_err(io_err(&tok))?;
-        for a in &ck.artifacts {
-            let name = artifact_original(a);
-            let b = ck
-                .read_member(a)
-                .map_err(|e| Error::Invalid(format!("{a}: {e}")))?;
-            let to = tok.join(name);
-            std::fs::write(&to, b.as_slice()).map_err(io_err(&to))?;
+        for name in write_artifacts(ck, &iter_dir.join("tokenizer"))? {
             artifacts.push(format!("{sub}/tokenizer/{name}"));
         }
     }

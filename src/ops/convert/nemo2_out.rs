@@ -11,27 +11,18 @@
 //!
 //! The folder appears only when complete (written beside the target, then renamed).
 
-use std::io;
 use std::path::Path;
 
 use crate::io::outdir::FsDir;
 use crate::io::output::OutputDir;
-use crate::model::checkpoint::write::artifact_original;
 use crate::model::checkpoint::{Checkpoint, Weights};
 use crate::model::foreign::Format;
 
 use super::named::NamedModel;
-use super::ops::{source_name, true_vocab, Error, Summary};
+use super::ops::{io_err, source_name, true_vocab, write_artifacts, Error, Summary};
 
 /// NeMo 2's key prefix in `weights/`.
 const PREFIX: &str = "module.";
-
-fn io_err(file: &Path) -> impl Fn(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        file: file.display().to_string(),
-        source,
-    }
-}
 
 /// `input` (any checkpoint nemo-tool reads) -> a NeMo 2 folder at `out`.
 ///
@@ -93,17 +84,9 @@ pub fn write_nemo2(ck: &Checkpoint, out: &Path, force: bool) -> Result<Summary, 
             }
         }
         _ => {
-            let tok_dir = context.join("nemo_tokenizer");
-            std::fs::create_dir_all(&tok_dir).map_err(io_err(&tok_dir))?;
-            let mut spm = false;
-            for a in &ck.artifacts {
-                let name = artifact_original(a);
-                let b = ck
-                    .read_member(a)
-                    .map_err(|e| Error::Invalid(format!("{a}: {e}")))?;
-                let to = tok_dir.join(name);
-                std::fs::write(&to, b.as_slice()).map_err(io_err(&to))?;
-                spm |= name == "tokenizer.model";
+            let names = write_artifacts(ck, &context.join("nemo_tokenizer"))?;
+            let spm = names.contains(&"tokenizer.model");
+            for name in names {
                 artifacts.push(format!("context/nemo_tokenizer/{name}"));
             }
             let tok = match (artifacts.is_empty(), spm) {

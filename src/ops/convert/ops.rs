@@ -67,6 +67,31 @@ pub enum Error {
     },
 }
 
+/// `map_err` for a failed write or read of `file`.
+pub(super) fn io_err(file: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `ck`'s artifacts (tokenizer files) into `dir` under their original names, as the
+/// folder formats keep them; returns those names.
+pub(super) fn write_artifacts<'a>(ck: &'a Checkpoint, dir: &Path) -> Result<Vec<&'a str>, Error> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut names = Vec::with_capacity(ck.artifacts.len());
+    for a in &ck.artifacts {
+        let name = artifact_original(a);
+        let b = ck
+            .read_member(a)
+            .map_err(|e| Error::Invalid(format!("{a}: {e}")))?;
+        let to = dir.join(name);
+        std::fs::write(&to, b.as_slice()).map_err(io_err(&to))?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
 /// `convert --from hf` options.
 #[derive(Debug, Clone)]
 pub struct FromHf {
@@ -420,13 +445,6 @@ pub fn nemo_to_hf(input: &Path, out: &Path, opts: &ToHf) -> Result<Summary, Erro
     }
     let plan = safetensors::plan_shards(&header_tensors, opts.shard_size.max(1));
     let dir = OutputDir::create(out, opts.force)?;
-    let io_err = |file: &Path| {
-        let file = file.display().to_string();
-        move |source| Error::Io {
-            file: file.clone(),
-            source,
-        }
-    };
     let mut md = std::collections::BTreeMap::new();
     md.insert("format".to_string(), "pt".to_string());
     for (name, idx) in &plan.files {
